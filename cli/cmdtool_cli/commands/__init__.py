@@ -1,0 +1,10 @@
+"""One module per command; each exposes ``register(app)``. A new command is a module plus a line here."""
+
+from . import info, ingest
+
+MODULES = [ingest, info]
+
+
+def register_all(app) -> None:
+    for module in MODULES:
+        module.register(app)

@@ -1,0 +1,189 @@
+"""Analysis results inside the store, committed atomically.
+
+Each result is a zarr group written under ``results/<kind>/<name>@<id>``; the ``results`` group's ``index``
+attribute maps ``<kind>/<name>`` to that folder. A result becomes visible only when the index is rewritten
+(one atomic file write) after every array is on disk, so a crash never exposes a half-written result;
+folders that no index entry names are leftovers of an interrupted run and are removed at the next commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from ..errors import UsageError
+from . import format as fmt
+from .lock import file_lock
+from .store import compressors, now_iso
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # JSON has no NaN; a missing number is reported as null
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class Result:
+    """A committed result: named arrays (read lazily) and its json attributes."""
+
+    def __init__(self, kind: str, name: str, group: zarr.Group):
+        self.kind, self.name, self.group = kind, name, group
+        self.attrs = dict(group.attrs)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.group
+
+    def array(self, key: str) -> zarr.Array:
+        return self.group[key]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.group[key][...]
+
+    def keys(self) -> list[str]:
+        return sorted(self.group.array_keys())
+
+    @property
+    def config(self) -> dict:
+        return self.attrs.get("config", {})
+
+    @property
+    def metrics(self) -> dict:
+        return self.attrs.get("metrics", {})
+
+
+class ResultWriter:
+    """Stage a result's arrays; :meth:`commit` publishes them atomically."""
+
+    def __init__(self, catalog: "ResultsCatalog", kind: str, name: str):
+        self.catalog, self.kind, self.name = catalog, kind, name
+        self.folder = f"{kind}/{name}@{uuid.uuid4().hex[:12]}"
+        self.path = catalog.root / self.folder
+        self.group = zarr.open_group(store=LocalStore(self.path), mode="w")
+        self.attrs: dict = {}
+
+    def create(self, key: str, shape, dtype, chunks=None) -> zarr.Array:
+        """An empty array to fill block by block (large per-row outputs)."""
+        if chunks is None:
+            rows = max(1, min(int(shape[0]) if shape else 1, (4 * 1024**2) // max(np.dtype(dtype).itemsize, 1)))
+            chunks = (rows,) + tuple(shape[1:])
+        return self.group.create_array(key, shape=tuple(shape), dtype=dtype, chunks=chunks,
+                                       compressors=compressors(), fill_value=0)
+
+    def put(self, key: str, value) -> None:
+        value = np.asarray(value)
+        arr = self.create(key, value.shape, value.dtype, chunks=value.shape if value.size else None)
+        if value.size:
+            arr[...] = value
+
+    def commit(self) -> Result:
+        self.attrs.setdefault("created_at", now_iso())
+        self.group.attrs.update(_jsonable(self.attrs))
+        return self.catalog._publish(self)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.discard()
+        return False
+
+
+class ResultsCatalog:
+    def __init__(self, store):
+        self.store = store
+        self.root = store.path / fmt.RESULTS
+
+    def _index(self) -> dict:
+        path = self.root / "zarr.json"
+        if not path.is_file():
+            return {}
+        return json.loads(path.read_text()).get("attributes", {}).get("index", {})
+
+    def list(self, kind: str | None = None) -> list[tuple[str, str]]:
+        """(kind, name) of every committed result, optionally of one kind."""
+        out = [tuple(key.split("/", 1)) for key in sorted(self._index())]
+        return [(k, n) for k, n in out if kind is None or k == kind]
+
+    def exists(self, kind: str, name: str) -> bool:
+        return f"{kind}/{name}" in self._index()
+
+    def get(self, kind: str, name: str) -> Result:
+        folder = self._index().get(f"{kind}/{name}")
+        if folder is None:
+            have = ", ".join(n for k, n in self.list(kind)) or "none"
+            raise UsageError(f"no {kind} result named {name!r} in {self.store.path} (present: {have})")
+        group = zarr.open_group(store=LocalStore(self.root / folder, read_only=True), mode="r")
+        return Result(kind, name, group)
+
+    def writer(self, kind: str, name: str) -> ResultWriter:
+        if self.store.mode == "r":
+            raise UsageError("store was opened read-only; open it with mode='r+' to save results")
+        if not name or "/" in name or "@" in name or name.startswith("."):
+            raise UsageError(f"invalid result name {name!r}: use letters, digits, '-' and '_'")
+        self.root.mkdir(exist_ok=True)
+        return ResultWriter(self, kind, name)
+
+    def delete(self, kind: str, name: str) -> None:
+        with file_lock(self.store.path / fmt.RESULTS_LOCK, f"results of {self.store.path}", wait=30):
+            index = self._index()
+            folder = index.pop(f"{kind}/{name}", None)
+            self._write_index(index)
+            if folder:
+                shutil.rmtree(self.root / folder, ignore_errors=True)
+
+    def _write_index(self, index: dict) -> None:
+        group = zarr.open_group(store=LocalStore(self.root), mode="a")
+        group.attrs["index"] = index  # one atomic file write: the commit point
+
+    def _publish(self, writer: ResultWriter) -> Result:
+        with file_lock(self.store.path / fmt.RESULTS_LOCK, f"results of {self.store.path}", wait=30):
+            index = self._index()
+            replaced = index.get(f"{writer.kind}/{writer.name}")
+            index[f"{writer.kind}/{writer.name}"] = writer.folder
+            self._write_index(index)
+            if replaced:
+                shutil.rmtree(self.root / replaced, ignore_errors=True)
+            self._collect_garbage(index)
+        return self.get(writer.kind, writer.name)
+
+    def _collect_garbage(self, index: dict) -> None:
+        """Remove result folders that no index entry names and that are over an hour old (interrupted runs;
+        a younger one may belong to a run still writing)."""
+        live = set(index.values())
+        for kind_dir in self.root.iterdir():
+            if not kind_dir.is_dir():
+                continue
+            for folder in kind_dir.iterdir():
+                rel = f"{kind_dir.name}/{folder.name}"
+                if folder.is_dir() and "@" in folder.name and rel not in live and not _recent(folder):
+                    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _recent(folder: Path, seconds: float = 3600) -> bool:
+    import time
+
+    try:
+        return time.time() - os.path.getmtime(folder) < seconds
+    except OSError:
+        return False

@@ -1,0 +1,283 @@
+"""The trajectory store: a zarr v3 group holding W (N parameters x T checkpoints) and everything about it.
+
+Commit protocol. The root group's ``cmdtool`` attribute (layout, time axis, revision) is the single source of
+truth; zarr writes it atomically (temporary file + rename). ``trajectories`` may hold more columns than the time
+axis lists: columns beyond ``len(time_axis)`` are uncommitted scratch that the next ingest overwrites. Readers
+snapshot the time axis when the store is opened, so they see the old T or the new T, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import LocalStore
+
+from ..errors import CorruptionError, StoreError, UsageError
+from . import format as fmt
+from .layout import Layout, TimeRecord
+from .lock import file_lock
+
+
+def default_store_path() -> Path:
+    return Path(os.environ.get(fmt.STORE_ENV_VAR) or fmt.DEFAULT_STORE)
+
+
+def compressors():
+    """Chunk codecs: byte-shuffled LZ4 (fast; float32 weights gain little from slower codecs) then a crc32c
+    checksum so that a damaged chunk is reported instead of being read as garbage."""
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def open_store(path: str | os.PathLike | None = None, mode: str = "r") -> "TrajectoryStore":
+    """Open an existing trajectory store (``mode="r"`` to read, ``"r+"`` to write results)."""
+    return TrajectoryStore(path, mode=mode)
+
+
+class TrajectoryStore:
+    """A trajectory store on disk. See ``docs/store.md`` for the format.
+
+    Attributes
+    ----------
+    path : Path
+    layout : Layout            tensors, their shapes, dtypes and rows
+    time_axis : list[TimeRecord]  one record per committed column
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, mode: str = "r"):
+        self.path = Path(path) if path is not None else default_store_path()
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"store path {self.path} is a file, not a trajectory store")
+        if not (self.path / "zarr.json").is_file():
+            raise UsageError(f"no trajectory store at {self.path}: create one with `cmdtool ingest CHECKPOINTS`")
+        self.mode = mode
+        try:
+            self._zstore = LocalStore(self.path, read_only=(mode == "r"))
+            self.group = zarr.open_group(store=self._zstore, mode="r" if mode == "r" else "r+")
+        except Exception as exc:  # zarr raises many types for a broken group
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        self._load_attrs()
+
+    # ----------------------------------------------------------------- metadata
+    def _load_attrs(self) -> None:
+        meta = self.group.attrs.get(fmt.ATTRS_KEY)
+        if not isinstance(meta, dict):
+            raise StoreError(f"{self.path} is a zarr group but not a cmdtool trajectory store")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > fmt.FORMAT_VERSION:
+            raise StoreError(f"store {self.path} has format version {version}, newer than this cmdtool "
+                             f"supports ({fmt.FORMAT_VERSION}); upgrade cmdtool to read it")
+        self.meta = meta
+        self.layout = Layout.from_json(meta["layout"])
+        self.time_axis = [TimeRecord.from_json(r) for r in meta["time_axis"]]
+        self.chunk_shape = tuple(meta["chunk_shape"])
+
+    @property
+    def revision(self) -> int:
+        """Increases with every committed change of the trajectories (results record the one they saw)."""
+        return int(self.meta["revision"])
+
+    @property
+    def n_rows(self) -> int:
+        return self.layout.n_rows
+
+    @property
+    def n_checkpoints(self) -> int:
+        return len(self.time_axis)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.n_checkpoints)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.time_axis], dtype=np.int64)
+
+    @property
+    def trajectories(self) -> zarr.Array:
+        return self.group[fmt.TRAJECTORIES]
+
+    @property
+    def integer_values(self) -> zarr.Array | None:
+        return self.group[fmt.INTEGER_VALUES] if fmt.INTEGER_VALUES in self.group else None
+
+    def describe_labels(self) -> str:
+        labels = self.labels
+        if len(labels) == 0:
+            return "the store has no checkpoints"
+        return f"available epochs: {labels[0]}..{labels[-1]} ({len(labels)} checkpoints)"
+
+    def column_of(self, label: int) -> int:
+        """Column index of an epoch label (labels are what users type, never positions)."""
+        hits = np.flatnonzero(self.labels == int(label))
+        if len(hits) == 0:
+            raise UsageError(f"epoch {label} is not in the store; {self.describe_labels()}")
+        return int(hits[0])
+
+    def resolve_epochs(self, spec: str | None) -> slice:
+        """Columns of an epoch window ``"A:B"`` (labels, both ends inclusive, either end optional)."""
+        n = self.n_checkpoints
+        if n == 0:
+            raise UsageError(f"store {self.path} holds no checkpoints yet")
+        if spec is None or spec.strip() in ("", ":"):
+            return slice(0, n)
+        match = re.fullmatch(r"\s*(-?\d+)?\s*:\s*(-?\d+)?\s*", spec)
+        if not match:
+            raise UsageError(f"cannot read epoch window {spec!r}: use A:B with epoch labels, e.g. 10:80")
+        labels = self.labels
+        lo = int(match.group(1)) if match.group(1) else labels[0]
+        hi = int(match.group(2)) if match.group(2) else labels[-1]
+        cols = np.flatnonzero((labels >= lo) & (labels <= hi))
+        if len(cols) == 0:
+            raise UsageError(f"epoch window {spec} selects no checkpoint; {self.describe_labels()}")
+        return slice(int(cols[0]), int(cols[-1]) + 1)
+
+    # ----------------------------------------------------------------- reading
+    def _read(self, rows: slice, cols: slice) -> np.ndarray:
+        try:
+            return self.trajectories[rows, cols]
+        except ValueError as exc:
+            if "checksum" in str(exc).lower():
+                raise CorruptionError(
+                    f"store {self.path}: a chunk of '{fmt.TRAJECTORIES}' in rows {rows.start}..{rows.stop - 1}, "
+                    f"columns {cols.start}..{cols.stop - 1} failed its checksum (the file is damaged); "
+                    f"run `cmdtool verify` for the full list") from None
+            raise
+
+    def default_block_rows(self, n_cols: int, block_bytes: int = 128 * 1024**2) -> int:
+        """Rows per block: a whole number of chunk rows, about ``block_bytes`` of float32."""
+        chunk_rows = self.chunk_shape[0]
+        per_row = 4 * max(n_cols, 1)
+        chunks = max(1, block_bytes // (per_row * chunk_rows))
+        return int(chunks * chunk_rows)
+
+    def iter_blocks(self, columns: slice | None = None, rows: slice | None = None,
+                    block_rows: int | None = None, block_bytes: int = 128 * 1024**2,
+                    device=None, dtype=None, prefetch: int = 2) -> Iterator["RowBlock"]:
+        """Yield consecutive row blocks ``W[r0:r1, columns]``.
+
+        Blocks are read ahead in a background thread (``prefetch`` blocks) so that decompression overlaps
+        compute. With ``device`` (a torch device or string) each block arrives as a torch tensor on that
+        device (pinned memory and an asynchronous copy for CUDA); otherwise as a float32 numpy array.
+        """
+        from .reader import iter_row_blocks
+
+        columns = columns if columns is not None else slice(0, self.n_checkpoints)
+        rows = rows if rows is not None else slice(0, self.n_rows)
+        n_cols = columns.stop - columns.start
+        block_rows = block_rows or self.default_block_rows(n_cols, block_bytes)
+        return iter_row_blocks(self._read, rows, columns, block_rows, device=device, dtype=dtype,
+                               prefetch=prefetch)
+
+    def read_rows(self, indices, columns: slice | None = None) -> np.ndarray:
+        """Gather rows (any order, e.g. a sample) as a (len(indices), T) float32 array.
+
+        Reads only the chunk rows that hold a requested row, one chunk row at a time.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        columns = columns if columns is not None else slice(0, self.n_checkpoints)
+        out = np.empty((len(indices), columns.stop - columns.start), dtype=np.float32)
+        if len(indices) == 0:
+            return out
+        chunk_rows = self.chunk_shape[0]
+        order = np.argsort(indices, kind="stable")
+        sorted_idx = indices[order]
+        chunk_ids = sorted_idx // chunk_rows
+        for cid in np.unique(chunk_ids):
+            sel = np.flatnonzero(chunk_ids == cid)
+            r0 = int(cid * chunk_rows)
+            block = self._read(slice(r0, min(r0 + chunk_rows, self.n_rows)), columns)
+            out[order[sel]] = block[sorted_idx[sel] - r0]
+        return out
+
+    def read_column(self, column: int) -> np.ndarray:
+        """All N values of one checkpoint, float32 (e.g. for reconstruction)."""
+        return self._read(slice(0, self.n_rows), slice(column, column + 1))[:, 0]
+
+    def read_integer_column(self, column: int) -> np.ndarray | None:
+        arr = self.integer_values
+        if arr is None or self.layout.n_integer_rows == 0:
+            return None
+        return arr[:, column]
+
+    # ----------------------------------------------------------------- writing
+    @contextlib.contextmanager
+    def ingest_lock(self, wait: float = 0.0):
+        with file_lock(self.path / fmt.INGEST_LOCK, f"store {self.path}", wait=wait):
+            yield
+
+    def commit(self, time_axis: list[TimeRecord], **extra) -> None:
+        """Atomically publish a new time axis (and any other metadata keys)."""
+        meta = dict(self.meta)
+        meta.update(extra)
+        meta["time_axis"] = [r.to_json() for r in time_axis]
+        meta["revision"] = self.revision + 1
+        meta["modified_at"] = now_iso()
+        self.group.attrs[fmt.ATTRS_KEY] = meta
+        self._load_attrs()
+
+    @property
+    def results(self):
+        from .results import ResultsCatalog
+
+        return ResultsCatalog(self)
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(cls, path: str | os.PathLike, layout: Layout, chunk_columns: int,
+               target_chunk_bytes: int = fmt.TARGET_CHUNK_BYTES, extra: dict | None = None) -> "TrajectoryStore":
+        """Create an empty store (T = 0) for checkpoints of the given layout."""
+        path = Path(path)
+        if path.exists() and any(p.name not in (fmt.INGEST_LOCK, fmt.RESULTS_LOCK) for p in path.iterdir()):
+            raise UsageError(f"{path} exists and is not a trajectory store; choose another --store")
+        n_rows = layout.n_rows
+        chunk_columns = int(max(1, min(chunk_columns, fmt.MAX_CHUNK_COLUMNS)))
+        chunk_rows = int(max(1024, target_chunk_bytes // (4 * chunk_columns)))
+        chunk_rows = int(min(chunk_rows, max(n_rows, 1)))
+        group = zarr.open_group(store=LocalStore(path), mode="w")
+        group.create_array(fmt.TRAJECTORIES, shape=(n_rows, 0), chunks=(chunk_rows, chunk_columns),
+                           dtype="float32", compressors=compressors(), fill_value=0.0)
+        if layout.n_integer_rows:
+            group.create_array(fmt.INTEGER_VALUES, shape=(layout.n_integer_rows, 0),
+                               chunks=(layout.n_integer_rows, chunk_columns), dtype="int64",
+                               compressors=compressors(), fill_value=0)
+        for lock_name in (fmt.INGEST_LOCK, fmt.RESULTS_LOCK):
+            (path / lock_name).touch()
+        meta = {
+            "format_version": fmt.FORMAT_VERSION,
+            "created_at": now_iso(),
+            "modified_at": now_iso(),
+            "revision": 0,
+            "chunk_shape": [chunk_rows, chunk_columns],
+            "layout": layout.to_json(),
+            "time_axis": [],
+            **(extra or {}),
+        }
+        group.attrs[fmt.ATTRS_KEY] = meta
+        return cls(path, mode="r+")
+
+    def __repr__(self) -> str:
+        return f"TrajectoryStore({str(self.path)!r}, N={self.n_rows}, T={self.n_checkpoints})"
+
+
+class RowBlock:
+    """Rows ``start:stop`` of W (over the requested columns) as ``data`` (numpy array or torch tensor)."""
+
+    __slots__ = ("start", "stop", "data")
+
+    def __init__(self, start: int, stop: int, data):
+        self.start, self.stop, self.data = start, stop, data
+
+    def __iter__(self):  # allows ``for start, stop, data in store.iter_blocks()``
+        return iter((self.start, self.stop, self.data))

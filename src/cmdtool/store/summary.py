@@ -1,0 +1,63 @@
+"""A summary of a store (what `cmdtool info` prints)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import format as fmt
+
+
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def summarize(store) -> dict:
+    layout, axis = store.layout, store.time_axis
+    n_rows, n_cols = store.n_rows, store.n_checkpoints
+    traj_bytes = folder_bytes(store.path / fmt.TRAJECTORIES)
+    raw = 4 * n_rows * n_cols
+    tensors = []
+    for entry in layout.entries:
+        tensors.append({"name": entry.name, "shape": list(entry.shape), "dtype": entry.dtype, "kind": entry.kind,
+                        "role": entry.role, "numel": entry.numel,
+                        "rows": [entry.offset, entry.stop] if entry.role == "trajectory" else None})
+    dtypes = sorted({e.dtype for e in layout.trajectory_entries})
+    results = []
+    for kind, name in store.results.list():
+        try:
+            res = store.results.get(kind, name)
+            attrs = res.attrs
+        except Exception:  # noqa: BLE001 - a damaged result is listed, not fatal
+            attrs = {}
+        results.append({"method": kind, "name": name, "created_at": attrs.get("created_at"),
+                        "store_revision": attrs.get("store_revision"),
+                        "stale": attrs.get("store_revision") not in (None, store.revision)})
+    return {
+        "store": str(store.path),
+        "format_version": store.meta["format_version"],
+        "revision": store.revision,
+        "parameters": n_rows,
+        "tensors": sum(1 for e in layout.entries if e.role == "trajectory"),
+        "integer_tensors": sum(1 for e in layout.entries if e.role == "integer"),
+        "excluded_tensors": [e.name for e in layout.entries if e.role == "excluded"],
+        "checkpoints": n_cols,
+        "labels": {"first": axis[0].label if axis else None, "last": axis[-1].label if axis else None},
+        "source_dtypes": dtypes,
+        "chunk_shape": list(store.chunk_shape),
+        "bytes_raw_float32": raw,
+        "bytes_on_disk": folder_bytes(store.path),
+        "trajectory_bytes_on_disk": traj_bytes,
+        "compression_ratio": (raw / traj_bytes) if traj_bytes else None,
+        "nonfinite_values": sum(r.nonfinite for r in axis),
+        "nonfinite_by_epoch": {str(r.label): r.nonfinite for r in axis if r.nonfinite},
+        "layers": tensors,
+        "analyses": results,
+    }
