@@ -1,8 +1,8 @@
 """One module per command; each exposes ``register(app)``. A new command is a module plus a line here."""
 
-from . import info, ingest
+from . import decompose, info, ingest
 
-MODULES = [ingest, info]
+MODULES = [ingest, info, decompose]
 
 
 def register_all(app) -> None:

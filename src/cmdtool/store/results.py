@@ -92,7 +92,11 @@ class ResultWriter:
         if value.size:
             arr[...] = value
 
-    def commit(self) -> Result:
+    def commit(self, name: str | None = None) -> Result:
+        """Publish under ``name`` (default: the name given at creation), replacing any result of that name."""
+        if name is not None:
+            self.catalog._check_name(name)
+            self.name = name
         self.attrs.setdefault("created_at", now_iso())
         self.group.attrs.update(_jsonable(self.attrs))
         return self.catalog._publish(self)
@@ -139,10 +143,16 @@ class ResultsCatalog:
     def writer(self, kind: str, name: str) -> ResultWriter:
         if self.store.mode == "r":
             raise UsageError("store was opened read-only; open it with mode='r+' to save results")
-        if not name or "/" in name or "@" in name or name.startswith("."):
-            raise UsageError(f"invalid result name {name!r}: use letters, digits, '-' and '_'")
+        self._check_name(name)
         self.root.mkdir(exist_ok=True)
         return ResultWriter(self, kind, name)
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name or ""):
+            raise UsageError(f"invalid result name {name!r}: use letters, digits, '.', '-' and '_'")
 
     def delete(self, kind: str, name: str) -> None:
         with file_lock(self.store.path / fmt.RESULTS_LOCK, f"results of {self.store.path}", wait=30):
