@@ -281,3 +281,35 @@ class RowBlock:
 
     def __iter__(self):  # allows ``for start, stop, data in store.iter_blocks()``
         return iter((self.start, self.stop, self.data))
+
+
+def from_array(path: str | os.PathLike, trajectories: np.ndarray, labels=None,
+               tensors: dict[str, tuple[int, ...]] | None = None, chunk_columns: int | None = None,
+               target_chunk_bytes: int = fmt.TARGET_CHUNK_BYTES) -> TrajectoryStore:
+    """Create a store directly from an in-memory (N, T) array (synthetic data, tests, benchmarks).
+
+    ``tensors`` maps names to shapes whose sizes add up to N (default: one tensor ``"w"`` of shape (N,)).
+    """
+    from .layout import Layout, TensorEntry, tensor_kind
+
+    values = np.asarray(trajectories, dtype=np.float32)
+    n_rows, n_cols = values.shape
+    tensors = tensors or {"w": (n_rows,)}
+    entries, offset = [], 0
+    for name, shape in tensors.items():
+        numel = int(np.prod(shape)) if len(shape) else 1
+        entries.append(TensorEntry(name, tuple(shape), "float32", tensor_kind(name), "trajectory", offset, numel))
+        offset += numel
+    if offset != n_rows:
+        raise ValueError(f"tensor sizes add up to {offset}, the array has {n_rows} rows")
+    labels = list(range(n_cols)) if labels is None else [int(x) for x in labels]
+    store = TrajectoryStore.create(path, Layout(entries), chunk_columns or min(n_cols, fmt.MAX_CHUNK_COLUMNS),
+                                   target_chunk_bytes=target_chunk_bytes)
+    arr = store.trajectories
+    arr.resize((n_rows, n_cols))
+    arr[:, :] = values
+    axis = [TimeRecord(label=label, source="<array>", size=4 * n_rows, mtime=0.0, sha256="", ingested_at=now_iso(),
+                       nonfinite=int(values[:, i].size - np.count_nonzero(np.isfinite(values[:, i]))))
+            for i, label in enumerate(labels)]
+    store.commit(axis)
+    return store

@@ -1,0 +1,76 @@
+"""Shared fixtures: small real checkpoints and synthetic trajectory stores with known structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmdtool.store import from_array
+
+
+def small_cnn() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 10))
+
+
+def write_checkpoints(folder, n_epochs: int = 8, seed: int = 0, dtype=torch.float32, fmt: str = "pt",
+                      model: torch.nn.Module | None = None, name: str = "epoch_{e}"):
+    """Write ``n_epochs`` checkpoints of a small CNN whose weights drift; returns the state dicts."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = model or small_cnn()
+    folder.mkdir(parents=True, exist_ok=True)
+    states = []
+    for epoch in range(1, n_epochs + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.train()
+        model(torch.randn(4, 1, 8, 8))  # moves BatchNorm running statistics and num_batches_tracked
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).clone() for k, v in model.state_dict().items()}
+        states.append(state)
+        path = folder / f"{name.format(e=epoch)}.{fmt}"
+        if fmt == "safetensors":
+            save_file(state, str(path))
+        elif fmt == "ckpt":
+            torch.save({"state_dict": state, "epoch": epoch, "global_step": epoch * 10}, path)
+        else:
+            torch.save(state, path)
+    return states
+
+
+def planted_modes(n_rows: int = 600, n_cols: int = 30, n_modes: int = 3, noise: float = 0.0, seed: int = 0):
+    """Trajectories that are exactly affine images of ``n_modes`` reference curves (plus optional noise).
+
+    Returns (W, mode_of_row, A, B, curves).
+    """
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, n_cols)
+    curves = np.stack([np.sin((m + 1) * 2.1 * t + m) + (m + 1) * t ** (m + 1) for m in range(n_modes)])
+    mode_of_row = rng.integers(0, n_modes, n_rows)
+    a = rng.uniform(0.5, 2.0, n_rows) * rng.choice([-1, 1], n_rows)
+    b = rng.normal(0, 1, n_rows)
+    W = a[:, None] * curves[mode_of_row] + b[:, None]
+    if noise:
+        W = W + noise * rng.normal(size=W.shape) * W.std(axis=1, keepdims=True)
+    return W.astype(np.float32), mode_of_row, a, b, curves
+
+
+@pytest.fixture
+def planted_store(tmp_path):
+    W, modes, a, b, curves = planted_modes()
+    store = from_array(tmp_path / "planted.zarr", W, labels=range(1, W.shape[1] + 1),
+                       tensors={"layer1.weight": (20, 10), "layer1.bias": (200,), "layer2.weight": (200,)},
+                       target_chunk_bytes=4 * 64 * 30)
+    return store, W, modes
+
+
+@pytest.fixture
+def random_store(tmp_path):
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(500, 17)).cumsum(axis=1).astype(np.float32)
+    store = from_array(tmp_path / "random.zarr", W, labels=range(10, 27), target_chunk_bytes=4 * 17 * 64)
+    return store, W
