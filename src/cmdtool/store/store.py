@@ -243,7 +243,7 @@ class TrajectoryStore:
             raise UsageError(f"{path} exists and is not a trajectory store; choose another --store")
         n_rows = layout.n_rows
         chunk_columns = int(max(1, min(chunk_columns, fmt.MAX_CHUNK_COLUMNS)))
-        chunk_rows = int(max(1024, target_chunk_bytes // (4 * chunk_columns)))
+        chunk_rows = int(max(64, target_chunk_bytes // (4 * chunk_columns)))
         chunk_rows = int(min(chunk_rows, max(n_rows, 1)))
         group = zarr.open_group(store=LocalStore(path), mode="w")
         group.create_array(fmt.TRAJECTORIES, shape=(n_rows, 0), chunks=(chunk_rows, chunk_columns),
