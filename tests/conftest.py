@@ -21,6 +21,7 @@ def write_checkpoints(folder, n_epochs: int = 8, seed: int = 0, dtype=torch.floa
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
+    custom_model = model is not None
     model = model or small_cnn()
     folder.mkdir(parents=True, exist_ok=True)
     states = []
@@ -28,8 +29,9 @@ def write_checkpoints(folder, n_epochs: int = 8, seed: int = 0, dtype=torch.floa
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        model.train()
-        model(torch.randn(4, 1, 8, 8))  # moves BatchNorm running statistics and num_batches_tracked
+        if not custom_model:
+            model.train()
+            model(torch.randn(4, 1, 8, 8))  # moves BatchNorm running statistics and num_batches_tracked
         state = {k: (v.to(dtype) if v.is_floating_point() else v).clone() for k, v in model.state_dict().items()}
         states.append(state)
         path = folder / f"{name.format(e=epoch)}.{fmt}"

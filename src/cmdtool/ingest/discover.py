@@ -68,8 +68,13 @@ def _folder_source(path: Path) -> CheckpointSource | None:
     return None
 
 
-def discover(paths: list[str | Path], label_pattern: str | None = None, first_free_label: int = 0) -> Discovery:
-    """Checkpoints under ``paths`` (files and folders), ordered by label, with labels set."""
+def discover(paths: list[str | Path], label_pattern: str | None = None, first_free_label: int = 0,
+             ignore: tuple[Path, ...] = ()) -> Discovery:
+    """Checkpoints under ``paths`` (files and folders), ordered by label, with labels set.
+
+    ``ignore``: folders never taken as checkpoints or noted (the store itself, when it lives beside them).
+    """
+    ignored = {p.resolve() for p in ignore}
     if label_pattern:
         try:
             re.compile(label_pattern)
@@ -93,7 +98,7 @@ def discover(paths: list[str | Path], label_pattern: str | None = None, first_fr
             continue
         found = 0
         for child in sorted(path.iterdir(), key=lambda p: natural_key(p.name)):
-            if child.name.startswith("."):
+            if child.name.startswith(".") or child.resolve() in ignored:
                 continue
             source = _file_source(child) if child.is_file() else _folder_source(child)
             if source is None:

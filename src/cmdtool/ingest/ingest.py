@@ -151,14 +151,17 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
             raise UsageError(f"{store_path} exists and is not a trajectory store; choose another --store")
         st = None
         created_dir = not store_path.exists()
-        discover(paths, label_pattern)  # validate the input before creating anything
+        discovery = discover(paths, label_pattern, ignore=(store_path,))  # check the input before creating
         store_path.mkdir(parents=True, exist_ok=True)
         lock = file_lock(store_path / fmt.INGEST_LOCK, f"store {store_path}")
     try:
         with lock:
             if st is None and (store_path / "zarr.json").is_file():  # another ingest created it meanwhile
                 st = TrajectoryStore(store_path, mode="r+")
-            return _ingest_locked(paths, st, store_path, report, label_pattern, include, exclude, buffers,
+            if st is not None:  # existing store: discover under the lock, labels continue the store's
+                first_free = int(st.labels[-1]) + 1 if st.n_checkpoints else 0
+                discovery = discover(paths, label_pattern, first_free_label=first_free, ignore=(store_path,))
+            return _ingest_locked(discovery, st, store_path, report, label_pattern, include, exclude, buffers,
                                   budget, force, progress, started)
     except BaseException:
         # A failed first ingest leaves no store behind (a SIGKILL, which runs no handler, leaves an empty
@@ -168,10 +171,8 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
         raise
 
 
-def _ingest_locked(paths, st, store_path, report, label_pattern, include, exclude, buffers, budget, force,
+def _ingest_locked(discovery, st, store_path, report, label_pattern, include, exclude, buffers, budget, force,
                    progress, started) -> IngestReport:
-    first_free = int(st.labels[-1]) + 1 if st is not None and st.n_checkpoints else 0
-    discovery = discover(paths, label_pattern, first_free_label=first_free)
     report.skipped = discovery.skipped
     for note in discovery.skipped:
         progress.note(note)

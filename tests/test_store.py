@@ -1,0 +1,137 @@
+"""The block reader, windows, gathers, results and the Gram pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cmdtool
+from cmdtool.analyzers.passes import RowGather, cached_gram, gram_matrix
+from cmdtool.errors import UsageError
+from cmdtool_cli.app import app
+
+
+def test_blocks_cover_every_row_once(random_store):
+    store, W = random_store
+    seen = []
+    for start, stop, block in store.iter_blocks(block_rows=64):
+        assert block.dtype == np.float32 and block.shape == (stop - start, 17)
+        seen.append((start, stop))
+        np.testing.assert_array_equal(block, W[start:stop])
+    assert seen[0][0] == 0 and seen[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(seen, seen[1:]))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_column_windows_and_row_ranges(random_store, prefetch):
+    store, W = random_store
+    cols = store.resolve_epochs("12:20")
+    assert (cols.start, cols.stop) == (2, 11)
+    rows = slice(70, 431)
+    got = np.concatenate([b.data for b in store.iter_blocks(columns=cols, rows=rows, block_rows=100,
+                                                            prefetch=prefetch)])
+    np.testing.assert_array_equal(got, W[70:431, 2:11])
+
+
+def test_torch_blocks_on_cpu(random_store):
+    store, W = random_store
+    blocks = list(store.iter_blocks(block_rows=128, device="cpu", dtype=torch.float64))
+    assert all(isinstance(b.data, torch.Tensor) and b.data.dtype == torch.float64 for b in blocks)
+    np.testing.assert_allclose(torch.cat([b.data for b in blocks]).numpy(), W)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_torch_blocks_on_cuda(random_store):
+    store, W = random_store
+    blocks = list(store.iter_blocks(block_rows=128, device="cuda"))
+    assert blocks[0].data.is_cuda
+    np.testing.assert_array_equal(torch.cat([b.data for b in blocks]).cpu().numpy(), W)
+
+
+def test_stopping_early_stops_the_reader_thread(random_store):
+    import threading
+
+    store, _ = random_store
+    for block in store.iter_blocks(block_rows=8, prefetch=2):
+        break
+    del block
+    assert not any(t.name == "cmdtool-block-reader" and t.is_alive() for t in threading.enumerate())
+
+
+def test_read_rows_gathers_any_order(random_store):
+    store, W = random_store
+    idx = np.array([499, 3, 250, 3, 64, 0])
+    np.testing.assert_array_equal(store.read_rows(idx), W[idx])
+    np.testing.assert_array_equal(store.read_rows(idx, columns=slice(5, 9)), W[idx, 5:9])
+
+
+def test_epoch_labels_and_errors(random_store):
+    store, _ = random_store
+    assert store.column_of(26) == 16
+    with pytest.raises(UsageError, match=r"available epochs: 10\.\.26"):
+        store.column_of(99)
+    with pytest.raises(UsageError, match="selects no checkpoint"):
+        store.resolve_epochs("40:50")
+    with pytest.raises(UsageError, match="cannot read epoch window"):
+        store.resolve_epochs("a-b")
+    assert store.resolve_epochs(":12") == slice(0, 3)
+
+
+def test_gram_pass_matches_dense_and_is_cached(tmp_path, random_store):
+    store, W = random_store
+    store = cmdtool.open_store(store.path, mode="r+")
+    gram = gram_matrix(store, device="cpu")
+    W64 = W.astype(np.float64)
+    np.testing.assert_allclose(gram.gram, W64.T @ W64, rtol=1e-12)
+    np.testing.assert_allclose(gram.column_sums, W64.sum(0), rtol=1e-12)
+    window_gram, _ = gram.window(slice(3, 9))
+    np.testing.assert_allclose(window_gram, W64[:, 3:9].T @ W64[:, 3:9], rtol=1e-12)
+    cached = cached_gram(store)
+    assert cached is not None and np.array_equal(cached.gram, gram.gram)
+    # a sample can ride along with the (cached) Gram pass
+    gather = RowGather([5, 400, 17])
+    gram_matrix(store, extra=[gather])
+    np.testing.assert_array_equal(gather.values, W[[5, 400, 17]])
+
+
+def test_gram_leaves_out_nonfinite_rows(tmp_path):
+    W = np.arange(40, dtype=np.float32).reshape(10, 4)
+    W[3, 2] = np.nan
+    store = cmdtool.store.from_array(tmp_path / "n.zarr", W)
+    gram = gram_matrix(store)
+    finite = np.delete(W, 3, axis=0).astype(np.float64)
+    np.testing.assert_allclose(gram.gram, finite.T @ finite)
+    assert gram.nonfinite_rows == 1 and gram.rows == 9
+
+
+def test_results_commit_atomically_and_replace(random_store):
+    store, _ = random_store
+    store = cmdtool.open_store(store.path, mode="r+")
+    writer = store.results.writer("demo", "x")
+    writer.put("values", np.arange(5))
+    assert not store.results.exists("demo", "x")  # staged, not visible
+    writer.attrs["config"] = {"k": 1}
+    result = writer.commit()
+    assert store.results.exists("demo", "x") and result.config == {"k": 1}
+    np.testing.assert_array_equal(result["values"], np.arange(5))
+    writer = store.results.writer("demo", "x")
+    writer.put("values", np.arange(3))
+    writer.commit()
+    assert store.results.get("demo", "x")["values"].tolist() == [0, 1, 2]
+    assert len([p for p in (store.path / "results" / "demo").iterdir()]) == 1  # the replaced one is gone
+    with pytest.raises(UsageError, match="no demo result named 'y'"):
+        store.results.get("demo", "y")
+
+
+def test_info_json(tmp_path, random_store):
+    store, _ = random_store
+    result = CliRunner().invoke(app, ["info", "--store", str(store.path), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    summary = json.loads(result.output)
+    assert summary["parameters"] == 500 and summary["checkpoints"] == 17
+    assert summary["labels"] == {"first": 10, "last": 26}
+    assert summary["compression_ratio"] > 0
