@@ -223,7 +223,9 @@ def _ingest_locked(discovery, st, store_path, report, label_pattern, include, ex
 
     n_rows = layout.n_rows
     if st is None:
-        chunk_columns = max(1, min(budget // (4 * n_rows), fmt.MAX_CHUNK_COLUMNS))
+        # As wide as the budget allows, but no wider than this first batch needs (padding a chunk costs
+        # compression time and disk); later appends add chunk columns of the same width.
+        chunk_columns = max(1, min(budget // (4 * n_rows), fmt.MAX_CHUNK_COLUMNS, max(len(new_sources), 32)))
         st = TrajectoryStore.create(store_path, layout, chunk_columns, extra={"ingest_options": {
             "include": list(include), "exclude": list(exclude), "buffers": buffers,
             "label_pattern": label_pattern}})
@@ -259,6 +261,9 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
     buffer = np.empty((buffer_columns, n_rows), dtype=np.float32)
     int_buffer = np.empty((buffer_columns, n_int), dtype=np.int64) if n_int else None
     trajectories = st.trajectories
+    # rows per write call: whole chunk rows, about 16 MiB of transposed copy (enough chunks to keep zarr's
+    # concurrent encoders busy)
+    write_rows = st.chunk_shape[0] * max(1, (16 * 1024**2) // (4 * buffer_columns * st.chunk_shape[0]))
     integers = st.integer_values
     time_axis = list(st.time_axis)
     column = len(time_axis)
@@ -273,7 +278,11 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
             trajectories.resize((n_rows, stop))
             if integers is not None:
                 integers.resize((n_int, stop))
-        trajectories[:, column:stop] = buffer[:len(pending)].T
+        # Write a few chunk rows at a time from a contiguous transposed copy: zarr would otherwise copy the
+        # whole (strided) buffer at once, doubling the memory the budget allows.
+        for row in range(0, n_rows, write_rows):
+            row_stop = min(row + write_rows, n_rows)
+            trajectories[row:row_stop, column:stop] = np.ascontiguousarray(buffer[:len(pending), row:row_stop].T)
         if integers is not None:
             integers[:, column:stop] = int_buffer[:len(pending)].T
         time_axis.extend(pending)
