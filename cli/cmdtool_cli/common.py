@@ -16,8 +16,9 @@ from cmdtool.progress import RichProgress
 from cmdtool.store import format as fmt
 
 state = {"debug": False}
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: long lines are not broken when output goes to a pipe or a file
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 StoreOption = typer.Option(fmt.DEFAULT_STORE, "--store", "-s", envvar=fmt.STORE_ENV_VAR,
                            help="Trajectory store to use (a folder). Also set by $CMDTOOL_STORE.",

@@ -1,8 +1,8 @@
 """One module per command; each exposes ``register(app)``. A new command is a module plus a line here."""
 
-from . import decompose, info, ingest
+from . import decompose, info, ingest, verify
 
-MODULES = [ingest, info, decompose]
+MODULES = [ingest, info, decompose, verify]
 
 
 def register_all(app) -> None:

@@ -39,9 +39,10 @@ def register(app: typer.Typer) -> None:
     ):
         """Stream checkpoints into the trajectory store (created if needed; appends new epochs only).
 
-        Reads .pt/.pth/.bin/.ckpt (weights only: no pickled code is ever run), .safetensors, and sharded
-        folders (shards + *.index.json count as one checkpoint). Safe to interrupt: run it again to resume.
-        """
+        Reads .pt/.pth/.bin/.ckpt files (weights only: no pickled code is ever run), .safetensors files, and sharded folders (shards plus an *.index.json count as one checkpoint). Safe to interrupt: run it again to resume.
+
+        Example: cmdtool ingest ckpts/ --store run.zarr
+        """  # noqa: E501 (one line per paragraph: rich re-wraps help text to the terminal)
         report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
                             exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,
                             progress=progress_for(quiet or as_json))

@@ -213,7 +213,10 @@ def load_torch_file(path: Path):
     """``torch.load`` with ``weights_only=True`` (never runs pickled code), memory-mapped when possible."""
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes)")
-    mmap = zipfile.is_zipfile(path)  # the modern format can be memory-mapped; the legacy one cannot
+    try:
+        mmap = zipfile.is_zipfile(path)  # the modern format can be memory-mapped; the legacy one cannot
+    except Exception:  # noqa: BLE001 - a damaged header can make zipfile raise instead of answering False
+        mmap = False
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:

@@ -84,7 +84,8 @@ class ResultWriter:
             rows = max(1, min(int(shape[0]) if shape else 1, (4 * 1024**2) // max(np.dtype(dtype).itemsize, 1)))
             chunks = (rows,) + tuple(shape[1:])
         return self.group.create_array(key, shape=tuple(shape), dtype=dtype, chunks=chunks,
-                                       compressors=compressors(), fill_value=0)
+                                       compressors=compressors(), fill_value=0,
+                                       config={"write_empty_chunks": True})
 
     def put(self, key: str, value) -> None:
         value = np.asarray(value)

@@ -36,6 +36,12 @@ def compressors():
     return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
+def _writable(array: zarr.Array) -> zarr.Array:
+    """Write every chunk, even one that is all zeros: zarr skips those by default, and then a chunk that is
+    missing on disk (deleted, lost) could not be told from one that was never written (`cmdtool verify`)."""
+    return array.with_config({"write_empty_chunks": True})
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -106,11 +112,11 @@ class TrajectoryStore:
 
     @property
     def trajectories(self) -> zarr.Array:
-        return self.group[fmt.TRAJECTORIES]
+        return _writable(self.group[fmt.TRAJECTORIES])
 
     @property
     def integer_values(self) -> zarr.Array | None:
-        return self.group[fmt.INTEGER_VALUES] if fmt.INTEGER_VALUES in self.group else None
+        return _writable(self.group[fmt.INTEGER_VALUES]) if fmt.INTEGER_VALUES in self.group else None
 
     def describe_labels(self) -> str:
         labels = self.labels
