@@ -214,32 +214,45 @@ def _store_values(store_path):
     return store.labels.tolist(), read_all(store), [r.sha256 for r in store.time_axis]
 
 
+def committed_checkpoints(store_path) -> int:
+    try:
+        return len(json.loads((store_path / "zarr.json").read_text())["attributes"]["cmdtool"]["time_axis"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def kill_when(proc, store_path, committed: int, extra_delay: float) -> None:
+    """SIGKILL the child once the store lists ``committed`` checkpoints (0: right away), after a short delay."""
+    deadline = time.monotonic() + 60
+    while committed and committed_checkpoints(store_path) < committed and proc.poll() is None:
+        assert time.monotonic() < deadline, "child made no progress"
+        time.sleep(0.0005)
+    time.sleep(extra_delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
     write_checkpoints(tmp_path / "ck", n_epochs=40, model=model)
-    budget = str(3 * 33_088 * 4)  # three checkpoints per flush: many commit points
-    started = time.perf_counter()
+    budget = str(3 * 33_088 * 4)  # three checkpoints per flush: 14 commit points
     cmdtool.ingest([tmp_path / "ck"], tmp_path / "reference.zarr", memory_budget=budget)
-    full = time.perf_counter() - started
     reference = _store_values(tmp_path / "reference.zarr")
     rng = np.random.default_rng(0)
-    fractions = sorted(rng.uniform(0.05, 1.0, 4))
+    # kill points: during the preflight / first buffer (0), and just after random commits
+    targets = [0] + sorted(int(x) for x in rng.integers(1, 37, 3))
     children = [start_ingest_child([tmp_path / "ck", tmp_path / f"killed{i}.zarr", budget])
-                for i in range(len(fractions))]  # imports overlap
-    partial_sizes = set()
-    for attempt, (fraction, proc) in enumerate(zip(fractions, children)):
+                for i in range(len(targets))]  # their imports overlap
+    for attempt, (target, proc) in enumerate(zip(targets, children)):
         store_path = tmp_path / f"killed{attempt}.zarr"
         assert proc.stdout.readline().strip() == "ready"
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        time.sleep(full * fraction)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if (store_path / "zarr.json").is_file():
-            partial_sizes.add(cmdtool.open_store(store_path).n_checkpoints)
+        kill_when(proc, store_path, target, extra_delay=float(rng.uniform(0, 0.005)))
+        if target:
+            assert committed_checkpoints(store_path) >= target  # killed after that commit
         cmdtool.ingest([tmp_path / "ck"], store_path, memory_budget=budget)  # resume
         labels, values, hashes = _store_values(store_path)
         assert labels == reference[0] == list(range(1, 41))
         np.testing.assert_array_equal(values, reference[1])
         assert hashes == reference[2]
-    assert partial_sizes, "no kill landed after the store was created"
