@@ -129,3 +129,87 @@ def test_fuzzed_checkpoints_give_clean_errors_and_never_hang(tmp_path):
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert outcomes["refused"] > 100 and outcomes["ingested"] + outcomes["refused"] == 300
+
+
+def test_safetensors_header_that_lies_about_sizes(tmp_path):
+    import json
+    import struct
+
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(tmp_path / "epoch_1.safetensors"))
+    data = (tmp_path / "epoch_1.safetensors").read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["w"]["shape"] = [600]  # claims 2400 bytes, holds 24
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    (tmp_path / "epoch_1.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(CmdtoolError, match="epoch_1.safetensors"):
+        cmdtool.ingest([tmp_path / "epoch_1.safetensors"], tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def _sharded(folder, weight_map):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    _sharded(tmp_path / "checkpoint-1", {"w": "model-00001.safetensors"})
+    with pytest.raises(CmdtoolError, match="shard 'model-00001.safetensors' is missing"):
+        cmdtool.ingest([tmp_path], tmp_path / "s.zarr")
+
+
+def test_index_pointing_outside_its_folder_is_refused(tmp_path):
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "outside.safetensors"))
+    _sharded(tmp_path / "run" / "checkpoint-1", {"w": "../../outside.safetensors"})
+    with pytest.raises(CmdtoolError, match="outside the checkpoint folder; refused"):
+        cmdtool.ingest([tmp_path / "run"], tmp_path / "s.zarr")
+
+
+def test_symlinked_exploit_is_refused_too(tmp_path):
+    from test_bad_input import Exploit
+
+    marker = tmp_path / "pwned"
+    torch.save({"w": Exploit(marker)}, tmp_path / "payload.bin")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "epoch_1.pt").symlink_to(tmp_path / "payload.bin")
+    with pytest.raises(CmdtoolError, match="refused"):
+        cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")
+    assert not marker.exists()
+
+
+def test_disk_full_mid_ingest_fails_cleanly_and_keeps_the_store_usable(tmp_path, monkeypatch):
+    import errno
+
+    import zarr.storage._local as local
+
+    states = write_checkpoints(tmp_path / "ck", n_epochs=10)
+    for epoch in range(5, 11):
+        (tmp_path / "ck" / f"epoch_{epoch}.pt").rename(tmp_path / f"later_{epoch}.pt")
+    cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr", memory_budget=2 * 1506 * 4)
+    before = np.concatenate([b.data for b in cmdtool.open_store(tmp_path / "s.zarr").iter_blocks()])
+    for epoch in range(5, 11):
+        (tmp_path / f"later_{epoch}.pt").rename(tmp_path / "ck" / f"epoch_{epoch}.pt")
+
+    real_put, calls = local._put, {"n": 0}
+
+    def put_until_full(path, value, exclusive=False):
+        calls["n"] += 1
+        if calls["n"] > 3 and "c" in path.parts:  # chunk writes fail after a few: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_put(path, value, exclusive=exclusive)
+
+    monkeypatch.setattr(local, "_put", put_until_full)
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "ck"), "--store", str(tmp_path / "s.zarr"),
+                                      "--memory-budget", str(2 * 1506 * 4)])
+    monkeypatch.setattr(local, "_put", real_put)
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+    store = cmdtool.open_store(tmp_path / "s.zarr")
+    assert store.labels.tolist() == [1, 2, 3, 4]
+    np.testing.assert_array_equal(np.concatenate([b.data for b in store.iter_blocks()]), before)
+    assert verify_store(store).ok
+    cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")  # space again: the append completes
+    assert cmdtool.open_store(tmp_path / "s.zarr").labels.tolist() == list(range(1, 11))
