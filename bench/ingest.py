@@ -48,13 +48,15 @@ def make_run(folder: Path, n_params: int, n_checkpoints: int) -> int:
 def run_measured(code: str) -> dict:
     """Run ``code`` in a fresh interpreter; it prints a JSON dict; add the child's peak RSS."""
     wrapper = "\n".join([
-        "import json, resource, sys, time",
+        "import json, sys, time",
         f"sys.path[:0] = {[str(ROOT / 'src')]!r}",
         "result = {}",
         "started = time.perf_counter()",
         textwrap.dedent(code).strip(),
         "result['seconds'] = time.perf_counter() - started",
-        "result['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024",
+        # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork+exec
+        "result['peak_rss_mb'] = next(int(l.split()[1]) for l in open('/proc/self/status')"
+        " if l.startswith('VmHWM')) / 1024",
         "print(json.dumps(result))",
     ])
     out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True)
@@ -70,7 +72,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and stores afterwards")
     args = parser.parse_args()
 
-    ckpts = args.dir / "ckpts"
+    ckpts = args.dir / f"ckpts-{args.params}x{args.checkpoints}"
     print(f"writing {args.checkpoints} checkpoints of {args.params:,} parameters to {ckpts} ...", flush=True)
     total_bytes = make_run(ckpts, args.params, args.checkpoints)
     mb = total_bytes / 1e6
