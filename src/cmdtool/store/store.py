@@ -86,6 +86,7 @@ class TrajectoryStore:
             raise StoreError(f"store {self.path} has format version {version}, newer than this cmdtool "
                              f"supports ({fmt.FORMAT_VERSION}); upgrade cmdtool to read it")
         self.meta = meta
+        self._trajectories = None
         self.layout = Layout.from_json(meta["layout"])
         self.time_axis = [TimeRecord.from_json(r) for r in meta["time_axis"]]
         self.chunk_shape = tuple(meta["chunk_shape"])
@@ -113,7 +114,10 @@ class TrajectoryStore:
 
     @property
     def trajectories(self) -> zarr.Array:
-        return _writable(self.group[fmt.TRAJECTORIES])
+        # opened once: every block read would otherwise re-read and parse the array's metadata
+        if self._trajectories is None:
+            self._trajectories = _writable(self.group[fmt.TRAJECTORIES])
+        return self._trajectories
 
     @property
     def integer_values(self) -> zarr.Array | None:
