@@ -30,10 +30,10 @@ from ..errors import UsageError
 from ..progress import NullProgress
 from .base import Analyzer
 from .cmd_math import (BN_STATS_CHOICES, MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums,
-                       cluster_sample, correlate, fit_block, sample_rows)
+                       centre_rows_, closed_form_fit, cluster_sample, correlate, fit_block, sample_rows)
 from .passes import Accumulator, RowGather, cached_gram, gram_matrix, stream
 
-DEFAULT_BLOCK_BYTES = 16 * 1024**2  # float32 bytes per block of the fit pass; its float64 temporaries are ~10x
+DEFAULT_BLOCK_BYTES = 32 * 1024**2  # float32 bytes per block of the fit pass: peak ~3x (float64 copy), ~12x online
 
 
 def modelled_entries(layout, bn_stats: str):
@@ -55,7 +55,7 @@ class PosthocCMD(Analyzer):
     bn_stats : ``source`` keeps BatchNorm running statistics as stored; ``model`` models them like weights.
     epochs : window ``"A:B"`` of epoch labels.
     device : ``auto`` | ``cpu`` | ``cuda[:N]`` for the row blocks.
-    block_bytes : float32 bytes of W per block of the fit pass (memory bound; temporaries are ~10x this).
+    block_bytes : float32 bytes of W per block of the fit pass (memory bound: peak ~3x this, ~12x online).
 
     Fitted attributes: ``sampled_indices_``, ``correlation_`` (C1), ``linkage_``, ``sample_modes_``,
     ``reference_indices_``, ``reference_trajectories_`` (M x T), ``mode_``, ``A_``, ``B_`` and
@@ -429,76 +429,97 @@ class _FitPass(Accumulator):
         return (torch.as_tensor(indices[inside] - start, device=device),
                 torch.as_tensor(inside, dtype=torch.int64, device=device))
 
-    def _force_references(self, indices, start, stop, mode, a, b):
-        """Reference rows model themselves exactly: their own mode, a = 1, b = 0."""
-        local, own_mode = self._reference_rows(indices, start, stop, mode.device)
-        mode[local] = own_mode
-        a[local] = 1.0
-        b[local] = 0.0
-
     def update(self, start, stop, block, finite):
-        x = block.to(torch.float64)
+        x = block.to(torch.float64)  # a copy of the block: centred in place below
+        n_cols = x.shape[1]
         layer = torch.as_tensor(self.layers.of(start, stop), device=x.device)
         modelled = self.layer_modelled[layer] & finite
-        mode, a, b, motion = fit_block(x, self.refs)
-        self._force_references(self.reference_indices, start, stop, mode, a, b)
-        a = torch.where(modelled, a, 0.0)
-        b = torch.where(modelled, b, 0.0)
-        # the stored model is float32: measure the errors of exactly that model
-        a32, b32 = a.float(), b.float()
-        recon = a32.double()[:, None] * self.refs.values[mode] + b32.double()[:, None]
-        residual = torch.where(modelled[:, None], x - recon, 0.0)
-        sq_error = residual * residual
-        row_sq_error = sq_error.sum(dim=1)
-        row_sq_norm = (x * x).sum(dim=1)  # non-finite rows arrive zeroed: they add nothing
-        self.column_sq_error += sq_error.sum(dim=0)
-        self.column_sq_norm += (x * x).sum(dim=0)
+        refs = self.refs
+        # Step 2 (Eq. 5) and Step 3 (Eq. 6) in closed form; x holds w − w̄ from here on
+        mean, motion = centre_rows_(x)
+        corr, cross = correlate(x, motion, refs)
+        mode = corr.argmax(dim=1)
+        local, own_mode = self._reference_rows(self.reference_indices, start, stop, x.device)
+        mode[local] = own_mode
+        a, b, s_wr = closed_form_fit(mode, cross, mean, motion, refs)
+        a[local], b[local] = 1.0, 0.0  # reference rows model themselves exactly
+        # the stored model is float32: every error below is that of exactly the stored model
+        a = torch.where(modelled, a, 0.0).float().double()
+        b = torch.where(modelled, b, 0.0).float().double()
+        # residual e_it = (w_it − w̄_i) − a_i (r_t − r̄) + δ_i with δ_i = w̄_i − a_i r̄ − b_i (float32 rounding);
+        # its sums follow from sums the block already gave, so no N x T residual is ever formed:
+        #   per row    Σ_t e² = S_ww − 2 a S_wr + a² S_rr + T δ²        (Σ_t (w−w̄) = Σ_t (r−r̄) = 0)
+        #   per epoch  Σ_i e² = Σ_i (w−w̄)² − 2 Σ_m (r_m−r̄_m) P_m + ... with P_m = Σ_{i in m} a_i (w_i−w̄_i)
+        delta = torch.where(modelled, mean - a * refs.mean[mode] - b, 0.0)
+        row_sq_error = torch.where(
+            modelled, (motion - 2 * a * s_wr + a * a * refs.sq_norm[mode]).clamp(min=0) + n_cols * delta * delta,
+            0.0)
+        weights = torch.zeros((self.n_modes + 2, x.shape[0]), dtype=torch.float64, device=x.device)
+        weights.scatter_(0, mode[None, :], a[None, :])
+        weights[self.n_modes] = delta
+        weights[self.n_modes + 1] = mean  # rows with NaN/Inf arrive zeroed: their mean is 0
+        projections = weights @ x  # (M+2, T): P_m, Σ δ_i (w_i−w̄_i), Σ w̄_i (w_i−w̄_i)
+        if self.online is not None:
+            self._update_online(start, stop, x, mean, modelled, finite)
+        x.square_()
+        masks = torch.stack([modelled, finite]).to(torch.float64)
+        squares = masks @ x  # (2, T): Σ (w−w̄)² over modelled rows, and over all finite rows
+        centred_refs = refs.centred
+        sum_a_sq = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * a)
+        sum_a_delta = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * delta)
+        column_sq_error = (squares[0] - 2 * (centred_refs * projections[:self.n_modes]).sum(dim=0)
+                           + (sum_a_sq[:, None] * centred_refs * centred_refs).sum(dim=0)
+                           + 2 * projections[self.n_modes]
+                           - 2 * (sum_a_delta[:, None] * centred_refs).sum(dim=0)
+                           + (delta * delta).sum())
+        self.column_sq_error += column_sq_error.clamp(min=0)
+        self.column_sq_norm += squares[1] + 2 * projections[self.n_modes + 1] + (mean * mean).sum()
         self.sq_motion += motion.sum()
+        row_sq_norm = motion + n_cols * mean * mean
         self.layer_sq_error.index_add_(0, layer, row_sq_error)
         self.layer_sq_norm.index_add_(0, layer, row_sq_norm)
         self.layer_sq_motion.index_add_(0, layer, motion)
         self.layer_mode_counts += torch.bincount((layer * self.n_modes + mode)[modelled],
                                                  minlength=self.layer_mode_counts.numel())
         kept_code = torch.where(finite, MODE_KEPT, MODE_NONFINITE)
-        stored_mode = torch.where(modelled, mode, kept_code)
         self.kept_rows += int((finite & ~modelled).sum())
         self.nonfinite_rows += int((~finite).sum())
         self.constant_rows += int((modelled & (motion == 0)).sum())
-        self.out_mode[start:stop] = stored_mode.cpu().numpy().astype(self.out_mode.dtype)
-        self.out_a[start:stop] = a32.cpu().numpy()
-        self.out_b[start:stop] = b32.cpu().numpy()
+        self.out_mode[start:stop] = torch.where(modelled, mode, kept_code).cpu().numpy().astype(self.out_mode.dtype)
+        self.out_a[start:stop] = a.float().cpu().numpy()
+        self.out_b[start:stop] = b.float().cpu().numpy()
         self.out_row_error[start:stop] = row_sq_error.float().cpu().numpy()
-        if self.online is not None:
-            self._update_online(start, stop, x, modelled, finite)
 
-    def _update_online(self, start, stop, x, modelled, finite):
+    def _update_online(self, start, stop, centred, mean, modelled, finite):
         """Online CMD on the same block: assignment from the first F epochs (Step 2 at the end of the warm-up),
         then the coefficients after every epoch t >= F as the recursion of Eqs. 8-10 leaves them, i.e. the
-        least-squares fit over epochs 1..t (cumulative sums along the block's columns)."""
+        least-squares fit over epochs 1..t (cumulative sums along the block's columns).
+
+        ``centred`` holds w − w̄ (w̄ over the whole window); the fit is shift-invariant, so it runs on these
+        values and w̄ is added back to b at the end.
+        """
         F = self.warmup
-        mode, _, _, _ = fit_block(x[:, :F], self.online_warm_refs)
-        local, own_mode = self._reference_rows(self.online_indices, start, stop, x.device)
+        mode, _, _, _ = fit_block(centred[:, :F], self.online_warm_refs)
+        local, own_mode = self._reference_rows(self.online_indices, start, stop, centred.device)
         mode[local] = own_mode
-        shift = x[:, :1]
-        u = x - shift
+        shift = centred[:, :1]
+        u = centred - shift
         v = self.online_ref_shifted[mode]
-        count = torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
+        count = torch.arange(1, centred.shape[1] + 1, dtype=torch.float64, device=centred.device)
         a_t, b_t = affine_from_sums(count, u.cumsum(dim=1), (u * v).cumsum(dim=1), self.online_ref_cum[mode],
                                     self.online_ref_cum_sq[mode], shift, self.online_refs.values[mode, :1])
-        is_reference = self._reference_mask(self.online_indices, start, stop, x.device)
-        a_t = torch.where(is_reference[:, None], 1.0, a_t)
-        b_t = torch.where(is_reference[:, None], 0.0, b_t)
-        recon = a_t * self.online_refs.values[mode] + b_t
+        a_t[local], b_t[local] = 1.0, -mean[local, None]  # reference rows: w = 1 * r + 0 (b in raw units)
+        residual = centred - (a_t * self.online_refs.values[mode] + b_t)
         # epochs before F are the original weights (the warm-up is plain training): no error there
         in_model = modelled[:, None] & (count >= F)[None, :]
-        residual = torch.where(in_model, x - recon, 0.0)
+        residual = torch.where(in_model, residual, 0.0)
         self.online_column_sq_error += (residual * residual).sum(dim=0)
         self.online_mode_counts += torch.bincount(mode[modelled], minlength=self.online_modes)
         kept_code = torch.where(finite, MODE_KEPT, MODE_NONFINITE)
         self.out_online_mode[start:stop] = torch.where(modelled, mode, kept_code).cpu().numpy().astype(
             self.out_online_mode.dtype)
         self.out_online_a[start:stop] = torch.where(modelled, a_t[:, -1], 0.0).float().cpu().numpy()
-        self.out_online_b[start:stop] = torch.where(modelled, b_t[:, -1], 0.0).float().cpu().numpy()
+        self.out_online_b[start:stop] = torch.where(modelled, b_t[:, -1] + mean, 0.0).float().cpu().numpy()
 
     @staticmethod
     def _reference_mask(indices, start, stop, device):

@@ -154,22 +154,36 @@ def correlate(centred: torch.Tensor, sq_norm: torch.Tensor, refs: ReferenceSet) 
     return corr, cross
 
 
-def fit_block(block: torch.Tensor, refs: ReferenceSet):
-    """Steps 2-3 on a row block (float64): mode = argmax_m C2[i, m] (Eq. 5), then the least-squares affine
-    fit of Eq. 6 in closed form, a = Σ(w−w̄)(r−r̄) / Σ(r−r̄)², b = w̄ − a r̄.
+def centre_rows_(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre each row in place (float64 block); returns (row means w̄, Σ_t (w−w̄)² per row)."""
+    mean = block.mean(dim=1)
+    block.sub_(mean[:, None])
+    return mean, torch.linalg.vector_norm(block, dim=1).square()
+
+
+def closed_form_fit(mode, cross, mean, sq_norm, refs: ReferenceSet):
+    """Eq. 6 in closed form for rows with a given mode: a = Σ(w−w̄)(r−r̄) / Σ(r−r̄)², b = w̄ − a r̄.
 
     A constant row gets a = 0, b = its value; against a constant reference a = 0, b = w̄. Returns
-    (mode int64, a, b, Σ(w−w̄)² per row); the last is the row's motion, reused for the error metrics.
+    (a, b, Σ(w−w̄)(r−r̄) of the chosen mode).
     """
-    mean = block.mean(dim=1)
-    centred = block - mean[:, None]
-    sq_norm = (centred * centred).sum(dim=1)
-    corr, cross = correlate(centred, sq_norm, refs)
-    mode = corr.argmax(dim=1)  # first maximum on ties, like numpy
     s_rr = refs.sq_norm[mode]
     s_wr = cross.gather(1, mode[:, None]).squeeze(1)
     a = torch.where((s_rr > 0) & (sq_norm > 0), s_wr / torch.where(s_rr > 0, s_rr, 1.0), 0.0)
-    b = mean - a * refs.mean[mode]
+    return a, mean - a * refs.mean[mode], s_wr
+
+
+def fit_block(block: torch.Tensor, refs: ReferenceSet):
+    """Steps 2-3 on a row block (float64, left unchanged): mode = argmax_m C2[i, m] (Eq. 5, first maximum on
+    ties, like numpy), then the least-squares affine fit of Eq. 6 (see :func:`closed_form_fit`).
+
+    Returns (mode int64, a, b, Σ(w−w̄)² per row).
+    """
+    centred = block.clone()
+    mean, sq_norm = centre_rows_(centred)
+    corr, cross = correlate(centred, sq_norm, refs)
+    mode = corr.argmax(dim=1)
+    a, b, _ = closed_form_fit(mode, cross, mean, sq_norm, refs)
     return mode, a, b, sq_norm
 
 
