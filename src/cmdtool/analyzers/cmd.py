@@ -349,7 +349,8 @@ class PosthocCMD(Analyzer):
                          f"to motion {o['relative_error_motion']:.4g}, last epoch "
                          f"{o['epoch_relative_error'][-1]:.4g}")
         lines.append(f"time {self.timings_.get('fit_seconds', float('nan')):.2f} s "
-                     f"(sampling pass {self.timings_.get('sampling_pass_seconds', 0):.2f} s, fit pass "
+                     f"(sampling pass {self.timings_.get('sampling_pass_seconds', 0):.2f} s, clustering "
+                     f"{self.timings_.get('clustering_seconds', 0):.2f} s, fit pass "
                      f"{self.timings_.get('fit_pass_seconds', 0):.2f} s)")
         for line in lines:
             console.print(line, highlight=False)
