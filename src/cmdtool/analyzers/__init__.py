@@ -13,6 +13,7 @@ from .base import Analyzer
 
 _MODULES = {
     # method name -> "module:Class"
+    "cmd": "cmd:PosthocCMD",
 }
 
 

@@ -1,0 +1,1 @@
+"""Small, real training runs used by tests, demos and the documentation's measured figures."""

@@ -1,0 +1,122 @@
+"""A small CNN trained on scikit-learn's 8x8 digits: a real run that takes seconds on a CPU.
+
+Used by the end-to-end tests and the documentation's measurements (docs/cmd.md), and meant to be reused by
+demos::
+
+    from cmdtool.examples import digits
+    data = digits.load_split()
+    paths = digits.train("ckpts/", data, epochs=40)          # one checkpoint per epoch: epoch_001.pt ...
+    digits.evaluate(torch.load(paths[-1]), data)             # {"test_acc": ..., "test_loss": ...}
+
+The network has BatchNorm layers on purpose: their running statistics are trajectories that CMD may or may
+not model (``--bn-stats``), which is one of the things these runs measure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DigitsSplit:
+    """Train / held-out test tensors (images N x 1 x 8 x 8 in [0, 1], integer labels)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_split(test_fraction: float = 0.3, seed: int = 0) -> DigitsSplit:
+    """The 1,797 digits of ``sklearn.datasets.load_digits`` split into a stratified train and test set."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(range(len(labels)), test_size=test_fraction, random_state=seed,
+                                           stratify=data.target)
+    return DigitsSplit(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny convolutions are dominated by thread start-up: one thread trains ~20x faster than two here."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """Two 3x3 conv layers with BatchNorm, max-pooling and a linear classifier (3,898 parameters)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+
+
+def train(out_dir: str | Path, data: DigitsSplit | None = None, epochs: int = 40, seed: int = 0,
+          lr: float = 0.05, momentum: float = 0.9, batch_size: int = 64, dtype: torch.dtype | None = None,
+          fmt: str = "pt") -> list[Path]:
+    """Train with SGD and write one checkpoint per epoch (``epoch_001.pt`` ...); returns their paths.
+
+    ``dtype`` casts the floating tensors of each saved state dict (e.g. torch.bfloat16); ``fmt`` is ``pt`` or
+    ``safetensors``.
+    """
+    data = data or load_split()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = make_model(seed)
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    paths = []
+    with _one_thread():
+        for epoch in range(1, epochs + 1):
+            paths.append(_train_epoch(model, optimiser, data, generator, batch_size, epoch, out_dir, dtype, fmt))
+    return paths
+
+
+def _train_epoch(model, optimiser, data, generator, batch_size, epoch, out_dir, dtype, fmt) -> Path:
+    """One pass over the shuffled training set, then the epoch's checkpoint."""
+    model.train()
+    order = torch.randperm(len(data.train_y), generator=generator)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        optimiser.zero_grad()
+        loss = nn.functional.cross_entropy(model(data.train_x[batch]), data.train_y[batch])
+        loss.backward()
+        optimiser.step()
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().clone()
+             for k, v in model.state_dict().items()}
+    path = out_dir / f"epoch_{epoch:03d}.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@torch.no_grad()
+def evaluate(state_dict: dict, data: DigitsSplit | None = None) -> dict:
+    """Held-out accuracy and loss of a state dict (loaded with strict=True, evaluated in float32)."""
+    data = data or load_split()
+    model = make_model()
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()},
+                          strict=True)
+    model.eval()
+    with _one_thread():
+        logits = model(data.test_x)
+    return {"test_acc": float((logits.argmax(dim=1) == data.test_y).float().mean()),
+            "test_loss": float(nn.functional.cross_entropy(logits, data.test_y))}
