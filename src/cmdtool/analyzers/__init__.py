@@ -13,6 +13,9 @@ from .base import Analyzer
 
 _MODULES = {
     # method name -> "module:Class"
+    "dmd": "dmd:DMD",
+    "kga": "kga:KGA",
+    "pca": "pca:PCA",
 }
 
 
