@@ -1,8 +1,8 @@
 """One module per command; each exposes ``register(app)``. A new command is a module plus a line here."""
 
-from . import decompose, info, ingest
+from . import compare, decompose, info, ingest
 
-MODULES = [ingest, info, decompose]
+MODULES = [ingest, info, decompose, compare]
 
 
 def register_all(app) -> None:
