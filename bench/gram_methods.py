@@ -62,12 +62,19 @@ def run_measured(code: str) -> dict:
         f"sys.path[:0] = {[str(ROOT / 'src')]!r}",
         "import numpy as np, torch",
         "from cmdtool.store import open_store",
-        "base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024",
+        # VmHWM (peak resident set of this process image) rather than ru_maxrss: Linux carries ru_maxrss over
+        # fork+exec from the parent, which holds the generated data
+        "def peak_mb():",
+        "    for line in open('/proc/self/status'):",
+        "        if line.startswith('VmHWM:'):",
+        "            return int(line.split()[1]) / 1024",
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024",
+        "base_rss = peak_mb()",
         "result = {}",
         "started = time.perf_counter()",
         textwrap.dedent(code).strip(),
         "result.setdefault('seconds', time.perf_counter() - started)",
-        "result['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024",
+        "result['peak_rss_mb'] = peak_mb()",
         "result['import_rss_mb'] = base_rss",
         "print(json.dumps(result))",
     ])
