@@ -196,7 +196,8 @@ def main() -> None:
         print(f"| {name} | {r['seconds']:.2f} | {r['seconds'] / floor:.2f} | {r['peak_rss_mb']:,.0f} | {notes} |")
     base = results["read pass (floor)"].get("import_rss_mb")
     print(f"\n(interpreter + torch + numpy after import: {base:,.0f} MB RSS)")
-    ours = {"dmd": results["DMD r=10, cold (Gram pass + algebra)"], "pca": results["PCA d=40, cold (Gram pass + directions pass)"]}
+    ours = {"dmd": results["DMD r=10, cold (Gram pass + algebra)"],
+            "pca": results["PCA d=40, cold (Gram pass + directions pass)"]}
     refs = {"dmd": results.get("PyDMD DMD(svd_rank=10), in memory"), "pca": results.get("sklearn PCA(40), in memory")}
     for key in ("dmd", "pca"):
         ref = refs[key]

@@ -40,7 +40,7 @@ class DMDFit:
 
     singular_values: np.ndarray     # (T−1,) every singular value of X (for the spectrum plot / rank choice)
     rank_requested: int             # rank from the truncation rule
-    basis: np.ndarray               # (T−1, r) V_r: right singular vectors of X (the reduced basis in time)
+    right_singular_vectors: np.ndarray  # (T−1, r) V_r of X = U Σ V_rᵀ (the reduced basis, in time)
     atilde: np.ndarray              # (r, r) Ã, Eq. 7
     eigenvalues: np.ndarray         # (r,) complex λ, Eq. 9
     eigenvectors: np.ndarray        # (r, r) complex Q, Eq. 9
@@ -68,7 +68,7 @@ def dmd_from_gram(gram: np.ndarray, n_rows: int, rank=0, exact: bool = False) ->
         raise UsageError("the trajectories in this window are all zero: nothing to decompose")
     r = min(rank_requested, usable)
     sigma = singular_values[:r]
-    basis = right_vectors[:, :r]
+    basis = right_vectors[:, :r]  # V_r
     # Ã = Σ⁻¹ Vᵀ (Xᵀ Y) V Σ⁻¹   (Eq. 7 with U = X V Σ⁻¹)
     atilde = (basis.T @ gram[:-1, 1:] @ basis) / sigma[:, None] / sigma[None, :]
     eigenvalues, eigenvectors = np.linalg.eig(atilde)
@@ -115,7 +115,7 @@ class DMD(GramModel):
     device : str
         Where the passes compute (auto, cpu, cuda).
 
-    Learned state: ``singular_values_``, ``rank_``, ``rank_requested_``, ``basis_`` (V_r), ``atilde_``,
+    Learned state: ``singular_values_``, ``rank_``, ``rank_requested_``, ``right_singular_vectors_`` (V_r), ``atilde_``,
     ``eigenvalues_``, ``eigenvectors_``, ``mode_coefficients_`` (C, Φ = W C), ``amplitudes_``,
     ``reconstruction_matrix_`` (K), ``metrics_``; ``modes_`` (lazy, complex N×r) when saved.
     """
@@ -150,7 +150,7 @@ class DMD(GramModel):
         self.singular_values_ = fit.singular_values
         self.rank_requested_ = fit.rank_requested
         self.rank_ = fit.rank
-        self.basis_ = fit.basis
+        self.right_singular_vectors_ = fit.right_singular_vectors
         self.atilde_ = fit.atilde
         self.eigenvalues_ = fit.eigenvalues
         self.eigenvectors_ = fit.eigenvectors
@@ -171,8 +171,8 @@ class DMD(GramModel):
         pass
 
     # ------------------------------------------------------------------ persistence
-    _SMALL_ARRAYS = ("singular_values", "basis", "atilde", "eigenvalues", "eigenvectors", "mode_coefficients",
-                     "amplitudes", "reconstruction_matrix")
+    _SMALL_ARRAYS = ("singular_values", "right_singular_vectors", "atilde", "eigenvalues", "eigenvectors",
+                     "mode_coefficients", "amplitudes", "reconstruction_matrix")
 
     def _save_arrays(self, writer) -> None:
         for key in self._SMALL_ARRAYS:

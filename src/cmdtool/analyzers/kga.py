@@ -115,7 +115,7 @@ class KGA(DMD):
         self.left_eigenvectors_ = np.linalg.pinv(self.eigenvectors_)
         # W̃ = Uᵀ W = Σ⁻¹ Vᵀ Xᵀ W = Σ⁻¹ Vᵀ G[:-1, :]
         sigma = self.singular_values_[:self.rank_]
-        self.reduced_trajectories_ = (self.basis_.T @ gram[:-1, :]) / sigma[:, None]
+        self.reduced_trajectories_ = (self.right_singular_vectors_.T @ gram[:-1, :]) / sigma[:, None]
         entries = store.layout.trajectory_entries
         self.tensor_names_ = [e.name for e in entries]
         self.tensor_sizes_ = np.array([e.numel for e in entries], dtype=np.int64)
@@ -129,7 +129,7 @@ class KGA(DMD):
         threshold = self.eps if self.mask_threshold is None else self.mask_threshold
         # U = X V Σ⁻¹ = W [V Σ⁻¹; 0]
         basis_coefficients = np.zeros((n_cols, self.rank_))
-        basis_coefficients[:-1] = self.basis_ / self.singular_values_[:self.rank_][None, :]
+        basis_coefficients[:-1] = self.right_singular_vectors_ / self.singular_values_[:self.rank_][None, :]
         self._masks = KWMMasks(writer, score, float(threshold), np.cumsum(self.tensor_sizes_))
         return super()._pass_accumulators(store, writer) + [
             self._masks, RowProjection(writer, "weight_basis", basis_coefficients)]

@@ -81,7 +81,9 @@ class PCA(GramModel):
         projection = RowProjection(writer, "directions", self.time_vectors_ / np.sqrt(lam)[None, :], centre=True)
         stats = stream(store, [projection], self.columns_, self.device, progress, "pca pass")
         self.timings_["pass_seconds"] = stats.seconds
-        self.reconstruction_matrix_ = np.full((n_cols, n_cols), 1.0 / n_cols) + self.time_vectors_ @ self.time_vectors_.T
+        # K = 11ᵀ/T + V_d V_dᵀ: the mean plus the projection on the kept directions
+        self.reconstruction_matrix_ = (np.full((n_cols, n_cols), 1.0 / n_cols)
+                                       + self.time_vectors_ @ self.time_vectors_.T)
         self.metrics_ = linear_model_metrics(gram, self.reconstruction_matrix_,
                                              pca_stored_floats(self.dims_, store.n_rows, n_cols))
         self._end_fit()
