@@ -1,8 +1,8 @@
 """One module per command; each exposes ``register(app)``. A new command is a module plus a line here."""
 
-from . import decompose, info, ingest, reconstruct, verify
+from . import compare, decompose, info, ingest, reconstruct, verify
 
-MODULES = [ingest, info, decompose, reconstruct, verify]
+MODULES = [ingest, info, decompose, reconstruct, compare, verify]
 
 
 def register_all(app) -> None:

@@ -51,6 +51,8 @@ def register(app: typer.Typer) -> None:
                                   rich_help_panel=DMD_PANEL),
         window: int = typer.Option(5, "--window", help="KGA/KWM: the last s epochs a weight must stay small "
                                    "to be masked.", rich_help_panel=DMD_PANEL),
+        mask_threshold: float = typer.Option(None, "--mask-threshold", help="KWM: ε of Eq. 15 in weight units "
+                                             "(default: --eps).", rich_help_panel=DMD_PANEL),
         # --- PCA
         dims: int = typer.Option(40, "--dims", help="PCA directions kept (P-BFGS uses 40).",
                                  rich_help_panel=PCA_PANEL),
@@ -65,7 +67,7 @@ def register(app: typer.Typer) -> None:
         """
         options = dict(modes=modes, threshold=threshold, samples=samples, sampling=sampling, seed=seed,
                        warmup=warmup, bn_stats=bn_stats, rank=rank, exact=exact, save_modes=save_modes, eps=eps,
-                       window=window, dims=dims, epochs=epochs, device=device)
+                       window=window, mask_threshold=mask_threshold, dims=dims, epochs=epochs, device=device)
         methods = list(dict.fromkeys(m.lower() for m in method))
         classes = [get_analyzer(m) for m in methods]  # unknown methods fail before any work
         st = open_store(store, mode="r+")

@@ -14,6 +14,9 @@ from .base import Analyzer
 _MODULES = {
     # method name -> "module:Class"
     "cmd": "cmd:PosthocCMD",
+    "dmd": "dmd:DMD",
+    "kga": "kga:KGA",
+    "pca": "pca:PCA",
 }
 
 

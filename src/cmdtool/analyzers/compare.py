@@ -1,0 +1,196 @@
+"""Several models of the same trajectories side by side (``cmdtool compare``): error, size, time.
+
+Written against the analyzer base contract only (``metrics_``, ``timings_``, ``get_config``, ``save``/``load``),
+so any registered method (cmd, dmd, kga, pca, ...) takes part. For each method it reuses a saved result fitted on
+the same store revision, window and configuration, or fits and saves one. With ``equal_budget`` every method
+that can trade size for accuracy (a classmethod ``options_for_budget(budget, N, T)``, e.g. DMD's rank or PCA's
+dims) is sized to store at most as many numbers as the reference (CMD when present, else the first method, or an
+explicit ``budget``), so that errors are compared at equal model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import UsageError
+from . import get_analyzer
+
+# configuration keys that change how a fit runs, not what it computes
+RUNTIME_KEYS = frozenset({"device", "save_modes"})
+
+
+@dataclass
+class MethodComparison:
+    method: str
+    name: str
+    reused: bool
+    config: dict
+    size: dict                       # what sets the model's size as fitted: rank / dims / modes
+    relative_error: float
+    relative_error_motion: float
+    final_epoch_error: float
+    worst_epoch_error: float
+    worst_epoch: int                 # label of the worst-modelled checkpoint
+    stored_floats: int
+    compression_ratio: float         # N·T raw floats / stored floats
+    fit_seconds: float | None        # wall time of the fit (of the saved fit when reused)
+    wall_seconds: float              # wall time inside this comparison (≈ 0 when reused)
+    budget_matched: bool = False     # sized by options_for_budget
+    epoch_relative_error: list = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    store: str
+    store_revision: int
+    n_rows: int
+    n_cols: int
+    labels: list
+    raw_floats: int
+    budget: int | None
+    methods: list[MethodComparison]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def best(self, key: str = "relative_error") -> str:
+        return min(self.methods, key=lambda m: getattr(m, key)).method
+
+
+def _same_config(saved: dict, wanted: dict) -> bool:
+    keys = (set(saved) | set(wanted)) - RUNTIME_KEYS
+    return all(str(saved.get(k)) == str(wanted.get(k)) for k in keys)
+
+
+def result_name_for(prefix: str, analyzer, columns: slice) -> str:
+    """``<prefix>-<digest of window and configuration>``: comparisons of different configurations (e.g. with
+    and without --equal-budget) keep their own fits instead of overwriting one another."""
+    config = {k: str(v) for k, v in sorted(analyzer.get_config().items()) if k not in RUNTIME_KEYS}
+    text = json.dumps([columns.start, columns.stop, config], sort_keys=True)
+    return f"{prefix}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def _size_of(analyzer) -> dict:
+    """The size-setting figures as fitted (e.g. DMD's rank after the optimal threshold), else as configured."""
+    config = analyzer.get_config()
+    out = {}
+    for key in ("rank", "dims", "modes"):
+        fitted = getattr(analyzer, key + "_", None)
+        if isinstance(fitted, (int, np.integer)):
+            out[key] = int(fitted)
+        elif key in config:
+            out[key] = config[key]
+    return out
+
+
+def find_reusable(store, analyzer, columns: slice, prefer: str | None = None) -> str | None:
+    """Name of a saved result of ``analyzer.method`` fitted on this store revision and window with the same
+    configuration (runtime options such as the device aside), or None."""
+    names = [n for _, n in store.results.list(analyzer.method)]
+    if prefer in names:
+        names.remove(prefer)
+        names.insert(0, prefer)
+    wanted = analyzer.get_config()
+    for name in names:
+        attrs = store.results.get(analyzer.method, name).attrs
+        if attrs.get("store_revision") != store.revision:
+            continue
+        if list(attrs.get("columns", [])) != [columns.start, columns.stop]:
+            continue
+        if _same_config(attrs.get("config", {}), wanted):
+            return name
+    return None
+
+
+def compare(store, methods, options: dict | None = None, *, name: str = "compare", reuse: bool = True,
+            equal_budget: bool = False, budget: int | None = None, progress=None) -> Comparison:
+    """Fit (or reuse) every method on the same trajectories and collect their figures.
+
+    ``options`` are CLI-style options (``rank``, ``dims``, ``modes``, ``epochs``, ``device`` ...); each method
+    takes the ones named like its ``__init__`` parameters. New fits are saved as
+    ``results/<method>/<name>-<config digest>`` (see :func:`result_name_for`).
+    """
+    methods = list(dict.fromkeys(m.lower() for m in methods))
+    if not methods:
+        raise UsageError("name at least one method to compare, e.g. `cmdtool compare dmd pca`")
+    classes = {m: get_analyzer(m) for m in methods}
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    columns = store.resolve_epochs(options.get("epochs"))
+    n_rows, n_cols = store.n_rows, columns.stop - columns.start
+    raw = n_rows * n_cols
+
+    # the reference of an equal budget is fitted first, with its own options
+    order = list(methods)
+    reference = None
+    if equal_budget and budget is None:
+        reference = "cmd" if "cmd" in methods else methods[0]
+        order.remove(reference)
+        order.insert(0, reference)
+
+    fitted: dict[str, MethodComparison] = {}
+    for method in order:
+        cls = classes[method]
+        method_options = dict(options)
+        matched = False
+        if equal_budget and method != reference and hasattr(cls, "options_for_budget"):
+            method_options.update(cls.options_for_budget(budget, n_rows, n_cols))
+            matched = True
+        analyzer = cls.from_options(method_options)
+        started = time.perf_counter()
+        own_name = result_name_for(name, analyzer, columns)
+        saved = find_reusable(store, analyzer, columns, prefer=own_name) if reuse else None
+        if saved is not None:
+            analyzer = cls.load(store, saved)
+            result_name = saved
+        else:
+            analyzer.fit(store, progress=progress)
+            analyzer.save(own_name)
+            result_name = own_name
+        wall = time.perf_counter() - started
+        metrics = analyzer.metrics_
+        epoch_errors = [float(x) for x in metrics["epoch_relative_error"]]
+        worst = int(np.argmax(epoch_errors))
+        stored = int(metrics["stored_floats"])
+        fitted[method] = MethodComparison(
+            method=method, name=result_name, reused=saved is not None, config=analyzer.get_config(),
+            size=_size_of(analyzer),
+            relative_error=float(metrics["relative_error"]),
+            relative_error_motion=float(metrics.get("relative_error_motion") or float("nan")),
+            final_epoch_error=epoch_errors[-1], worst_epoch_error=epoch_errors[worst],
+            worst_epoch=int(store.labels[columns][worst]), stored_floats=stored,
+            compression_ratio=raw / stored if stored else float("inf"),
+            fit_seconds=analyzer.timings_.get("fit_seconds"), wall_seconds=wall, budget_matched=matched,
+            epoch_relative_error=epoch_errors)
+        if equal_budget and method == reference:
+            budget = stored
+    return Comparison(store=str(store.path), store_revision=store.revision, n_rows=n_rows, n_cols=n_cols,
+                      labels=[int(x) for x in store.labels[columns]], raw_floats=raw, budget=budget,
+                      methods=[fitted[m] for m in methods])
+
+
+def plot_epoch_errors(comparison: Comparison, path) -> None:
+    """Per-epoch relative error of every method (log scale), written to ``path`` (png/pdf/svg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in comparison.methods:
+        errors = np.maximum(np.asarray(row.epoch_relative_error), 1e-12)  # exact fits would vanish on log axes
+        ax.plot(comparison.labels, errors, marker="o", markersize=3,
+                label=f"{row.method} ({row.stored_floats:,} floats)")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("‖w_t − ŵ_t‖ / ‖w_t‖")
+    ax.set_title(f"reconstruction error per epoch (N = {comparison.n_rows:,})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

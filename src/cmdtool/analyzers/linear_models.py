@@ -1,0 +1,208 @@
+"""What DMD, KGA and PCA share: they are *linear in W* and are fitted from the cached Gram matrix.
+
+Each of these models reconstructs the window's trajectories as ``W_rec = W K`` for a small T×T matrix ``K``
+(design note 3.1). Hence everything about its quality follows from ``G = Wᵀ W`` without reading W again:
+
+    ‖w_t − W K e_t‖² = (e_t − K e_t)ᵀ G (e_t − K e_t)                      (per-epoch squared error)
+
+Per-row outputs (DMD modes, KWM masks, PCA directions) are ``W_block @ C`` for a small T×k matrix ``C``; one
+streaming pass computes them block by block and writes them into the staged result, so memory is bounded by the
+block size whatever N is.
+
+Numerical caveat of the Gram path: G squares the singular values of W, so its eigen-decomposition resolves
+singular values only down to about ``σ_max · sqrt(T · ε_64)`` (≈ 1e-7 σ_max for T = 150) and errors computed from
+G have a floor of about ``sqrt(ε_64) ≈ 1.5e-8`` relative to ‖w_t‖. Ranks whose singular values fall below that
+are dropped (:func:`numerical_rank`). For the ranks of interest here (r ≪ T, well separated leading singular
+values) float64 is ample; see docs/dmd.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from .base import Analyzer
+from .passes import Accumulator, cached_gram, gram_matrix, stream
+
+# relative eigenvalue floor of a Gram matrix: eigenvalues below  max_eig * T * GRAM_EPS  are roundoff
+GRAM_EPS = 1e-13
+
+
+def numerical_rank(eigenvalues: np.ndarray) -> int:
+    """How many (descending) Gram eigenvalues stand above roundoff; see the module note."""
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+    if eigenvalues.size == 0 or eigenvalues[0] <= 0:
+        return 0
+    floor = eigenvalues[0] * max(eigenvalues.size, 1) * GRAM_EPS
+    return int(np.count_nonzero(eigenvalues > floor))
+
+
+def descending_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (clipped at 0: a Gram matrix is PSD, negatives are roundoff) and vectors, largest first."""
+    values, vectors = np.linalg.eigh(matrix)
+    order = np.argsort(values)[::-1]
+    return np.clip(values[order], 0.0, None), vectors[:, order]
+
+
+def gram_square_root(gram: np.ndarray) -> np.ndarray:
+    """R (T×T) with Rᵀ R = G. Then W = U_W R with U_W orthonormal, so any least-squares problem over the N rows of
+    W (e.g. DMD's amplitudes b = Φ⁺ w_0 with Φ = W C) is the same problem over the T rows of R."""
+    values, vectors = descending_eigh(gram)
+    return np.sqrt(values)[:, None] * vectors.T
+
+
+def epoch_squared_errors(gram: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """‖w_t − (W K)_t‖² for every column t, from G alone: diag((I − K)ᴴ G (I − K))."""
+    residual = np.eye(gram.shape[0]) - reconstruction
+    errors = np.einsum("it,ij,jt->t", residual.conj(), gram, residual).real
+    return np.clip(errors, 0.0, None)
+
+
+def linear_model_metrics(gram: np.ndarray, reconstruction: np.ndarray, stored_floats: int) -> dict:
+    """The base-class ``metrics_`` of a model W_rec = W K on a window with Gram matrix ``gram``."""
+    errors = epoch_squared_errors(gram, reconstruction)
+    norms = np.clip(np.diag(gram), 0.0, None)
+    n_cols = gram.shape[0]
+    # ‖W − mean_t W‖² = trace(H G H) = trace(G) − 1ᵀ G 1 / T
+    motion = max(float(np.trace(gram) - gram.sum() / n_cols), 0.0)
+    total = float(errors.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_epoch = np.where(norms > 0, np.sqrt(errors / np.where(norms > 0, norms, 1.0)), 0.0)
+    return {
+        "relative_error": float(np.sqrt(total / norms.sum())) if norms.sum() > 0 else 0.0,
+        "relative_error_motion": float(np.sqrt(total / motion)) if motion > 0 else float("nan"),
+        "epoch_relative_error": [float(x) for x in per_epoch],
+        "stored_floats": int(stored_floats),
+    }
+
+
+def parse_rank(rank) -> int | float:
+    """``--rank``: an integer (0 = optimal hard threshold, -1 = no truncation) or an energy fraction in (0, 1)."""
+    if isinstance(rank, (bool, np.bool_)):
+        raise UsageError(f"invalid rank {rank!r}")
+    if isinstance(rank, (int, np.integer)):
+        value: int | float = int(rank)
+    elif isinstance(rank, (float, np.floating)):
+        value = float(rank)
+    else:
+        text = str(rank).strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise UsageError(f"cannot read rank {rank!r}: use an integer (0 = optimal hard threshold) "
+                                 "or an energy fraction in (0,1), e.g. 0.99") from None
+    if isinstance(value, float):
+        if value.is_integer() and value >= 0:
+            return int(value)
+        if not 0.0 < value < 1.0:
+            raise UsageError(f"rank {rank!r}: a fractional rank is an energy fraction and must lie in (0,1)")
+        return value
+    if value < -1:
+        raise UsageError(f"rank {rank!r}: use a positive integer, 0 (optimal threshold) or -1 (no truncation)")
+    return value
+
+
+def optimal_hard_threshold_rank(singular_values: np.ndarray, n_rows: int, n_cols: int) -> int:
+    """Gavish & Donoho (2014) optimal hard threshold for an unknown noise level, as PyDMD applies it:
+    β = min/max aspect ratio, ω(β) ≈ 0.56β³ − 0.95β² + 1.82β + 1.43, keep σ > ω(β)·median(σ) (at least 1)."""
+    beta = min(n_rows, n_cols) / max(n_rows, n_cols)
+    omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+    tau = np.median(singular_values) * omega
+    return max(1, int(np.count_nonzero(singular_values > tau)))
+
+
+def truncation_rank(singular_values: np.ndarray, n_rows: int, n_cols: int, rank) -> int:
+    """PyDMD's ``svd_rank`` rule: 0 optimal threshold, int r, float energy fraction, -1 everything."""
+    rank = parse_rank(rank)
+    if isinstance(rank, float):
+        energy = np.cumsum(singular_values**2) / np.sum(singular_values**2)
+        return int(np.searchsorted(energy, rank) + 1)
+    if rank == 0:
+        return optimal_hard_threshold_rank(singular_values, n_rows, n_cols)
+    if rank == -1:
+        return int(singular_values.size)
+    return int(min(rank, singular_values.size))
+
+
+class RowProjection(Accumulator):
+    """Per-row outputs ``(W_block − centre) @ matrix`` streamed into arrays of the staged result.
+
+    ``matrix`` is T×k (real or complex, float64); a complex product is written as ``<key>_real`` and
+    ``<key>_imag`` float32 arrays (zarr needs no complex support and readers get plain floats).
+    ``centre=True`` subtracts each row's mean over the window first (PCA) and also writes it as ``means``.
+    """
+
+    def __init__(self, writer, key: str, matrix: np.ndarray, centre: bool = False):
+        self.writer, self.key, self.matrix, self.centre = writer, key, np.asarray(matrix), centre
+
+    def start(self, store, columns, device):
+        n_rows = store.n_rows
+        chunk_rows = min(max(n_rows, 1), store.default_block_rows(columns.stop - columns.start))
+        width = self.matrix.shape[1]
+        self.complex = np.iscomplexobj(self.matrix)
+        parts = ("real", "imag") if self.complex else (None,)
+        self.arrays = {}
+        for part in parts:
+            key = f"{self.key}_{part}" if part else self.key
+            self.arrays[part] = self.writer.create(key, (n_rows, width), "float32", chunks=(chunk_rows, width))
+        self.means = self.writer.create("means", (n_rows,), "float32", chunks=(chunk_rows,)) if self.centre else None
+        self.device_matrices = {part: torch.as_tensor(self.matrix.real if part != "imag" else self.matrix.imag,
+                                                      dtype=torch.float64, device=device) for part in parts}
+
+    def update(self, start, stop, block, finite):
+        block64 = block.to(torch.float64)
+        if self.centre:
+            mean = block64.mean(dim=1, keepdim=True)
+            block64 = block64 - mean
+            self.means[start:stop] = mean[:, 0].float().cpu().numpy()
+        for part, matrix in self.device_matrices.items():
+            self.arrays[part][start:stop] = (block64 @ matrix).float().cpu().numpy()
+
+
+class _ColumnOfModel(Accumulator):
+    """Gathers ``W_window @ k`` (one modelled checkpoint) block by block."""
+
+    def __init__(self, weights: np.ndarray):
+        self.weights = weights
+
+    def start(self, store, columns, device):
+        self.out = np.empty(store.n_rows, dtype=np.float32)
+        self.weights_device = torch.as_tensor(self.weights, dtype=torch.float64, device=device)
+
+    def update(self, start, stop, block, finite):
+        self.out[start:stop] = (block.to(torch.float64) @ self.weights_device).float().cpu().numpy()
+
+
+class GramModel(Analyzer):
+    """Base of the analyzers fitted from the cached Gram matrix (DMD, KGA, PCA)."""
+
+    def _window_gram(self, store, progress) -> np.ndarray:
+        """G of the fitted window: a sub-matrix of the store's cached Gram (one pass only if none is cached)."""
+        cached = cached_gram(store)
+        gram = cached if cached is not None else gram_matrix(store, self.device, progress)
+        self.gram_from_cache_ = cached is not None
+        self.timings_["gram_seconds"] = 0.0 if cached is not None else float(gram.seconds)
+        window, _ = gram.window(self.columns_)
+        return np.array(window, dtype=np.float64)
+
+    def _require_writer(self, what: str):
+        if self._writer is None:
+            raise UsageError(f"{what} are streamed into the store: open it with mode='r+'")
+        return self._writer
+
+    def _window_column(self, column: int) -> int:
+        if not self.columns_.start <= column < self.columns_.stop:
+            raise UsageError(f"column {column} lies outside the fitted epoch window "
+                             f"(columns {self.columns_.start}..{self.columns_.stop - 1})")
+        return column - self.columns_.start
+
+    def reconstruct_epoch(self, store, column: int, progress=None) -> np.ndarray:
+        """ŵ_t = W_window K e_t: one streaming pass (models that keep their own factors override this)."""
+        t = self._window_column(column)
+        acc = _ColumnOfModel(np.asarray(self.reconstruction_matrix_)[:, t])
+        stream(store, [acc], self.columns_, getattr(self, "device", "auto"), progress, "reconstruct")
+        return acc.out
