@@ -26,6 +26,9 @@ import textwrap
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _measure  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,32 +59,8 @@ def make_store(path: Path, n_rows: int, n_cols: int) -> float:
 
 
 def run_measured(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; it fills ``result``; add wall seconds and the child's peak RSS."""
-    wrapper = "\n".join([
-        "import json, resource, sys, time",
-        f"sys.path[:0] = {[str(ROOT / 'src')]!r}",
-        "import numpy as np, torch",
-        "from cmdtool.store import open_store",
-        # VmHWM (peak resident set of this process image) rather than ru_maxrss: Linux carries ru_maxrss over
-        # fork+exec from the parent, which holds the generated data
-        "def peak_mb():",
-        "    for line in open('/proc/self/status'):",
-        "        if line.startswith('VmHWM:'):",
-        "            return int(line.split()[1]) / 1024",
-        "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024",
-        "base_rss = peak_mb()",
-        "result = {}",
-        "started = time.perf_counter()",
-        textwrap.dedent(code).strip(),
-        "result.setdefault('seconds', time.perf_counter() - started)",
-        "result['peak_rss_mb'] = peak_mb()",
-        "result['import_rss_mb'] = base_rss",
-        "print(json.dumps(result))",
-    ])
-    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """A step in a fresh interpreter (numpy, torch and open_store imported before the clock starts)."""
+    return _measure.run_measured(code, preamble="import numpy as np, torch\nfrom cmdtool.store import open_store")
 
 
 def steps(store: Path, device: str, references: bool) -> dict[str, str]:

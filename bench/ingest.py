@@ -13,13 +13,12 @@ Usage: python bench/ingest.py [--params 1000000] [--checkpoints 150] [--dir benc
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,21 +45,10 @@ def make_run(folder: Path, n_params: int, n_checkpoints: int) -> int:
 
 
 def run_measured(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints a JSON dict; add the child's peak RSS."""
-    wrapper = "\n".join([
-        "import json, sys, time",
-        f"sys.path[:0] = {[str(ROOT / 'src')]!r}",
-        "result = {}",
-        "started = time.perf_counter()",
-        textwrap.dedent(code).strip(),
-        "result['seconds'] = time.perf_counter() - started",
-        # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork+exec
-        "result['peak_rss_mb'] = next(int(l.split()[1]) for l in open('/proc/self/status')"
-        " if l.startswith('VmHWM')) / 1024",
-        "print(json.dumps(result))",
-    ])
-    out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = _measure.run_measured(code, preamble="import torch\nimport cmdtool")  # imports not timed
+    if "error" in result:
+        raise SystemExit(f"benchmark step failed: {result['error']}")
+    return result
 
 
 def main() -> None:
