@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
-from .linear_models import (GramModel, RowProjection, descending_eigh, gram_square_root, linear_model_metrics,
+from .linear_models import (GramModel, RowProjection, descending_eigh, gram_square_root,
                             numerical_rank, truncation_rank)
 from .passes import stream
 
@@ -58,8 +58,8 @@ def dmd_from_gram(gram: np.ndarray, n_rows: int, rank=0, exact: bool = False) ->
     Gavish-Donoho aspect ratio). See the module docstring for the formulas."""
     gram = np.asarray(gram, dtype=np.float64)
     n_cols = gram.shape[0]
-    if n_cols < 3:
-        raise UsageError(f"DMD needs at least 3 checkpoints in the window, got {n_cols}")
+    if n_cols < 2:
+        raise UsageError(f"DMD needs at least 2 checkpoints in the window, got {n_cols}")
     eig_xx, right_vectors = descending_eigh(gram[:-1, :-1])          # Xᵀ X = V Σ² Vᵀ
     singular_values = np.sqrt(eig_xx)
     rank_requested = truncation_rank(singular_values, n_rows, n_cols - 1, rank)
@@ -141,8 +141,7 @@ class DMD(GramModel):
             stats = stream(store, accumulators, self.columns_, self.device, progress, f"{self.method} pass")
             self.timings_["pass_seconds"] = stats.seconds
         self._after_pass(accumulators)
-        self.metrics_ = linear_model_metrics(gram, self.reconstruction_matrix_,
-                                             dmd_stored_floats(self.rank_, store.n_rows))
+        self.metrics_ = self._linear_metrics(gram, dmd_stored_floats(self.rank_, store.n_rows))
         self._end_fit()
         return self
 

@@ -186,8 +186,15 @@ class GramModel(Analyzer):
         gram = cached if cached is not None else gram_matrix(store, self.device, progress)
         self.gram_from_cache_ = cached is not None
         self.timings_["gram_seconds"] = 0.0 if cached is not None else float(gram.seconds)
+        self.nonfinite_rows_ = int(gram.nonfinite_rows)  # left out of G (and of every output): reported
         window, _ = gram.window(self.columns_)
         return np.array(window, dtype=np.float64)
+
+    def _linear_metrics(self, gram: np.ndarray, stored_floats: int) -> dict:
+        """The base-class metrics of W_rec = W K, plus how many rows were left out for NaN/Inf."""
+        metrics = linear_model_metrics(gram, self.reconstruction_matrix_, stored_floats)
+        metrics["nonfinite_rows"] = self.nonfinite_rows_
+        return metrics
 
     def _require_writer(self, what: str):
         if self._writer is None:

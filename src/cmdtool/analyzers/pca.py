@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from .linear_models import GramModel, RowProjection, descending_eigh, linear_model_metrics, numerical_rank
+from .linear_models import GramModel, RowProjection, descending_eigh, numerical_rank
 from .passes import stream
 
 
@@ -84,8 +84,7 @@ class PCA(GramModel):
         # K = 11ᵀ/T + V_d V_dᵀ: the mean plus the projection on the kept directions
         self.reconstruction_matrix_ = (np.full((n_cols, n_cols), 1.0 / n_cols)
                                        + self.time_vectors_ @ self.time_vectors_.T)
-        self.metrics_ = linear_model_metrics(gram, self.reconstruction_matrix_,
-                                             pca_stored_floats(self.dims_, store.n_rows, n_cols))
+        self.metrics_ = self._linear_metrics(gram, pca_stored_floats(self.dims_, store.n_rows, n_cols))
         self._end_fit()
         return self
 
