@@ -240,7 +240,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     reference = _store_values(tmp_path / "reference.zarr")
     rng = np.random.default_rng(0)
     # kill points: during the preflight / first buffer (0), and just after random commits
-    targets = [0] + sorted(int(x) for x in rng.integers(1, 37, 3))
+    targets = [0] + sorted(int(x) for x in rng.integers(1, 37, 7))
     children = [start_ingest_child([tmp_path / "ck", tmp_path / f"killed{i}.zarr", budget])
                 for i in range(len(targets))]  # their imports overlap
     for attempt, (target, proc) in enumerate(zip(targets, children)):
