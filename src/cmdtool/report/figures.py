@@ -624,8 +624,10 @@ def evaluation_figure(evaluation) -> Figure:
                 if not points:
                     continue
                 x, y = zip(*points)
-                ax.plot(x, y, marker="o", markersize=3, lw=1.3 if method != "original" else 1.8,
-                        color=colors[method], label=method)
+                # the original run on top, thin, without markers: models that track it closely stay visible
+                is_original = method == "original"
+                ax.plot(x, y, marker=None if is_original else "o", markersize=3, lw=1.2 if is_original else 1.4,
+                        color=colors[method], label=method, zorder=5 if is_original else 2)
             ax.set_title(metric)
             ax.set_xlabel("epoch")
             ax.set_ylabel(_metric_label(metric, records))
