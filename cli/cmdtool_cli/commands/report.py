@@ -1,0 +1,83 @@
+"""`cmdtool report` and `cmdtool export`: figures + html + summary.json, and results for other tools."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from cmdtool.report.export import FORMATS as EXPORT_FORMATS, export as run_export
+from cmdtool.report.html_report import build_report
+from cmdtool.store import open_store
+
+from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    @handle_errors
+    def report_command(
+        out: str = typer.Option("report", "--out", "-o", help="Folder for the figures, index.html and "
+                                "summary.json (created; files of the same name are replaced)."),
+        name: str = typer.Option("default", "--name", help="Result name to draw for each method (when a method "
+                                 "has one result under another name, that one is used, with a note)."),
+        formats: list[str] = typer.Option(["png"], "--format", "-f", help="Figure format: png, svg or pdf "
+                                          "(repeat for several; the html shows png, else svg)."),
+        dpi: int = typer.Option(110, "--dpi", help="Resolution of png figures."),
+        store: str = StoreOption,
+        quiet: bool = QuietOption,
+        as_json: bool = JsonOption,
+    ):
+        """Figures of every analysis in the store (CMD correlation matrix, modes, reconstructions, modes per
+        layer, per-epoch errors, DMD eigenvalues by KGA class, KWM masks, PCA, metric curves), with an
+        index.html and a summary.json. Figures whose analysis is missing are skipped with a note.
+
+        Examples: `cmdtool report`, `cmdtool report --out figs --format png --format pdf`.
+        """
+        st = open_store(store, mode="r")
+        report = build_report(st, out, name=name, formats=formats, dpi=dpi,
+                              progress=progress_for(quiet or as_json))
+        if as_json:
+            print_json(report.summary)
+            return
+        if quiet:
+            return
+        table = Table(title=f"report of {st.path} in {out}/", show_edge=False, pad_edge=False)
+        table.add_column("figure", no_wrap=True)
+        table.add_column("files")
+        for fig in report.figures:
+            table.add_row(fig.title, " ".join(fig.files.values()))
+        console.print(table)
+        for note in report.notes:
+            console.print(f"note: {note}", highlight=False, style="dim")
+        console.print(f"open {out}/index.html ({len(report.figures)} figures; numbers in {out}/summary.json)",
+                      highlight=False)
+
+    @app.command("export")
+    @handle_errors
+    def export_command(
+        out: str = typer.Option("export", "--out", "-o", help="Folder to write into (created)."),
+        formats: list[str] = typer.Option(list(EXPORT_FORMATS), "--format", "-f",
+                                          help="npy, csv (small tables only) or hdf5; repeat for several "
+                                               "(default: all three)."),
+        method: list[str] = typer.Option(None, "--method", "-m", help="Result kind(s) to export: cmd, dmd, kga, "
+                                         "pca, evaluation (default: every one present)."),
+        name: str = typer.Option("default", "--name", help="Result name to export."),
+        all_names: bool = typer.Option(False, "--all-names", help="Export every result name, not only --name."),
+        store: str = StoreOption,
+        quiet: bool = QuietOption,
+        as_json: bool = JsonOption,
+    ):
+        """Write analysis results (correlation matrix, modes, A/B, references, spectra, PCA, errors) as .npy,
+        .csv tables and one HDF5 file, streaming large arrays chunk by chunk.
+
+        Examples: `cmdtool export`, `cmdtool export -m cmd -f hdf5 --out cmd_h5`.
+        """
+        st = open_store(store, mode="r")
+        summary = run_export(st, out, methods=method or None, name=None if all_names else name, formats=formats,
+                             progress=progress_for(quiet or as_json))
+        if as_json:
+            print_json(summary.to_dict())
+            return
+        if not quiet:
+            console.print(f"exported {', '.join(summary.results)} to {out}/: {len(summary.files)} files, "
+                          f"{summary.bytes_written / 1e6:.2f} MB", highlight=False)

@@ -1,0 +1,226 @@
+"""``cmdtool export``: analysis results as ``.npy``, ``.csv`` (small tables) and HDF5, for other tools.
+
+Layout under ``out_dir``::
+
+    npy/<kind>/<name>/<array>.npy      every array of the result (complex stays complex), plus attrs.json
+    csv/<kind>/<name>/<table>.csv      small tables: spectra, explained variance, mode sizes, per-layer stats,
+                                       per-epoch errors, reference trajectories, PCA coordinates, metric records
+    cmdtool.h5                         group /<kind>/<name> per result: one dataset per array, the epoch labels
+                                       as ``labels``, the result's json attributes as the group's ``attrs_json``
+
+Arrays are copied chunk by chunk along their first axis (``np.lib.format.open_memmap`` for npy, a chunked
+dataset for HDF5), so N-long and N×d outputs (mode, A, B, masks, PCA directions) never sit whole in memory.
+CSV numbers are written with 17 significant digits: reading them back gives the stored values exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..progress import NullProgress
+
+FORMATS = ("npy", "csv", "hdf5")
+EXPORTED_KINDS = ("cmd", "dmd", "kga", "pca", "evaluation")  # the Gram cache is internal: export it by naming it
+COPY_BLOCK_BYTES = 32 * 1024**2
+
+
+@dataclass
+class ExportSummary:
+    out_dir: str
+    results: list = field(default_factory=list)   # "<kind>/<name>"
+    files: list = field(default_factory=list)     # paths written, relative to out_dir
+    bytes_written: int = 0
+
+    def to_dict(self) -> dict:
+        return {"out_dir": self.out_dir, "results": self.results, "files": self.files,
+                "bytes_written": self.bytes_written}
+
+
+def select_results(store, methods=None, name: str | None = "default") -> list:
+    """Results to export: of ``methods`` (default every analysis kind present) and ``name`` (None: all names)."""
+    present = store.results.list()
+    kinds = list(dict.fromkeys(m.lower() for m in methods)) if methods else \
+        [k for k in EXPORTED_KINDS if any(pk == k for pk, _ in present)]
+    chosen = []
+    for kind in kinds:
+        names = [n for k, n in present if k == kind]
+        if not names:
+            have = ", ".join(sorted({k for k, _ in present})) or "none"
+            raise UsageError(f"no {kind} result in {store.path} to export (kinds present: {have})")
+        if name is None:
+            chosen += [store.results.get(kind, n) for n in names]
+        elif name in names:
+            chosen.append(store.results.get(kind, name))
+        elif methods:
+            raise UsageError(f"no {kind} result named {name!r} (present: {', '.join(names)}); choose with --name")
+    if not chosen:
+        raise UsageError(f"store {store.path} holds no analysis results named {name!r} to export; run "
+                         f"`cmdtool decompose` first, or pass --name")
+    return chosen
+
+
+def _block_rows(array) -> int:
+    row_bytes = max(int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize, 1)
+    return max(1, COPY_BLOCK_BYTES // row_bytes)
+
+
+def _copy_blocks(source, target) -> None:
+    """target[...] = source[...] one block of rows at a time (bounded memory whatever the first axis is)."""
+    if source.ndim == 0:
+        target[()] = source[()]
+        return
+    step = _block_rows(source)
+    for r0 in range(0, source.shape[0], step):
+        target[r0:r0 + step] = source[r0:r0 + step]
+
+
+def _write_csv(path: Path, header: list, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([_cell(v) for v in row])
+
+
+def _cell(value):
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value)) if np.isfinite(value) else ""  # repr: shortest text that reads back exactly
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def csv_tables(result, store) -> dict:
+    """{table name: (header, rows)} of the small tables of one result."""
+    attrs, metrics = result.attrs, result.metrics
+    labels = [int(x) for x in attrs.get("labels", [])]
+    tables = {}
+    if result.kind == "evaluation":
+        rows = [(r["method"], int(r["epoch"]), metric, value) for r in attrs.get("records", [])
+                for metric, value in (r.get("metrics") or {}).items()]
+        tables["records"] = (["method", "epoch", "metric", "value"], rows)
+        return tables
+    if "epoch_relative_error" in metrics:
+        header, columns = ["epoch", "relative_error"], [metrics["epoch_relative_error"]]
+        if result.kind == "cmd" and metrics.get("online"):
+            header.append("online_relative_error")
+            columns.append(metrics["online"]["epoch_relative_error"])
+        tables["epoch_errors"] = (header, [(label, *values) for label, *values in zip(labels, *columns)])
+    if result.kind == "cmd":
+        refs = result["reference_indices"]
+        names = store.layout.row_names(refs)
+        sample_sizes = metrics.get("sample_mode_sizes") or [None] * len(refs)
+        tables["mode_sizes"] = (["mode", "weights", "sampled_weights", "reference_row", "reference_weight"],
+                                [(m, size, sample_sizes[m], int(refs[m]), names[m])
+                                 for m, size in enumerate(metrics["mode_sizes"])])
+        modes = len(refs)
+        tables["layers"] = (["tensor", "rows", "kind", "modelled", "relative_error", "relative_error_motion"]
+                            + [f"share_mode_{m}" for m in range(modes)],
+                            [(name, s["rows"], s["kind"], s["modelled"], s["relative_error"],
+                              s["relative_error_motion"], *s["mode_share"]) for name, s in metrics["layers"].items()])
+        references = result["reference_trajectories"]
+        tables["reference_trajectories"] = (["epoch"] + [f"mode_{m}" for m in range(modes)],
+                                            [(label, *references[:, t]) for t, label in enumerate(labels)])
+    if result.kind in ("dmd", "kga"):
+        eigenvalues, amplitudes = result["eigenvalues"], result["amplitudes"]
+        classes = result["classes"] if "classes" in result else None
+        class_names = {int(k): v for k, v in (attrs.get("class_codes") or {}).items()}
+        rows = []
+        for k, (lam, b) in enumerate(zip(eigenvalues, amplitudes)):
+            row = [k, lam.real, lam.imag, abs(lam), float(np.angle(lam)), b.real, b.imag, abs(b)]
+            if classes is not None:
+                row.append(class_names.get(int(classes[k]), int(classes[k])))
+            rows.append(row)
+        header = ["k", "eigenvalue_real", "eigenvalue_imag", "modulus", "angle", "amplitude_real",
+                  "amplitude_imag", "amplitude_abs"] + (["class"] if classes is not None else [])
+        tables["spectrum"] = (header, rows)
+        singular = result["singular_values"]
+        tables["singular_values"] = (["k", "singular_value"], list(enumerate(singular)))
+        if result.kind == "kga":
+            masked, sizes = result["masked_per_tensor"], result["tensor_sizes"]
+            tables["layers"] = (["tensor", "rows", "masked", "masked_fraction"],
+                                [(n, int(s), int(m), m / max(s, 1))
+                                 for n, m, s in zip(attrs["tensor_names"], masked, sizes)])
+    if result.kind == "pca":
+        variance, ratio = result["explained_variance"], result["explained_variance_ratio"]
+        tables["explained_variance"] = (["k", "explained_variance", "explained_variance_ratio", "cumulative_ratio"],
+                                        [(k + 1, v, r, c) for k, (v, r, c) in
+                                         enumerate(zip(variance, ratio, np.cumsum(ratio)))])
+        coordinates = result["coordinates"]
+        tables["coordinates"] = (["epoch"] + [f"pc_{k + 1}" for k in range(coordinates.shape[1])],
+                                 [(label, *coordinates[t]) for t, label in enumerate(labels)])
+    return tables
+
+
+def export(store, out_dir="export", methods=None, name: str | None = "default", formats=FORMATS,
+           progress=None) -> ExportSummary:
+    """Write the selected results (see :func:`select_results`) in ``formats`` under ``out_dir``."""
+    formats = list(dict.fromkeys(f.lower().lstrip(".") for f in formats)) or list(FORMATS)
+    formats = ["hdf5" if f in ("h5", "hdf") else f for f in formats]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UsageError(f"unknown export format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
+    results = select_results(store, methods, name)
+    progress = progress or NullProgress()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ExportSummary(str(out))
+    h5 = None
+    if "hdf5" in formats:
+        import h5py
+
+        h5_path = out / "cmdtool.h5"
+        h5 = h5py.File(h5_path, "w")
+        h5.attrs["store"] = str(store.path)
+        h5.attrs["store_revision"] = store.revision
+        summary.files.append(h5_path.name)
+    try:
+        total = sum(len(r.keys()) for r in results) + len(results)
+        with progress.task("export", total=total, unit="arrays") as task:
+            for result in results:
+                summary.results.append(f"{result.kind}/{result.name}")
+                attrs_text = json.dumps(result.attrs, indent=2)
+                folder = Path(result.kind) / result.name
+                group = None
+                if h5 is not None:
+                    group = h5.require_group(f"{result.kind}/{result.name}")
+                    group.attrs["attrs_json"] = attrs_text
+                    if result.attrs.get("labels"):
+                        group.create_dataset("labels", data=np.asarray(result.attrs["labels"], dtype=np.int64))
+                if "npy" in formats:
+                    (out / "npy" / folder).mkdir(parents=True, exist_ok=True)
+                    (out / "npy" / folder / "attrs.json").write_text(attrs_text + "\n")
+                    summary.files.append(str(Path("npy") / folder / "attrs.json"))
+                for key in result.keys():
+                    array = result.array(key)
+                    if "npy" in formats:
+                        path = out / "npy" / folder / f"{key}.npy"
+                        target = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+                        _copy_blocks(array, target)
+                        target.flush()
+                        del target
+                        summary.files.append(str(path.relative_to(out)))
+                    if group is not None:
+                        chunks = (min(_block_rows(array), array.shape[0]), *array.shape[1:]) \
+                            if array.ndim and array.size else None
+                        dataset = group.create_dataset(key, shape=array.shape, dtype=array.dtype, chunks=chunks)
+                        _copy_blocks(array, dataset)
+                    task.advance(1)
+                if "csv" in formats:
+                    for table, (header, rows) in csv_tables(result, store).items():
+                        path = out / "csv" / folder / f"{table}.csv"
+                        _write_csv(path, header, rows)
+                        summary.files.append(str(path.relative_to(out)))
+                task.advance(1)
+    finally:
+        if h5 is not None:
+            h5.close()
+    summary.bytes_written = sum((out / f).stat().st_size for f in summary.files)
+    return summary
