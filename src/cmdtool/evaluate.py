@@ -265,7 +265,7 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
         except Exception as exc:  # noqa: BLE001 - the user's code: keep what was computed, name where it failed
             run.commit()
             raise EvaluationError(f"the metric function failed at epoch {label} of method {method}: "
-                                  f"{type(exc).__name__}: {exc} ({len(run.records)} results computed before "
+                                  f"{type(exc).__name__}: {exc} ({len(run.records)} result(s) computed before "
                                   f"are kept in evaluation/{name})") from exc
         try:
             metrics = _checked_metrics(value, method, label)

@@ -8,7 +8,8 @@ values, so each grid point costs one N-vector update and one call of the metric 
 recorded value is 0 has no scale of its own; its grid then spans ``span·max_t |r_m(t)|``.
 
 The grid point δ = 0 is the CMD-modelled checkpoint (``recorded``); the original checkpoint of epoch t is
-evaluated too, for comparison. ``best`` is the grid point with the best value of the sort metric.
+evaluated too, for comparison. ``best`` is the grid point with the best value of the sort metric (among tied
+points, the one nearest the recorded values).
 """
 
 from __future__ import annotations
@@ -178,7 +179,11 @@ def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: 
         raise UsageError(f"--sort-metric {sort_metric!r} is not among the metrics: {', '.join(metrics)}")
     lower = lower_is_better(sort_metric, sort_mode)
     values = metrics[sort_metric]
-    flat = np.nanargmin(values) if lower else np.nanargmax(values)
+    best_value = np.nanmin(values) if lower else np.nanmax(values)
+    # ties (accuracy on a finite test set is flat over ranges): the tied point nearest the recorded values
+    distance = sum(((grid - r) / (np.ptp(axis) or 1.0)) ** 2 for grid, r, axis in
+                   zip(np.meshgrid(*axes, indexing="ij"), recorded, axes))
+    flat = int(np.argmin(np.where(values == best_value, distance, np.inf)))
     return Landscape(epoch=int(epoch), modes=modes,
                      reference_weights=store.layout.row_names(cmd.reference_indices_[modes]),
                      axes=axes, recorded=recorded, metrics=metrics, recorded_metrics=recorded_metrics,
