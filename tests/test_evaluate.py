@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -87,15 +86,16 @@ def test_evaluate_stores_records_and_baselines_match_dense(tiny_run, metric_modu
     for record in run.records:
         assert set(record) == {"method", "epoch", "metrics"}
         assert isinstance(record["epoch"], int) and set(record["metrics"]) == {"mean", "first", "last", "loss"}
-    W = st.trajectories[:, :].astype(np.float64)   # dense: fine for a test of 8 columns
-    integer_free = W  # the CNN's float tensors are all trajectories; metrics see exactly W's column
+    # dense reference (fine for 8 columns); the CNN's float tensors are all trajectories, so the metric
+    # function sees exactly W's column (integers are not floating point and are left out of its sums)
+    W = st.trajectories[:, :].astype(np.float64)
     ema = W[:, 0].copy()
     for t in range(8):
         if t:
             ema = 0.8 * ema + 0.2 * W[:, t]
         epochs, mean = run.curve("ema", "mean")
         assert mean[t] == pytest.approx(dense_vector_metrics(ema.astype(np.float32))["mean"], rel=1e-6)
-        assert run.curve("original", "last")[1][t] == pytest.approx(integer_free[-1, t], rel=1e-6)
+        assert run.curve("original", "last")[1][t] == pytest.approx(W[-1, t], rel=1e-6)
     # SWA with a window of 2: from the 2nd epoch on, mean of epochs t-1 and t
     epochs, swa_first = run.curve("swa", "first")
     assert list(epochs) == list(range(2, 9))
