@@ -9,7 +9,9 @@
 - ``metrics_`` holds the quality figures shared by every method (for ``compare``):
   ``relative_error`` (‖W−Ŵ‖/‖W‖), ``relative_error_motion`` (‖W−Ŵ‖/‖W − mean_t W‖),
   ``epoch_relative_error`` (one per column: ‖w_t − ŵ_t‖/‖w_t‖), ``stored_floats`` (numbers the model keeps).
-- ``reconstruct_epoch(store, column)`` gives the modelled N-vector of one checkpoint (float32).
+- ``reconstruct_epoch(store, column)`` gives the modelled N-vector of one checkpoint (float32);
+  ``reconstruct_epochs(store, columns)`` several at once (N×k), for analyzers whose single-epoch path costs a
+  read of the store or of their factors per call (``cmdtool evaluate`` asks for groups of epochs).
 """
 
 from __future__ import annotations
@@ -103,6 +105,18 @@ class Analyzer:
     # ------------------------------------------------------------------ use
     def reconstruct_epoch(self, store, column: int) -> np.ndarray:
         raise NotImplementedError
+
+    def reconstruct_epochs(self, store, columns, **options) -> np.ndarray:
+        """The modelled N-vectors of several checkpoints as an (N, len(columns)) float32 array.
+
+        Default: one ``reconstruct_epoch`` per column. Analyzers override it when one shared read serves every
+        column (the caller bounds ``len(columns)`` so that N×k fits its memory budget).
+        """
+        columns = [int(c) for c in columns]
+        out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
+        for k, column in enumerate(columns):
+            out[:, k] = self.reconstruct_epoch(store, column, **options)
+        return out
 
     def summary(self) -> dict:
         """Headline figures for printing and --json."""

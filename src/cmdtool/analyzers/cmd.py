@@ -299,6 +299,52 @@ class PosthocCMD(Analyzer):
             out[r0:r1] = value
         return out
 
+    def reconstruct_epochs(self, store, columns, variant: str = "posthoc",
+                           block_rows: int = 1 << 20) -> np.ndarray:
+        """Modelled N-vectors of several checkpoints, (N, k) float32, as ``reconstruct_epoch`` gives them.
+
+        Post-hoc: the per-row outputs (mode, A, B) are read once for all k epochs instead of once per epoch.
+        Online: every intermediate epoch needs the sums of Eqs. 8-10 up to that epoch; one replay pass with
+        cumulative sums gives all of them (``reconstruct_epoch`` would take one pass per epoch).
+        """
+        columns = [int(c) for c in columns]
+        steps = [self._check_column(store, c) for c in columns]
+        out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
+        if variant == "online":
+            n_cols = self.columns_.stop - self.columns_.start
+            replayed = [k for k, t in enumerate(steps) if int(self.warmup or 0) - 1 <= t < n_cols - 1]
+            replayed_set = set(replayed)
+            if replayed and self.has_online:
+                out[:, replayed] = self._online_replay_steps(store, [steps[k] for k in replayed])
+            for k, column in enumerate(columns):
+                if k not in replayed_set:
+                    out[:, k] = self.reconstruct_epoch(store, column, variant="online", block_rows=block_rows)
+            return out
+        if variant != "posthoc":
+            raise UsageError(f"unknown variant {variant!r}: choose posthoc or online")
+        reference_values = self.reference_trajectories_[:, steps].astype(np.float64)    # M × k
+        for r0 in range(0, store.n_rows, block_rows):
+            r1 = min(r0 + block_rows, store.n_rows)
+            mode = np.asarray(self.mode_[r0:r1]).astype(np.int64)
+            value = (self.A_[r0:r1].astype(np.float64)[:, None] * reference_values[np.maximum(mode, 0)]
+                     + self.B_[r0:r1].astype(np.float64)[:, None])
+            kept = np.flatnonzero(mode < 0)
+            if kept.size:
+                stored = store.trajectories[r0:r1, min(columns):max(columns) + 1]
+                value[kept] = stored[kept][:, [c - min(columns) for c in columns]]
+            out[r0:r1] = value
+        return out
+
+    def _online_replay_steps(self, store, steps: list[int]) -> np.ndarray:
+        """Online model at several window-relative epochs: one pass over epochs 1..max(steps)."""
+        last = max(steps)
+        columns = slice(self.columns_.start, self.columns_.start + last + 1)
+        replay = _OnlineReplayEpochs(self.online_mode_, self.online_reference_indices_,
+                                     self.online_reference_trajectories_[:, :last + 1], steps)
+        # cumulative float64 sums hold several copies of each block: read smaller blocks
+        stream(store, [replay], columns, self.device, None, "online replay", max(self.block_bytes // 8, 1 << 20))
+        return replay.out
+
     def _online_replay(self, store, column: int) -> np.ndarray:
         """Online model at an epoch before the window's last: one pass over epochs 1..t of the window
         recomputes the sums of Eqs. 8-10 (only the last epoch's coefficients are stored)."""
@@ -579,4 +625,41 @@ class _OnlineReplay(Accumulator):
             # the pass zeroed rows holding NaN/Inf; give back their stored values at this epoch
             for r in np.flatnonzero(~finite.cpu().numpy()):
                 out[r] = self.store.trajectories[start + int(r), self.column]
+        self.out[start:stop] = out
+
+
+class _OnlineReplayEpochs(_OnlineReplay):
+    """Online models at several epochs in one pass: cumulative sums along the block give every t's (a, b)."""
+
+    def __init__(self, modes, reference_indices, reference_trajectories, steps):
+        super().__init__(modes, reference_indices, reference_trajectories)
+        self.steps = np.asarray(steps, dtype=np.int64)
+
+    def start(self, store, columns, device):
+        super().start(store, columns, device)
+        self.first_column = columns.start
+        self.out = np.empty((store.n_rows, len(self.steps)), dtype=np.float32)
+
+    def update(self, start, stop, block, finite):
+        x = block.to(torch.float64)
+        mode = torch.as_tensor(np.asarray(self.modes[start:stop]).astype(np.int64), device=x.device)
+        safe = mode.clamp(min=0)
+        steps = torch.as_tensor(self.steps, device=x.device)
+        refs = self.refs[safe]
+        shift = x[:, :1]
+        u = x - shift
+        v = refs - refs[:, :1]
+        count = (steps + 1).to(torch.float64)[None, :]
+        a, b = affine_from_sums(count, u.cumsum(dim=1)[:, steps], (u * v).cumsum(dim=1)[:, steps],
+                                v.cumsum(dim=1)[:, steps], (v * v).cumsum(dim=1)[:, steps], shift, refs[:, :1])
+        is_reference = _FitPass._reference_mask(self.reference_indices, start, stop, x.device)[:, None]
+        a = torch.where(is_reference, 1.0, a)
+        b = torch.where(is_reference, 0.0, b)
+        value = a * refs[:, steps] + b
+        value = torch.where(mode[:, None] >= 0, value, x[:, steps])
+        out = value.float().cpu().numpy()
+        if not bool(finite.all()):
+            # the pass zeroed rows holding NaN/Inf; give back their stored values at these epochs
+            for r in np.flatnonzero(~finite.cpu().numpy()):
+                out[r] = self.store.trajectories[start + int(r), self.first_column + self.steps]
         self.out[start:stop] = out

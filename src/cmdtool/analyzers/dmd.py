@@ -218,6 +218,21 @@ class DMD(GramModel):
                          - modes_imag[rows].astype(np.float64) @ weights.imag)
         return out
 
+    def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
+        """Several modelled checkpoints, Re Φ (λᵗ ∘ b) for every t: the saved modes are read once, not per epoch."""
+        result = getattr(self, "result_", None)
+        if result is None or "modes_real" not in result:
+            return super().reconstruct_epochs(store, columns, progress)
+        weights = self.dynamics([self._window_column(int(c)) for c in columns])   # r × k
+        modes_real, modes_imag = result.array("modes_real"), result.array("modes_imag")
+        out = np.empty((modes_real.shape[0], weights.shape[1]), dtype=np.float32)
+        step = max(1, (32 * 1024**2) // (8 * max(self.rank_, weights.shape[1], 1)))
+        for r0 in range(0, out.shape[0], step):
+            rows = slice(r0, min(r0 + step, out.shape[0]))
+            out[rows] = (modes_real[rows].astype(np.float64) @ weights.real
+                         - modes_imag[rows].astype(np.float64) @ weights.imag)
+        return out
+
     @classmethod
     def options_for_budget(cls, budget_floats: int, n_rows: int, n_cols: int) -> dict:
         """The largest rank whose stored model (r·N + 2r floats) fits ``budget_floats`` (at least 1)."""

@@ -164,13 +164,13 @@ class RowProjection(Accumulator):
 
 
 class _ColumnOfModel(Accumulator):
-    """Gathers ``W_window @ k`` (one modelled checkpoint) block by block."""
+    """Gathers ``W_window @ k`` block by block: one modelled checkpoint (k a T-vector) or several (k T×m)."""
 
     def __init__(self, weights: np.ndarray):
         self.weights = weights
 
     def start(self, store, columns, device):
-        self.out = np.empty(store.n_rows, dtype=np.float32)
+        self.out = np.empty((store.n_rows,) + np.shape(self.weights)[1:], dtype=np.float32)
         self.weights_device = torch.as_tensor(self.weights, dtype=torch.float64, device=device)
 
     def update(self, start, stop, block, finite):
@@ -211,5 +211,12 @@ class GramModel(Analyzer):
         """ŵ_t = W_window K e_t: one streaming pass (models that keep their own factors override this)."""
         t = self._window_column(column)
         acc = _ColumnOfModel(np.asarray(self.reconstruction_matrix_)[:, t])
+        stream(store, [acc], self.columns_, getattr(self, "device", "auto"), progress, "reconstruct")
+        return acc.out
+
+    def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
+        """ŵ_t for several t at once: one pass computes W_window K[:, ts] (instead of one pass per epoch)."""
+        steps = [self._window_column(int(c)) for c in columns]
+        acc = _ColumnOfModel(np.asarray(self.reconstruction_matrix_)[:, steps])
         stream(store, [acc], self.columns_, getattr(self, "device", "auto"), progress, "reconstruct")
         return acc.out

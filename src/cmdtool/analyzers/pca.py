@@ -129,6 +129,19 @@ class PCA(GramModel):
             out[rows] = means[rows].astype(np.float64) + directions[rows].astype(np.float64) @ weights
         return out
 
+    def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
+        """Several modelled checkpoints, mean + directions · coordinates_t: the directions are read once."""
+        if getattr(self, "result_", None) is None:
+            return super().reconstruct_epochs(store, columns, progress)
+        weights = self.coordinates_[[self._window_column(int(c)) for c in columns]].T   # d × k
+        directions, means = self.directions_, self.means_
+        out = np.empty((directions.shape[0], weights.shape[1]), dtype=np.float32)
+        step = max(1, (32 * 1024**2) // (8 * max(self.dims_, weights.shape[1], 1)))
+        for r0 in range(0, out.shape[0], step):
+            rows = slice(r0, min(r0 + step, out.shape[0]))
+            out[rows] = means[rows].astype(np.float64)[:, None] + directions[rows].astype(np.float64) @ weights
+        return out
+
     @classmethod
     def options_for_budget(cls, budget_floats: int, n_rows: int, n_cols: int) -> dict:
         """The most directions whose stored model (N·d + N + T·d floats) fits ``budget_floats`` (at least 1)."""

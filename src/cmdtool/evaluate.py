@@ -1,0 +1,382 @@
+"""Evaluate a user's metric function on original, modelled and weight-averaged checkpoints.
+
+The user names a callable that takes a state dict and returns ``{metric name: float}``. It is called on
+
+- ``original``: the checkpoints as stored (values from the store's columns: the source files are not needed),
+- ``ema``: the exponential moving average of the weights, ema_1 = w_1, ema_t = β ema_{t−1} + (1 − β) w_t,
+- ``swa``: the mean of the last L = max(1, round(fraction · T)) checkpoints up to epoch t, at every evaluated
+  epoch whose window is full (t ≥ the L-th checkpoint); at the final epoch this is SWA as in paper 000 Table 2,
+- the reconstructions of each decomposition in the store: ``cmd`` (post-hoc), ``cmd-online``, ``dmd``, ``pca``
+  (and ``kga`` on request),
+
+for every epoch of a window (or every K-th). Everything is relative to the evaluated window ``--epochs A:B``:
+EMA starts at A, SWA's T is the window's length. EMA and SWA average every float trajectory of the store,
+BatchNorm running statistics included (SWA proper would recompute them with a pass over the training data;
+cmdtool cannot); integer entries (``num_batches_tracked``) are the epoch's own.
+
+Memory: EMA and SWA stream the store in column windows (an N-vector of running sums, never N×T); the
+reconstructions come in groups of epochs sized to ``memory_budget``. State dicts are built in memory and handed
+to the callable: no checkpoint file is ever written.
+
+Stored result (kind ``"evaluation"``, read by the reporter): attrs ``records`` =
+``[{"method": str, "epoch": int, "metrics": {name: float}}, ...]`` plus ``config`` and ``timings``. It is
+committed after every method and at least every ``commit_seconds``; when the callable fails, what was computed
+before is committed and :class:`EvaluationError` names the epoch and method.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import CmdtoolError, UsageError
+from .progress import NullProgress
+
+KIND = "evaluation"
+BASELINES = ("original", "ema", "swa")
+# method name -> (analyzer, reconstruction variant); kga is evaluated only when asked for
+MODELLED = {"cmd": ("cmd", "posthoc"), "cmd-online": ("cmd", "online"), "dmd": ("dmd", None),
+            "pca": ("pca", None), "kga": ("kga", None)}
+DEFAULT_MODELLED = ("cmd", "cmd-online", "dmd", "pca")
+ALL_METHODS = BASELINES + tuple(MODELLED)
+DEFAULT_MEMORY_BUDGET = 256 * 1024**2
+
+
+class EvaluationError(CmdtoolError):
+    """The user's metric function failed (or returned something that is not a dict of numbers)."""
+
+
+# ---------------------------------------------------------------------------------------------- the callable
+def load_callable(spec: str, what: str = "--fn") -> Callable:
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function (imported, never eval'd)."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(f"{what} {spec!r}: write module:function or path/to/file.py:function")
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target)
+            if not path.is_file():
+                raise UsageError(f"{what} {spec!r}: no file {path}")
+            module_name = f"_cmdtool_user_{abs(hash(str(path.resolve())))}"
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module  # lets dataclasses/pickle inside the user's file find it
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any import-time failure of user code is reported in one line
+        raise UsageError(f"{what} {spec!r}: cannot import {target}: {type(exc).__name__}: {exc}") from None
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise UsageError(f"{what} {spec!r}: {target} has no function {attr!r}")
+    return func
+
+
+def metric_function(fn: str | Callable, model_factory: str | Callable | None = None) -> Callable[[dict], dict]:
+    """The callable that maps a state dict to metrics.
+
+    Without a factory ``fn(state_dict)`` is called. With one, cmdtool builds the model once
+    (``model_factory()``), loads each state dict into it (``strict=True``, eval mode) and calls ``fn(model)``.
+    """
+    func = load_callable(fn) if isinstance(fn, str) else fn
+    if model_factory is None:
+        return func
+    factory = load_callable(model_factory, "--model-factory") if isinstance(model_factory, str) else model_factory
+    model = factory()
+
+    def on_model(state_dict: dict) -> dict:
+        model.load_state_dict(state_dict, strict=True)
+        model.eval()
+        return func(model)
+
+    return on_model
+
+
+def _checked_metrics(value, method: str, label: int) -> dict[str, float]:
+    if not isinstance(value, dict) or not value:
+        raise EvaluationError(f"the metric function returned {type(value).__name__} for epoch {label} of method "
+                              f"{method}; it must return a non-empty dict of numbers, e.g. {{'test_acc': 0.93}}")
+    out = {}
+    for key, number in value.items():
+        try:
+            out[str(key)] = float(number)
+        except (TypeError, ValueError):
+            raise EvaluationError(f"the metric function returned a non-number for {key!r} at epoch {label} of "
+                                  f"method {method}: {number!r}") from None
+    return out
+
+
+def lower_is_better(metric: str, mode: str = "auto") -> bool:
+    """``auto``: losses, errors and perplexities are minimised, everything else (accuracy, F1...) maximised."""
+    if mode not in ("auto", "max", "min"):
+        raise UsageError(f"unknown sort mode {mode!r}: choose auto, max or min")
+    if mode != "auto":
+        return mode == "min"
+    name = metric.lower()
+    return any(word in name for word in ("loss", "err", "perplexity", "nll", "mse", "mae"))
+
+
+# ---------------------------------------------------------------------------------------------- epochs
+def select_columns(store, epochs: str | None = None, every: int = 1) -> tuple[slice, list[int]]:
+    """The window (a column slice) and the evaluated columns in it: every K-th from its start, plus its end."""
+    if int(every) < 1:
+        raise UsageError(f"--every must be at least 1, got {every}")
+    window = store.resolve_epochs(epochs)
+    columns = list(range(window.start, window.stop, int(every)))
+    if columns[-1] != window.stop - 1:
+        columns.append(window.stop - 1)  # the final epoch is what the table compares
+    return window, columns
+
+
+def _column_windows(store, start: int, stop: int, width: int):
+    """Yield (column, N-vector float32) for columns start..stop-1, reading ``width`` columns of W at a time."""
+    for c0 in range(start, stop, width):
+        c1 = min(c0 + width, stop)
+        block = store._read(slice(0, store.n_rows), slice(c0, c1))
+        for k in range(c1 - c0):
+            yield c0 + k, block[:, k]
+
+
+def swa_length(n_columns: int, fraction: float) -> int:
+    if not 0.0 < float(fraction) <= 1.0:
+        raise UsageError(f"--swa-fraction must lie in (0, 1], got {fraction}")
+    return max(1, int(round(float(fraction) * n_columns)))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class Evaluation:
+    """An evaluation in progress or loaded from the store."""
+
+    store: object
+    name: str = "default"
+    config: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def add(self, method: str, label: int, metrics: dict) -> None:
+        self.records.append({"method": method, "epoch": int(label), "metrics": metrics})
+
+    def commit(self) -> None:
+        writer = self.store.results.writer(KIND, self.name)
+        writer.attrs.update(method=KIND, records=self.records, config=self.config, timings=self.timings,
+                            store_revision=self.store.revision)
+        writer.commit(self.name)
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def load(cls, store, name: str = "default") -> "Evaluation":
+        result = store.results.get(KIND, name)
+        return cls(store, name, dict(result.attrs.get("config", {})), list(result.attrs.get("records", [])),
+                   dict(result.attrs.get("timings", {})))
+
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(r["method"] for r in self.records))
+
+    def curve(self, method: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """(epochs, values) of one metric of one method, by epoch."""
+        rows = sorted((r["epoch"], r["metrics"].get(metric, math.nan)) for r in self.records
+                      if r["method"] == method)
+        return (np.array([e for e, _ in rows], dtype=np.int64),
+                np.array([np.nan if v is None else v for _, v in rows], dtype=np.float64))
+
+    def summary(self, sort_metric: str | None = None, sort_mode: str = "auto") -> list[dict]:
+        """Per method: metrics at its final evaluated epoch, and its best epoch by ``sort_metric``."""
+        if not self.records:
+            return []
+        metric = sort_metric or next(iter(self.records[0]["metrics"]))
+        lower = lower_is_better(metric, sort_mode)
+        rows = []
+        for method in self.methods():
+            records = sorted((r for r in self.records if r["method"] == method), key=lambda r: r["epoch"])
+            scored = [r for r in records if r["metrics"].get(metric) is not None
+                      and math.isfinite(r["metrics"][metric])]
+            best = (min if lower else max)(scored, key=lambda r: r["metrics"][metric]) if scored else None
+            rows.append({"method": method, "final_epoch": records[-1]["epoch"], "final": records[-1]["metrics"],
+                         "sort_metric": metric, "best_epoch": best["epoch"] if best else None,
+                         "best": best["metrics"][metric] if best else None, "epochs_evaluated": len(records)})
+        return rows
+
+
+def available_methods(store, decomposition: str = "default") -> list[str]:
+    """The methods ``evaluate`` runs by default: the baselines and every decomposition present in the store."""
+    from .analyzers import get_analyzer
+
+    out = list(BASELINES)
+    for method in DEFAULT_MODELLED:
+        analyzer, variant = MODELLED[method]
+        if not store.results.exists(analyzer, decomposition):
+            continue
+        if variant == "online" and not get_analyzer("cmd").load(store, decomposition).has_online:
+            continue
+        out.append(method)
+    return out
+
+
+def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None = None, methods=None,
+             epochs: str | None = None, every: int = 1, ema_beta: float = 0.9, swa_fraction: float = 0.25,
+             decomposition: str = "default", name: str = "default", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+             commit_seconds: float = 30.0, progress=None) -> Evaluation:
+    """Run the evaluation and commit it as ``results/evaluation/<name>`` (see the module note)."""
+    from .analyzers import get_analyzer
+    from .report.checkpoints import build_state_dict
+
+    progress = progress or NullProgress()
+    if not 0.0 <= float(ema_beta) < 1.0:
+        raise UsageError(f"--ema-beta must lie in [0, 1), got {ema_beta}")
+    window, columns = select_columns(store, epochs, every)
+    swa_len = swa_length(window.stop - window.start, swa_fraction)
+    chosen = _resolve_methods(store, methods, decomposition)
+    analyzers = {}
+    for method in chosen:  # every requested decomposition is loaded (and checked) before any evaluation
+        if method in MODELLED:
+            analyzer_name, variant = MODELLED[method]
+            analyzers[method] = analyzers.get(analyzer_name) or get_analyzer(analyzer_name).load(store, decomposition)
+            analyzers[analyzer_name] = analyzers[method]
+    call = metric_function(fn, model_factory)
+    labels = store.labels
+    run = Evaluation(store, name, config={
+        "fn": fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn)),
+        "model_factory": model_factory if model_factory is None or isinstance(model_factory, str)
+        else getattr(model_factory, "__qualname__", repr(model_factory)),
+        "methods": chosen, "decomposition": decomposition, "epochs": [int(labels[c]) for c in columns],
+        "window": [int(labels[window.start]), int(labels[window.stop - 1])], "every": int(every),
+        "ema_beta": float(ema_beta), "swa_fraction": float(swa_fraction), "swa_length": swa_len,
+        "swa_epochs": "evaluated epochs whose window of the last swa_length checkpoints is full",
+        "skipped": {}})
+    last_commit = [time.perf_counter()]
+
+    def evaluate_vector(method: str, column: int, vector: np.ndarray) -> None:
+        label = int(labels[column])
+        state = build_state_dict(store, vector, column)
+        started = time.perf_counter()
+        try:
+            value = call(state)
+        except Exception as exc:  # noqa: BLE001 - the user's code: keep what was computed, name where it failed
+            run.commit()
+            raise EvaluationError(f"the metric function failed at epoch {label} of method {method}: "
+                                  f"{type(exc).__name__}: {exc} ({len(run.records)} result(s) computed before "
+                                  f"are kept in evaluation/{name})") from exc
+        try:
+            metrics = _checked_metrics(value, method, label)
+        except EvaluationError:
+            run.commit()
+            raise
+        timing = run.timings.setdefault(method, {"evaluate_seconds": 0.0, "reconstruct_seconds": 0.0,
+                                                 "evaluations": 0})
+        timing["evaluate_seconds"] += time.perf_counter() - started
+        timing["evaluations"] += 1
+        run.add(method, label, metrics)
+        if time.perf_counter() - last_commit[0] > commit_seconds:
+            run.commit()
+            last_commit[0] = time.perf_counter()
+
+    started_all = time.perf_counter()
+    baselines = [m for m in chosen if m in BASELINES]
+    if baselines:
+        _evaluate_baselines(store, window, columns, baselines, float(ema_beta), swa_len, memory_budget,
+                            evaluate_vector, run, progress)
+        run.commit()
+        last_commit[0] = time.perf_counter()
+    for method in chosen:
+        if method in BASELINES:
+            continue
+        analyzer = analyzers[method]
+        variant = MODELLED[method][1]
+        inside = [c for c in columns if analyzer.columns_.start <= c < analyzer.columns_.stop]
+        if len(inside) < len(columns):
+            run.config["skipped"][method] = [int(labels[c]) for c in columns if c not in inside]
+            progress.note(f"{method}: {len(columns) - len(inside)} epoch(s) outside the decomposition's window "
+                          f"are skipped")
+        group = max(1, int(memory_budget // (4 * max(store.n_rows, 1))))
+        with progress.task(f"evaluate {method}", total=len(inside), unit="epochs") as task:
+            for g0 in range(0, len(inside), group):
+                chunk = inside[g0:g0 + group]
+                started = time.perf_counter()
+                options = {"variant": variant} if variant else {}
+                vectors = analyzer.reconstruct_epochs(store, chunk, **options)
+                timing = run.timings.setdefault(method, {"evaluate_seconds": 0.0, "reconstruct_seconds": 0.0,
+                                                         "evaluations": 0})
+                timing["reconstruct_seconds"] += time.perf_counter() - started
+                for k, column in enumerate(chunk):
+                    evaluate_vector(method, column, vectors[:, k])
+                    task.advance(1)
+        run.commit()
+        last_commit[0] = time.perf_counter()
+    run.timings["total_seconds"] = time.perf_counter() - started_all
+    run.commit()
+    return run
+
+
+def _resolve_methods(store, methods, decomposition: str) -> list[str]:
+    if not methods:
+        return available_methods(store, decomposition)
+    chosen = []
+    for item in methods:
+        for method in str(item).split(","):
+            method = method.strip().lower()
+            if not method:
+                continue
+            if method not in ALL_METHODS:
+                raise UsageError(f"unknown method {method!r}: choose from {', '.join(ALL_METHODS)}")
+            chosen.append(method)
+    chosen = list(dict.fromkeys(chosen))
+    for method in chosen:
+        if method not in MODELLED:
+            continue
+        analyzer, variant = MODELLED[method]
+        hint = f"cmdtool decompose -m {analyzer}" + (" --warmup 20" if variant == "online" else "")
+        if not store.results.exists(analyzer, decomposition):
+            raise UsageError(f"method {method}: no {analyzer} result named {decomposition!r} in {store.path}; "
+                             f"run `{hint}` first")
+        if variant == "online":
+            from .analyzers import get_analyzer
+
+            if not get_analyzer("cmd").load(store, decomposition).has_online:
+                raise UsageError(f"method {method}: the CMD result {decomposition!r} has no online variant; "
+                                 f"run `{hint}` first")
+    return chosen
+
+
+def _evaluate_baselines(store, window: slice, columns: list[int], methods: list[str], beta: float, swa_len: int,
+                        memory_budget: int, evaluate_vector, run: Evaluation, progress) -> None:
+    """original, EMA and SWA in one streaming read of the window (plus a trailing read for SWA's window).
+
+    Memory: the read-ahead of ``width`` columns (two for SWA) plus two float64 N-vectors of running sums.
+    """
+    wanted = set(columns)
+    n_rows = store.n_rows
+    width = max(1, min(window.stop - window.start, int(memory_budget // (8 * max(n_rows, 1)))))
+    ema = swa_sum = None
+    trailing = _column_windows(store, window.start, window.stop, width) if "swa" in methods else None
+    started = time.perf_counter()
+    with progress.task("evaluate original/EMA/SWA", total=window.stop - window.start, unit="epochs") as task:
+        for column, values in _column_windows(store, window.start, window.stop, width):
+            values64 = values.astype(np.float64)
+            if "ema" in methods:
+                ema = values64.copy() if ema is None else beta * ema + (1.0 - beta) * values64
+            if "swa" in methods:
+                swa_sum = values64.copy() if swa_sum is None else swa_sum + values64
+                if column - window.start >= swa_len:  # the checkpoint that leaves the window of the last swa_len
+                    swa_sum -= next(trailing)[1]
+            if column in wanted:
+                if "original" in methods:
+                    evaluate_vector("original", column, values)
+                if "ema" in methods:
+                    evaluate_vector("ema", column, ema.astype(np.float32))
+                if "swa" in methods and column - window.start + 1 >= swa_len:
+                    evaluate_vector("swa", column, (swa_sum / swa_len).astype(np.float32))
+            task.advance(1)
+    # reading the store and averaging: the stage's time less the time spent in the metric function
+    spent = sum(run.timings.get(m, {}).get("evaluate_seconds", 0.0) for m in methods)
+    run.timings["baselines_stream_seconds"] = time.perf_counter() - started - spent
