@@ -105,3 +105,54 @@ def test_sigkill_during_decompose_never_exposes_a_partial_result(crash_store):
         for method in METHODS:
             listed = [p.name for p in (path / "results" / method).iterdir()]
             assert sum(f"{method}/{n}" in committed for n in listed) == 1
+
+
+REPORT_CHILD = """
+import sys, cmdtool
+from cmdtool.report.html_report import build_report
+store = cmdtool.open_store(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+build_report(store, sys.argv[2])
+"""
+
+
+def report_files(folder):
+    """The report's files, and a check that index.html references only files that exist."""
+    import re
+
+    index = (folder / "index.html").read_text()
+    for ref in re.findall(r'(?:src|href)="([^"#:]+)"', index):
+        assert (folder / ref).is_file(), f"index.html references missing {ref}"
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_sigkill_during_report_never_leaves_a_partial_report(crash_store):
+    from cmdtool.report.html_report import build_report
+
+    tmp_path, _ = crash_store
+    store = cmdtool.open_store(tmp_path / "ref.zarr", mode="r+")
+    fit_all(store)
+    started = time.perf_counter()
+    build_report(store, tmp_path / "reference-report")
+    duration = time.perf_counter() - started
+    expected = report_files(tmp_path / "reference-report")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    fractions = sorted(np.random.default_rng(3).uniform(0.0, 1.0, 4))
+    outs = [tmp_path / f"report{i}" for i in range(len(fractions))]
+    build_report(store, outs[-1])  # an older complete report in place: a kill must not damage it
+    children = [subprocess.Popen([sys.executable, "-c", REPORT_CHILD, str(tmp_path / "ref.zarr"), str(out)],
+                                 env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                for out in outs]
+    for out, proc, fraction in zip(outs, children, fractions):
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        time.sleep(duration * fraction)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():  # complete (old or new), never partial
+            assert report_files(out) == expected
+        build_report(store, out)  # rerun
+        assert report_files(out) == expected
+        assert not list(tmp_path.glob(f".{out.name}.partial-*"))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -233,8 +235,36 @@ def build_report(store, out_dir="report", name: str = "default", formats=("png",
         present = ", ".join(f"{k}/{n}" for k, n in store.results.list() if k != "gram") or "none"
         raise UsageError(f"store {store.path} holds no analysis results to report (results present: {present}); "
                          f"run `cmdtool decompose` first, e.g. `cmdtool decompose -m cmd -m dmd -m kga -m pca`")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    if final.exists() and not final.is_dir():
+        raise UsageError(f"--out {final} is a file; give a folder for the report")
+    # Built in a staging folder and swapped in whole: a killed run never leaves an index.html that points at
+    # half-written or stale figures. Leftovers of killed runs are cleared first.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in final.parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    out = final.parent / f".{final.name}.partial-{os.getpid()}"
+    out.mkdir()
+    try:
+        report = _write_report(store, chosen, notes, out, formats, dpi, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    _swap_into_place(out, final)
+    report.out_dir = str(final)
+    return report
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` with two renames (the old report is removed after the switch)."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_report(store, chosen, notes, out: Path, formats, dpi, progress) -> Report:
     plan = _plan(chosen, store, notes)
     entries: list[FigureEntry] = []
     with progress.task("report figures", total=len(plan), unit="figures") as task:
