@@ -76,3 +76,32 @@ def random_store(tmp_path):
     W = rng.normal(size=(500, 17)).cumsum(axis=1).astype(np.float32)
     store = from_array(tmp_path / "random.zarr", W, labels=range(10, 27), target_chunk_bytes=4 * 17 * 64)
     return store, W
+
+
+def spawn_waiting_child(script: str, *args):
+    """Run ``script`` (python source) in a child that has done its imports, prints "ready" and then waits for a
+    line on stdin before the work to be killed: kill points then land in the work, not in the imports.
+    Start several at once so that their imports overlap."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def release(proc) -> None:
+    """Wait for the child's "ready" and let it start its work."""
+    assert proc.stdout.readline().strip() == "ready"
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def kill_after(proc, seconds: float) -> None:
+    import signal
+    import time
+
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

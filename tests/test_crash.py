@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,7 +12,7 @@ from cmdtool.analyzers import get_analyzer
 from cmdtool.store import from_array
 from cmdtool.store.verify import verify_store
 
-from conftest import planted_modes
+from conftest import kill_after, planted_modes, release, spawn_waiting_child
 
 CHILD = """
 import sys, cmdtool
@@ -33,12 +29,6 @@ print("done", flush=True)
 """
 OPTIONS = dict(modes=4, samples=300, warmup=8, rank="0", dims=6, save_modes=True, device="cpu")
 METHODS = ["cmd", "dmd", "pca"]
-
-
-def child(store_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(store_path), ",".join(METHODS)], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
 def fit_all(store):
@@ -78,14 +68,10 @@ def test_sigkill_during_decompose_never_exposes_a_partial_result(crash_store):
         path = tmp_path / f"kill{i}.zarr"
         from_array(path, W, labels=range(1, 25), target_chunk_bytes=4 * 24 * 8192)
         stores.append(path)
-        children.append(child(path))
+        children.append(spawn_waiting_child(CHILD, path, ",".join(METHODS)))
     for path, proc, fraction in zip(stores, children, fractions):
-        assert proc.stdout.readline().strip() == "ready"
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        time.sleep(duration * fraction)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        release(proc)
+        kill_after(proc, duration * fraction)
         store = cmdtool.open_store(path, mode="r+")
         # whatever was committed is complete and equal to the uninterrupted run; the rest is absent
         for method in METHODS:
@@ -137,20 +123,13 @@ def test_sigkill_during_report_never_leaves_a_partial_report(crash_store):
     build_report(store, tmp_path / "reference-report")
     duration = time.perf_counter() - started
     expected = report_files(tmp_path / "reference-report")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     fractions = sorted(np.random.default_rng(3).uniform(0.0, 1.0, 4))
     outs = [tmp_path / f"report{i}" for i in range(len(fractions))]
     build_report(store, outs[-1])  # an older complete report in place: a kill must not damage it
-    children = [subprocess.Popen([sys.executable, "-c", REPORT_CHILD, str(tmp_path / "ref.zarr"), str(out)],
-                                 env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-                for out in outs]
+    children = [spawn_waiting_child(REPORT_CHILD, tmp_path / "ref.zarr", out) for out in outs]
     for out, proc, fraction in zip(outs, children, fractions):
-        assert proc.stdout.readline().strip() == "ready"
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        time.sleep(duration * fraction)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        release(proc)
+        kill_after(proc, duration * fraction)
         if out.exists():  # complete (old or new), never partial
             assert report_files(out) == expected
         build_report(store, out)  # rerun

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +16,7 @@ from cmdtool.ingest import discover, parse_label
 from cmdtool.store import format as fmt
 from cmdtool.store.lock import file_lock
 
-from conftest import write_checkpoints
+from conftest import kill_after, release, spawn_waiting_child, write_checkpoints
 
 
 def dense_from_states(states, names=None) -> np.ndarray:
@@ -201,14 +196,6 @@ cmdtool.ingest([sys.argv[1]], sys.argv[2], memory_budget=sys.argv[3])
 """
 
 
-def start_ingest_child(args):
-    """A child that imports cmdtool, says "ready", and starts ingesting when told (so a kill lands in the
-    ingest, not in the imports)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *map(str, args)], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-
 def _store_values(store_path):
     store = cmdtool.open_store(store_path)
     return store.labels.tolist(), read_all(store), [r.sha256 for r in store.time_axis]
@@ -227,9 +214,7 @@ def kill_when(proc, store_path, committed: int, extra_delay: float) -> None:
     while committed and committed_checkpoints(store_path) < committed and proc.poll() is None:
         assert time.monotonic() < deadline, "child made no progress"
         time.sleep(0.0005)
-    time.sleep(extra_delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(proc, extra_delay)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
@@ -241,13 +226,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     rng = np.random.default_rng(0)
     # kill points: during the preflight / first buffer (0), and just after random commits
     targets = [0] + sorted(int(x) for x in rng.integers(1, 37, 7))
-    children = [start_ingest_child([tmp_path / "ck", tmp_path / f"killed{i}.zarr", budget])
+    children = [spawn_waiting_child(KILL_SCRIPT, tmp_path / "ck", tmp_path / f"killed{i}.zarr", budget)
                 for i in range(len(targets))]  # their imports overlap
     for attempt, (target, proc) in enumerate(zip(targets, children)):
         store_path = tmp_path / f"killed{attempt}.zarr"
-        assert proc.stdout.readline().strip() == "ready"
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        release(proc)
         kill_when(proc, store_path, target, extra_delay=float(rng.uniform(0, 0.005)))
         if target:
             assert committed_checkpoints(store_path) >= target  # killed after that commit

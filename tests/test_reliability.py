@@ -58,7 +58,7 @@ def test_clean_store_verifies(store_path):
 
 
 def test_reader_sees_a_consistent_time_axis_during_append(tmp_path):
-    states = write_checkpoints(tmp_path / "ck", n_epochs=8)
+    write_checkpoints(tmp_path / "ck", n_epochs=8)
     for epoch in (5, 6, 7, 8):
         (tmp_path / "ck" / f"epoch_{epoch}.pt").rename(tmp_path / f"later_{epoch}.pt")
     cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")
@@ -185,7 +185,7 @@ def test_disk_full_mid_ingest_fails_cleanly_and_keeps_the_store_usable(tmp_path,
 
     import zarr.storage._local as local
 
-    states = write_checkpoints(tmp_path / "ck", n_epochs=10)
+    write_checkpoints(tmp_path / "ck", n_epochs=10)
     for epoch in range(5, 11):
         (tmp_path / "ck" / f"epoch_{epoch}.pt").rename(tmp_path / f"later_{epoch}.pt")
     cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr", memory_budget=2 * 1506 * 4)
