@@ -132,3 +132,14 @@ def test_cli_degenerate_cases_exit_2_with_one_line(tmp_path):
     result = runner.invoke(app, ["decompose", "--store", str(store.path), "--quiet"])
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1].startswith("error:")
+
+
+def test_online_reconstruction_without_online_variant_is_refused(tmp_path):
+    """Asking for several online epochs of a decomposition fitted without --warmup raised for one epoch but
+    returned uninitialised memory for several; both now refuse with the command to run."""
+    W, *_ = planted_modes(n_rows=120, n_cols=12)
+    store = make(tmp_path, W)
+    cmd = fit(store, "cmd", modes=3, samples=60)
+    for columns in ([5], [3, 5, 11]):
+        with pytest.raises(UsageError, match="--warmup F"):
+            cmd.reconstruct_epochs(store, columns, variant="online")

@@ -102,6 +102,11 @@ class Analyzer:
         obj._load_arrays(result)
         return obj
 
+    def _result_array(self, key: str):
+        """A saved per-row array as a lazy zarr array (``None`` before ``save``/``load``)."""
+        result = getattr(self, "result_", None)
+        return result.array(key) if result is not None else None
+
     # ------------------------------------------------------------------ use
     def reconstruct_epoch(self, store, column: int) -> np.ndarray:
         raise NotImplementedError

@@ -270,68 +270,59 @@ class PosthocCMD(Analyzer):
         the warm-up, then a_i(t) r(t) + b_i(t) with the coefficients fitted over epochs 1..t (Eq. 9). Rows
         CMD does not model (mode < 0) keep their stored values. Memory: the output plus one block.
         """
-        t = self._check_column(store, column)
-        if variant == "online":
-            if not self.has_online:
-                raise UsageError("this decomposition has no online variant: run `cmdtool decompose --modes "
-                                 f"{self.modes} --warmup F` first")
-            n_cols = self.columns_.stop - self.columns_.start
-            if t < int(self.warmup) - 1:
-                return store.read_column(column)  # warm-up epochs are plain training (design.md section 4)
-            if t < n_cols - 1:
-                return self._online_replay(store, column)
-            modes, A, B, refs = (self.online_mode_, self.online_A_, self.online_B_,
-                                 self.online_reference_trajectories_)
-        elif variant == "posthoc":
-            modes, A, B, refs = self.mode_, self.A_, self.B_, self.reference_trajectories_
-        else:
-            raise UsageError(f"unknown variant {variant!r}: choose posthoc or online")
-        reference_values = refs[:, t].astype(np.float64)
-        out = np.empty(store.n_rows, dtype=np.float32)
-        for r0 in range(0, store.n_rows, block_rows):
-            r1 = min(r0 + block_rows, store.n_rows)
-            mode = np.asarray(modes[r0:r1]).astype(np.int64)
-            value = A[r0:r1].astype(np.float64) * reference_values[np.maximum(mode, 0)] + B[r0:r1]
-            kept = mode < 0
-            if kept.any():
-                stored = store.trajectories[r0:r1, column]
-                value[kept] = stored[kept]
-            out[r0:r1] = value
-        return out
+        return self.reconstruct_epochs(store, [column], variant, block_rows)[:, 0]
 
     def reconstruct_epochs(self, store, columns, variant: str = "posthoc",
                            block_rows: int = 1 << 20) -> np.ndarray:
-        """Modelled N-vectors of several checkpoints, (N, k) float32, as ``reconstruct_epoch`` gives them.
+        """Modelled N-vectors of several checkpoints, (N, k) float32 (see ``reconstruct_epoch``).
 
-        Post-hoc: the per-row outputs (mode, A, B) are read once for all k epochs instead of once per epoch.
-        Online: every intermediate epoch needs the sums of Eqs. 8-10 up to that epoch; one replay pass with
-        cumulative sums gives all of them (``reconstruct_epoch`` would take one pass per epoch).
+        Post-hoc: the per-row outputs (mode, A, B) are read once for all k epochs. Online: epochs of the
+        warm-up are the stored weights; the window's last epoch uses the stored final coefficients; every
+        epoch in between needs the sums of Eqs. 8-10 up to that epoch, which one replay pass with cumulative
+        sums gives for all of them.
         """
         columns = [int(c) for c in columns]
         steps = [self._check_column(store, c) for c in columns]
-        out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
-        if variant == "online":
-            n_cols = self.columns_.stop - self.columns_.start
-            replayed = [k for k, t in enumerate(steps) if int(self.warmup or 0) - 1 <= t < n_cols - 1]
-            replayed_set = set(replayed)
-            if replayed and self.has_online:
-                out[:, replayed] = self._online_replay_steps(store, [steps[k] for k in replayed])
-            for k, column in enumerate(columns):
-                if k not in replayed_set:
-                    out[:, k] = self.reconstruct_epoch(store, column, variant="online", block_rows=block_rows)
-            return out
-        if variant != "posthoc":
+        if variant == "posthoc":
+            return self._affine_model(store, self.mode_, self.A_, self.B_, self.reference_trajectories_, columns,
+                                      steps, block_rows)
+        if variant != "online":
             raise UsageError(f"unknown variant {variant!r}: choose posthoc or online")
-        reference_values = self.reference_trajectories_[:, steps].astype(np.float64)    # M × k
+        if not self.has_online:
+            raise UsageError("this decomposition has no online variant: run `cmdtool decompose --modes "
+                             f"{self.modes} --warmup F` first")
+        last = self.columns_.stop - self.columns_.start - 1
+        warmup_end = int(self.warmup) - 1
+        out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
+        in_warmup = [k for k, t in enumerate(steps) if t < warmup_end]
+        final = [k for k, t in enumerate(steps) if t >= warmup_end and t == last]
+        replayed = [k for k, t in enumerate(steps) if warmup_end <= t < last]
+        for k in in_warmup:
+            out[:, k] = store.read_column(columns[k])  # warm-up epochs are plain training (design.md section 4)
+        if final:
+            out[:, final] = self._affine_model(store, self.online_mode_, self.online_A_, self.online_B_,
+                                               self.online_reference_trajectories_, [columns[k] for k in final],
+                                               [steps[k] for k in final], block_rows)
+        if replayed:
+            out[:, replayed] = self._online_replay_steps(store, [steps[k] for k in replayed])
+        return out
+
+    @staticmethod
+    def _affine_model(store, modes, A, B, reference_trajectories, columns, steps, block_rows) -> np.ndarray:
+        """Eq. 7 at several epochs, (N, k) float32: a_i r_{mode_i}(t) + b_i read in row blocks; rows CMD does
+        not model (mode < 0) keep their stored values."""
+        reference_values = np.asarray(reference_trajectories)[:, steps].astype(np.float64)   # M × k
+        first = min(columns)
+        out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
         for r0 in range(0, store.n_rows, block_rows):
             r1 = min(r0 + block_rows, store.n_rows)
-            mode = np.asarray(self.mode_[r0:r1]).astype(np.int64)
-            value = (self.A_[r0:r1].astype(np.float64)[:, None] * reference_values[np.maximum(mode, 0)]
-                     + self.B_[r0:r1].astype(np.float64)[:, None])
+            mode = np.asarray(modes[r0:r1]).astype(np.int64)
+            value = (A[r0:r1].astype(np.float64)[:, None] * reference_values[np.maximum(mode, 0)]
+                     + B[r0:r1].astype(np.float64)[:, None])
             kept = np.flatnonzero(mode < 0)
             if kept.size:
-                stored = store.trajectories[r0:r1, min(columns):max(columns) + 1]
-                value[kept] = stored[kept][:, [c - min(columns) for c in columns]]
+                stored = store.trajectories[r0:r1, first:max(columns) + 1]
+                value[kept] = stored[kept][:, [c - first for c in columns]]
             out[r0:r1] = value
         return out
 
@@ -343,15 +334,6 @@ class PosthocCMD(Analyzer):
                                      self.online_reference_trajectories_[:, :last + 1], steps)
         # cumulative float64 sums hold several copies of each block: read smaller blocks
         stream(store, [replay], columns, self.device, None, "online replay", max(self.block_bytes // 8, 1 << 20))
-        return replay.out
-
-    def _online_replay(self, store, column: int) -> np.ndarray:
-        """Online model at an epoch before the window's last: one pass over epochs 1..t of the window
-        recomputes the sums of Eqs. 8-10 (only the last epoch's coefficients are stored)."""
-        columns = slice(self.columns_.start, column + 1)
-        replay = _OnlineReplay(self.online_mode_, self.online_reference_indices_,
-                               self.online_reference_trajectories_[:, :column + 1 - self.columns_.start])
-        stream(store, [replay], columns, self.device, None, "online replay", self.block_bytes)
         return replay.out
 
     # ------------------------------------------------------------------ reporting
@@ -590,53 +572,19 @@ class _FitPass(Accumulator):
             self.online_mode_counts = to_np(self.online_mode_counts)
 
 
-class _OnlineReplay(Accumulator):
-    """Online coefficients at an intermediate epoch t: sums of Eqs. 8-10 over epochs 1..t, then Eq. 7."""
+class _OnlineReplayEpochs(Accumulator):
+    """Online models at intermediate epochs (only the last epoch's coefficients are stored): the sums of
+    Eqs. 8-10 over epochs 1..t for every requested t, as cumulative sums along each block, then Eq. 7."""
 
-    def __init__(self, modes, reference_indices, reference_trajectories):
+    def __init__(self, modes, reference_indices, reference_trajectories, steps):
         self.modes = modes
         self.reference_indices = np.asarray(reference_indices, dtype=np.int64)
         self.reference_trajectories = reference_trajectories
+        self.steps = np.asarray(steps, dtype=np.int64)
 
     def start(self, store, columns, device):
         self.store = store
         self.refs = torch.as_tensor(self.reference_trajectories, dtype=torch.float64, device=device)
-        self.out = np.empty(store.n_rows, dtype=np.float32)
-        self.column = columns.stop - 1
-
-    def update(self, start, stop, block, finite):
-        x = block.to(torch.float64)
-        mode = torch.as_tensor(np.asarray(self.modes[start:stop]).astype(np.int64), device=x.device)
-        safe = mode.clamp(min=0)
-        shift = x[:, 0]
-        u = x - shift[:, None]
-        v = self.refs[safe] - self.refs[safe, :1]
-        n = torch.tensor(float(x.shape[1]), dtype=torch.float64, device=x.device)
-        a, b = affine_from_sums(n, u.sum(dim=1), (u * v).sum(dim=1), v.sum(dim=1), (v * v).sum(dim=1), shift,
-                                self.refs[safe, 0])
-        is_reference = _FitPass._reference_mask(self.reference_indices, start, stop, x.device)
-        a = torch.where(is_reference, 1.0, a)
-        b = torch.where(is_reference, 0.0, b)
-        value = a * self.refs[safe, -1] + b
-        # rows CMD does not model keep their stored value (non-finite rows arrive zeroed: read them back)
-        value = torch.where(mode >= 0, value, x[:, -1])
-        out = value.float().cpu().numpy()
-        if not bool(finite.all()):
-            # the pass zeroed rows holding NaN/Inf; give back their stored values at this epoch
-            for r in np.flatnonzero(~finite.cpu().numpy()):
-                out[r] = self.store.trajectories[start + int(r), self.column]
-        self.out[start:stop] = out
-
-
-class _OnlineReplayEpochs(_OnlineReplay):
-    """Online models at several epochs in one pass: cumulative sums along the block give every t's (a, b)."""
-
-    def __init__(self, modes, reference_indices, reference_trajectories, steps):
-        super().__init__(modes, reference_indices, reference_trajectories)
-        self.steps = np.asarray(steps, dtype=np.int64)
-
-    def start(self, store, columns, device):
-        super().start(store, columns, device)
         self.first_column = columns.start
         self.out = np.empty((store.n_rows, len(self.steps)), dtype=np.float32)
 

@@ -202,22 +202,6 @@ class DMD(GramModel):
         steps = np.arange(self.reconstruction_matrix_.shape[0]) if steps is None else np.asarray(steps)
         return self.amplitudes_[:, None] * self.eigenvalues_[:, None] ** steps[None, :]
 
-    def reconstruct_epoch(self, store, column: int, progress=None) -> np.ndarray:
-        """Modelled checkpoint ŵ_t = Re Φ (λᵗ ∘ b): from the saved modes when present, else W K e_t (a pass)."""
-        result = getattr(self, "result_", None)
-        if result is None or "modes_real" not in result:
-            return super().reconstruct_epoch(store, column, progress)
-        t = self._window_column(column)
-        weights = self.dynamics([t])[:, 0]
-        modes_real, modes_imag = result.array("modes_real"), result.array("modes_imag")
-        out = np.empty(modes_real.shape[0], dtype=np.float32)
-        step = max(1, (32 * 1024**2) // (8 * max(self.rank_, 1)))   # bounded memory whatever N
-        for r0 in range(0, out.size, step):
-            rows = slice(r0, min(r0 + step, out.size))
-            out[rows] = (modes_real[rows].astype(np.float64) @ weights.real
-                         - modes_imag[rows].astype(np.float64) @ weights.imag)
-        return out
-
     def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
         """Several modelled checkpoints, Re Φ (λᵗ ∘ b) for every t: the saved modes are read once, not per epoch."""
         result = getattr(self, "result_", None)

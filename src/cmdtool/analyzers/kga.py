@@ -162,14 +162,12 @@ class KGA(DMD):
     @property
     def mask_(self):
         """Eq. 15 mask per weight (uint8, N; 0 = masked out of KGA) as a lazy zarr array."""
-        result = getattr(self, "result_", None)
-        return result.array("mask") if result is not None else None
+        return self._result_array("mask")
 
     @property
     def weight_basis_(self):
         """U = X V Σ⁻¹ (N×r float32, lazy): the reduced basis of Eqs. 7, 10, 13."""
-        result = getattr(self, "result_", None)
-        return result.array("weight_basis") if result is not None else None
+        return self._result_array("weight_basis")
 
     def training_kga_state(self) -> dict:
         """What a training-time KGA step (Eqs. 10-13) needs besides the basis U: the stable and neutral

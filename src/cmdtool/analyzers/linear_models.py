@@ -208,11 +208,9 @@ class GramModel(Analyzer):
         return column - self.columns_.start
 
     def reconstruct_epoch(self, store, column: int, progress=None) -> np.ndarray:
-        """ŵ_t = W_window K e_t: one streaming pass (models that keep their own factors override this)."""
-        t = self._window_column(column)
-        acc = _ColumnOfModel(np.asarray(self.reconstruction_matrix_)[:, t])
-        stream(store, [acc], self.columns_, getattr(self, "device", "auto"), progress, "reconstruct")
-        return acc.out
+        """ŵ_t: ``reconstruct_epochs`` of that one column, so each model has a single reconstruction path
+        (subclasses that keep their own factors override only ``reconstruct_epochs``)."""
+        return self.reconstruct_epochs(store, [column], progress)[:, 0]
 
     def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
         """ŵ_t for several t at once: one pass computes W_window K[:, ts] (instead of one pass per epoch)."""

@@ -106,29 +106,13 @@ class PCA(GramModel):
     @property
     def directions_(self):
         """The P-BFGS subspace: N×d float32 (lazy zarr array; column k is principal direction k)."""
-        result = getattr(self, "result_", None)
-        return result.array("directions") if result is not None else None
+        return self._result_array("directions")
 
     @property
     def means_(self):
-        result = getattr(self, "result_", None)
-        return result.array("means") if result is not None else None
+        return self._result_array("means")
 
     # ------------------------------------------------------------------ use
-    def reconstruct_epoch(self, store, column: int, progress=None) -> np.ndarray:
-        """ŵ_t = mean + directions · coordinates_t, read from the stored result in row blocks."""
-        if getattr(self, "result_", None) is None:
-            return super().reconstruct_epoch(store, column, progress)
-        t = self._window_column(column)
-        directions, means = self.directions_, self.means_
-        weights = self.coordinates_[t]
-        out = np.empty(directions.shape[0], dtype=np.float32)
-        step = max(1, (32 * 1024**2) // (4 * max(self.dims_, 1)))   # bounded memory whatever N
-        for r0 in range(0, out.size, step):
-            rows = slice(r0, min(r0 + step, out.size))
-            out[rows] = means[rows].astype(np.float64) + directions[rows].astype(np.float64) @ weights
-        return out
-
     def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
         """Several modelled checkpoints, mean + directions · coordinates_t: the directions are read once."""
         if getattr(self, "result_", None) is None:
