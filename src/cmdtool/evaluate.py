@@ -164,6 +164,11 @@ class Evaluation:
     records: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
+    def method_timing(self, method: str) -> dict:
+        """This method's running timing record (seconds in the metric function, in reconstruction, count)."""
+        return self.timings.setdefault(method, {"evaluate_seconds": 0.0, "reconstruct_seconds": 0.0,
+                                                "evaluations": 0})
+
     def add(self, method: str, label: int, metrics: dict) -> None:
         self.records.append({"method": method, "epoch": int(label), "metrics": metrics})
 
@@ -272,8 +277,7 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
         except EvaluationError:
             run.commit()
             raise
-        timing = run.timings.setdefault(method, {"evaluate_seconds": 0.0, "reconstruct_seconds": 0.0,
-                                                 "evaluations": 0})
+        timing = run.method_timing(method)
         timing["evaluate_seconds"] += time.perf_counter() - started
         timing["evaluations"] += 1
         run.add(method, label, metrics)
@@ -305,8 +309,7 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
                 started = time.perf_counter()
                 options = {"variant": variant} if variant else {}
                 vectors = analyzer.reconstruct_epochs(store, chunk, **options)
-                timing = run.timings.setdefault(method, {"evaluate_seconds": 0.0, "reconstruct_seconds": 0.0,
-                                                         "evaluations": 0})
+                timing = run.method_timing(method)
                 timing["reconstruct_seconds"] += time.perf_counter() - started
                 for k, column in enumerate(chunk):
                     evaluate_vector(method, column, vectors[:, k])
