@@ -134,4 +134,4 @@ def test_sigkill_during_report_never_leaves_a_partial_report(crash_store):
             assert report_files(out) == expected
         build_report(store, out)  # rerun
         assert report_files(out) == expected
-        assert not list(tmp_path.glob(f".{out.name}.partial-*"))
+        assert not list(tmp_path.glob(".cmdtool-partial-*"))  # staging folders of killed runs are cleared

@@ -57,20 +57,25 @@ class Landscape:
                 "recorded_metrics": self.recorded_metrics, "original_metrics": self.original_metrics,
                 "config": self.config}
 
-    def save(self, folder: str | Path, figure: bool = True) -> dict[str, Path]:
-        """``landscape_epoch<E>_modes<..>.npz`` (grid and every metric), ``.json`` (summary) and ``.png``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def save(self, folder: str | Path, figure: bool = True, force: bool = False, store=None) -> dict[str, Path]:
+        """``landscape_epoch<E>_modes<..>.npz`` (grid and every metric), ``.json`` (summary) and ``.png``.
+
+        ``folder`` follows the output-folder rule of :mod:`cmdtool.output_folder` (``store``: the store whose
+        folders are protected; ``force``: write into a non-empty folder cmdtool did not mark)."""
+        from .output_folder import OutputFolder
+
         stem = f"landscape_epoch{self.epoch}_mode{'-'.join(str(m) for m in self.modes)}"
-        paths = {"npz": folder / f"{stem}.npz", "json": folder / f"{stem}.json"}
-        arrays = {f"axis_{k}": axis for k, axis in enumerate(self.axes)}
-        arrays.update({f"metric_{name}": values for name, values in self.metrics.items()})
-        np.savez(paths["npz"], recorded=np.asarray(self.recorded), best_index=np.asarray(self.best_index),
-                 **arrays)
-        paths["json"].write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        if figure:
-            paths["png"] = self.plot(folder / f"{stem}.png")
-        return paths
+        names = {"npz": f"{stem}.npz", "json": f"{stem}.json"} | ({"png": f"{stem}.png"} if figure else {})
+        output = OutputFolder(folder, "landscape", force=force, store=store)
+        with output as staging:
+            arrays = {f"axis_{k}": axis for k, axis in enumerate(self.axes)}
+            arrays.update({f"metric_{name}": values for name, values in self.metrics.items()})
+            np.savez(staging / names["npz"], recorded=np.asarray(self.recorded),
+                     best_index=np.asarray(self.best_index), **arrays)
+            (staging / names["json"]).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+            if figure:
+                self.plot(staging / names["png"])
+        return {kind: output.path / name for kind, name in names.items()}
 
     def plot(self, path: str | Path) -> Path:
         import matplotlib

@@ -7,9 +7,11 @@ from pathlib import Path
 import typer
 
 from cmdtool.landscape import landscape as compute_landscape
+from cmdtool.output_folder import OutputFolder
 from cmdtool.store import open_store
 
-from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
+from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
+                      progress_for)
 from .evaluate import FnOption, ModelFactoryOption, SortMetricOption, SortModeOption
 
 
@@ -31,7 +33,8 @@ def register(app: typer.Typer) -> None:
         sort_metric: str = SortMetricOption,
         sort_mode: str = SortModeOption,
         out: Path = typer.Option(Path("landscape"), "--out", "-o", help="Folder for the data (npz, json) and "
-                                 "the figure (png)."),
+                                 "the figure (png): a new or empty folder, or one cmdtool wrote."),
+        force: bool = ForceOutputOption,
         store: str = StoreOption,
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
@@ -43,10 +46,11 @@ def register(app: typer.Typer) -> None:
         `cmdtool landscape --fn eval.py:metrics -e 40 --mode 0 --mode 1 --points 15`.
         """
         st = open_store(store, mode="r")
+        OutputFolder(out, "landscape", force=force, store=st)  # refuse a folder before the work, not after
         result = compute_landscape(st, fn, epoch, mode, span=span, points=points, decomposition=decomposition,
                                    model_factory=model_factory, sort_metric=sort_metric, sort_mode=sort_mode,
                                    progress=progress_for(quiet or as_json))
-        paths = result.save(out)
+        paths = result.save(out, force=force, store=st)
         if as_json:
             print_json({**result.to_json(), "files": {k: str(v) for k, v in paths.items()}})
             return

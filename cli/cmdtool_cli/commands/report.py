@@ -9,7 +9,8 @@ from cmdtool.report.export import FORMATS as EXPORT_FORMATS, export as run_expor
 from cmdtool.report.html_report import build_report
 from cmdtool.store import open_store
 
-from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
+from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
+                      progress_for)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,12 +18,14 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def report_command(
         out: str = typer.Option("report", "--out", "-o", help="Folder for the figures, index.html and "
-                                "summary.json (created; files of the same name are replaced)."),
+                                "summary.json: a new or empty folder, or one an earlier report wrote (only the "
+                                "files cmdtool wrote there are replaced)."),
         name: str = typer.Option("default", "--name", help="Result name to draw for each method (when a method "
                                  "has one result under another name, that one is used, with a note)."),
         formats: list[str] = typer.Option(["png"], "--format", "-f", help="Figure format: png, svg or pdf "
                                           "(repeat for several; the html shows png, else svg)."),
         dpi: int = typer.Option(110, "--dpi", help="Resolution of png figures."),
+        force: bool = ForceOutputOption,
         store: str = StoreOption,
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
@@ -35,7 +38,7 @@ def register(app: typer.Typer) -> None:
         """
         st = open_store(store, mode="r")
         report = build_report(st, out, name=name, formats=formats, dpi=dpi,
-                              progress=progress_for(quiet or as_json))
+                              progress=progress_for(quiet or as_json), force=force)
         if as_json:
             print_json(report.summary)
             return
@@ -55,7 +58,8 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     @handle_errors
     def export_command(
-        out: str = typer.Option("export", "--out", "-o", help="Folder to write into (created)."),
+        out: str = typer.Option("export", "--out", "-o", help="Folder to write into: a new or empty folder, or "
+                                "one an earlier export wrote (files of other exports there are kept)."),
         formats: list[str] = typer.Option(list(EXPORT_FORMATS), "--format", "-f",
                                           help="npy, csv (small tables only) or hdf5; repeat for several "
                                                "(default: all three)."),
@@ -63,6 +67,7 @@ def register(app: typer.Typer) -> None:
                                          "pca, evaluation (default: every one present)."),
         name: str = typer.Option("default", "--name", help="Result name to export."),
         all_names: bool = typer.Option(False, "--all-names", help="Export every result name, not only --name."),
+        force: bool = ForceOutputOption,
         store: str = StoreOption,
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
@@ -74,7 +79,7 @@ def register(app: typer.Typer) -> None:
         """
         st = open_store(store, mode="r")
         summary = run_export(st, out, methods=method or None, name=None if all_names else name, formats=formats,
-                             progress=progress_for(quiet or as_json))
+                             progress=progress_for(quiet or as_json), force=force)
         if as_json:
             print_json(summary.to_dict())
             return

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..output_folder import OutputFolder
 from ..progress import NullProgress
 
 FORMATS = ("npy", "csv", "hdf5")
@@ -160,8 +161,11 @@ def csv_tables(result, store) -> dict:
 
 
 def export(store, out_dir="export", methods=None, name: str | None = "default", formats=FORMATS,
-           progress=None) -> ExportSummary:
-    """Write the selected results (see :func:`select_results`) in ``formats`` under ``out_dir``."""
+           progress=None, force: bool = False) -> ExportSummary:
+    """Write the selected results (see :func:`select_results`) in ``formats`` under ``out_dir``.
+
+    ``out_dir`` follows the output-folder rule of :mod:`cmdtool.output_folder` (``force``: write into a
+    non-empty folder cmdtool did not mark); files of earlier exports there are kept."""
     formats = list(dict.fromkeys(f.lower().lstrip(".") for f in formats)) or list(FORMATS)
     formats = ["hdf5" if f in ("h5", "hdf") else f for f in formats]
     unknown = [f for f in formats if f not in FORMATS]
@@ -169,8 +173,15 @@ def export(store, out_dir="export", methods=None, name: str | None = "default", 
         raise UsageError(f"unknown export format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
     results = select_results(store, methods, name)
     progress = progress or NullProgress()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(out_dir, "export", force=force, store=store)
+    with folder as out:
+        summary = _export_into(store, results, formats, out, progress)
+    summary.out_dir = str(folder.path)
+    summary.bytes_written = sum((folder.path / f).stat().st_size for f in summary.files)
+    return summary
+
+
+def _export_into(store, results, formats, out: Path, progress) -> ExportSummary:
     summary = ExportSummary(str(out))
     h5 = None
     if "hdf5" in formats:
@@ -222,5 +233,4 @@ def export(store, out_dir="export", methods=None, name: str | None = "default", 
     finally:
         if h5 is not None:
             h5.close()
-    summary.bytes_written = sum((out / f).stat().st_size for f in summary.files)
     return summary

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CmdtoolError, UsageError
+from ..output_folder import OutputFolder
 from ..progress import NullProgress
 from ..store.store import now_iso
 from . import figures as F
@@ -222,8 +221,11 @@ def _plan(chosen: dict, store, notes: list) -> list:
 
 
 def build_report(store, out_dir="report", name: str = "default", formats=("png",), dpi: int = 110,
-                 progress=None) -> Report:
-    """Write the figures (``formats``: png, svg, pdf), ``index.html`` and ``summary.json`` into ``out_dir``."""
+                 progress=None, force: bool = False) -> Report:
+    """Write the figures (``formats``: png, svg, pdf), ``index.html`` and ``summary.json`` into ``out_dir``.
+
+    ``force``: also write into a non-empty folder that cmdtool did not mark as its own (see
+    :mod:`cmdtool.output_folder`)."""
     formats = list(dict.fromkeys(f.lower().lstrip(".") for f in formats)) or ["png"]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -235,33 +237,15 @@ def build_report(store, out_dir="report", name: str = "default", formats=("png",
         present = ", ".join(f"{k}/{n}" for k, n in store.results.list() if k != "gram") or "none"
         raise UsageError(f"store {store.path} holds no analysis results to report (results present: {present}); "
                          f"run `cmdtool decompose` first, e.g. `cmdtool decompose -m cmd -m dmd -m kga -m pca`")
-    final = Path(out_dir)
-    if final.exists() and not final.is_dir():
-        raise UsageError(f"--out {final} is a file; give a folder for the report")
-    # Built in a staging folder and swapped in whole: a killed run never leaves an index.html that points at
-    # half-written or stale figures. Leftovers of killed runs are cleared first.
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in final.parent.glob(f".{final.name}.partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    out = final.parent / f".{final.name}.partial-{os.getpid()}"
-    out.mkdir()
-    try:
-        report = _write_report(store, chosen, notes, out, formats, dpi, progress)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    _swap_into_place(out, final)
-    report.out_dir = str(final)
+    # The output-folder rule (cmdtool.output_folder): only files an earlier report wrote are replaced, never
+    # inside the store or a source folder; staged and published whole, index.html last, so a killed run never
+    # leaves an index.html that points at half-written or stale figures.
+    folder = OutputFolder(out_dir, "report", force=force, store=store, replace=True,
+                          last=("summary.json", "index.html"))
+    with folder as staging:
+        report = _write_report(store, chosen, notes, staging, formats, dpi, progress)
+    report.out_dir = str(folder.path)
     return report
-
-
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Replace ``final`` by ``staging`` with two renames (the old report is removed after the switch)."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_report(store, chosen, notes, out: Path, formats, dpi, progress) -> Report:
