@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from ..errors import CheckpointError, UsageError
 from ..progress import NullProgress
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
-from ..store.lock import file_lock
+from ..store.lock import file_lock, signals_deferred
 from ..store.store import TrajectoryStore, default_store_path, now_iso
 from ..units import parse_size
 from .discover import discover
@@ -63,9 +64,16 @@ def file_digest(files: list[Path]) -> str:
 
 
 def build_layout(infos, source: CheckpointSource, include=(), exclude=(), buffers: bool = True) -> Layout:
-    """Lay out the tensors of a first checkpoint: floating tensors become trajectory rows in state-dict order."""
+    """Lay out the tensors of a first checkpoint: floating tensors become trajectory rows in state-dict order;
+    a tensor tied to an earlier stored one (same storage) is stored once, under the earlier name."""
     entries, row, int_row = [], 0, 0
+    roles: dict[str, str] = {}
     for info in infos:
+        if info.tied_to and roles.get(info.tied_to) in ("trajectory", "integer"):
+            entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), tensor_kind(info.name), "tied",
+                                       0, numel_of(info.shape), tied_to=info.tied_to))
+            roles[info.name] = "tied"
+            continue
         kind = tensor_kind(info.name)
         selected = ((not include or any(fnmatch.fnmatchcase(info.name, p) for p in include))
                     and not any(fnmatch.fnmatchcase(info.name, p) for p in exclude)
@@ -76,13 +84,15 @@ def build_layout(infos, source: CheckpointSource, include=(), exclude=(), buffer
                                   f"{dtype_name(info.dtype)} (supported: float16/32/64, bfloat16, integers, bool)")
         numel = numel_of(info.shape)
         if not selected:
-            entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), kind, "excluded", 0, numel))
+            role = "excluded"
+            entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), kind, role, 0, numel))
         elif role == "trajectory":
             entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), kind, role, row, numel))
             row += numel
         else:
             entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), kind, role, int_row, numel))
             int_row += numel
+        roles[info.name] = role
     layout = Layout(entries)
     if layout.n_rows == 0:
         why = "no floating-point tensors" if not (include or exclude or not buffers) else \
@@ -92,12 +102,15 @@ def build_layout(infos, source: CheckpointSource, include=(), exclude=(), buffer
 
 
 def check_layout(layout: Layout, infos, source: CheckpointSource) -> None:
-    """Raise naming the tensors whose names, shapes or dtypes differ from the store's."""
+    """Raise naming the tensors whose names, shapes, dtypes or ties differ from the store's."""
     expected = layout.by_name()
     found = {i.name: i for i in infos}
     problems = []
     missing = [n for n in expected if n not in found]
     extra = [n for n in found if n not in expected]
+    hint = _prefix_hint(missing, extra)
+    if hint:
+        raise CheckpointError(f"{source.path} does not match the store's tensors: {hint}")
     if missing:
         problems.append("missing " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
     if extra:
@@ -110,9 +123,27 @@ def check_layout(layout: Layout, infos, source: CheckpointSource) -> None:
             problems.append(f"{name} has shape {tuple(info.shape)}, the store {tuple(entry.shape)}")
         elif dtype_name(info.dtype) != entry.dtype:
             problems.append(f"{name} is {dtype_name(info.dtype)}, the store {entry.dtype}")
+        elif entry.role == "tied" and info.tied_to != entry.tied_to:
+            problems.append(f"{name} is tied to {entry.tied_to} in the store but not in this checkpoint")
     if problems:
         shown = "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "")
         raise CheckpointError(f"{source.path} does not match the store's tensors: {shown}")
+
+
+def _prefix_hint(missing: list[str], extra: list[str]) -> str | None:
+    """When the names differ only by a leading prefix (``module.`` of DataParallel/DDP, ``_orig_mod.`` of
+    torch.compile, ``model.`` of a Lightning module), say so and how to strip it."""
+    if not missing or len(missing) != len(extra):
+        return None
+    for longer, shorter, where in ((extra, missing, "this checkpoint's"), (missing, extra, "the store's")):
+        prefix = longer[0][: len(longer[0]) - len(shorter[0])] if longer[0].endswith(shorter[0]) else ""
+        if prefix and sorted(n[len(prefix):] for n in longer if n.startswith(prefix)) == sorted(shorter) \
+                and all(n.startswith(prefix) for n in longer):
+            fix = (f"pass --strip-prefix {prefix}" if where == "this checkpoint's" else
+                   f"ingest into a new --store with --strip-prefix {prefix}")
+            return (f"{where} tensor names carry the prefix {prefix!r} and the others' do not (saved from a "
+                    f"wrapped model, e.g. DataParallel/DDP 'module.'); {fix}")
+    return None
 
 
 def _fill(checkpoint: OpenCheckpoint, layout: Layout, row: np.ndarray, int_row: np.ndarray | None) -> None:
@@ -120,7 +151,7 @@ def _fill(checkpoint: OpenCheckpoint, layout: Layout, row: np.ndarray, int_row: 
     target = torch.from_numpy(row)
     int_target = torch.from_numpy(int_row) if int_row is not None else None
     for entry in layout.entries:
-        if entry.role == "excluded":
+        if entry.role in ("excluded", "tied"):
             continue
         tensor = checkpoint.tensor(entry.name).detach().reshape(-1)
         if entry.role == "trajectory":
@@ -131,8 +162,14 @@ def _fill(checkpoint: OpenCheckpoint, layout: Layout, row: np.ndarray, int_row: 
 
 def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None = None,
            include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), buffers: bool = True,
-           memory_budget: str | int = DEFAULT_MEMORY_BUDGET, force: bool = False, progress=None) -> IngestReport:
-    """Stream the checkpoints under ``paths`` into the store (created if needed). See ``cmdtool ingest --help``."""
+           memory_budget: str | int = DEFAULT_MEMORY_BUDGET, force: bool = False, progress=None,
+           skip: tuple[str, ...] = (), set_labels: dict | None = None,
+           strip_prefix: tuple[str, ...] = ()) -> IngestReport:
+    """Stream the checkpoints under ``paths`` into the store (created if needed). See ``cmdtool ingest --help``.
+
+    ``skip``: globs of files/folders to leave out; ``set_labels``: {path: label} for checkpoints whose name has
+    no label (taken too); ``strip_prefix``: prefixes removed from tensor names where present (``module.``).
+    docs/formats.md describes the layouts and the label rule."""
     progress = progress or NullProgress()
     started = time.perf_counter()
     budget = parse_size(memory_budget)
@@ -151,7 +188,8 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
             raise UsageError(f"{store_path} exists and is not a trajectory store; choose another --store")
         st = None
         created_dir = not store_path.exists()
-        discovery = discover(paths, label_pattern, ignore=(store_path,))  # check the input before creating
+        discovery = discover(paths, label_pattern, ignore=(store_path,), skip=skip,  # check before creating
+                             set_labels=set_labels)
         store_path.mkdir(parents=True, exist_ok=True)
         lock = file_lock(store_path / fmt.INGEST_LOCK, f"store {store_path}")
     try:
@@ -160,25 +198,79 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
                 st = TrajectoryStore(store_path, mode="r+")
             if st is not None:  # existing store: discover under the lock, labels continue the store's
                 first_free = int(st.labels[-1]) + 1 if st.n_checkpoints else 0
-                discovery = discover(paths, label_pattern, first_free_label=first_free, ignore=(store_path,))
-            return _ingest_locked(discovery, st, store_path, report, label_pattern, include, exclude, buffers,
-                                  budget, force, progress, started)
-    except BaseException:
-        # A failed first ingest leaves no store behind (a SIGKILL, which runs no handler, leaves an empty
-        # store that the next run fills).
-        if not existing and created_dir and (report.created or not (store_path / "zarr.json").is_file()):
-            shutil.rmtree(store_path, ignore_errors=True)
+                discovery = discover(paths, label_pattern, first_free_label=first_free, ignore=(store_path,),
+                                     skip=skip, set_labels=set_labels)
+            options = IngestOptions(tuple(include), tuple(exclude), buffers, label_pattern, tuple(strip_prefix))
+            return _ingest_locked(discovery, st, store_path, report, options, budget, force, progress, started)
+    except BaseException as exc:
+        # A first ingest that fails before its first commit leaves no store behind. Committed checkpoints are
+        # never deleted, and an interrupt (SIGINT, SIGTERM) leaves exactly what a SIGKILL at that moment would:
+        # the last commit, or an empty store that the next run fills.
+        if (not existing and created_dir and not isinstance(exc, KeyboardInterrupt)
+                and committed_checkpoints(store_path) == 0):
+            _remove_whole(store_path)
         raise
 
 
-def _ingest_locked(discovery, st, store_path, report, label_pattern, include, exclude, buffers, budget, force,
-                   progress, started) -> IngestReport:
+def committed_checkpoints(store_path: Path) -> int:
+    """Checkpoints the store at ``store_path`` lists as committed (0 when there is no readable store)."""
+    try:
+        return TrajectoryStore(store_path, mode="r").n_checkpoints
+    except Exception:  # noqa: BLE001 - no store, or one created only partly: nothing committed
+        return 0
+
+
+def _remove_whole(folder: Path) -> None:
+    """Remove a folder this run created, all or nothing: renamed aside first, so that an interrupted removal
+    never leaves a half-deleted store that the next ingest would refuse."""
+    doomed = folder.parent / f".{folder.name}.cmdtool-removing-{os.getpid()}"
+    try:
+        folder.rename(doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """What decides a store's rows and names; fixed when the store is created (appends must match)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    buffers: bool = True
+    label_pattern: str | None = None
+    strip_prefix: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"include": list(self.include), "exclude": list(self.exclude), "buffers": self.buffers,
+                "label_pattern": self.label_pattern, "strip_prefix": list(self.strip_prefix)}
+
+
+def store_strip_prefixes(store) -> tuple[str, ...]:
+    """The prefixes a store's ingest stripped from tensor names (to reopen its sources the same way)."""
+    return tuple(store.meta.get("ingest_options", {}).get("strip_prefix") or ())
+
+
+def open_recorded_source(store, column: int) -> OpenCheckpoint:
+    """The source checkpoint of a store column, opened as ingest read it (same layout rules and prefixes)."""
+    record = store.time_axis[column]
+    path = Path(record.source)
+    if not path.exists():
+        raise CheckpointError(f"tensors left out of the store must be copied from the source checkpoint of epoch "
+                              f"{record.label}, {path}, which no longer exists")
+    return OpenCheckpoint(discover([path]).sources[0], strip_prefixes=store_strip_prefixes(store))
+
+
+def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, budget, force, progress,
+                   started) -> IngestReport:
     report.skipped = discovery.skipped
     for note in discovery.skipped:
         progress.note(note)
 
     if st is not None:
-        _check_options(st, include, exclude, buffers, label_pattern)
+        _check_options(st, options)
+        options = IngestOptions(options.include, options.exclude, options.buffers, options.label_pattern,
+                                options.strip_prefix or store_strip_prefixes(st))
 
     # ---- classify: already ingested / changed / new
     by_label = {r.label: (i, r) for i, r in enumerate(st.time_axis)} if st is not None else {}
@@ -214,10 +306,10 @@ def _ingest_locked(discovery, st, store_path, report, label_pattern, include, ex
     layout = st.layout if st is not None else None
     with progress.task("checking", total=len(todo), unit="ckpt") as task:
         for source in todo:
-            with OpenCheckpoint(source) as checkpoint:
+            with OpenCheckpoint(source, options.strip_prefix) as checkpoint:
                 infos = checkpoint.infos()
                 if layout is None:
-                    layout = build_layout(infos, source, include, exclude, buffers)
+                    layout = build_layout(infos, source, options.include, options.exclude, options.buffers)
                 check_layout(layout, infos, source)
             task.advance(1)
 
@@ -226,13 +318,13 @@ def _ingest_locked(discovery, st, store_path, report, label_pattern, include, ex
         # As wide as the budget allows, but no wider than this first batch needs (padding a chunk costs
         # compression time and disk); later appends add chunk columns of the same width.
         chunk_columns = max(1, min(budget // (4 * n_rows), fmt.MAX_CHUNK_COLUMNS, max(len(new_sources), 32)))
-        st = TrajectoryStore.create(store_path, layout, chunk_columns, extra={"ingest_options": {
-            "include": list(include), "exclude": list(exclude), "buffers": buffers,
-            "label_pattern": label_pattern}})
+        with signals_deferred():  # a store created only in part would not open
+            st = TrajectoryStore.create(store_path, layout, chunk_columns,
+                                        extra={"ingest_options": options.to_json()})
         report.created = True
     original_meta = dict(st.meta)
     try:
-        _stream(st, new_sources, replace, budget, report, progress)
+        _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix)
     except Exception:
         # A failure mid-stream (not a kill): publish the time axis as it was, so the store reads as before.
         st.group.attrs[fmt.ATTRS_KEY] = original_meta
@@ -242,9 +334,10 @@ def _ingest_locked(discovery, st, store_path, report, label_pattern, include, ex
     return report
 
 
-def _check_options(st: TrajectoryStore, include, exclude, buffers, label_pattern) -> None:
+def _check_options(st: TrajectoryStore, options: IngestOptions) -> None:
     stored = st.meta.get("ingest_options", {})
-    given = {"include": list(include), "exclude": list(exclude), "buffers": buffers}
+    given = {"include": list(options.include), "exclude": list(options.exclude), "buffers": options.buffers,
+             "strip_prefix": list(options.strip_prefix)}
     for key, value in given.items():
         default = [] if key != "buffers" else True
         if value != default and value != stored.get(key, default):
@@ -252,7 +345,8 @@ def _check_options(st: TrajectoryStore, include, exclude, buffers, label_pattern
                              f"appending with {key}={value} would change its rows (use a new --store)")
 
 
-def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress) -> None:
+def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress,
+            strip_prefix: tuple[str, ...]) -> None:
     layout = st.layout
     n_rows, n_int = layout.n_rows, layout.n_integer_rows
     chunk_columns = st.chunk_shape[1]
@@ -275,18 +369,23 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
             return
         stop = column + len(pending)
         if trajectories.shape[1] < stop:
-            trajectories.resize((n_rows, stop))
-            if integers is not None:
-                integers.resize((n_int, stop))
+            with signals_deferred():
+                trajectories.resize((n_rows, stop))
+                if integers is not None:
+                    integers.resize((n_int, stop))
         # Write a few chunk rows at a time from a contiguous transposed copy: zarr would otherwise copy the
-        # whole (strided) buffer at once, doubling the memory the budget allows.
+        # whole (strided) buffer at once, doubling the memory the budget allows. An interrupt lands between
+        # two writes (columns past the committed ones are scratch until the commit).
         for row in range(0, n_rows, write_rows):
             row_stop = min(row + write_rows, n_rows)
-            trajectories[row:row_stop, column:stop] = np.ascontiguousarray(buffer[:len(pending), row:row_stop].T)
-        if integers is not None:
-            integers[:, column:stop] = int_buffer[:len(pending)].T
+            block = np.ascontiguousarray(buffer[:len(pending), row:row_stop].T)
+            with signals_deferred():
+                trajectories[row:row_stop, column:stop] = block
+        with signals_deferred():
+            if integers is not None:
+                integers[:, column:stop] = int_buffer[:len(pending)].T
+            st.commit(time_axis + pending)  # the commit point: these checkpoints now count as ingested
         time_axis.extend(pending)
-        st.commit(time_axis)  # the commit point: these checkpoints now count as ingested
         column, pending = stop, []
 
     total = len(new_sources) + len(replace)
@@ -295,7 +394,7 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
         for source in new_sources:
             digest = hasher.submit(file_digest, source.files)
             slot = len(pending)
-            with OpenCheckpoint(source) as checkpoint:
+            with OpenCheckpoint(source, strip_prefix) as checkpoint:
                 _fill(checkpoint, layout, buffer[slot], int_buffer[slot] if int_buffer is not None else None)
             record = _record(source, digest.result(), buffer[slot])
             pending.append(record)
@@ -310,14 +409,15 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
             digest = hasher.submit(file_digest, source.files)
             row = np.empty(n_rows, dtype=np.float32)
             int_row = np.empty(n_int, dtype=np.int64) if n_int else None
-            with OpenCheckpoint(source) as checkpoint:
+            with OpenCheckpoint(source, strip_prefix) as checkpoint:
                 _fill(checkpoint, layout, row, int_row)
-            trajectories[:, col] = row
-            if integers is not None:
-                integers[:, col] = int_row
             record = _record(source, digest.result(), row)
             time_axis[col] = record
-            st.commit(time_axis)
+            with signals_deferred():  # a replaced column is committed data: write and commit together
+                trajectories[:, col] = row
+                if integers is not None:
+                    integers[:, col] = int_row
+                st.commit(time_axis)
             _account(report, record, source)
             report.replaced.append(source.label)
             task.advance(1, nbytes=record.size)
@@ -325,8 +425,9 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
 
 def _record(source: CheckpointSource, digest: str, values: np.ndarray) -> TimeRecord:
     nonfinite = int(values.size - np.count_nonzero(np.isfinite(values)))
+    extra = {"folder": str(source.folder.resolve())} if source.folder is not None else {}
     return TimeRecord(label=int(source.label), source=str(source.path.resolve()), size=source.size,
-                      mtime=source.mtime, sha256=digest, ingested_at=now_iso(), nonfinite=nonfinite)
+                      mtime=source.mtime, sha256=digest, ingested_at=now_iso(), nonfinite=nonfinite, extra=extra)
 
 
 def _account(report: IngestReport, record: TimeRecord, source: CheckpointSource) -> None:
