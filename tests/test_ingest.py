@@ -89,8 +89,13 @@ def test_label_pattern_and_positions(tmp_path):
         torch.save({"w": torch.zeros(3)}, tmp_path / f"model_{name}.pt")
     assert [s.label for s in discover([tmp_path]).sources] == [0, 1, 2]  # no numbers: positions
     (tmp_path / "model_d7.pt").write_bytes((tmp_path / "model_a.pt").read_bytes())
-    with pytest.raises(UsageError, match="cannot read an epoch label"):
-        discover([tmp_path])
+    # beside a numbered file, unnumbered ones are skipped with a note naming them (aliases such as last.ckpt)
+    found = discover([tmp_path])
+    assert [s.label for s in found.sources] == [7]
+    assert [note.split(":")[0] for note in found.skipped] == [str(tmp_path / f"model_{n}.pt") for n in "abc"]
+    # named one by one, an unnumbered file is an error that says how to label it
+    with pytest.raises(UsageError, match="cannot read an epoch label .* pass --label-pattern REGEX or --set-label"):
+        discover([tmp_path / "model_a.pt", tmp_path / "model_d7.pt"])
     sources = discover([tmp_path / "model_d7.pt"], label_pattern=r"d(\d)").sources
     assert sources[0].label == 7
 

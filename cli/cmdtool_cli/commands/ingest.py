@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from cmdtool.errors import UsageError
 from cmdtool.ingest import ingest as run_ingest
 from cmdtool.ingest.ingest import DEFAULT_MEMORY_BUDGET
 from cmdtool.units import format_bytes
@@ -22,8 +23,18 @@ def register(app: typer.Typer) -> None:
         store: str = StoreOption,
         label_pattern: str = typer.Option(
             None, "--label-pattern",
-            help="Regular expression whose first group is the epoch label, e.g. 'ep(\\d+)'. Default: the number "
-                 "after 'epoch', else after 'step', else the last number in the name."),
+            help="Regular expression whose first group is the epoch label, searched in each checkpoint's path "
+                 "relative to the folder given (so it can match a folder: 'global_step(\\d+)', "
+                 "'checkpoint-(\\d+)'). Default: the number after 'epoch', else after 'step', else the last "
+                 "number in the name."),
+        skip: list[str] = typer.Option([], "--skip", help="Leave out files or folders whose name or relative path "
+                                       "matches this glob (repeatable), e.g. 'best*.ckpt' or '*-v1.ckpt'."),
+        set_label: list[str] = typer.Option([], "--set-label", help="PATH=N: ingest the checkpoint at PATH as "
+                                            "epoch N (repeatable). Takes a file skipped for having no number, "
+                                            "e.g. an HF run's final model.safetensors or Lightning's last.ckpt."),
+        strip_prefix: list[str] = typer.Option([], "--strip-prefix", help="Remove this prefix from tensor names "
+                                               "where present (repeatable), e.g. 'module.' of DataParallel/DDP or "
+                                               "'_orig_mod.' of torch.compile."),
         include: list[str] = typer.Option([], "--include", help="Only tensors whose name matches this glob "
                                           "(repeatable), e.g. 'encoder.*'."),
         exclude: list[str] = typer.Option([], "--exclude", help="Leave out tensors matching this glob "
@@ -39,13 +50,14 @@ def register(app: typer.Typer) -> None:
     ):
         """Stream checkpoints into the trajectory store (created if needed; appends new epochs only).
 
-        Reads .pt/.pth/.bin/.ckpt files (weights only: no pickled code is ever run), .safetensors files, and sharded folders (shards plus an *.index.json count as one checkpoint). Safe to interrupt: run it again to resume.
+        Reads .pt/.pth/.bin/.ckpt/.pth.tar files (weights only: no pickled code is ever run), .safetensors files, and checkpoint folders, each one checkpoint: Hugging Face Trainer checkpoint-N/, sharded folders (shards plus an *.index.json), DeepSpeed global_stepN/ and torch.distributed.checkpoint (FSDP) folders. Optimizer, scheduler and RNG files are never read. Files without an epoch number beside numbered ones (last.ckpt, an HF run's final model) and Lightning -vN copies are skipped with a note. Layouts: docs/formats.md. Safe to interrupt (Ctrl-C keeps every committed checkpoint): run it again to resume.
 
-        Example: cmdtool ingest ckpts/ --store run.zarr
+        Examples: cmdtool ingest ckpts/ --store run.zarr; cmdtool ingest hf_run/ (its checkpoint-N/ folders); cmdtool ingest lightning/checkpoints --skip 'best*'.
         """  # noqa: E501 (one line per paragraph: rich re-wraps help text to the terminal)
         report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
                             exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,
-                            progress=progress_for(quiet or as_json))
+                            progress=progress_for(quiet or as_json), skip=tuple(skip),
+                            set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix))
         if as_json:
             print_json(report.to_json())
             return
@@ -66,3 +78,13 @@ def register(app: typer.Typer) -> None:
         for label, count in report.nonfinite.items():
             console.print(f"[yellow]warning:[/yellow] epoch {label} has {count:,} NaN/Inf values (stored as is; "
                           f"analyses leave those rows out)")
+
+
+def _parse_set_labels(items: list[str]) -> dict[str, int]:
+    labels = {}
+    for item in items:
+        path, sep, label = item.rpartition("=")
+        if not sep or not path or not label.strip().lstrip("-").isdigit():
+            raise UsageError(f"--set-label {item!r}: expected PATH=N with an integer N, e.g. run/last.ckpt=100")
+        labels[path] = int(label)
+    return labels

@@ -1,13 +1,17 @@
-"""Safe readers for checkpoint files: torch pickles (weights only), safetensors, and sharded folders.
+"""Safe readers for checkpoints: torch pickles (weights only), safetensors, sharded folders, DeepSpeed folders
+and PyTorch distributed checkpoints (DCP). docs/formats.md describes every layout.
 
-Nothing here executes code from a checkpoint: torch files are always loaded with ``weights_only=True`` and
-safetensors holds no code at all.
+Nothing here executes code from a checkpoint: torch files are always loaded with ``weights_only=True`` (plus an
+allow-list of plain-data classes, :data:`SAFE_GLOBALS`), safetensors holds no code at all, and a DCP folder's
+``.metadata`` pickle is read by an unpickler that builds only DCP's own metadata classes.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +21,18 @@ import torch
 
 from ..errors import CheckpointError
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# ".pth.tar": torchvision-reference / timm / pytorch-examples checkpoints (plain torch.save zips despite the name)
+TORCH_SUFFIXES = (".pth.tar", ".pt", ".pth", ".bin", ".ckpt", ".tar")
 SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
 # Keys under which training frameworks wrap the model's state dict, in order of preference.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+# Plain-data classes that training scripts put beside the weights and that the weights-only loader may build:
+# torchvision references and timm store their argparse arguments under "args". Building one sets attributes
+# from the file's data; nothing is called. Anything else is refused with its name.
+SAFE_GLOBALS = [argparse.Namespace]
+DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
+DCP_METADATA = ".metadata"
 
 FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 INTEGER_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
@@ -51,10 +62,13 @@ class CheckpointSource:
     """One checkpoint: a file, or a folder of shards with an index json (``files`` lists every file read)."""
 
     path: Path
-    format: str  # "torch" | "safetensors" | "sharded"
+    format: str  # "torch" | "safetensors" | "sharded" | "deepspeed" | "dcp"
     files: list[Path] = field(default_factory=list)
     label: int | None = None
     name: str = ""
+    folder: Path | None = None  # the checkpoint folder, when the checkpoint is one (checkpoint-N/, global_stepN/)
+    label_text: str = ""        # what labels are read from: the path relative to the folder the user named
+    named: bool = False         # the user named this checkpoint itself (not a folder holding it)
 
     @property
     def size(self) -> int:
@@ -70,14 +84,15 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    tied_to: str | None = None  # an earlier tensor this one shares its storage with (tied weights)
 
 
 class OpenCheckpoint:
     """A checkpoint opened for reading: metadata at once, tensor data on demand (memory-mapped when possible)."""
 
-    def __init__(self, source: CheckpointSource):
+    def __init__(self, source: CheckpointSource, strip_prefixes: tuple[str, ...] = ()):
         self.source = source
-        self._parts: list[tuple[str, object]] = []  # (name, tensor or (safe_open handle, key))
+        self._parts: list[tuple[str, object]] = []  # (name, tensor, (safe_open handle, key) or a _DcpTensor)
         self._handles: list = []
         try:
             if source.format == "torch":
@@ -86,7 +101,11 @@ class OpenCheckpoint:
                 self._open_safetensors(source.path)
             elif source.format == "sharded":
                 self._open_sharded(source.path)
-            else:  # pragma: no cover - discover() only makes the three above
+            elif source.format == "deepspeed":
+                self._open_deepspeed(source)
+            elif source.format == "dcp":
+                self._open_dcp(source.path)
+            else:  # pragma: no cover - discover() only makes the formats above
                 raise CheckpointError(f"{source.path}: unknown checkpoint format {source.format}")
         except CheckpointError:
             self.close()
@@ -94,6 +113,8 @@ class OpenCheckpoint:
         if not self._parts:
             self.close()
             raise CheckpointError(f"{source.path}: holds no tensors")
+        if strip_prefixes:
+            self._parts = [(strip_prefix(name, strip_prefixes), part) for name, part in self._parts]
 
     # -------------------------------------------------------------- formats
     def _open_torch(self, path: Path) -> None:
@@ -113,6 +134,37 @@ class OpenCheckpoint:
         self._handles.append(handle)
         for key in keys:
             self._parts.append((key, (handle, key)))
+
+    def _open_deepspeed(self, source: CheckpointSource) -> None:
+        """DeepSpeed ``global_stepN/mp_rank_00_model_states.pt``: the weights are under ``module``."""
+        folder = source.path
+        others = sorted(p.name for p in folder.glob("mp_rank_*_model_states.pt") if p.name != DEEPSPEED_MODEL_FILE)
+        if others:
+            raise CheckpointError(f"{folder}: a model-parallel DeepSpeed checkpoint ({DEEPSPEED_MODEL_FILE} and "
+                                  f"{others[0]}); not supported: convert it to one state dict first")
+        path = folder / DEEPSPEED_MODEL_FILE
+        obj = load_torch_file(path)
+        state = unwrap_state_dict(obj, path)
+        shapes = {}
+        for group in (obj.get("param_shapes") or []) if isinstance(obj, dict) else []:
+            if isinstance(group, dict):
+                shapes.update(group)
+        empty = [k for k, v in state.items() if v.numel() == 0 and int(torch.Size(shapes.get(k, (0,))).numel())]
+        if empty:
+            raise CheckpointError(
+                f"{path}: the weights are partitioned by ZeRO stage 3 ({empty[0]} is empty here); convert the run "
+                f"to one state dict first: python {folder.parent}/zero_to_fp32.py {folder.parent} model.bin "
+                f"(the script DeepSpeed saved beside the checkpoints), then ingest the results")
+        for name, value in state.items():
+            self._parts.append((name, value))
+
+    def _open_dcp(self, folder: Path) -> None:
+        """A ``torch.distributed.checkpoint`` folder: tensors listed by its metadata, read on demand in one
+        process (no process group); the model's tensors are taken from under a wrapper key when the saved dict
+        held several things (``{"model": ..., "optim": ...}``)."""
+        reader = _DcpFolder(folder)
+        for name, fqn in reader.model_tensors():
+            self._parts.append((name, _DcpTensor(reader, fqn)))
 
     def _open_sharded(self, folder: Path) -> None:
         index_path = find_index(folder)
@@ -151,6 +203,7 @@ class OpenCheckpoint:
     # -------------------------------------------------------------- access
     def infos(self) -> list[TensorInfo]:
         out = []
+        tied = self.tied()
         for name, part in self._parts:
             if isinstance(part, tuple):
                 handle, key = part
@@ -158,7 +211,9 @@ class OpenCheckpoint:
                 dtype = _safetensors_dtype(sl.get_dtype(), self.source.path, key)
                 out.append(TensorInfo(name, tuple(int(s) for s in sl.get_shape()), dtype))
             elif isinstance(part, torch.Tensor):
-                out.append(TensorInfo(name, tuple(part.shape), part.dtype))
+                out.append(TensorInfo(name, tuple(part.shape), part.dtype, tied.get(name)))
+            elif isinstance(part, _DcpTensor):
+                out.append(TensorInfo(name, part.shape, part.dtype))
             else:
                 raise CheckpointError(f"{self.source.path}: entry {name!r} is a {type(part).__name__}, "
                                       f"not a tensor")
@@ -167,7 +222,25 @@ class OpenCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         return self._materialise(name, dict(self._parts)[name])
 
+    def tied(self) -> dict[str, str]:
+        """{name: earlier name} for tensors that share storage with an earlier one (tied weights, e.g. a language
+        model's output layer and its embedding). Only torch files can hold such views."""
+        seen: dict[tuple, str] = {}
+        tied = {}
+        for name, part in self._parts:
+            if not isinstance(part, torch.Tensor) or part.numel() == 0:
+                continue
+            key = (part.untyped_storage().data_ptr(), part.storage_offset(), tuple(part.shape), part.stride(),
+                   part.dtype)
+            if key in seen:
+                tied[name] = seen[key]
+            else:
+                seen[key] = name
+        return tied
+
     def _materialise(self, name: str, part) -> torch.Tensor:
+        if isinstance(part, _DcpTensor):
+            return part.load()
         if isinstance(part, tuple):
             handle, key = part
             try:
@@ -210,7 +283,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_torch_file(path: Path):
-    """``torch.load`` with ``weights_only=True`` (never runs pickled code), memory-mapped when possible."""
+    """``torch.load`` with ``weights_only=True`` (never runs pickled code) and the :data:`SAFE_GLOBALS`
+    allow-list, memory-mapped when possible."""
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes)")
     try:
@@ -218,16 +292,55 @@ def load_torch_file(path: Path):
     except Exception:  # noqa: BLE001 - a damaged header can make zipfile raise instead of answering False
         mmap = False
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            offending = _unsafe_globals(path, exc)
+            what = f"Python objects of {', '.join(offending[:3])}" if offending else "Python objects beyond tensors"
             raise CheckpointError(
-                f"{path}: refused: unpickling it would run code or build Python objects beyond tensors "
-                f"(nothing was executed); {SAFE_RESAVE}") from None
+                f"{path}: refused: it holds {what}, and unpickling those could run code (nothing was executed); "
+                f"{SAFE_RESAVE}") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
     except Exception as exc:  # truncated zip, random bytes, legacy-format garbage...
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or damaged "
                               f"({_first_line(exc)})") from None
+
+
+def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
+    """The globals a refused file would need (read from the pickle's opcodes, never by running them)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to the loader's message
+        found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    return [name for name in dict.fromkeys(found) if name not in allowed]
+
+
+def strip_prefix(name: str, prefixes: tuple[str, ...]) -> str:
+    """``name`` without the first of ``prefixes`` it starts with (``module.`` of DataParallel/DDP)."""
+    for prefix in prefixes:
+        if prefix and name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def safetensors_metadata(source: Path) -> dict[str, str] | None:
+    """The header metadata of a safetensors checkpoint (of its first shard for a sharded folder), else None."""
+    if source.is_dir():
+        shards = sorted(source.glob(f"*{SAFETENSORS_SUFFIX}"))
+        if not shards:
+            return None
+        source = shards[0]
+    if not source.name.endswith(SAFETENSORS_SUFFIX) or not source.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source), framework="pt", device="cpu") as handle:
+            return handle.metadata()
+    except Exception:  # noqa: BLE001 - the source changed or vanished: write the default metadata instead
+        return None
 
 
 def unwrap_state_dict(obj, path: Path) -> dict:
@@ -276,3 +389,91 @@ def shard_files(folder: Path) -> list[Path]:
             raise CheckpointError(f"{index_path}: shard {name!r} is missing")
         files.append(path)
     return files
+
+
+# ------------------------------------------------------------------------------------------ DCP (FSDP) folders
+# The only classes a DCP ``.metadata`` pickle may build: DCP's own metadata records, torch.Size, dtypes and
+# layouts, and paths. Each is plain data; none runs code when built.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("collections", "OrderedDict")}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                         torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+
+
+class _DcpFolder:
+    """One DCP checkpoint folder read in this process (no process group), through DCP's own file reader."""
+
+    def __init__(self, folder: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.folder = folder
+        try:
+            with open(folder / DCP_METADATA, "rb") as handle:
+                self.metadata = _DcpMetadataUnpickler(handle).load()
+            entries = self.metadata.state_dict_metadata
+        except Exception as exc:  # noqa: BLE001 - damaged, foreign or refused metadata
+            raise CheckpointError(f"{folder / DCP_METADATA}: not readable DCP metadata ({_first_line(exc)}); "
+                                  f"refused") from None
+        for info in (self.metadata.storage_data or {}).values():
+            relative = Path(str(getattr(info, "relative_path", "")))
+            if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 1:
+                raise CheckpointError(f"{folder}: DCP metadata names a data file outside the folder "
+                                      f"({relative}); refused")
+        self.tensors = {fqn: md for fqn, md in entries.items() if isinstance(md, TensorStorageMetadata)}
+        self.paths = dict(getattr(self.metadata, "planner_data", None) or {})
+        self._reader_class = FileSystemReader
+        self._loaded: dict[str, torch.Tensor] | None = None
+
+    def model_tensors(self) -> list[tuple[str, str]]:
+        """(name, fqn) of the model's tensors: those under the first wrapper key of the saved dict when it held
+        several top-level entries (``{"model": sd, "optim": osd}``), else every tensor."""
+        paths = {fqn: tuple(self.paths.get(fqn, (fqn,))) for fqn in self.tensors}
+        tops = {path[0] for path in paths.values()}
+        for key in WRAPPER_KEYS:
+            inner = [(str(path[1]), fqn) for fqn, path in paths.items() if path[0] == key and len(path) == 2]
+            if inner and (len(tops) > 1 or all(len(p) == 2 for p in paths.values())):
+                return inner
+        return [(fqn, fqn) for fqn in self.tensors]
+
+    def load(self, fqn: str) -> torch.Tensor:
+        if self._loaded is None:  # every model tensor in one read plan (DCP reassembles sharded chunks)
+            import warnings
+
+            import torch.distributed.checkpoint as dcp
+
+            wanted = {f: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                      for _, f in self.model_tensors() for md in (self.tensors[f],)}
+            reader = self._reader_class(str(self.folder))
+            reader.read_metadata = lambda *args, **kwargs: self.metadata  # never the unrestricted pickle.load
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "no process group: loading in one process" is the point
+                    dcp.load(wanted, storage_reader=reader, no_dist=True)
+            except Exception as exc:  # noqa: BLE001 - missing or damaged .distcp files
+                raise CheckpointError(f"{self.folder}: cannot read the DCP checkpoint ({_first_line(exc)})") from None
+            self._loaded = wanted
+        return self._loaded[fqn]
+
+
+class _DcpTensor:
+    __slots__ = ("folder", "fqn", "shape", "dtype")
+
+    def __init__(self, folder: _DcpFolder, fqn: str):
+        md = folder.tensors[fqn]
+        self.folder, self.fqn = folder, fqn
+        self.shape, self.dtype = tuple(int(s) for s in md.size), md.properties.dtype
+
+    def load(self) -> torch.Tensor:
+        return self.folder.load(self.fqn)

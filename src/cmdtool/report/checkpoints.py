@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, UsageError
-from ..ingest.discover import discover
 from ..ingest.formats import OpenCheckpoint, torch_dtype
+from ..ingest.ingest import open_recorded_source
+from ..output_folder import give_normal_permissions
 
 FORMATS = ("pt", "safetensors")
 
@@ -28,12 +29,7 @@ def source_format(store, column: int) -> str:
 
 
 def _open_source(store, column: int) -> OpenCheckpoint:
-    record = store.time_axis[column]
-    path = Path(record.source)
-    if not path.exists():
-        raise CheckpointError(f"tensors left out of the store must be copied from the source checkpoint of epoch "
-                              f"{record.label}, {path}, which no longer exists")
-    return OpenCheckpoint(discover([path]).sources[0])
+    return open_recorded_source(store, column)
 
 
 def build_state_dict(store, vector: np.ndarray, column: int) -> dict[str, torch.Tensor]:
@@ -55,6 +51,8 @@ def build_state_dict(store, vector: np.ndarray, column: int) -> dict[str, torch.
             elif entry.role == "integer":
                 tensor = torch.from_numpy(np.asarray(integers[entry.offset:entry.stop])).reshape(entry.shape)
                 tensor = tensor.to(dtype)
+            elif entry.role == "tied":  # stored once, under the tensor it is tied to (an earlier entry)
+                tensor = state[entry.tied_to]
             else:
                 tensor = source.tensor(entry.name)
                 if tuple(tensor.shape) != tuple(entry.shape) or tensor.dtype != dtype:
@@ -68,8 +66,13 @@ def build_state_dict(store, vector: np.ndarray, column: int) -> dict[str, torch.
     return state
 
 
-def write_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str) -> Path:
-    """Write atomically (temporary file in the same folder, then rename): a crash leaves no partial file."""
+def write_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write atomically (temporary file in the same folder, then rename): a crash leaves no partial file.
+
+    The file gets the usual permissions (0666 less the umask). ``metadata``: the safetensors header metadata
+    (the source's, to keep e.g. ``{"format": "pt"}``; default ``{"format": "pt"}``, which Hugging Face loaders
+    expect)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown checkpoint format {fmt!r}: choose pt or safetensors")
     path = Path(path)
@@ -80,9 +83,10 @@ def write_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, fm
         if fmt == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(state, temporary)
+            save_file(state, temporary, metadata=metadata if metadata is not None else {"format": "pt"})
         else:
             torch.save(state, temporary)
+        give_normal_permissions(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

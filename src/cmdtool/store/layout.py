@@ -15,17 +15,19 @@ class TensorEntry:
     """One tensor of the checkpoints and where its values live in the store.
 
     ``role`` is ``"trajectory"`` (floating point: rows ``offset .. offset+numel`` of ``trajectories``),
-    ``"integer"`` (integer/bool: rows of ``integer_values``) or ``"excluded"`` (left out by the user's
-    patterns; reconstruction copies it from the source checkpoint).
+    ``"integer"`` (integer/bool: rows of ``integer_values``), ``"excluded"`` (left out by the user's
+    patterns; reconstruction copies it from the source checkpoint) or ``"tied"`` (shares its storage with the
+    earlier tensor ``tied_to``, e.g. an output layer tied to the embedding: stored once, under that name).
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     kind: str  # "parameter" | "buffer"
-    role: str  # "trajectory" | "integer" | "excluded"
+    role: str  # "trajectory" | "integer" | "excluded" | "tied"
     offset: int = 0
     numel: int = 0
+    tied_to: str = ""
 
     @property
     def stop(self) -> int:
@@ -34,6 +36,8 @@ class TensorEntry:
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["shape"] = list(self.shape)
+        if not self.tied_to:  # stores without tied tensors keep the manifest they always had
+            del data["tied_to"]
         return data
 
     @classmethod
@@ -81,6 +85,10 @@ class Layout:
     @property
     def integer_entries(self) -> list[TensorEntry]:
         return [e for e in self.entries if e.role == "integer"]
+
+    @property
+    def tied_entries(self) -> list[TensorEntry]:
+        return [e for e in self.entries if e.role == "tied"]
 
     @property
     def n_rows(self) -> int:
