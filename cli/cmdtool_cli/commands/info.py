@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def info(store: str = StoreOption, as_json: bool = JsonOption,
              layers: bool = typer.Option(False, "--layers", help="List every tensor, not only the largest ten.")):
-        """Summarise a store: parameters, tensors, checkpoints, sizes, NaN/Inf counts and saved analyses."""
+        """Summarise a store: parameters, tensors, checkpoints, sizes, NaN/Inf counts and saved analyses.
+        Tied tensors (one storage under two names, e.g. an output layer tied to the embedding) are listed and
+        counted once, with the alias noted."""
         summary = summarize(open_store(store))
         if as_json:
             print_json(summary)
@@ -29,6 +31,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"  parameters   {summary['parameters']:,} in {summary['tensors']} tensors "
                       f"(+{summary['integer_tensors']} integer tensors kept aside"
                       + (f", {len(summary['excluded_tensors'])} excluded" if summary['excluded_tensors'] else "")
+                      + (f", {len(summary['tied_tensors'])} tied to another, stored once"
+                         if summary['tied_tensors'] else "")
                       + ")")
         console.print(f"  checkpoints  {summary['checkpoints']} (epochs {labels['first']}..{labels['last']})")
         console.print(f"  source dtype {', '.join(summary['source_dtypes'])}; stored float32, chunks "
@@ -43,10 +47,18 @@ def register(app: typer.Typer) -> None:
         table = Table(title="tensors" if layers else "largest tensors", show_edge=False)
         for col in ("name", "shape", "dtype", "kind", "values"):
             table.add_column(col, justify="right" if col == "values" else "left")
-        rows = summary["layers"] if layers else sorted(summary["layers"], key=lambda r: -r["numel"])[:10]
+        # a tied tensor is one tensor under two names: one row, the alias noted, its values counted once
+        aliases: dict[str, list[str]] = {}
+        for tied in summary["tied_tensors"]:
+            aliases.setdefault(tied["tied_to"], []).append(tied["name"])
+        listed = [r for r in summary["layers"] if r["role"] != "tied"]
+        rows = listed if layers else sorted(listed, key=lambda r: -r["numel"])[:10]
         for row in rows:
             kind = row["kind"] if row["role"] == "trajectory" else f"{row['kind']} ({row['role']})"
-            table.add_row(row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], kind,
+            name = " = ".join([*aliases.get(row["name"], []), row["name"]])
+            if row["name"] in aliases:
+                name += " (tied, stored once)"
+            table.add_row(name, "x".join(map(str, row["shape"])) or "scalar", row["dtype"], kind,
                           f"{row['numel']:,}")
         console.print(table)
         if summary["analyses"]:

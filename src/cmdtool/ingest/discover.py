@@ -176,7 +176,7 @@ def discover(paths: list[str | Path], label_pattern: str | None = None, first_fr
             continue
         children = _checkpoint_children(path, ignored)
         own = folder_source(path)
-        if own is not None and not any(source.folder is not None for source, _ in children):
+        if own is not None and not any(source is not None and source.folder for source, _ in children):
             own.label_text, own.named = path.resolve().name, True
             sources.append(own)
             continue
@@ -281,8 +281,9 @@ def _assign_labels(sources, pattern, first_free_label, chosen_labels, skipped) -
             fix = "pass --set-label PATH=N" if pattern else "pass --label-pattern REGEX or --set-label PATH=N"
             raise UsageError(f"{source.path}: cannot read an epoch label from {source.label_text!r} with {rule}; "
                              f"{fix}")
-        skipped.append(f"{source.path}: no epoch label in {source.label_text!r} ({rule}); skipped as an alias or "
-                       f"final copy (take it with --set-label {source.path}=N)")
+        why = f"--label-pattern {pattern!r} does not match" if pattern else "no epoch number in"
+        skipped.append(f"{source.path}: {why} {source.label_text!r}; skipped as an alias or final copy (take it "
+                       f"with --set-label {source.path}=N)")
     kept.sort(key=lambda s: (s.label, _is_alias(s.label_text), natural_key(s.label_text)))
     result: list[CheckpointSource] = []
     for source in kept:

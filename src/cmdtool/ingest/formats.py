@@ -152,9 +152,9 @@ class OpenCheckpoint:
         empty = [k for k, v in state.items() if v.numel() == 0 and int(torch.Size(shapes.get(k, (0,))).numel())]
         if empty:
             raise CheckpointError(
-                f"{path}: the weights are partitioned by ZeRO stage 3 ({empty[0]} is empty here); convert the run "
-                f"to one state dict first: python {folder.parent}/zero_to_fp32.py {folder.parent} model.bin "
-                f"(the script DeepSpeed saved beside the checkpoints), then ingest the results")
+                f"{path}: the weights are partitioned by ZeRO stage 3 ({empty[0]} is empty here); convert each "
+                f"checkpoint with the script DeepSpeed saved beside them, e.g. python {folder.parent}/zero_to_fp32.py "
+                f"{folder.parent} {folder.name}_fp32 -t {folder.name}, then ingest the converted folders")
         for name, value in state.items():
             self._parts.append((name, value))
 

@@ -28,7 +28,8 @@ def summarize(store) -> dict:
     for entry in layout.entries:
         tensors.append({"name": entry.name, "shape": list(entry.shape), "dtype": entry.dtype, "kind": entry.kind,
                         "role": entry.role, "numel": entry.numel,
-                        "rows": [entry.offset, entry.stop] if entry.role == "trajectory" else None})
+                        "rows": [entry.offset, entry.stop] if entry.role == "trajectory" else None,
+                        **({"tied_to": entry.tied_to} if entry.role == "tied" else {})})
     dtypes = sorted({e.dtype for e in layout.trajectory_entries})
     results = []
     for kind, name in store.results.list():
@@ -48,6 +49,8 @@ def summarize(store) -> dict:
         "tensors": sum(1 for e in layout.entries if e.role == "trajectory"),
         "integer_tensors": sum(1 for e in layout.entries if e.role == "integer"),
         "excluded_tensors": [e.name for e in layout.entries if e.role == "excluded"],
+        # tensors sharing storage with an earlier one (tied weights): stored and counted once, under that name
+        "tied_tensors": [{"name": e.name, "tied_to": e.tied_to} for e in layout.tied_entries],
         "checkpoints": n_cols,
         "labels": {"first": axis[0].label if axis else None, "last": axis[-1].label if axis else None},
         "source_dtypes": dtypes,
