@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -213,3 +214,170 @@ def test_disk_full_mid_ingest_fails_cleanly_and_keeps_the_store_usable(tmp_path,
     assert verify_store(store).ok
     cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")  # space again: the append completes
     assert cmdtool.open_store(tmp_path / "s.zarr").labels.tolist() == list(range(1, 11))
+
+
+# ------------------------------------------------------------------ a user's files are never touched (issue 10)
+def _decomposed(tmp_path):
+    """A store ingested from tmp_path/ck with a small CMD result (enough for report, export and reconstruct)."""
+    from cmdtool.analyzers.cmd import PosthocCMD
+
+    write_checkpoints(tmp_path / "ck", n_epochs=6)
+    cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")
+    store = cmdtool.open_store(tmp_path / "s.zarr", mode="r+")
+    PosthocCMD(modes=2, samples=60).fit(store).save("default")
+    return store
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, *needles, code=2):
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_report_out_never_deletes_a_users_folder(tmp_path):
+    from test_bad_input import tree_digest
+
+    store = _decomposed(tmp_path)
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "sub" / "weights.pt").write_bytes(b"precious")
+    before = tree_digest(mine)
+    _one_line_error(_invoke("report", "--store", store.path, "--out", mine), "cmdtool did not write", "--force")
+    assert tree_digest(mine) == before and not list(tmp_path.glob(".cmdtool-partial-*"))
+    # --force writes the report beside the user's files, replacing none of them; reruns need no --force
+    assert _invoke("report", "--store", store.path, "--out", mine, "--force").exit_code == 0
+    assert _invoke("report", "--store", store.path, "--out", mine, "--format", "svg", "-q").exit_code == 0
+    after = tree_digest(mine)
+    assert {k: after[k] for k in before} == before
+    assert (mine / "index.html").is_file() and list(mine.glob("*.svg"))
+    assert not list(mine.glob("*.png"))  # the first run's own figures are replaced, the user's files are not
+    # a user's file of a name the report writes, put into a report folder, is not overwritten either
+    (mine / "index.html").write_text("the user's own page")
+    _one_line_error(_invoke("report", "--store", store.path, "--out", mine), "index.html")
+    assert (mine / "index.html").read_text() == "the user's own page"
+
+
+def test_report_out_at_the_store_or_a_source_folder_is_refused_even_with_force(tmp_path, monkeypatch):
+    from test_bad_input import tree_digest
+
+    store = _decomposed(tmp_path)
+    before, sources = tree_digest(store.path), tree_digest(tmp_path / "ck")
+    for out in (store.path, store.path / "results", tmp_path / "ck", tmp_path / "ck" / "report"):
+        for force in ((), ("--force",)):
+            _one_line_error(_invoke("report", "--store", store.path, "--out", out, *force), "never writes there")
+    assert tree_digest(store.path) == before and tree_digest(tmp_path / "ck") == sources
+    # `--out .` beside the store: refused as a folder cmdtool did not write; with --force the report goes in
+    # beside the store, which is left byte for byte as it was (it used to be renamed away, or half-moved)
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(_invoke("report", "--store", "s.zarr", "--out", "."), "cmdtool did not write")
+    assert _invoke("report", "--store", "s.zarr", "--out", ".", "--force").exit_code == 0
+    assert (tmp_path / "index.html").is_file() and tree_digest(store.path) == before
+    assert verify_store(cmdtool.open_store(tmp_path / "s.zarr")).ok
+
+
+def test_export_landscape_reconstruct_follow_the_same_rule(tmp_path):
+    from cmdtool.output_folder import MARKER, OutputFolder
+
+    store = _decomposed(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    _one_line_error(_invoke("export", "--store", store.path, "--out", mine), "cmdtool did not write")
+    _one_line_error(_invoke("reconstruct", "--store", store.path, "-e", 6, "--out", mine), "cmdtool did not write")
+    with pytest.raises(CmdtoolError, match="cmdtool did not write"):  # landscape saves through the same rule
+        OutputFolder(mine, "landscape", store=store)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # reconstruct onto a source checkpoint: refused (exit 2), the checkpoint unchanged, --force or not
+    source = tmp_path / "ck" / "epoch_3.pt"
+    data = source.read_bytes()
+    for force in ((), ("--force",)):
+        _one_line_error(_invoke("reconstruct", "--store", store.path, "-e", 3, "--out", source, *force),
+                        "is the source checkpoint of epoch 3")
+    assert source.read_bytes() == data
+    # a file the user owns needs --force; a folder cmdtool wrote takes more epochs without it
+    (tmp_path / "theirs.pt").write_bytes(b"x")
+    _one_line_error(_invoke("reconstruct", "--store", store.path, "-e", 6, "--out", tmp_path / "theirs.pt"),
+                    "cmdtool did not write it")
+    assert _invoke("reconstruct", "--store", store.path, "-e", 5, "--out", tmp_path / "rec").exit_code == 0
+    assert _invoke("reconstruct", "--store", store.path, "-e", 6, "--out", tmp_path / "rec").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [
+        MARKER, "cmd_default_epoch5.pt", "cmd_default_epoch6.pt"]
+
+
+INTERRUPT_SCRIPT = """
+import sys
+from cmdtool_cli.app import main
+print("ready", flush=True)
+sys.stdin.readline()
+sys.argv = ["cmdtool", "ingest", sys.argv[1], "--store", sys.argv[2], "--memory-budget", sys.argv[3]]
+main()
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupted_ingest_keeps_every_commit_and_resumes(tmp_path, signame):
+    """Ctrl-C (or SIGTERM) during a first ingest used to delete the whole store, commits and all. Now it leaves
+    what a SIGKILL would: every committed checkpoint, nothing half-deleted, no asyncio noise; a rerun completes
+    the store and equals an uninterrupted ingest. Kill points: before the first commit, after random commits of
+    a first ingest, and during an append."""
+    from conftest import release, spawn_waiting_child
+    from test_ingest import _store_values, committed_checkpoints
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    write_checkpoints(tmp_path / "ck", n_epochs=30, model=model)
+    budget = str(3 * 33_088 * 4)  # three checkpoints per commit
+    cmdtool.ingest([tmp_path / "ck"], tmp_path / "reference.zarr", memory_budget=budget)
+    reference = _store_values(tmp_path / "reference.zarr")
+    appended = tmp_path / "appended.zarr"
+    cmdtool.ingest([tmp_path / "ck" / f"epoch_{e}.pt" for e in range(1, 10)], appended, memory_budget=budget)
+    rng = np.random.default_rng(1 if signame == "SIGINT" else 2)
+    cases = [(tmp_path / "first0.zarr", 0)] + [(tmp_path / f"first{i}.zarr", int(rng.integers(1, 25)))
+                                                for i in (1, 2)] + [(appended, 15)]
+    children = [spawn_waiting_child(INTERRUPT_SCRIPT, tmp_path / "ck", path, budget) for path, _ in cases]
+    for (path, target), proc in zip(cases, children):
+        release(proc)
+        deadline = time.monotonic() + 60
+        while target and committed_checkpoints(path) < target and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        proc.send_signal(getattr(signal, signame))
+        out, _ = proc.communicate(timeout=60)
+        if proc.returncode not in (0, -getattr(signal, signame)):  # 0: it finished before the signal
+            assert proc.returncode == (130 if signame == "SIGINT" else 143), out
+        if target:
+            assert committed_checkpoints(path) >= target  # committed work survived the interrupt
+        cmdtool.ingest([tmp_path / "ck"], path, memory_budget=budget)  # the next run accepts what is there
+        labels, values, hashes = _store_values(path)
+        assert labels == reference[0] and hashes == reference[2]
+        np.testing.assert_array_equal(values, reference[1])
+        assert verify_store(cmdtool.open_store(path)).ok
+
+
+def test_interrupt_message_is_one_line_without_asyncio_noise(tmp_path):
+    """The CLI's own stderr on SIGINT: the one line, no traceback, no "Task was destroyed"."""
+    import subprocess
+    import sys
+
+    write_checkpoints(tmp_path / "ck", n_epochs=400, model=torch.nn.Linear(128, 128))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, tmp_path / "ck", tmp_path / "s.zarr",
+                             str(2 * 16512 * 4)], env=env, text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    from test_ingest import committed_checkpoints
+
+    assert proc.stdout.readline().strip() == "ready"
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    while committed_checkpoints(tmp_path / "s.zarr") < 20 and proc.poll() is None:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted; committed work is kept, run the command again to resume"]
+    assert cmdtool.open_store(tmp_path / "s.zarr").n_checkpoints >= 20

@@ -5,10 +5,11 @@ from __future__ import annotations
 import typer
 
 from .commands import register_all
-from .common import state
+from .common import OneLineErrors, state
 
 app = typer.Typer(
     name="cmdtool",
+    cls=OneLineErrors,
     help="Analyse neural-network training dynamics from saved checkpoints.\n\n"
          "Typical run: `cmdtool ingest ckpts/` (checkpoints -> ./cmdtool.zarr), then `cmdtool decompose --modes 10`, "
          "`cmdtool reconstruct --epoch 150`, `cmdtool compare dmd cmd`.",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from cmdtool.errors import CmdtoolError
 from cmdtool.progress import RichProgress
@@ -29,35 +32,64 @@ DeviceOption = typer.Option("auto", "--device",
                             help="Where batches are computed: auto (CUDA when present), cpu, cuda or cuda:N.")
 EpochsOption = typer.Option(None, "--epochs",
                             help="Epoch window A:B of labels (inclusive; either end may be left out).")
+ForceOutputOption = typer.Option(False, "--force", help="Also write into a non-empty folder that cmdtool did not "
+                                 "write (files of the same names are replaced, nothing else is touched). Never "
+                                 "lifts the rule against writing inside the store or a checkpoint folder.")
+
+# click's exception classes, found through typer's public BadParameter (typer vendors click in newer releases)
+_CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+ClickException, ClickUsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
 
 
 def progress_for(quiet: bool, as_json: bool = False) -> RichProgress:
-    return RichProgress(console=err_console, enabled=not quiet)
+    """Progress bars only on a terminal (a log file or a pipe gets no bar lines); notes unless --quiet."""
+    return RichProgress(console=err_console, enabled=not quiet, bars=err_console.is_terminal)
 
 
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def say_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 2):
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    say_error(message)
     raise typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every command cleans up (staging folders, locks) the same way."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def handle_errors(func):
-    """Turn library errors into one line on stderr and an exit code (2 misuse, 1 failure); --debug re-raises."""
+    """Turn library errors into one line on stderr and an exit code (2 misuse, 1 failure); --debug re-raises.
+
+    SIGINT and SIGTERM end the command like a SIGKILL at that moment would (committed work kept, nothing
+    half-written), but with the cleanup run and one line said: exit 130 (SIGINT) or 143 (SIGTERM)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        previous_term = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:  # not the main thread: keep the default
+            previous_term = None
         try:
             return func(*args, **kwargs)
         except CmdtoolError as exc:
             if state["debug"]:
                 traceback.print_exc()
             fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            err_console.print("interrupted; committed work is kept, run the command again to resume")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as exc:
+            err_console.print("interrupted; committed work is kept, run the command again to resume",
+                              highlight=False)
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
         except (typer.Exit, typer.Abort):
             raise
         except OSError as exc:
@@ -68,8 +100,37 @@ def handle_errors(func):
             if state["debug"]:
                 raise
             fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", 1)
+        finally:
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
 
     return wrapper
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (bad value, missing option, unknown command) as one line with the fix, exit 2, like every
+    other error, instead of click's multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except ClickUsageError as exc:
+            if exc.ctx is not None and type(exc).__name__ == "NoArgsIsHelpError":
+                sys.stdout.write(exc.ctx.get_help() + "\n")  # `cmdtool` alone: the help, as before
+                sys.exit(0)
+            where = exc.ctx.command_path if exc.ctx is not None else "cmdtool"
+            message = " ".join(exc.format_message().split())
+            say_error(f"{message} (see `{where} --help`)")
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            say_error(" ".join(exc.format_message().split()))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            say_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def store_path(store: str) -> Path:

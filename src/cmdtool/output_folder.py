@@ -4,7 +4,7 @@ A user's files are never deleted or overwritten:
 
 - A folder is cmdtool's only when cmdtool marked it: the marker file :data:`MARKER` lists every file cmdtool
   wrote there. Only those files are ever replaced or removed; a file of the same name that the marker does not
-  list is the user's, and is refused like any other.
+  list is the user's, and is refused (nothing is written) unless ``--force``.
 - Any other non-empty folder (or a user's file of the same name in a marked one) is refused unless the user
   passes ``--force``; even then only files of the names cmdtool writes are replaced, nothing else is touched.
 - Never inside or equal to the trajectory store, a checkpoint folder the store was ingested from, or the folder
@@ -95,10 +95,26 @@ def read_marker(folder: Path) -> dict | None:
     return data
 
 
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _unchanged(folder: Path, name: str, marker: dict | None) -> bool:
+    """Whether ``name`` is a file cmdtool wrote in ``folder`` and nobody changed since (size and mtime as
+    recorded): only such a file may be replaced or removed without --force."""
+    if not marker or name not in marker["files"]:
+        return False
+    recorded = (marker.get("stamps") or {}).get(name)
+    return recorded is None or recorded == _stamp(folder / name)
+
+
 def file_is_ours(path: Path) -> bool:
-    """Whether cmdtool wrote ``path``: the marker of its folder lists it."""
-    marker = read_marker(path.parent)
-    return bool(marker) and path.name in marker["files"]
+    """Whether cmdtool wrote ``path`` and it is unchanged since (the marker of its folder lists it)."""
+    return _unchanged(path.parent, path.name, read_marker(path.parent))
 
 
 def check_output_file(path: str | os.PathLike, store=None, force: bool = False, option: str = "--out") -> Path:
@@ -152,7 +168,9 @@ class OutputFolder:
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"{option} {self.path} is a file; give a folder")
         self.previous = read_marker(self.path) if self.path.is_dir() else None
-        foreign = self._foreign_entries()
+        # a folder cmdtool marked is accepted as is (the user's files there stay untouched); any other
+        # non-empty folder only with --force
+        foreign = [] if self.previous else self._foreign_entries()
         if foreign and not force:
             shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
             raise UsageError(f"{option} {self.path} already holds files cmdtool did not write ({shown}); choose a "
@@ -163,10 +181,7 @@ class OutputFolder:
     def _foreign_entries(self) -> list[str]:
         if not self.path.is_dir():
             return []
-        ours = set(self.previous["files"]) if self.previous else set()
-        ours |= {Path(f).parts[0] for f in ours}  # folders holding listed files (export's npy/, csv/)
-        return sorted(p.name for p in self.path.iterdir()
-                      if p.name != MARKER and not p.name.startswith(STAGING_PREFIX) and p.name not in ours)
+        return sorted(p.name for p in self.path.iterdir() if not p.name.startswith(STAGING_PREFIX))
 
     # ------------------------------------------------------------------ staging
     def __enter__(self) -> Path:
@@ -193,10 +208,12 @@ class OutputFolder:
                 shutil.rmtree(self.staging, ignore_errors=True)
         return False
 
-    def _write_marker(self, folder: Path, files: list[str], state: str) -> None:
+    def _write_marker(self, folder: Path, files: list[str], state: str, stamps: dict | None = None) -> None:
         data = {"written_by": "cmdtool", "command": self.command, "state": state, "pid": os.getpid(),
                 "updated_at": now_iso(), "files": sorted(set(files)),
-                "note": "cmdtool replaces or removes only the files listed here; every other file is yours"}
+                "stamps": {name: _stamp(folder / name) for name in sorted(set(files))} if stamps is None else stamps,
+                "note": "cmdtool replaces or removes only the files listed here, and only while unchanged "
+                        "(size, mtime); every other file is yours"}
         temporary = folder / f"{MARKER}.tmp"
         temporary.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(temporary, folder / MARKER)
@@ -216,14 +233,20 @@ class OutputFolder:
             self.staging.rename(self.path)
             self.staging = None
             return
-        previous = set(self.previous["files"]) if self.previous else set()
-        for name in self.files:  # a user's file of one of our names appeared while we worked
+        # ours: listed by the marker and unchanged since; a user's file (or one the user edited) of one of our
+        # names is never replaced without --force
+        previous = {name for name in (self.previous["files"] if self.previous else [])
+                    if _unchanged(self.path, name, self.previous)}
+        for name in self.files:
             target = self.path / name
             if target.is_dir() or (target.exists() and name not in previous and not self.force):
-                raise UsageError(f"{self.option} {self.path}: {name} appeared meanwhile and cmdtool did not "
-                                 f"write it; nothing was published (pass --force to replace it)")
+                raise UsageError(f"{self.option} {self.path}: {name} is there and cmdtool did not write it (or it "
+                                 f"changed since); nothing was written (choose another folder, or pass --force to "
+                                 f"replace it)")
+        old_stamps = {name: _stamp(self.path / name) for name in previous}
         # the marker first lists old and new files: a kill mid-way leaves only listed (ours) files behind
-        self._write_marker(self.path, sorted(previous | set(self.files)), state="complete")
+        self._write_marker(self.path, sorted(previous | set(self.files)), state="complete",
+                           stamps={**old_stamps, **{n: _stamp(self.staging / n) for n in self.files}})
         for name in self.files:
             target = self.path / name
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -23,17 +23,21 @@ class _NullTask:
 
 
 class RichProgress(NullProgress):
-    """A rich progress bar per task with rate and MB/s; notes go to stderr."""
+    """A rich progress bar per task with rate and MB/s; notes go to stderr.
 
-    def __init__(self, console=None, enabled: bool = True):
+    ``enabled=False`` silences everything; ``bars=False`` keeps the notes but draws no bars (a log file or a pipe
+    would otherwise get the bar's final line)."""
+
+    def __init__(self, console=None, enabled: bool = True, bars: bool = True):
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
         self.enabled = enabled
+        self.bars = bars
 
     @contextlib.contextmanager
     def task(self, description: str, total: float | None, unit: str = "rows"):
-        if not self.enabled:
+        if not (self.enabled and self.bars):
             yield _NullTask()
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \

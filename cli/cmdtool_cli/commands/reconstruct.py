@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import typer
 
 from cmdtool.analyzers import get_analyzer
 from cmdtool.errors import UsageError
+from cmdtool.ingest.formats import safetensors_metadata
+from cmdtool.output_folder import OutputFolder, check_output_file
 from cmdtool.report.checkpoints import FORMATS, build_state_dict, source_format, write_state_dict
 from cmdtool.store import open_store
 
-from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json
+from ..common import ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json
 
 DEFAULT_FOLDER = "reconstructed"
 
@@ -29,7 +32,9 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option(None, "--format", help="pt or safetensors (default: the source checkpoint's "
                                 "format; torch files and sharded folders give pt)."),
         out: Path = typer.Option(None, "--out", "-o", help="Output file (one epoch) or folder (default "
-                                 f"./{DEFAULT_FOLDER}/)."),
+                                 f"./{DEFAULT_FOLDER}/). Never a source checkpoint, nor inside the store or a "
+                                 "folder of source checkpoints."),
+        force: bool = ForceOutputOption,
         store: str = StoreOption,
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
@@ -53,17 +58,25 @@ def register(app: typer.Typer) -> None:
         if variant == "online" and not cmd.has_online:
             raise UsageError(f"the CMD decomposition {name!r} has no online variant: run `{hint}` first")
         paths = _output_paths(out, st, columns, name, variant, fmt)
+        as_file = len(paths) == 1 and paths[0][0] == out
+        if as_file:  # refused before the work: a source checkpoint, or a file cmdtool did not write
+            check_output_file(out, st, force=force)
+        # a folder follows the output-folder rule (staged, published whole); one file is written in place, atomically
         written = []
-        for column, (path, chosen) in zip(columns, paths):
-            started = time.perf_counter()
-            vector = cmd.reconstruct_epoch(st, column, variant=variant)
-            write_state_dict(build_state_dict(st, vector, column), path, chosen)
-            record = {"epoch": int(st.labels[column]), "variant": variant, "path": str(path), "format": chosen,
-                      "source": st.time_axis[column].source, "seconds": round(time.perf_counter() - started, 3)}
-            written.append(record)
-            if not as_json and not quiet:
-                console.print(f"epoch {record['epoch']} ({variant} CMD, {cmd.metrics_['modes']} modes) -> "
-                              f"{path}", highlight=False)
+        with contextlib.nullcontext(out.parent) if as_file else \
+                OutputFolder(paths[0][0].parent, "reconstruct", force=force, store=st) as target:
+            for column, (path, chosen) in zip(columns, paths):
+                started = time.perf_counter()
+                vector = cmd.reconstruct_epoch(st, column, variant=variant)
+                source = Path(st.time_axis[column].source)
+                metadata = safetensors_metadata(source) if chosen == "safetensors" else None
+                write_state_dict(build_state_dict(st, vector, column), target / path.name, chosen, metadata=metadata)
+                record = {"epoch": int(st.labels[column]), "variant": variant, "path": str(path), "format": chosen,
+                          "source": st.time_axis[column].source, "seconds": round(time.perf_counter() - started, 3)}
+                written.append(record)
+                if not as_json and not quiet:
+                    console.print(f"epoch {record['epoch']} ({variant} CMD, {cmd.metrics_['modes']} modes) -> "
+                                  f"{path}", highlight=False)
         if as_json:
             print_json(written)
 
