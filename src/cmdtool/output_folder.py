@@ -56,14 +56,20 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def protected_folders(store) -> dict[Path, str]:
     """Folders cmdtool never writes into, with the reason: the store and where its checkpoints came from."""
-    protected = {Path(store.path).resolve(): f"the trajectory store {store.path}"}
+    protected = {Path(store.path).resolve(): f"the trajectory store {store.path}: cmdtool never writes output "
+                                             f"there"}
+    source_note = "cmdtool never writes there (a later `cmdtool ingest` would take its output for checkpoints)"
     for record in store.time_axis:
         source = Path(record.source)
         if not source.is_absolute():  # e.g. "<array>" for a store built from memory
             continue
-        if source.is_dir():  # a checkpoint folder (HF checkpoint-N/, global_stepN/, a DCP folder, shards)
-            protected.setdefault(source, f"the checkpoint folder of epoch {record.label}")
-        protected.setdefault(source.parent, f"{source.parent}, the folder of the store's source checkpoints")
+        folder = Path(record.extra["folder"]) if record.extra.get("folder") else None
+        if folder is None and source.is_dir():  # sharded folders ingested before folders were recorded
+            folder = source
+        if folder is not None:  # a checkpoint folder (HF checkpoint-N/, global_stepN/, a DCP folder, shards)
+            protected.setdefault(folder, f"{folder}, the checkpoint folder of epoch {record.label}: {source_note}")
+        holder = (folder or source).parent
+        protected.setdefault(holder, f"{holder}, the folder of the store's source checkpoints: {source_note}")
     return protected
 
 
@@ -76,11 +82,11 @@ def refuse_protected(path: Path, store, option: str = "--out") -> None:
         if Path(record.source).is_absolute() and resolved == Path(record.source):
             raise UsageError(f"{option} {path} is the source checkpoint of epoch {record.label}: cmdtool never "
                              f"overwrites a checkpoint it did not write; choose another path")
-    for folder, why in protected_folders(store).items():
+    # the innermost protected folder gives the most precise reason
+    for folder, why in sorted(protected_folders(store).items(), key=lambda item: -len(item[0].parts)):
         if _inside(resolved, folder):
-            raise UsageError(f"{option} {path} is inside {why}: cmdtool never writes there (a later "
-                             f"`cmdtool ingest` would take its output for checkpoints); choose a folder outside "
-                             f"it (--force does not lift this)")
+            raise UsageError(f"{option} {path} is inside {why}; choose a folder outside it (--force does not "
+                             f"lift this)")
 
 
 def read_marker(folder: Path) -> dict | None:

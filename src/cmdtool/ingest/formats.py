@@ -297,9 +297,9 @@ def load_torch_file(path: Path):
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             offending = _unsafe_globals(path, exc)
-            what = f"Python objects of {', '.join(offending[:3])}" if offending else "Python objects beyond tensors"
+            what = ", ".join(offending[:3]) if offending else "Python objects beyond tensors"
             raise CheckpointError(
-                f"{path}: refused: it holds {what}, and unpickling those could run code (nothing was executed); "
+                f"{path}: refused: unpickling it needs {what}, which could run code (nothing was executed); "
                 f"{SAFE_RESAVE}") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
     except Exception as exc:  # truncated zip, random bytes, legacy-format garbage...
