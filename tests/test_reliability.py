@@ -270,7 +270,7 @@ def test_report_out_at_the_store_or_a_source_folder_is_refused_even_with_force(t
     before, sources = tree_digest(store.path), tree_digest(tmp_path / "ck")
     for out in (store.path, store.path / "results", tmp_path / "ck", tmp_path / "ck" / "report"):
         for force in ((), ("--force",)):
-            _one_line_error(_invoke("report", "--store", store.path, "--out", out, *force), "never writes there")
+            _one_line_error(_invoke("report", "--store", store.path, "--out", out, *force), "cmdtool never writes")
     assert tree_digest(store.path) == before and tree_digest(tmp_path / "ck") == sources
     # `--out .` beside the store: refused as a folder cmdtool did not write; with --force the report goes in
     # beside the store, which is left byte for byte as it was (it used to be renamed away, or half-moved)
