@@ -6,7 +6,6 @@ import functools
 import json
 import sys
 import traceback
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -25,18 +24,22 @@ StoreOption = typer.Option(fmt.DEFAULT_STORE, "--store", "-s", envvar=fmt.STORE_
                            show_default=True)
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bars or notes.")
-DeviceOption = typer.Option("auto", "--device",
-                            help="Where batches are computed: auto (CUDA when present), cpu, cuda or cuda:N.")
 EpochsOption = typer.Option(None, "--epochs",
                             help="Epoch window A:B of labels (inclusive; either end may be left out).")
 
 
-def progress_for(quiet: bool, as_json: bool = False) -> RichProgress:
+def progress_for(quiet: bool) -> RichProgress:
     return RichProgress(console=err_console, enabled=not quiet)
 
 
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def error_text(exc: CmdtoolError) -> str:
+    """The error's line; a library parameter it names is spelled as the command-line flag (modes -> --modes)."""
+    render = getattr(exc, "render", None)
+    return render(lambda name: "--" + name.replace("_", "-")) if render is not None else str(exc)
 
 
 def fail(message: str, code: int = 2):
@@ -54,7 +57,7 @@ def handle_errors(func):
         except CmdtoolError as exc:
             if state["debug"]:
                 traceback.print_exc()
-            fail(str(exc), exc.exit_code)
+            fail(error_text(exc), exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("interrupted; committed work is kept, run the command again to resume")
             raise typer.Exit(130)
@@ -70,7 +73,3 @@ def handle_errors(func):
             fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", 1)
 
     return wrapper
-
-
-def store_path(store: str) -> Path:
-    return Path(store)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cmdtool.store import open_store
 from cmdtool.store.summary import summarize
 from cmdtool.units import format_bytes
 
@@ -18,6 +17,8 @@ def register(app: typer.Typer) -> None:
     def info(store: str = StoreOption, as_json: bool = JsonOption,
              layers: bool = typer.Option(False, "--layers", help="List every tensor, not only the largest ten.")):
         """Summarise a store: parameters, tensors, checkpoints, sizes, NaN/Inf counts and saved analyses."""
+        from cmdtool.store import open_store  # zarr: imported only when a command needs it
+
         summary = summarize(open_store(store))
         if as_json:
             print_json(summary)

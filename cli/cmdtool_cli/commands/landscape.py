@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from cmdtool.landscape import landscape as compute_landscape
-from cmdtool.store import open_store
 
 from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
 from .evaluate import FnOption, ModelFactoryOption, SortMetricOption, SortModeOption
@@ -42,6 +41,8 @@ def register(app: typer.Typer) -> None:
         Examples: `cmdtool landscape --fn cmdtool.examples.digits:evaluate --epoch 40 --mode 0`,
         `cmdtool landscape --fn eval.py:metrics -e 40 --mode 0 --mode 1 --points 15`.
         """
+        from cmdtool.store import open_store
+
         st = open_store(store, mode="r")
         result = compute_landscape(st, fn, epoch, mode, span=span, points=points, decomposition=decomposition,
                                    model_factory=model_factory, sort_metric=sort_metric, sort_mode=sort_mode,
