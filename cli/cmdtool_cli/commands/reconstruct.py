@@ -12,7 +12,7 @@ from cmdtool.analyzers import reconstructions
 from cmdtool.averages import BASELINES
 from cmdtool.errors import UsageError
 
-from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json
+from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
 
 DEFAULT_FOLDER = "reconstructed"
 FORMATS = ("pt", "safetensors")
@@ -61,8 +61,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --format {fmt!r}: choose pt or safetensors")
         st = open_store(store, mode="r")
         columns = [st.column_of(label) for label in dict.fromkeys(epoch)]  # unknown epochs fail first
-        vectors = _averages(st, model, columns, ema_beta, swa_fraction, epochs) if model in AVERAGES \
-            else _modelled(st, model, columns, name)
+        vectors = _averages(st, model, columns, ema_beta, swa_fraction, epochs, progress_for(quiet or as_json)) \
+            if model in AVERAGES else _modelled(st, model, columns, name)
         paths = _output_paths(out, st, columns, model if model in AVERAGES else f"{model}_{name}", fmt)
         written = []
         for column, (path, chosen) in zip(columns, paths):
@@ -105,7 +105,8 @@ def _modelled(st, model: str, columns: list[int], name: str):
                reconstruction.options.get("variant"))
 
 
-def _averages(st, model: str, columns: list[int], ema_beta: float, swa_fraction: float, epochs: str | None):
+def _averages(st, model: str, columns: list[int], ema_beta: float, swa_fraction: float, epochs: str | None,
+              progress):
     """(vector, description, None) of each column's EMA or SWA over the window, in the asked order (one stream
     computes them all)."""
     from cmdtool.averages import check_ema_beta, iter_averages, swa_length
@@ -122,7 +123,8 @@ def _averages(st, model: str, columns: list[int], ema_beta: float, swa_fraction:
                              f"(--swa-fraction {swa_fraction} of {window.stop - window.start}); lower --swa-fraction "
                              "or pick a later epoch")
     beta = check_ema_beta(ema_beta)
-    found = {column: vector for _, column, vector in iter_averages(st, window, columns, [model], beta, swa_len)}
+    found = {column: vector for _, column, vector in
+             iter_averages(st, window, columns, [model], beta, swa_len, progress=progress, description=model.upper())}
     described = f"EMA, beta {beta}" if model == "ema" else f"SWA of the last {swa_len} checkpoints"
     for column in columns:
         yield found[column], described, None

@@ -302,7 +302,12 @@ class Analyzer(Estimator):
         return self
 
     def _check_store(self, store) -> None:
-        """The checks that need the store, before any work: the window is long enough, outputs can be written."""
+        """The checks that need the store or torch, before any work: the device exists (this imports torch, so
+        that ``fit_seconds`` times the fit, not the import), the window is long enough, outputs can be written."""
+        if hasattr(self, "device"):
+            from ..device import resolve_device
+
+            resolve_device(self.device)
         window = store.resolve_epochs(getattr(self, "epochs", None))
         n_cols = window.stop - window.start
         if n_cols < self.min_checkpoints:
