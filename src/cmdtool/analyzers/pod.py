@@ -36,31 +36,31 @@ def pod_stored_floats(rank: int, n_rows: int, n_cols: int) -> int:
 
 
 def spectrum_figure(pod, max_values: int = 60):
-    """Singular values σ_k / σ_1 of the window (log scale) with the kept rank, and the cumulative energy."""
+    """Singular values σ_k / σ_1 of the window and the share of Σσ² that k modes leave out (log scale), with the
+    kept rank."""
     from ..plotting import new_figure, styled
     from .base import ResultView
 
     view = ResultView(pod)
     sigma = np.asarray(view.small("singular_values"), dtype=np.float64)
     rank = int(view.value("rank"))
-    energy = np.cumsum(sigma**2) / max(float(np.sum(sigma**2)), np.finfo(float).tiny)
+    total = max(float(np.sum(sigma**2)), np.finfo(float).tiny)
+    left_out = 1.0 - np.cumsum(sigma**2) / total           # after keeping k modes
     shown = min(len(sigma), max(max_values, rank))
     k = np.arange(1, shown + 1)
     with styled():
         fig = new_figure(7.5, 4.0)
         ax = fig.add_subplot()
         ax.semilogy(k, np.maximum(sigma[:shown] / sigma[0], 1e-16), "o-", markersize=3, color="tab:blue",
-                    label="σ_k / σ_1")
-        ax.axvline(rank + 0.5, color="grey", ls="--", lw=1, label=f"rank kept: {rank}")
+                    label="singular value σ_k / σ_1")
+        ax.semilogy(k[:-1], np.maximum(left_out[:shown - 1], 1e-16), "s-", markersize=3, color="tab:red",
+                    label="share of Σσ² left out by k modes")
+        ax.axvline(rank, color="grey", ls="--", lw=1, label=f"rank kept: {rank}")
         ax.set_xlabel("mode k")
-        ax.set_ylabel("singular value σ_k / σ_1")
-        right = ax.twinx()
-        right.plot(k, 100 * energy[:shown], color="tab:red", lw=1.2, label="cumulative energy")
-        right.set_ylabel("cumulative energy Σσ² (% of the total)")
-        right.set_ylim(0, 105)
-        handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], loc="center right")
-        ax.set_title(f"POD spectrum: {rank} modes keep {100 * energy[rank - 1]:.4f}% of Σσ²")
+        ax.set_ylabel("relative size (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="upper right")
+        ax.set_title(f"POD spectrum: {rank} modes keep {100 * (1 - left_out[rank - 1]):.4f}% of Σσ²")
     return fig
 
 
@@ -121,8 +121,8 @@ class POD(GramModel):
     reconstructions = (Reconstruction("pod", "POD"),)
     figures = (
         FigureSpec("pod_spectrum", "POD spectrum", "Singular values of the trajectories over the window, relative to "
-                   "the largest (log scale), with the rank kept, and the cumulative energy Σσ² of the first k modes "
-                   "(truncated SVD, the best rank-r model of W in the least-squares sense).",
+                   "the largest, and the share of the energy Σσ² that the first k modes leave out (log scale), with "
+                   "the rank kept (truncated SVD: the best rank-r model of W in the least-squares sense).",
                    f"{__name__}:spectrum_figure",
                    numbers=lambda view: {"rank": view.value("rank"), "energy": view.value("energy")}),
         FigureSpec("pod_coefficients", "POD time coefficients", "Coordinates σ_k v_k(t) of each checkpoint on the "
