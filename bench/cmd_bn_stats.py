@@ -19,7 +19,7 @@ import torch
 from cmdtool.analyzers.cmd import PosthocCMD
 from cmdtool.examples import digits
 from cmdtool.ingest import ingest
-from cmdtool.report.checkpoints import build_state_dict
+from cmdtool.ingest.checkpoints import build_state_dict
 from cmdtool.store import open_store
 
 

@@ -224,14 +224,15 @@ def test_epoch_window(random_store):
 
 
 def test_bad_options_are_usage_errors(random_store):
+    """The library names its parameters (the CLI spells them as flags: tests/test_contract.py)."""
     store, _ = random_store
-    with pytest.raises(UsageError, match="--modes"):
+    with pytest.raises(UsageError, match="modes 500 is more than the 50 sampled weights: raise samples"):
         PosthocCMD(modes=500, samples=50).fit(store)
-    with pytest.raises(UsageError, match="--warmup"):
+    with pytest.raises(UsageError, match="warmup must be between 2 and the 17"):
         PosthocCMD(warmup=40).fit(store)
-    with pytest.raises(UsageError, match="--bn-stats"):
+    with pytest.raises(UsageError, match="unknown bn_stats 'maybe'"):
         PosthocCMD(bn_stats="maybe").fit(store)
-    with pytest.raises(UsageError, match="--sampling"):
+    with pytest.raises(UsageError, match="unknown sampling 'stratified'"):
         PosthocCMD(sampling="stratified").fit(store)
 
 

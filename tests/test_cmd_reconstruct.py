@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cmdtool.analyzers import get_analyzer
 from cmdtool.analyzers.cmd import PosthocCMD
 from cmdtool.ingest import ingest
-from cmdtool.report.checkpoints import build_state_dict
+from cmdtool.ingest.checkpoints import build_state_dict
 from cmdtool.store import open_store
 from cmdtool_cli.app import app
 

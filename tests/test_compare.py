@@ -14,6 +14,7 @@ import cmdtool.analyzers as registry
 from cmdtool.analyzers.base import Analyzer
 from cmdtool.analyzers.compare import compare
 from cmdtool.analyzers.linear_models import linear_model_metrics
+from cmdtool.analyzers.params import DEVICE, EPOCHS, Param
 from cmdtool.analyzers.passes import gram_matrix
 from cmdtool.store import from_array
 from cmdtool_cli.app import app
@@ -24,24 +25,13 @@ class MeanModel(Analyzer):
     stand in for CMD's a_i, b_i, plus T numbers of a 'reference curve'). Its motion-relative error is exactly 1."""
 
     method = "cmd"
+    params = (Param("modes", 1, "modes", kind=int, size=True), EPOCHS, DEVICE)
 
-    def __init__(self, modes: int = 1, epochs: str | None = None, device: str = "auto"):
-        self.modes, self.epochs, self.device = modes, epochs, device
-
-    def fit(self, store, progress=None):
-        self._begin_fit(store)
-        gram, _ = gram_matrix(store, self.device, progress).window(self.columns_)
+    def _fit(self, store, writer, progress):
+        gram, _ = gram_matrix(store, self.device, progress).window(self.window_)
         n_cols = gram.shape[0]
         self.metrics_ = linear_model_metrics(gram, np.full((n_cols, n_cols), 1.0 / n_cols),
                                              2 * store.n_rows + self.modes * n_cols)
-        self._end_fit()
-        return self
-
-    def _save_arrays(self, writer):
-        writer.put("epoch_relative_error", np.asarray(self.metrics_["epoch_relative_error"]))
-
-    def _load_arrays(self, result):
-        pass
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -28,8 +27,6 @@ StoreOption = typer.Option(fmt.DEFAULT_STORE, "--store", "-s", envvar=fmt.STORE_
                            show_default=True)
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bars or notes.")
-DeviceOption = typer.Option("auto", "--device",
-                            help="Where batches are computed: auto (CUDA when present), cpu, cuda or cuda:N.")
 EpochsOption = typer.Option(None, "--epochs",
                             help="Epoch window A:B of labels (inclusive; either end may be left out).")
 ForceOutputOption = typer.Option(False, "--force", help="Also write into a non-empty folder that cmdtool did not "
@@ -41,13 +38,19 @@ _CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
 ClickException, ClickUsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
 
 
-def progress_for(quiet: bool, as_json: bool = False) -> RichProgress:
+def progress_for(quiet: bool) -> RichProgress:
     """Progress bars only on a terminal (a log file or a pipe gets no bar lines); notes unless --quiet."""
     return RichProgress(console=err_console, enabled=not quiet, bars=err_console.is_terminal)
 
 
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def error_text(exc: CmdtoolError) -> str:
+    """The error's line; a library parameter it names is spelled as the command-line flag (modes -> --modes)."""
+    render = getattr(exc, "render", None)
+    return render(lambda name: "--" + name.replace("_", "-")) if render is not None else str(exc)
 
 
 def say_error(message: str) -> None:
@@ -85,7 +88,7 @@ def handle_errors(func):
         except CmdtoolError as exc:
             if state["debug"]:
                 traceback.print_exc()
-            fail(str(exc), exc.exit_code)
+            fail(error_text(exc), exc.exit_code)
         except KeyboardInterrupt as exc:
             err_console.print("interrupted; committed work is kept, run the command again to resume",
                               highlight=False)
@@ -131,7 +134,3 @@ class OneLineErrors(TyperGroup):
             say_error("aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
-
-
-def store_path(store: str) -> Path:
-    return Path(store)

@@ -7,12 +7,51 @@ Quick use::
     store = cmdtool.open_store("run.zarr")
     for start, stop, block in store.iter_blocks():   # row blocks of W (N x T), read ahead in a thread
         ...
+
+What these names need (torch, zarr) is imported on first use, so that importing a light part of the package
+(the errors, the analyzer registry for ``cmdtool --help``) stays fast.
 """
 
+import sys
+import types
+
 from .errors import CmdtoolError, UsageError
-from .ingest import ingest
-from .store import TrajectoryStore, open_store
 
 __version__ = "0.1.0"
+
+
+def ingest(*args, **kwargs):
+    """Stream checkpoints into a trajectory store: :func:`cmdtool.ingest.ingest.ingest` (imports torch)."""
+    from .ingest.ingest import ingest as run_ingest
+
+    return run_ingest(*args, **kwargs)
+
+
+def open_store(*args, **kwargs):
+    """Open a trajectory store: :func:`cmdtool.store.store.open_store` (imports zarr)."""
+    from .store.store import open_store as run_open_store
+
+    return run_open_store(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "TrajectoryStore":
+        from .store.store import TrajectoryStore
+
+        return TrajectoryStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the ``cmdtool.ingest`` subpackage sets ``cmdtool.ingest`` to it; the name stays the function
+    above, as it always was."""
+
+    def __setattr__(self, name, value):
+        if name == "ingest" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["CmdtoolError", "TrajectoryStore", "UsageError", "ingest", "open_store", "__version__"]

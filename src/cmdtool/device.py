@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-
 from .errors import UsageError
 
 
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda``/``cuda:N``/``cpu`` as given (checked)."""
+def resolve_device(spec=None):
+    """``auto`` (or None) -> CUDA when available, else CPU; ``cuda``/``cuda:N``/``cpu`` as given (checked).
+    Returns a ``torch.device`` (torch is imported here, not with the module)."""
+    import torch
+
     if isinstance(spec, torch.device):
         return spec
     spec = (spec or "auto").strip().lower()

@@ -31,3 +31,24 @@ class StoreLockedError(StoreError):
 
 class CorruptionError(StoreError):
     """A chunk of the store failed its checksum."""
+
+
+class ParameterError(UsageError):
+    """A parameter of an analyzer (or of another library call) has a value it cannot take.
+
+    The message is a template whose ``{name}`` fields are parameter names: ``str(error)`` spells them as the
+    library does (``modes``), and the command line spells them as its flags (``--modes``) through
+    :meth:`render`. ``parameters`` lists the names, the first one being the parameter at fault.
+    """
+
+    def __init__(self, template: str, *parameters: str, **values):
+        self.template, self.parameters, self.values = template, parameters, values
+        super().__init__(self.render())
+
+    def render(self, spell=lambda name: name) -> str:
+        """The message with each parameter name written as ``spell(name)`` (e.g. a command-line flag)."""
+        return self.template.format(**{name: spell(name) for name in self.parameters}, **self.values)
+
+
+class NotFittedError(UsageError):
+    """A fitted model's result was asked of an analyzer that was not fitted (or whose fit failed)."""

@@ -2,17 +2,14 @@
 
 The user names a callable that takes a state dict and returns ``{metric name: float}``. It is called on
 
-- ``original``: the checkpoints as stored (values from the store's columns: the source files are not needed),
-- ``ema``: the exponential moving average of the weights, ema_1 = w_1, ema_t = β ema_{t−1} + (1 − β) w_t,
-- ``swa``: the mean of the last L = max(1, round(fraction · T)) checkpoints up to epoch t, at every evaluated
-  epoch whose window is full (t ≥ the L-th checkpoint); at the final epoch this is SWA as in paper 000 Table 2,
-- the reconstructions of each decomposition in the store: ``cmd`` (post-hoc), ``cmd-online``, ``dmd``, ``pca``
-  (and ``kga`` on request),
+- the baselines of :mod:`cmdtool.averages`: ``original`` (the checkpoints as stored: the source files are not
+  needed), ``ema`` and ``swa`` (weight averages),
+- the reconstructions of each decomposition in the store, as the analyzer registry lists them (``cmd``
+  post-hoc, ``cmd-online``, ``dmd``, ``pca``, ``pod``, ...; a method that extends another, such as ``kga`` whose
+  model is DMD's, only on request),
 
 for every epoch of a window (or every K-th). Everything is relative to the evaluated window ``--epochs A:B``:
-EMA starts at A, SWA's T is the window's length. EMA and SWA average every float trajectory of the store,
-BatchNorm running statistics included (SWA proper would recompute them with a pass over the training data;
-cmdtool cannot); integer entries (``num_batches_tracked``) are the epoch's own.
+EMA starts at A, SWA's T is the window's length. Integer entries (``num_batches_tracked``) are the epoch's own.
 
 Memory: EMA and SWA stream the store in column windows (an N-vector of running sums, never N×T); the
 reconstructions come in groups of epochs sized to ``memory_budget``. State dicts are built in memory and handed
@@ -37,17 +34,18 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CmdtoolError, UsageError
+from .averages import BASELINES, DEFAULT_MEMORY_BUDGET, check_ema_beta, iter_averages, swa_length
+from .errors import CmdtoolError, ParameterError, UsageError
 from .progress import NullProgress
 
 KIND = "evaluation"
-BASELINES = ("original", "ema", "swa")
-# method name -> (analyzer, reconstruction variant); kga is evaluated only when asked for
-MODELLED = {"cmd": ("cmd", "posthoc"), "cmd-online": ("cmd", "online"), "dmd": ("dmd", None),
-            "pca": ("pca", None), "kga": ("kga", None)}
-DEFAULT_MODELLED = ("cmd", "cmd-online", "dmd", "pca")
-ALL_METHODS = BASELINES + tuple(MODELLED)
-DEFAULT_MEMORY_BUDGET = 256 * 1024**2
+
+
+def all_methods() -> tuple[str, ...]:
+    """Every method ``evaluate`` knows: the baselines, then each registered reconstruction."""
+    from .analyzers import reconstructions
+
+    return BASELINES + tuple(reconstructions())
 
 
 class EvaluationError(CmdtoolError):
@@ -102,7 +100,9 @@ def metric_function(fn: str | Callable, model_factory: str | Callable | None = N
     return on_model
 
 
-def _checked_metrics(value, method: str, label: int) -> dict[str, float]:
+def checked_metrics(value, method: str, label: int) -> dict[str, float]:
+    """The metric function's return value as ``{name: float}``, or an :class:`EvaluationError` saying what it
+    returned instead (naming the epoch and method)."""
     if not isinstance(value, dict) or not value:
         raise EvaluationError(f"the metric function returned {type(value).__name__} for epoch {label} of method "
                               f"{method}; it must return a non-empty dict of numbers, e.g. {{'test_acc': 0.93}}")
@@ -130,27 +130,12 @@ def lower_is_better(metric: str, mode: str = "auto") -> bool:
 def select_columns(store, epochs: str | None = None, every: int = 1) -> tuple[slice, list[int]]:
     """The window (a column slice) and the evaluated columns in it: every K-th from its start, plus its end."""
     if int(every) < 1:
-        raise UsageError(f"--every must be at least 1, got {every}")
+        raise ParameterError("{every} must be at least 1, got {value}", "every", value=every)
     window = store.resolve_epochs(epochs)
     columns = list(range(window.start, window.stop, int(every)))
     if columns[-1] != window.stop - 1:
         columns.append(window.stop - 1)  # the final epoch is what the table compares
     return window, columns
-
-
-def _column_windows(store, start: int, stop: int, width: int):
-    """Yield (column, N-vector float32) for columns start..stop-1, reading ``width`` columns of W at a time."""
-    for c0 in range(start, stop, width):
-        c1 = min(c0 + width, stop)
-        block = store._read(slice(0, store.n_rows), slice(c0, c1))
-        for k in range(c1 - c0):
-            yield c0 + k, block[:, k]
-
-
-def swa_length(n_columns: int, fraction: float) -> int:
-    if not 0.0 < float(fraction) <= 1.0:
-        raise UsageError(f"--swa-fraction must lie in (0, 1], got {fraction}")
-    return max(1, int(round(float(fraction) * n_columns)))
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -213,18 +198,21 @@ class Evaluation:
         return rows
 
 
-def available_methods(store, decomposition: str = "default") -> list[str]:
-    """The methods ``evaluate`` runs by default: the baselines and every decomposition present in the store."""
-    from .analyzers import get_analyzer
+def default_methods(store, decomposition: str = "default") -> list[str]:
+    """The methods ``evaluate`` runs by default: the baselines and every reconstruction of the decompositions
+    named ``decomposition`` in the store (a method that extends another, e.g. kga, only on request)."""
+    from .analyzers import reconstructions
 
     out = list(BASELINES)
-    for method in DEFAULT_MODELLED:
-        analyzer, variant = MODELLED[method]
-        if not store.results.exists(analyzer, decomposition):
+    loaded: dict = {}
+    for name, (cls, reconstruction) in reconstructions().items():
+        if cls.extends is not None or not store.results.exists(cls.method, decomposition):
             continue
-        if variant == "online" and not get_analyzer("cmd").load(store, decomposition).has_online:
-            continue
-        out.append(method)
+        if reconstruction.requires is not None:
+            analyzer = loaded.setdefault(cls.method, cls.load(store, decomposition))
+            if not reconstruction.available(analyzer):
+                continue
+        out.append(name)
     return out
 
 
@@ -233,21 +221,18 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
              decomposition: str = "default", name: str = "default", memory_budget: int = DEFAULT_MEMORY_BUDGET,
              commit_seconds: float = 30.0, progress=None) -> Evaluation:
     """Run the evaluation and commit it as ``results/evaluation/<name>`` (see the module note)."""
-    from .analyzers import get_analyzer
-    from .report.checkpoints import build_state_dict
+    from .analyzers import load_reconstruction
+    from .ingest.checkpoints import build_state_dict
 
     progress = progress or NullProgress()
-    if not 0.0 <= float(ema_beta) < 1.0:
-        raise UsageError(f"--ema-beta must lie in [0, 1), got {ema_beta}")
+    ema_beta = check_ema_beta(ema_beta)
     window, columns = select_columns(store, epochs, every)
     swa_len = swa_length(window.stop - window.start, swa_fraction)
-    chosen = _resolve_methods(store, methods, decomposition)
-    analyzers = {}
-    for method in chosen:  # every requested decomposition is loaded (and checked) before any evaluation
-        if method in MODELLED:
-            analyzer_name, variant = MODELLED[method]
-            analyzers[method] = analyzers.get(analyzer_name) or get_analyzer(analyzer_name).load(store, decomposition)
-            analyzers[analyzer_name] = analyzers[method]
+    chosen = _resolve_methods(methods) if methods else default_methods(store, decomposition)
+    loaded: dict = {}
+    # every requested decomposition is loaded (and checked) before any evaluation
+    modelled = {method: load_reconstruction(store, method, decomposition, loaded) for method in chosen
+                if method not in BASELINES}
     call = metric_function(fn, model_factory)
     labels = store.labels
     run = Evaluation(store, name, config={
@@ -273,7 +258,7 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
                                   f"{type(exc).__name__}: {exc} ({len(run.records)} result(s) computed before "
                                   f"are kept in evaluation/{name})") from exc
         try:
-            metrics = _checked_metrics(value, method, label)
+            metrics = checked_metrics(value, method, label)
         except EvaluationError:
             run.commit()
             raise
@@ -288,16 +273,17 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
     started_all = time.perf_counter()
     baselines = [m for m in chosen if m in BASELINES]
     if baselines:
-        _evaluate_baselines(store, window, columns, baselines, float(ema_beta), swa_len, memory_budget,
-                            evaluate_vector, run, progress)
+        started = time.perf_counter()
+        for method, column, vector in iter_averages(store, window, columns, baselines, ema_beta, swa_len,
+                                                    memory_budget, progress, "evaluate original/EMA/SWA"):
+            evaluate_vector(method, column, vector)
+        # reading the store and averaging: the stage's time less the time spent in the metric function
+        spent = sum(run.timings.get(m, {}).get("evaluate_seconds", 0.0) for m in baselines)
+        run.timings["baselines_stream_seconds"] = time.perf_counter() - started - spent
         run.commit()
         last_commit[0] = time.perf_counter()
-    for method in chosen:
-        if method in BASELINES:
-            continue
-        analyzer = analyzers[method]
-        variant = MODELLED[method][1]
-        inside = [c for c in columns if analyzer.columns_.start <= c < analyzer.columns_.stop]
+    for method, (analyzer, reconstruction) in modelled.items():
+        inside = [c for c in columns if analyzer.window_.start <= c < analyzer.window_.stop]
         if len(inside) < len(columns):
             run.config["skipped"][method] = [int(labels[c]) for c in columns if c not in inside]
             progress.note(f"{method}: {len(columns) - len(inside)} epoch(s) outside the decomposition's window "
@@ -307,8 +293,7 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
             for g0 in range(0, len(inside), group):
                 chunk = inside[g0:g0 + group]
                 started = time.perf_counter()
-                options = {"variant": variant} if variant else {}
-                vectors = analyzer.reconstruct_epochs(store, chunk, **options)
+                vectors = analyzer.reconstruct_epochs(store, chunk, **reconstruction.options)
                 timing = run.method_timing(method)
                 timing["reconstruct_seconds"] += time.perf_counter() - started
                 for k, column in enumerate(chunk):
@@ -321,65 +306,16 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
     return run
 
 
-def _resolve_methods(store, methods, decomposition: str) -> list[str]:
-    if not methods:
-        return available_methods(store, decomposition)
+def _resolve_methods(methods) -> list[str]:
+    """The asked methods (repeated or comma-separated), each checked against :func:`all_methods`."""
+    known = all_methods()
     chosen = []
     for item in methods:
         for method in str(item).split(","):
             method = method.strip().lower()
             if not method:
                 continue
-            if method not in ALL_METHODS:
-                raise UsageError(f"unknown method {method!r}: choose from {', '.join(ALL_METHODS)}")
+            if method not in known:
+                raise UsageError(f"unknown method {method!r}: choose from {', '.join(known)}")
             chosen.append(method)
-    chosen = list(dict.fromkeys(chosen))
-    for method in chosen:
-        if method not in MODELLED:
-            continue
-        analyzer, variant = MODELLED[method]
-        hint = f"cmdtool decompose -m {analyzer}" + (" --warmup 20" if variant == "online" else "")
-        if not store.results.exists(analyzer, decomposition):
-            raise UsageError(f"method {method}: no {analyzer} result named {decomposition!r} in {store.path}; "
-                             f"run `{hint}` first")
-        if variant == "online":
-            from .analyzers import get_analyzer
-
-            if not get_analyzer("cmd").load(store, decomposition).has_online:
-                raise UsageError(f"method {method}: the CMD result {decomposition!r} has no online variant; "
-                                 f"run `{hint}` first")
-    return chosen
-
-
-def _evaluate_baselines(store, window: slice, columns: list[int], methods: list[str], beta: float, swa_len: int,
-                        memory_budget: int, evaluate_vector, run: Evaluation, progress) -> None:
-    """original, EMA and SWA in one streaming read of the window (plus a trailing read for SWA's window).
-
-    Memory: the read-ahead of ``width`` columns (two for SWA) plus two float64 N-vectors of running sums.
-    """
-    wanted = set(columns)
-    n_rows = store.n_rows
-    width = max(1, min(window.stop - window.start, int(memory_budget // (8 * max(n_rows, 1)))))
-    ema = swa_sum = None
-    trailing = _column_windows(store, window.start, window.stop, width) if "swa" in methods else None
-    started = time.perf_counter()
-    with progress.task("evaluate original/EMA/SWA", total=window.stop - window.start, unit="epochs") as task:
-        for column, values in _column_windows(store, window.start, window.stop, width):
-            values64 = values.astype(np.float64)
-            if "ema" in methods:
-                ema = values64.copy() if ema is None else beta * ema + (1.0 - beta) * values64
-            if "swa" in methods:
-                swa_sum = values64.copy() if swa_sum is None else swa_sum + values64
-                if column - window.start >= swa_len:  # the checkpoint that leaves the window of the last swa_len
-                    swa_sum -= next(trailing)[1]
-            if column in wanted:
-                if "original" in methods:
-                    evaluate_vector("original", column, values)
-                if "ema" in methods:
-                    evaluate_vector("ema", column, ema.astype(np.float32))
-                if "swa" in methods and column - window.start + 1 >= swa_len:
-                    evaluate_vector("swa", column, (swa_sum / swa_len).astype(np.float32))
-            task.advance(1)
-    # reading the store and averaging: the stage's time less the time spent in the metric function
-    spent = sum(run.timings.get(m, {}).get("evaluate_seconds", 0.0) for m in methods)
-    run.timings["baselines_stream_seconds"] = time.perf_counter() - started - spent
+    return list(dict.fromkeys(chosen))

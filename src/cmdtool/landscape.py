@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UsageError
-from .evaluate import EvaluationError, _checked_metrics, lower_is_better, metric_function
+from .errors import ParameterError, UsageError
+from .evaluate import EvaluationError, checked_metrics, lower_is_better, metric_function
 from .progress import NullProgress
 
 
@@ -78,13 +78,11 @@ class Landscape:
         return {kind: output.path / name for kind, name in names.items()}
 
     def plot(self, path: str | Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         values = self.metrics[self.sort_metric]
-        fig, ax = plt.subplots(figsize=(6, 4.2))
+        fig = Figure(figsize=(6, 4.2))  # no pyplot: nothing global is registered, no display is needed
+        ax = fig.add_subplot()
         if len(self.modes) == 1:
             axis = self.axes[0]
             ax.plot(axis, values, "-", color="tab:blue", lw=1.5)
@@ -109,7 +107,6 @@ class Landscape:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return Path(path)
 
 
@@ -124,17 +121,17 @@ def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: 
               sort_metric: str | None = None, sort_mode: str = "auto", progress=None) -> Landscape:
     """Evaluate ``fn`` over a 1-D (one mode) or 2-D (two modes) grid of reference values at ``epoch``."""
     from .analyzers import get_analyzer
-    from .report.checkpoints import build_state_dict
+    from .ingest.checkpoints import build_state_dict
 
     progress = progress or NullProgress()
     modes = [int(m) for m in modes]
     if len(modes) not in (1, 2) or len(set(modes)) != len(modes):
         raise UsageError(f"give one mode (a curve) or two different modes (a surface), got {modes}")
     if not span > 0:
-        raise UsageError(f"--span must be positive, got {span}")
+        raise ParameterError("{span} must be positive, got {value}", "span", value=span)
     points = int(points or (51 if len(modes) == 1 else 21))
     if points < 2:
-        raise UsageError(f"--points must be at least 2, got {points}")
+        raise ParameterError("{points} must be at least 2, got {value}", "points", value=points)
     if not store.results.exists("cmd", decomposition):
         raise UsageError(f"no CMD decomposition named {decomposition!r} in {store.path} yet: run "
                          f"`cmdtool decompose --modes 10` first")
@@ -144,7 +141,7 @@ def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: 
         if not 0 <= m < n_modes:
             raise UsageError(f"mode {m} does not exist: the decomposition has modes 0..{n_modes - 1}")
     column = store.column_of(epoch)
-    t = cmd._check_column(store, column)
+    t = cmd.window_position(store, column)
     call = metric_function(fn, model_factory)
     references = cmd.reference_trajectories_.astype(np.float64)
     recorded = [float(references[m, t]) for m in modes]
@@ -159,7 +156,7 @@ def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: 
         except Exception as exc:  # noqa: BLE001 - the user's code: one line naming where it failed
             raise EvaluationError(f"the metric function failed on {where} at epoch {epoch}: "
                                   f"{type(exc).__name__}: {exc}") from exc
-        return _checked_metrics(value, f"landscape ({where})", epoch)
+        return checked_metrics(value, f"landscape ({where})", epoch)
 
     def evaluate_at(deltas, where: str) -> dict:
         vector = base.copy()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cmdtool.evaluate import ALL_METHODS, Evaluation, evaluate as run_evaluation
-from cmdtool.store import open_store
+from cmdtool.evaluate import Evaluation, all_methods, evaluate as run_evaluation
 
 from ..common import EpochsOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, \
     progress_for
@@ -30,8 +29,9 @@ def register(app: typer.Typer) -> None:
         fn: str = FnOption,
         model_factory: str = ModelFactoryOption,
         methods: list[str] = typer.Option(None, "--methods", "-m", help="Methods to evaluate (repeat or comma-"
-                                          f"separate): {', '.join(ALL_METHODS)}. Default: original, ema, swa and "
-                                          "every decomposition in the store (cmd, cmd-online, dmd, pca)."),
+                                          f"separate): {', '.join(all_methods())}. Default: original, ema, swa "
+                                          "and the models of every decomposition in the store (kga, whose model "
+                                          "is DMD's, only when named)."),
         epochs: str = EpochsOption,
         every: int = typer.Option(1, "--every", help="Evaluate every K-th epoch of the window (the last one "
                                   "always)."),
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
                                        "(1-β) w_t."),
         swa_fraction: float = typer.Option(0.25, "--swa-fraction", help="SWA: mean of the last fraction of the "
                                            "window's checkpoints (evaluated where that many are available)."),
-        decomposition: str = typer.Option("default", "--decomposition", help="Name of the saved CMD/DMD/PCA "
+        decomposition: str = typer.Option("default", "--decomposition", help="Name of the saved decomposition "
                                           "results to reconstruct from."),
         name: str = typer.Option("default", "--name", help="Name of the saved evaluation (replaced if it "
                                  "exists)."),
@@ -50,11 +50,14 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JsonOption,
     ):
         """Evaluate your metric function on the original checkpoints, EMA and SWA of the weights, and the
-        reconstructions of CMD (post-hoc and online), DMD and PCA; results are saved in the store.
+        reconstructions of every decomposition in the store (CMD post-hoc and online, DMD, PCA, POD, ...);
+        results are saved in the store.
 
         Examples: `cmdtool evaluate --fn cmdtool.examples.digits:evaluate`,
         `cmdtool evaluate --fn eval.py:metrics -m original,cmd,ema --every 5 --ema-beta 0.95`.
         """
+        from cmdtool.store import open_store
+
         st = open_store(store, mode="r+")
         run = run_evaluation(st, fn, model_factory=model_factory, methods=methods, epochs=epochs, every=every,
                              ema_beta=ema_beta, swa_fraction=swa_fraction, decomposition=decomposition,

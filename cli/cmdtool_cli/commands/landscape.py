@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 
 from cmdtool.landscape import landscape as compute_landscape
-from cmdtool.output_folder import OutputFolder
-from cmdtool.store import open_store
 
 from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
                       progress_for)
@@ -45,6 +43,9 @@ def register(app: typer.Typer) -> None:
         Examples: `cmdtool landscape --fn cmdtool.examples.digits:evaluate --epoch 40 --mode 0`,
         `cmdtool landscape --fn eval.py:metrics -e 40 --mode 0 --mode 1 --points 15`.
         """
+        from cmdtool.output_folder import OutputFolder
+        from cmdtool.store import open_store
+
         st = open_store(store, mode="r")
         OutputFolder(out, "landscape", force=force, store=st)  # refuse a folder before the work, not after
         result = compute_landscape(st, fn, epoch, mode, span=span, points=points, decomposition=decomposition,

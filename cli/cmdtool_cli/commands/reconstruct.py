@@ -1,4 +1,5 @@
-"""`cmdtool reconstruct`: write the CMD-modelled checkpoint of one or more epochs."""
+"""`cmdtool reconstruct`: write the modelled checkpoint of one or more epochs, of any registered method (CMD by
+default) or of the EMA/SWA weight averages."""
 
 from __future__ import annotations
 
@@ -8,27 +9,37 @@ from pathlib import Path
 
 import typer
 
-from cmdtool.analyzers import get_analyzer
+from cmdtool.analyzers import reconstructions
+from cmdtool.averages import BASELINES
 from cmdtool.errors import UsageError
-from cmdtool.ingest.formats import safetensors_metadata
-from cmdtool.output_folder import OutputFolder, check_output_file
-from cmdtool.report.checkpoints import FORMATS, build_state_dict, source_format, write_state_dict
-from cmdtool.store import open_store
 
-from ..common import ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json
+from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
+                      progress_for)
 
 DEFAULT_FOLDER = "reconstructed"
+FORMATS = ("pt", "safetensors")
+AVERAGES = tuple(m for m in BASELINES if m != "original")
 
 
 def register(app: typer.Typer) -> None:
+    models = ", ".join(reconstructions())
+
     @app.command("reconstruct")
     @handle_errors
     def reconstruct(
         epoch: list[int] = typer.Option(..., "--epoch", "-e", help="Epoch label to reconstruct (repeat for "
                                         "several)."),
-        variant: str = typer.Option("posthoc", "--variant", help="posthoc (Sec. 3.2) or online (Sec. 3.3; "
-                                    "needs `decompose --warmup F`)."),
-        name: str = typer.Option("default", "--name", help="Name of the CMD result to use."),
+        method: str = typer.Option("cmd", "--method", "-m", help=f"Model to write: {models}, or the weight "
+                                   f"averages {' or '.join(AVERAGES)}."),
+        variant: str = typer.Option(None, "--variant", help="CMD: posthoc (Sec. 3.2) or online (Sec. 3.3; needs "
+                                    "`decompose --warmup F`); `--method cmd --variant online` is `--method "
+                                    "cmd-online`."),
+        name: str = typer.Option("default", "--name", help="Name of the saved result to use."),
+        ema_beta: float = typer.Option(0.9, "--ema-beta", help="EMA: ema_t = β ema_(t-1) + (1-β) w_t."),
+        swa_fraction: float = typer.Option(0.25, "--swa-fraction", help="SWA: mean of the last fraction of the "
+                                           "window's checkpoints up to the epoch."),
+        epochs: str = typer.Option(None, "--epochs", help="EMA/SWA: the window A:B the averages run over (EMA "
+                                   "starts at A; SWA's length is a fraction of it). Default: the whole store."),
         fmt: str = typer.Option(None, "--format", help="pt or safetensors (default: the source checkpoint's "
                                 "format; torch files and sharded folders give pt)."),
         out: Path = typer.Option(None, "--out", "-o", help="Output file (one epoch) or folder (default "
@@ -39,25 +50,26 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
     ):
-        """Write the CMD-modelled checkpoint of an epoch: same keys, order, shapes and dtypes as the source,
+        """Write the modelled checkpoint of an epoch: same keys, order, shapes and dtypes as the source,
         loadable with load_state_dict(strict=True).
 
         Examples: `cmdtool reconstruct --epoch 150`, `cmdtool reconstruct -e 100 -e 150 --variant online
-        --format safetensors --out ckpts_cmd/`.
+        --format safetensors --out ckpts_cmd/`, `cmdtool reconstruct -e 150 -m dmd`, `cmdtool reconstruct -e 150
+        -m swa --swa-fraction 0.2`.
         """
-        if variant not in ("posthoc", "online"):
-            raise UsageError(f"unknown --variant {variant!r}: choose posthoc or online")
+        from cmdtool.ingest.checkpoints import build_state_dict, write_state_dict
+        from cmdtool.ingest.formats import safetensors_metadata
+        from cmdtool.output_folder import OutputFolder, check_output_file
+        from cmdtool.store import open_store
+
+        model = _model_name(method.lower(), variant)
         if fmt is not None and fmt not in FORMATS:
             raise UsageError(f"unknown --format {fmt!r}: choose pt or safetensors")
         st = open_store(store, mode="r")
         columns = [st.column_of(label) for label in dict.fromkeys(epoch)]  # unknown epochs fail first
-        hint = "cmdtool decompose --modes 10" + (" --warmup 20" if variant == "online" else "")
-        if not st.results.exists("cmd", name):
-            raise UsageError(f"no CMD decomposition named {name!r} in {st.path} yet: run `{hint}` first")
-        cmd = get_analyzer("cmd").load(st, name)
-        if variant == "online" and not cmd.has_online:
-            raise UsageError(f"the CMD decomposition {name!r} has no online variant: run `{hint}` first")
-        paths = _output_paths(out, st, columns, name, variant, fmt)
+        vectors = _averages(st, model, columns, ema_beta, swa_fraction, epochs, progress_for(quiet or as_json)) \
+            if model in AVERAGES else _modelled(st, model, columns, name)
+        paths = _output_paths(out, st, columns, model if model in AVERAGES else f"{model}_{name}", fmt)
         as_file = len(paths) == 1 and paths[0][0] == out
         if as_file:  # refused before the work: a source checkpoint, or a file cmdtool did not write
             check_output_file(out, st, force=force)
@@ -67,23 +79,75 @@ def register(app: typer.Typer) -> None:
                 OutputFolder(paths[0][0].parent, "reconstruct", force=force, store=st) as target:
             for column, (path, chosen) in zip(columns, paths):
                 started = time.perf_counter()
-                vector = cmd.reconstruct_epoch(st, column, variant=variant)
+                vector, described, model_variant = next(vectors)
                 source = Path(st.time_axis[column].source)
                 metadata = safetensors_metadata(source) if chosen == "safetensors" else None
                 write_state_dict(build_state_dict(st, vector, column), target / path.name, chosen, metadata=metadata)
-                record = {"epoch": int(st.labels[column]), "variant": variant, "path": str(path), "format": chosen,
-                          "source": st.time_axis[column].source, "seconds": round(time.perf_counter() - started, 3)}
+                record = {"epoch": int(st.labels[column]), "method": model, "variant": model_variant,
+                          "path": str(path), "format": chosen, "source": st.time_axis[column].source,
+                          "seconds": round(time.perf_counter() - started, 3)}
                 written.append(record)
                 if not as_json and not quiet:
-                    console.print(f"epoch {record['epoch']} ({variant} CMD, {cmd.metrics_['modes']} modes) -> "
-                                  f"{path}", highlight=False)
+                    console.print(f"epoch {record['epoch']} ({described}) -> {path}", highlight=False)
         if as_json:
             print_json(written)
 
 
-def _output_paths(out: Path | None, st, columns, name: str, variant: str, fmt: str | None):
+def _model_name(method: str, variant: str | None) -> str:
+    """The model's name in the registry (``cmd`` + ``--variant online`` is ``cmd-online``), checked."""
+    known = tuple(reconstructions()) + AVERAGES
+    if variant is not None:
+        if method != "cmd":
+            raise UsageError(f"--variant applies to --method cmd; name the model with --method ({', '.join(known)})")
+        if variant not in ("posthoc", "online"):
+            raise UsageError(f"unknown --variant {variant!r}: choose posthoc or online")
+        method = "cmd" if variant == "posthoc" else "cmd-online"
+    if method not in known:
+        raise UsageError(f"unknown --method {method!r}: choose from {', '.join(known)}")
+    return method
+
+
+def _modelled(st, model: str, columns: list[int], name: str):
+    """(vector, description, variant) of each column from the saved result ``name`` of the model's analyzer."""
+    from cmdtool.analyzers import load_reconstruction
+
+    analyzer, reconstruction = load_reconstruction(st, model, name)
+    size = " ".join(f"{k}={v}" for k, v in analyzer.model_size().items())
+    described = reconstruction.label + (f", {size}" if size else "")
+    for column in columns:
+        yield (analyzer.reconstruct_epoch(st, column, **reconstruction.options), described,
+               reconstruction.options.get("variant"))
+
+
+def _averages(st, model: str, columns: list[int], ema_beta: float, swa_fraction: float, epochs: str | None,
+              progress):
+    """(vector, description, None) of each column's EMA or SWA over the window, in the asked order (one stream
+    computes them all)."""
+    from cmdtool.averages import check_ema_beta, iter_averages, swa_length
+
+    window = st.resolve_epochs(epochs)
+    outside = [int(st.labels[c]) for c in columns if not window.start <= c < window.stop]
+    if outside:
+        raise UsageError(f"epoch {outside[0]} is outside the averaging window --epochs {epochs}")
+    swa_len = swa_length(window.stop - window.start, swa_fraction)
+    if model == "swa":
+        short = [int(st.labels[c]) for c in columns if c - window.start + 1 < swa_len]
+        if short:
+            raise UsageError(f"epoch {short[0]} has fewer than the {swa_len} checkpoints SWA averages "
+                             f"(--swa-fraction {swa_fraction} of {window.stop - window.start}); lower --swa-fraction "
+                             "or pick a later epoch")
+    beta = check_ema_beta(ema_beta)
+    found = {column: vector for _, column, vector in
+             iter_averages(st, window, columns, [model], beta, swa_len, progress=progress, description=model.upper())}
+    described = f"EMA, beta {beta}" if model == "ema" else f"SWA of the last {swa_len} checkpoints"
+    for column in columns:
+        yield found[column], described, None
+
+
+def _output_paths(out: Path | None, st, columns, prefix: str, fmt: str | None):
     """(path, format) per column: a file for one epoch when --out names a file, else files in a folder."""
-    prefix = "cmd" if variant == "posthoc" else "cmd-online"
+    from cmdtool.ingest.checkpoints import source_format
+
     chosen = [fmt or source_format(st, c) for c in columns]
     as_file = out is not None and len(columns) == 1 and not out.is_dir() and out.suffix in (".pt", ".safetensors")
     if as_file:
@@ -93,4 +157,4 @@ def _output_paths(out: Path | None, st, columns, name: str, variant: str, fmt: s
     if out is not None and out.suffix in (".pt", ".safetensors") and len(columns) > 1:
         raise UsageError(f"--out {out} names one file but {len(columns)} epochs were asked for; give a folder")
     folder = out if out is not None else Path(DEFAULT_FOLDER)
-    return [(folder / f"{prefix}_{name}_epoch{int(st.labels[c])}.{f}", f) for c, f in zip(columns, chosen)]
+    return [(folder / f"{prefix}_epoch{int(st.labels[c])}.{f}", f) for c, f in zip(columns, chosen)]

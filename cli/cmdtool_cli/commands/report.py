@@ -5,9 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cmdtool.report.export import FORMATS as EXPORT_FORMATS, export as run_export
-from cmdtool.report.html_report import build_report
-from cmdtool.store import open_store
+from cmdtool.report.export import FORMATS as EXPORT_FORMATS, exported_kinds
 
 from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
                       progress_for)
@@ -30,12 +28,16 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
     ):
-        """Figures of every analysis in the store (CMD correlation matrix, modes, reconstructions, modes per
-        layer, per-epoch errors, DMD eigenvalues by KGA class, KWM masks, PCA, metric curves), with an
-        index.html and a summary.json. Figures whose analysis is missing are skipped with a note.
+        """Figures of every analysis in the store (each method's own: CMD correlation matrix, modes,
+        reconstructions, modes per layer; DMD eigenvalues by KGA class, KWM masks; PCA; POD spectrum; and the
+        per-epoch errors of every model and the metric curves), with an index.html and a summary.json. Figures
+        whose analysis is missing are skipped with a note.
 
         Examples: `cmdtool report`, `cmdtool report --out figs --format png --format pdf`.
         """
+        from cmdtool.report.html_report import build_report  # matplotlib: imported only when a report is made
+        from cmdtool.store import open_store
+
         st = open_store(store, mode="r")
         report = build_report(st, out, name=name, formats=formats, dpi=dpi,
                               progress=progress_for(quiet or as_json), force=force)
@@ -63,8 +65,8 @@ def register(app: typer.Typer) -> None:
         formats: list[str] = typer.Option(list(EXPORT_FORMATS), "--format", "-f",
                                           help="npy, csv (small tables only) or hdf5; repeat for several "
                                                "(default: all three)."),
-        method: list[str] = typer.Option(None, "--method", "-m", help="Result kind(s) to export: cmd, dmd, kga, "
-                                         "pca, evaluation (default: every one present)."),
+        method: list[str] = typer.Option(None, "--method", "-m", help="Result kind(s) to export: "
+                                         f"{', '.join(exported_kinds())} (default: every one present)."),
         name: str = typer.Option("default", "--name", help="Result name to export."),
         all_names: bool = typer.Option(False, "--all-names", help="Export every result name, not only --name."),
         force: bool = ForceOutputOption,
@@ -77,6 +79,9 @@ def register(app: typer.Typer) -> None:
 
         Examples: `cmdtool export`, `cmdtool export -m cmd -f hdf5 --out cmd_h5`.
         """
+        from cmdtool.report.export import export as run_export
+        from cmdtool.store import open_store
+
         st = open_store(store, mode="r")
         summary = run_export(st, out, methods=method or None, name=None if all_names else name, formats=formats,
                              progress=progress_for(quiet or as_json), force=force)

@@ -1,131 +1,480 @@
-"""The pattern every analyzer follows (PyDMD / scikit-learn style).
+"""The analyzer contract: scikit-learn's estimator conventions over a trajectory store, PyDMD's one class per method.
 
-- Configuration in ``__init__`` (keyword arguments, stored as attributes of the same name; no work there).
-- ``fit(store)`` does the streaming passes (at most two) and returns ``self``. Learned state ends in ``_``.
-  Per-row outputs (N-long) are streamed into a *staged* result inside the store while the pass runs, so memory
-  stays bounded by the batch size whatever N is; they are exposed as lazy zarr arrays.
-- ``save(name)`` commits the staged result atomically as ``results/<method>/<name>``; ``load(store, name)``
-  gives back an equivalent fitted object.
-- ``metrics_`` holds the quality figures shared by every method (for ``compare``):
-  ``relative_error`` (‖W−Ŵ‖/‖W‖), ``relative_error_motion`` (‖W−Ŵ‖/‖W − mean_t W‖),
-  ``epoch_relative_error`` (one per column: ‖w_t − ŵ_t‖/‖w_t‖), ``stored_floats`` (numbers the model keeps).
-- ``reconstruct_epoch(store, column)`` gives the modelled N-vector of one checkpoint (float32);
-  ``reconstruct_epochs(store, columns)`` several at once (N×k), for analyzers whose single-epoch path costs a
-  read of the store or of their factors per call (``cmdtool evaluate`` asks for groups of epochs).
+An analyzer is one class in one module of this package (the registry finds it, see ``__init__.py``). It declares
+
+- ``params``: its parameters (:class:`~cmdtool.analyzers.params.Param`). ``__init__`` is generated from them: it
+  stores the keyword arguments and does nothing else. ``fit`` validates them first (one declarative check whose
+  errors name the library parameter; the CLI spells it as its flag).
+- ``reconstructions``: the modelled checkpoints it can give (:class:`Reconstruction`), which ``cmdtool
+  evaluate`` and ``cmdtool reconstruct --method`` offer.
+- ``figures``: its report figures (:class:`FigureSpec`), drawn by ``cmdtool report`` when a result exists.
+- ``saved_arrays`` / ``streamed_arrays`` / ``saved_attrs``: its learned state, which :meth:`Analyzer.save` and
+  :meth:`Analyzer.load` persist without code of their own.
+
+and implements ``_fit(store, writer, progress)`` (the streaming passes, at most two) and ``_reconstruct``.
+
+Learned state ends in ``_`` and is documented in the class's numpydoc "Attributes" section. Per-row outputs
+(N-long) are streamed into a *staged* result while a pass runs, so memory stays bounded by the block size
+whatever N is; they are lazy zarr arrays. A fit that fails for any reason discards its staged result and leaves
+the analyzer not fitted. ``metrics_`` holds the figures every method shares (for ``compare`` and ``report``):
+``relative_error`` (‖W−Ŵ‖/‖W‖), ``relative_error_motion`` (‖W−Ŵ‖/‖W − mean_t W‖), ``epoch_relative_error`` (one
+per column: ‖w_t − ŵ_t‖/‖w_t‖) and ``stored_floats`` (numbers the model keeps).
+
+See docs/architecture.md for the whole contract and a worked example (POD).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import numpy as np
 
-from ..errors import UsageError
-from ..store.results import Result, ResultWriter
+from ..errors import NotFittedError, ParameterError, UsageError
+from ..progress import NullProgress
+from .params import Param, validate
 
 
-class Analyzer:
-    method: ClassVar[str] = ""
-    # CLI option names (of `cmdtool decompose`) this analyzer reads in from_options
-    option_names: ClassVar[tuple[str, ...]] = ()
+# ---------------------------------------------------------------------------------------------- declarations
+@dataclass(frozen=True)
+class Reconstruction:
+    """A modelled checkpoint an analyzer gives, under the name ``evaluate`` and ``reconstruct`` use.
 
-    # ------------------------------------------------------------------ configuration
+    ``options`` are the keyword arguments of :meth:`Analyzer.reconstruct_epochs` that select it (e.g. CMD's
+    ``variant="online"``); ``requires`` names a boolean attribute of the fitted analyzer that must be true for it
+    to exist (e.g. ``has_online``), and ``produce`` the extra ``cmdtool decompose`` options that make it.
+    """
+
+    name: str
+    label: str
+    options: dict = field(default_factory=dict, compare=False)
+    requires: str | None = None
+    produce: str = ""
+
+    def available(self, analyzer) -> bool:
+        return self.requires is None or bool(getattr(analyzer, self.requires))
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A report figure of an analyzer's result.
+
+    ``draw`` names the drawing function as ``"module:function"`` (imported only when the report draws it, so that
+    declaring a figure costs no matplotlib import); it is called with a :class:`ResultView` and returns a
+    ``matplotlib.figure.Figure``. ``caption`` is a string or a function of the view, ``numbers`` a function of the
+    view giving the key numbers shown beside the figure. ``missing_note`` is the note's text when no result can
+    draw the figure (``None``: no note), ``note`` an optional function of the view giving a note when it is drawn.
+    """
+
+    id: str
+    title: str
+    caption: str | Callable[["ResultView"], str]
+    draw: str
+    numbers: Callable[["ResultView"], dict] | None = None
+    missing_note: str | None = None
+    note: Callable[["ResultView"], str | None] | None = None
+
+    def make(self, view: "ResultView"):
+        import importlib
+
+        module, _, function = self.draw.partition(":")
+        return getattr(importlib.import_module(module), function)(view)
+
+
+@dataclass
+class SummaryTable:
+    """A table of a fitted analyzer's summary as plain data; the CLI renders it (``columns``: (name, justify))."""
+
+    title: str
+    columns: list[tuple[str, str]]
+    rows: list[list[str]]
+
+
+# ---------------------------------------------------------------------------------------------- views of results
+class ResultView:
+    """One interface over a committed :class:`~cmdtool.store.results.Result` and a fitted analyzer (saved or not).
+
+    ``small(key)`` gives a small stored array (an analyzer's ``key_`` attribute), ``lazy(key)`` a zarr array read
+    on demand (N-long outputs), ``value(key)`` a json attribute (an analyzer's ``key_``). ``store`` is the store the
+    result belongs to, when known; ``cache`` is shared by every view of the same source (e.g. a sample read once
+    for several figures).
+    """
+
+    def __init__(self, source, store=None):
+        from ..store.results import Result
+
+        if isinstance(source, ResultView):
+            self.__dict__.update(source.__dict__)
+            self._store = store if store is not None else source._store
+            return
+        self.source, self._store, self.cache = source, store, {}
+        if isinstance(source, Result):
+            self.result, self.analyzer = source, None
+            self.method, self.name = source.kind, source.name
+            self.attrs = source.attrs
+            self.metrics = source.metrics
+            self.config = source.config
+        elif hasattr(source, "metrics_") and hasattr(source, "method"):
+            self.result, self.analyzer = getattr(source, "result_", None), source
+            self.method, self.name = source.method, getattr(source, "name_", None) or "unsaved"
+            self.attrs = dict(self.result.attrs) if self.result is not None else {}
+            self.metrics = source.metrics_
+            self.config = source.get_config()
+        else:
+            raise TypeError(f"expected a cmdtool Result or a fitted analyzer, got {type(source).__name__}")
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self.analyzer is not None:
+            return np.asarray(self.analyzer.labels_, dtype=np.int64)
+        return np.asarray(self.attrs["labels"], dtype=np.int64)
+
+    @property
+    def window(self) -> slice:
+        if self.analyzer is not None:
+            return self.analyzer.window_
+        return slice(*self.attrs["columns"])
+
+    def has(self, key: str) -> bool:
+        if self.analyzer is not None:
+            return getattr(self.analyzer, key + "_", None) is not None
+        return key in self.result
+
+    def small(self, key: str) -> np.ndarray:
+        if self.analyzer is not None:
+            return np.asarray(getattr(self.analyzer, key + "_"))
+        return self.result[key]
+
+    def lazy(self, key: str):
+        if self.analyzer is not None:
+            return getattr(self.analyzer, key + "_")
+        return self.result.array(key)
+
+    def value(self, key: str, default=None):
+        if self.analyzer is not None:
+            return getattr(self.analyzer, key + "_", default)
+        return self.attrs.get(key, default)
+
+    def store(self, store=None):
+        store = store if store is not None else self._store
+        store = store if store is not None else getattr(self.analyzer, "store_", None)
+        if store is None:
+            raise UsageError(f"this figure reads sampled trajectories: pass the store the {self.method} result "
+                             "belongs to (store=...)")
+        return store
+
+
+# ---------------------------------------------------------------------------------------------- estimators
+class Estimator:
+    """Parameters declared once (``params``), stored by a keyword-only ``__init__`` that does no work (as in
+    scikit-learn), validated by :meth:`validate_params`, shown by ``repr``; :meth:`_check_fitted` guards every
+    use of learned state."""
+
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        names = [p.name for p in cls.params]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{cls.__name__} declares a parameter twice: {names}")
+        cls.__signature__ = inspect.Signature(
+            [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default) for p in cls.params])
+        if cls.__doc__ and cls.params and "Parameters\n" not in cls.__doc__:
+            cls.__doc__ = _with_parameters_section(cls.__doc__, cls.params)
+
+    def __init__(self, **params):
+        names = {p.name for p in self.params}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}; its "
+                            f"parameters are {', '.join(p.name for p in self.params)}")
+        for param in self.params:
+            setattr(self, param.name, params.get(param.name, param.default))
+
     @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self"]
+    def param_names(cls) -> list[str]:
+        return [p.name for p in cls.params]
 
     def get_config(self) -> dict:
-        return {name: getattr(self, name) for name in self._param_names()}
+        """The parameters as given (scikit-learn's ``get_params``)."""
+        return {name: getattr(self, name) for name in self.param_names()}
 
     @classmethod
-    def from_options(cls, options: dict) -> "Analyzer":
-        """Build from the CLI's option dict, taking only the options this method understands."""
-        params = cls._param_names()
-        return cls(**{k: v for k, v in options.items() if k in params and v is not None})
+    def from_options(cls, options: dict):
+        """Build from an option dict (e.g. the CLI's), taking only this class's parameters that are not None."""
+        names = cls.param_names()
+        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+    def validate_params(self) -> None:
+        """The declarative check of every parameter, then the rules that involve several (``_check_params``)."""
+        validate(self.params, self.get_config())
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Hook: rules between parameters (raise :class:`~cmdtool.errors.ParameterError`)."""
+
+    def __repr__(self) -> str:
+        changed = [f"{p.name}={getattr(self, p.name)!r}" for p in self.params
+                   if not _same_value(getattr(self, p.name), p.default)]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # ------------------------------------------------------------------ fitted state
+    @property
+    def is_fitted(self) -> bool:
+        return getattr(self, "metrics_", None) is not None
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            name = type(self).__name__
+            raise NotFittedError(f"this {name} is not fitted yet: call fit(store) first, or {name}.load(store, name) "
+                                 "for a saved result")
+
+
+def _same_value(a, b) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - arrays and odd types: show them
+        return False
+
+
+def _with_parameters_section(doc: str, params) -> str:
+    """The class docstring with a numpydoc "Parameters" section generated from the declaration, placed before its
+    "Attributes" section."""
+    doc = inspect.cleandoc(doc)
+    lines = ["Parameters", "----------"]
+    for p in params:
+        kind = p.kind.__name__ + (" or None" if p.optional else "")
+        lines.append(f"{p.name} : {kind}, default {p.default!r}")
+        lines.append(f"    {p.help}" + (f" One of {', '.join(map(repr, p.choices))}." if p.choices else ""))
+    section = "\n".join(lines) + "\n\n"
+    marker = "Attributes\n----------"
+    return doc.replace(marker, section + marker, 1) if marker in doc else doc + "\n\n" + section.rstrip()
+
+
+# ---------------------------------------------------------------------------------------------- analyzers
+class Analyzer(Estimator):
+    """A method that models the trajectories of a store (see the module note for the contract)."""
+
+    method: ClassVar[str] = ""               # registry name and result kind, e.g. "pca"
+    title: ClassVar[str] = ""                # how people write it, e.g. "PCA"
+    fit_command: ClassVar[str | None] = None  # the command that makes a result (default `cmdtool decompose -m M`)
+    extends: ClassVar[str | None] = None     # a method whose model this one is too (KGA extends DMD)
+    min_checkpoints: ClassVar[int] = 2
+    reconstructions: ClassVar[tuple[Reconstruction, ...]] = ()
+    figures: ClassVar[tuple[FigureSpec, ...]] = ()
+    key_numbers: ClassVar[tuple[str, ...]] = ()   # headline keys the html report shows as details
+    saved_arrays: ClassVar[tuple[str, ...]] = ()     # small learned arrays ``key_``, saved whole
+    streamed_arrays: ClassVar[tuple[str, ...]] = ()  # per-row outputs streamed into the staged result (lazy)
+    saved_attrs: ClassVar[tuple[str, ...]] = ()      # learned numbers / lists ``key_`` kept in the attributes
+    # a classmethod (budget_floats, n_rows, n_cols) -> the size options whose stored model fits the budget
+    # (``compare``'s equal budget); None: the size cannot be set from a budget (the method is then the reference)
+    options_for_budget: ClassVar[Callable[[int, int, int], dict] | None] = None
+
+    @classmethod
+    def command(cls) -> str:
+        return cls.fit_command or f"cmdtool decompose -m {cls.method}"
 
     # ------------------------------------------------------------------ fitting
     def fit(self, store, progress=None) -> "Analyzer":
-        raise NotImplementedError
+        """Validate the parameters, run the passes over ``store`` and keep the learned state; returns ``self``.
 
-    def _begin_fit(self, store) -> ResultWriter:
-        """Call at the start of ``fit``: records the store and stages a result for streamed outputs."""
+        Per-row outputs go into a staged result of the store, which :meth:`save` commits. On any error (bad
+        input, an interrupt, a failure in a pass) the staged result is discarded and the analyzer is not fitted.
+        """
+        self.validate_params()
+        self._check_store(store)
+        self.metrics_ = None
+        writer = self._begin_fit(store)
+        started = time.perf_counter()
+        try:
+            self._fit(store, writer, progress or NullProgress())
+            for key in self.streamed_arrays:
+                setattr(self, key + "_", writer.group[key] if writer is not None and key in writer.group else None)
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+            self._writer = None
+            self.metrics_ = None
+            raise
+        self.timings_["fit_seconds"] = time.perf_counter() - started
+        return self
+
+    def _check_store(self, store) -> None:
+        """The checks that need the store or torch, before any work: the device exists (this imports torch, so
+        that ``fit_seconds`` times the fit, not the import), the window is long enough, outputs can be written."""
+        if hasattr(self, "device"):
+            from ..device import resolve_device
+
+            resolve_device(self.device)
+        window = store.resolve_epochs(getattr(self, "epochs", None))
+        n_cols = window.stop - window.start
+        if n_cols < self.min_checkpoints:
+            raise UsageError(f"{self.title or self.method} needs at least {self.min_checkpoints} checkpoints in the "
+                             f"epoch window, got {n_cols}")
+        if store.mode == "r" and self._needs_writer():
+            raise UsageError(f"{self.title or self.method} streams its per-weight outputs into the store: open it "
+                             "with mode='r+'")
+        self._check_window(store, window)
+
+    def _check_window(self, store, window: slice) -> None:
+        """Hook: parameter rules that depend on the store or the window (raise ParameterError)."""
+
+    def _needs_writer(self) -> bool:
+        return bool(self.streamed_arrays)
+
+    def _begin_fit(self, store):
+        """Record the store and the window; stage a result for streamed outputs (None on a read-only store)."""
         self.store_ = store
-        self.columns_ = store.resolve_epochs(getattr(self, "epochs", None))
-        self.labels_ = store.labels[self.columns_]
+        self.window_ = store.resolve_epochs(getattr(self, "epochs", None))
+        self.labels_ = store.labels[self.window_]
         self.timings_ = {}
-        self._fit_started = time.perf_counter()
-        self._writer = store.results.writer(self.method, "staged") if store.mode != "r" else None
         self.result_ = None
+        self.name_ = None
+        self._writer = store.results.writer(self.method, "staged") if store.mode != "r" else None
         return self._writer
 
-    def _end_fit(self) -> None:
-        self.timings_["fit_seconds"] = time.perf_counter() - self._fit_started
+    def _fit(self, store, writer, progress) -> None:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ persistence
-    def _save_arrays(self, writer: ResultWriter) -> None:
-        """Write the in-memory (small) arrays; streamed ones are already in the writer."""
-        raise NotImplementedError
-
-    def _load_arrays(self, result: Result) -> None:
-        raise NotImplementedError
-
-    def save(self, name: str = "default") -> Result:
+    def save(self, name: str = "default"):
+        """Commit the staged result atomically as ``results/<method>/<name>`` (replacing one of that name)."""
+        self._check_fitted()
         writer = getattr(self, "_writer", None)
         if writer is None:
             raise UsageError("fit the analyzer on a store opened with mode='r+' before saving")
-        self._save_arrays(writer)
+        for key in self.saved_arrays:
+            value = getattr(self, key + "_", None)
+            if value is not None:
+                writer.put(key, value)
+        writer.put("epoch_relative_error", np.asarray(self.metrics_["epoch_relative_error"], dtype=np.float64))
         writer.attrs.update(method=self.method, config=self.get_config(), metrics=self.metrics_,
                             timings=self.timings_, store_revision=self.store_.revision,
-                            columns=[self.columns_.start, self.columns_.stop],
+                            columns=[self.window_.start, self.window_.stop],
                             labels=[int(x) for x in self.labels_])
+        writer.attrs.update({key: getattr(self, key + "_") for key in self.saved_attrs})
+        writer.attrs.update(self._extra_attrs(writer))
         self.result_ = writer.commit(name)
         self._writer = None
         self.name_ = name
+        self._read_streamed(self.result_)  # lazy arrays now point into the committed result
         return self.result_
+
+    def _extra_attrs(self, writer) -> dict:
+        """Hook: more json attributes of the saved result."""
+        return {}
 
     @classmethod
     def load(cls, store, name: str = "default") -> "Analyzer":
+        """The analyzer of a saved result, fitted: its configuration, learned state and lazy per-row arrays."""
         result = store.results.get(cls.method, name)
-        config = {k: v for k, v in result.config.items() if k in cls._param_names()}
-        obj = cls(**config)
-        obj.store_ = store
-        obj.result_ = result
-        obj.name_ = name
-        obj.columns_ = slice(*result.attrs["columns"])
+        names = cls.param_names()
+        obj = cls(**{k: v for k, v in result.config.items() if k in names})
+        obj.store_, obj.result_, obj.name_, obj._writer = store, result, name, None
+        obj.window_ = slice(*result.attrs["columns"])
         obj.labels_ = np.asarray(result.attrs["labels"], dtype=np.int64)
-        obj.metrics_ = result.metrics
         obj.timings_ = result.attrs.get("timings", {})
-        obj._writer = None
-        obj._load_arrays(result)
+        for key in cls.saved_arrays:
+            setattr(obj, key + "_", result[key] if key in result else None)
+        for key in cls.saved_attrs:
+            setattr(obj, key + "_", result.attrs.get(key))
+        obj._read_streamed(result)
+        obj._loaded(result)
+        obj.metrics_ = result.metrics
         return obj
 
-    def _result_array(self, key: str):
-        """A saved per-row array as a lazy zarr array (``None`` before ``save``/``load``)."""
-        result = getattr(self, "result_", None)
-        return result.array(key) if result is not None else None
+    def _read_streamed(self, result) -> None:
+        for key in self.streamed_arrays:
+            setattr(self, key + "_", result.array(key) if key in result else None)
+
+    def _loaded(self, result) -> None:
+        """Hook: learned state derived from the loaded one."""
 
     # ------------------------------------------------------------------ use
-    def reconstruct_epoch(self, store, column: int) -> np.ndarray:
-        raise NotImplementedError
+    def window_position(self, store, column: int) -> int:
+        """Position of a store column inside the fitted epoch window (an error naming the epochs if outside)."""
+        window = self.window_
+        if not window.start <= column < window.stop:
+            labels = self.labels_
+            raise ParameterError(
+                "epoch {epoch} is outside the window this {title} model was fitted on (epochs {first}..{last}); "
+                "fit again with a wider {epochs}", "epochs", epoch=int(store.labels[column]),
+                title=self.title or self.method, first=int(labels[0]), last=int(labels[-1]))
+        return column - window.start
+
+    def reconstruct_epoch(self, store, column: int, **options) -> np.ndarray:
+        """The modelled N-vector (float32) of one checkpoint: :meth:`reconstruct_epochs` of that one column."""
+        return self.reconstruct_epochs(store, [column], **options)[:, 0]
 
     def reconstruct_epochs(self, store, columns, **options) -> np.ndarray:
         """The modelled N-vectors of several checkpoints as an (N, len(columns)) float32 array.
 
-        Default: one ``reconstruct_epoch`` per column. Analyzers override it when one shared read serves every
-        column (the caller bounds ``len(columns)`` so that N×k fits its memory budget).
+        One shared read serves every column (the caller bounds ``len(columns)`` so that N×k fits its memory).
+        ``options`` select a variant (see ``reconstructions``).
         """
+        self._check_fitted()
         columns = [int(c) for c in columns]
-        out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
-        for k, column in enumerate(columns):
-            out[:, k] = self.reconstruct_epoch(store, column, **options)
+        steps = [self.window_position(store, c) for c in columns]
+        return self._reconstruct(store, columns, steps, **options)
+
+    def _reconstruct(self, store, columns: list[int], steps: list[int], **options) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} gives no reconstruction")
+
+    # ------------------------------------------------------------------ summaries
+    def model_size(self) -> dict:
+        """The size parameters (``Param.size``) as fitted (e.g. DMD's rank after the optimal threshold), else as
+        given."""
+        out = {}
+        for param in self.params:
+            if param.size:
+                fitted = getattr(self, param.name + "_", None)
+                out[param.name] = int(fitted) if isinstance(fitted, (int, np.integer)) else getattr(self, param.name)
         return out
 
     def summary(self) -> dict:
         """Headline figures for printing and --json."""
+        self._check_fitted()
         m = self.metrics_
         return {"method": self.method, "relative_error": m.get("relative_error"),
                 "relative_error_motion": m.get("relative_error_motion"), "stored_floats": m.get("stored_floats"),
                 "fit_seconds": self.timings_.get("fit_seconds")}
+
+    def summary_blocks(self) -> list:
+        """What ``cmdtool decompose`` prints: :class:`SummaryTable` objects and lines of text, in order."""
+        summary = self.summary()
+        table = SummaryTable(f"{self.method} / {self.name_ or 'unsaved'}", [("figure", "left"), ("value", "right")], [])
+        for key, value in summary.items():
+            if key != "method" and not isinstance(value, (list, dict)):
+                table.rows.append([key, f"{value:.4g}" if isinstance(value, float) else str(value)])
+        return [table]
+
+    # ------------------------------------------------------------------ report and export (saved or fitted)
+    @classmethod
+    def headline(cls, view: ResultView) -> dict:
+        """Key numbers of a result besides the shared ones (summary.json, html report)."""
+        return {}
+
+    @classmethod
+    def error_series(cls, view: ResultView) -> list[dict]:
+        """Per-epoch relative errors of the models in a result (the report's error figure)."""
+        errors = view.metrics.get("epoch_relative_error")
+        if errors is None:
+            return []
+        label = cls.reconstructions[0].label if cls.reconstructions else cls.title or cls.method
+        return [{"labels": view.labels, "name": view.name, "method": cls.method, "label": label,
+                 "errors": np.asarray(errors, dtype=np.float64), "relative_error": view.metrics.get("relative_error"),
+                 "stored_floats": view.metrics.get("stored_floats")}]
+
+    @classmethod
+    def csv_tables(cls, result, store) -> dict:
+        """``{table: (header, rows)}`` of a result's small tables for ``cmdtool export`` (per-epoch errors here)."""
+        errors = result.metrics.get("epoch_relative_error")
+        if errors is None:
+            return {}
+        labels = [int(x) for x in result.attrs.get("labels", [])]
+        return {"epoch_errors": (["epoch", "relative_error"], list(zip(labels, errors)))}
+
+
+__all__ = ["Analyzer", "Estimator", "FigureSpec", "Reconstruction", "ResultView", "SummaryTable"]

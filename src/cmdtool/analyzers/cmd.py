@@ -15,6 +15,10 @@ Two passes over W, whatever N is:
 Rows that CMD does not model keep their stored values at reconstruction: BatchNorm running statistics under
 ``bn_stats="source"`` (mode -1; see docs/cmd.md for why this is the default) and trajectories with NaN/Inf
 (mode -2, counted in the metrics).
+
+The estimator is here; the fit pass is :mod:`~cmdtool.analyzers.cmd_fit_pass`, the reconstruction at given
+epochs (post-hoc, and the online replay) :mod:`~cmdtool.analyzers.cmd_replay`, and Step 1 and the closed forms
+:mod:`~cmdtool.analyzers.cmd_math`, which :class:`~cmdtool.analyzers.online_cmd.OnlineCMD` shares.
 """
 
 from __future__ import annotations
@@ -23,17 +27,34 @@ import math
 import time
 
 import numpy as np
-import torch
 
 from ..device import resolve_device
-from ..errors import UsageError
-from ..progress import NullProgress
-from .base import Analyzer
-from .cmd_math import (BN_STATS_CHOICES, MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums,
-                       centre_rows_, closed_form_fit, cluster_sample, correlate, fit_block, sample_rows)
-from .passes import Accumulator, RowGather, cached_gram, gram_matrix, stream
+from ..errors import ParameterError, UsageError
+from .base import Analyzer, FigureSpec, Reconstruction, SummaryTable
+from .cmd_math import BN_STATS_CHOICES, SAMPLING_CHOICES, check_modes_fit_sample, sample_rows, select_references
+from .params import DEVICE, EPOCHS, Param
+from .passes import RowGather, cached_gram, gram_matrix, stream
 
 DEFAULT_BLOCK_BYTES = 32 * 1024**2  # float32 bytes per block of the fit pass: peak ~3x (float64 copy), ~12x online
+
+# parameters shared with OnlineCMD (one declaration, one flag)
+MODES = Param("modes", 10, "Number of CMD modes M (clusters; the maxclust cut).", kind=int, minimum=1, short="-M",
+              size=True)
+THRESHOLD = Param("threshold", None, "Cut the clustering at this distance (between rows of C1) instead of a number "
+                  "of modes.", kind=float, optional=True, above=0)
+SAMPLES = Param("samples", 1000, "Sampled weights K used for clustering (paper 000 App. C.2).", kind=int, minimum=2,
+                short="-K")
+SAMPLING = Param("sampling", "balanced", "balanced (half per layer, half uniform; paper 000 App. C.2) or uniform.",
+                 choices=SAMPLING_CHOICES)
+SEED = Param("seed", 0, "Random seed of the sample.", kind=int)
+BN_STATS = Param("bn_stats", "source", "BatchNorm running statistics: 'source' keeps them from the checkpoint at "
+                 "reconstruction, 'model' models them like weights.", choices=BN_STATS_CHOICES)
+WARMUP = Param("warmup", None, "Also fit online CMD with this many warm-up checkpoints F (paper 000 Sec. 3.3).",
+               kind=int, optional=True, minimum=2, short="-F")
+BLOCK_BYTES = Param("block_bytes", DEFAULT_BLOCK_BYTES, "float32 bytes of W per block of the fit pass (memory bound: "
+                    "peak about 3x this, 12x with warmup).", kind=int, minimum=1, cli=False)
+
+CMD_MISSING = "CMD figures skipped (correlation matrix, modes, reconstructions, modes per layer)"
 
 
 def modelled_entries(layout, bn_stats: str):
@@ -44,73 +65,103 @@ def modelled_entries(layout, bn_stats: str):
 class PosthocCMD(Analyzer):
     """Post-hoc CMD (Alg. 2) of a trajectory store, optionally with online CMD (Alg. 3, ``warmup``).
 
-    Parameters
+    Attributes
     ----------
-    modes : number of modes M (``maxclust`` cut); ignored when ``threshold`` is given.
-    threshold : cut the complete-linkage tree at this distance (between rows of C1) instead.
-    samples : K, sampled weights used for clustering (App. C.2).
-    sampling : ``balanced`` (App. C.2) or ``uniform``.
-    seed : seed of the sample.
-    warmup : F; also fit online CMD whose modes and references come from the first F epochs of the window.
-    bn_stats : ``source`` keeps BatchNorm running statistics as stored; ``model`` models them like weights.
-    epochs : window ``"A:B"`` of epoch labels.
-    device : ``auto`` | ``cpu`` | ``cuda[:N]`` for the row blocks.
-    block_bytes : float32 bytes of W per block of the fit pass (memory bound: peak ~3x this, ~12x online).
-
-    Fitted attributes: ``sampled_indices_``, ``correlation_`` (C1), ``linkage_``, ``sample_modes_``,
-    ``reference_indices_``, ``reference_trajectories_`` (M x T), ``mode_``, ``A_``, ``B_`` and
-    ``row_sq_error_`` (lazy N-long arrays), ``layer_mode_counts_``, ``metrics_``; with ``warmup`` also ``online_*`` of the same names.
+    sampled_indices_ : ndarray (K',) int64
+        Store rows of the sampled trajectories (App. C.2) that hold no NaN/Inf.
+    correlation_ : ndarray (K', K') float32
+        C1 = |corr| of the sampled trajectories (Eq. 4).
+    linkage_ : ndarray (K'-1, 4)
+        Complete-linkage tree of the sample (scipy format, App. C.3).
+    sample_modes_ : ndarray (K',) int16
+        Mode of each sampled weight in the clustering (0 = largest).
+    reference_indices_ : ndarray (M,) int64
+        Store rows of the reference weights.
+    reference_trajectories_ : ndarray (M, T) float32
+        The reference trajectories r_m over the window.
+    mode_, A_, B_ : zarr arrays (N,)
+        Mode of every weight (Eq. 5; -1 kept as stored, -2 NaN/Inf), a_i and b_i (Eq. 6); lazy.
+    row_sq_error_ : zarr array (N,) float32
+        Σ_t (w_i − ŵ_i)² of every weight (lazy).
+    layer_mode_counts_ : ndarray (tensors, M) int64
+        Weights of each trajectory tensor in each mode (Fig. 10b).
+    online_sample_modes_, online_reference_indices_, online_reference_trajectories_ : ndarray or None
+        As above for online CMD's warm-up clustering (``warmup`` given; None otherwise).
+    online_mode_, online_A_, online_B_ : zarr arrays (N,) or None
+        Online CMD's assignment and coefficients after the window's last epoch (Eqs. 8-10).
+    metrics_ : dict
+        The shared figures (see :mod:`cmdtool.analyzers.base`), mode sizes, per-layer errors, counts of kept,
+        constant and NaN/Inf rows, and ``online`` with online CMD's figures.
+    timings_ : dict
+        Seconds of the sampling pass, the clustering, the fit pass and the whole fit.
+    window_, labels_ : slice, ndarray (T,) int64
+        Store columns of the fitted epoch window, and their epoch labels.
+    store_, result_, name_ :
+        The store fitted on, the saved result and its name (None until saved).
     """
 
     method = "cmd"
-
-    def __init__(self, modes: int = 10, threshold: float | None = None, samples: int = 1000,
-                 sampling: str = "balanced", seed: int = 0, warmup: int | None = None, bn_stats: str = "source",
-                 epochs: str | None = None, device: str = "auto", block_bytes: int = DEFAULT_BLOCK_BYTES):
-        self.modes = modes
-        self.threshold = threshold
-        self.samples = samples
-        self.sampling = sampling
-        self.seed = seed
-        self.warmup = warmup
-        self.bn_stats = bn_stats
-        self.epochs = epochs
-        self.device = device
-        self.block_bytes = block_bytes
+    title = "CMD"
+    fit_command = "cmdtool decompose --modes 10"
+    params = (MODES, THRESHOLD, SAMPLES, SAMPLING, SEED, WARMUP, BN_STATS, EPOCHS, DEVICE, BLOCK_BYTES)
+    reconstructions = (
+        Reconstruction("cmd", "CMD post-hoc", {"variant": "posthoc"}),
+        Reconstruction("cmd-online", "CMD online", {"variant": "online"}, requires="has_online",
+                       produce="--warmup 20"),
+    )
+    figures = (
+        FigureSpec("cmd_correlation", "Clustered correlation matrix (CMD)",
+                   lambda view: f"|corr| between the {view.metrics.get('sampled', 0):,} sampled weight trajectories "
+                                f"(paper 000 Eq. 4), rows and columns ordered by mode and, inside a mode, by the "
+                                f"complete-linkage dendrogram: block-diagonal by mode (paper 000 Fig. 1, 9). White "
+                                f"lines separate the modes.",
+                   "cmdtool.report.figures:correlation_matrix_figure",
+                   numbers=lambda view: {"modes": view.metrics.get("modes"),
+                                         "sampled weights": view.metrics.get("sampled")},
+                   missing_note=CMD_MISSING),
+        FigureSpec("cmd_modes", "Modes: reference and members (CMD)",
+                   "Per mode, the reference weight's trajectory (black) and the mean ± std of the sampled weights "
+                   "assigned to the mode, each trajectory min-max normalised to [0, 1] (paper 000 App. A.2; members "
+                   "with a < 0 are mirrored first). corr1: mean pairwise |corr| inside the mode's sample; corr2: corr "
+                   "of the members' mean with the reference (paper 000 Fig. 6).",
+                   "cmdtool.report.figures:mode_trajectories_figure",
+                   numbers=lambda view: {"mode sizes": view.metrics.get("mode_sizes")}, missing_note=CMD_MISSING),
+        FigureSpec("cmd_reconstructions", "Weights and their CMD reconstruction",
+                   "Three sampled weights per mode (solid) and their CMD model a_i r_m(t) + b_i (dashed), in weight "
+                   "units (paper 000 Fig. 7).", "cmdtool.report.figures:reconstruction_examples_figure",
+                   numbers=lambda view: {"relative error": view.metrics.get("relative_error"),
+                                         "relative error to motion": view.metrics.get("relative_error_motion")},
+                   missing_note=CMD_MISSING),
+        FigureSpec("cmd_layer_modes", "Modes per layer (CMD)",
+                   "Share of each tensor's weights in each mode (paper 000 Fig. 10b); grey hatched: values CMD keeps "
+                   "as stored (BatchNorm running statistics under --bn-stats source).",
+                   "cmdtool.report.figures:layer_modes_figure",
+                   numbers=lambda view: {"kept rows": view.metrics.get("kept_rows"),
+                                         "modelled rows": view.metrics.get("modelled_rows")},
+                   missing_note=CMD_MISSING),
+    )
+    key_numbers = ("modes", "online")
+    saved_arrays = ("sampled_indices", "correlation", "linkage", "sample_modes", "reference_indices",
+                    "reference_trajectories", "online_sample_modes", "online_reference_indices",
+                    "online_reference_trajectories", "layer_mode_counts")
+    streamed_arrays = ("mode", "A", "B", "row_sq_error", "online_mode", "online_A", "online_B")
 
     # ------------------------------------------------------------------ fitting
-    def _validate(self, store) -> None:
-        if self.bn_stats not in BN_STATS_CHOICES:
-            raise UsageError(f"unknown --bn-stats {self.bn_stats!r}: choose source or model")
-        if self.threshold is None and int(self.modes) < 1:
-            raise UsageError("--modes must be at least 1")
-        if self.threshold is not None and not float(self.threshold) > 0:
-            raise UsageError("--threshold must be a positive distance")
-        if store.mode == "r":
-            raise UsageError("CMD streams its per-weight outputs into the store: open it with mode='r+'")
-        n_cols = len(range(*store.resolve_epochs(self.epochs).indices(store.n_checkpoints)))
-        if n_cols < 2:
-            raise UsageError("CMD needs at least two checkpoints in the epoch window")
-        if self.warmup is not None and not 2 <= int(self.warmup) <= n_cols:
-            raise UsageError(f"--warmup must be between 2 and the {n_cols} checkpoints of the window "
-                             f"(got {self.warmup})")
+    def _check_window(self, store, window: slice) -> None:
+        import scipy.cluster.hierarchy  # noqa: F401 - imported before the clock starts: timings_ time the fit
 
-    def fit(self, store, progress=None) -> "PosthocCMD":
-        self._validate(store)
-        progress = progress or NullProgress()
-        writer = self._begin_fit(store)
-        try:
-            self._fit(store, writer, progress)
-        except BaseException:
-            writer.discard()
-            self._writer = None
-            raise
-        self._end_fit()
-        return self
+        n_cols = window.stop - window.start
+        if self.warmup is not None and not int(self.warmup) <= n_cols:
+            raise ParameterError("{warmup} must be between 2 and the {n} checkpoints of the window (got {value})",
+                                 "warmup", n=n_cols, value=self.warmup)
+        modelled = sum(e.numel for e in modelled_entries(store.layout, self.bn_stats))
+        check_modes_fit_sample(self.modes, self.threshold, self.samples, modelled)
 
     def _fit(self, store, writer, progress) -> None:
+        from .cmd_fit_pass import FitPass
+
         device = resolve_device(self.device)
-        window = self.columns_
+        window = self.window_
         layout = store.layout
         modelled = modelled_entries(layout, self.bn_stats)
         sampled = sample_rows([(e.offset, e.numel) for e in modelled], int(self.samples), self.sampling,
@@ -120,45 +171,39 @@ class PosthocCMD(Analyzer):
         started = time.perf_counter()
         values, finite = self._gather(store, sampled, device, progress)
         self.timings_["sampling_pass_seconds"] = time.perf_counter() - started
-        values = values[:, window]
-        # a sampled trajectory with NaN/Inf cannot be correlated: it leaves the sample (counted in metrics)
-        self.sampled_indices_ = sampled[finite]
-        sample_values = values[finite]
         started = time.perf_counter()
         cut = None if self.threshold is not None else int(self.modes)
-        clustering = cluster_sample(sample_values, cut, self.threshold)
-        self.correlation_ = clustering.correlation.astype(np.float32)
-        self.linkage_ = clustering.linkage
-        self.sample_modes_ = clustering.labels.astype(np.int16)
-        self.reference_indices_ = self.sampled_indices_[clustering.reference_positions]
-        self.reference_trajectories_ = sample_values[clustering.reference_positions].astype(np.float32)
+        step = select_references(sampled, values[:, window], cut, self.threshold, finite=finite)
+        self.sampled_indices_ = step.sampled_indices
+        self.correlation_ = step.clustering.correlation.astype(np.float32)
+        self.linkage_ = step.clustering.linkage
+        self.sample_modes_ = step.clustering.labels.astype(np.int16)
+        self.reference_indices_ = step.reference_indices
+        self.reference_trajectories_ = step.reference_trajectories
+        self.online_sample_modes_ = self.online_reference_indices_ = self.online_reference_trajectories_ = None
         online = None
         if self.warmup is not None:
-            # Sec. 3.3 warm-up: Step 1 on the first F epochs only, same sample (as in App. C.5)
-            warm = cluster_sample(sample_values[:, :int(self.warmup)], cut, self.threshold)
-            self.online_sample_modes_ = warm.labels.astype(np.int16)
-            self.online_reference_indices_ = self.sampled_indices_[warm.reference_positions]
-            # references are real weights: their whole trajectory over the window is in the sample
-            self.online_reference_trajectories_ = sample_values[warm.reference_positions].astype(np.float32)
+            # Sec. 3.3 warm-up: Step 1 on the first F epochs only, same sample (as in App. C.5); references are
+            # real weights, so their whole trajectory over the window is in the sample
+            warm = select_references(sampled, values[:, window], cut, self.threshold, finite=finite,
+                                     columns=slice(0, int(self.warmup)))
+            self.online_sample_modes_ = warm.clustering.labels.astype(np.int16)
+            self.online_reference_indices_ = warm.reference_indices
+            self.online_reference_trajectories_ = warm.reference_trajectories
             online = (self.online_reference_indices_, self.online_reference_trajectories_, int(self.warmup))
         self.timings_["clustering_seconds"] = time.perf_counter() - started
 
         # ---- pass 2: assign, fit and measure every row (Steps 2-3)
         started = time.perf_counter()
-        fit_pass = _FitPass(writer, layout, modelled, self.reference_indices_, self.reference_trajectories_,
-                            online, self.block_rows(store))
+        fit_pass = FitPass(writer, layout, modelled, self.reference_indices_, self.reference_trajectories_, online,
+                           self._block_rows(store))
         stats = stream(store, [fit_pass], window, device, progress, "CMD fit pass", self.block_bytes)
         self.timings_["fit_pass_seconds"] = time.perf_counter() - started
-        self.mode_, self.A_, self.B_, self.row_sq_error_ = (writer.group[k] for k in
-                                                            ("mode", "A", "B", "row_sq_error"))
-        if online is not None:
-            self.online_mode_, self.online_A_, self.online_B_ = (writer.group[k] for k in
-                                                                 ("online_mode", "online_A", "online_B"))
         self.layer_mode_counts_ = fit_pass.layer_mode_counts  # (layers, M): the per-layer mode shares' counts
-        self.metrics_ = self._metrics(fit_pass, layout, modelled, stats, len(sampled))
+        self.metrics_ = self._metrics(fit_pass, layout, modelled, stats, step.n_sampled)
 
-    def block_rows(self, store) -> int:
-        n_cols = self.columns_.stop - self.columns_.start
+    def _block_rows(self, store) -> int:
+        n_cols = self.window_.stop - self.window_.start
         return min(store.default_block_rows(n_cols, self.block_bytes), max(store.n_rows, 1))
 
     @staticmethod
@@ -172,7 +217,9 @@ class PosthocCMD(Analyzer):
         gram_matrix(store, device=device, progress=progress, extra=[gather])
         return gather.values, gather.finite
 
-    def _metrics(self, fit_pass: "_FitPass", layout, modelled, stats, n_sampled) -> dict:
+    def _metrics(self, fit_pass, layout, modelled, stats, n_sampled) -> dict:
+        """The shared metrics (see the base class) and CMD's own, from the sums the fit pass reduced."""
+
         def ratio(num, den):
             return float(math.sqrt(num / den)) if den > 0 else float("nan")
 
@@ -191,7 +238,7 @@ class PosthocCMD(Analyzer):
             }
         mode_sizes = acc.layer_mode_counts.sum(axis=0)
         modelled_rows = int(mode_sizes.sum())
-        n_cols = self.columns_.stop - self.columns_.start
+        n_cols = self.window_.stop - self.window_.start
         metrics = {
             "relative_error": ratio(acc.column_sq_error.sum(), acc.column_sq_norm.sum()),
             "relative_error_motion": ratio(acc.column_sq_error.sum(), acc.sq_motion),
@@ -222,121 +269,59 @@ class PosthocCMD(Analyzer):
             }
         return metrics
 
-    # ------------------------------------------------------------------ persistence
-    _SMALL = ("sampled_indices", "correlation", "linkage", "sample_modes", "reference_indices",
-              "reference_trajectories")
-    _SMALL_ONLINE = ("online_sample_modes", "online_reference_indices", "online_reference_trajectories")
-
-    def _save_arrays(self, writer) -> None:
-        for key in self._SMALL + (self._SMALL_ONLINE if self.warmup is not None else ()):
-            writer.put(key, getattr(self, key + "_"))
-        writer.put("epoch_relative_error", np.asarray(self.metrics_["epoch_relative_error"], dtype=np.float64))
-        writer.put("layer_mode_counts", self.layer_mode_counts_)
-
-    def _load_arrays(self, result) -> None:
-        for key in self._SMALL + ("layer_mode_counts",):
-            setattr(self, key + "_", result[key])
-        for key in ("mode", "A", "B", "row_sq_error"):
-            setattr(self, key + "_", result.array(key))
-        if "online_mode" in result:
-            for key in self._SMALL_ONLINE:
-                setattr(self, key + "_", result[key])
-            for key in ("online_mode", "online_A", "online_B"):
-                setattr(self, key + "_", result.array(key))
-
-    def save(self, name: str = "default"):
-        result = super().save(name)
-        self._load_arrays(result)  # lazy arrays now point into the committed result
-        return result
-
     # ------------------------------------------------------------------ use
     @property
     def has_online(self) -> bool:
         return getattr(self, "online_mode_", None) is not None
 
-    def _check_column(self, store, column: int) -> int:
-        window = self.columns_
-        if not window.start <= column < window.stop:
-            labels = self.labels_
-            raise UsageError(f"epoch {int(store.labels[column])} is outside the window this decomposition was "
-                             f"fitted on (epochs {labels[0]}..{labels[-1]}); decompose again with --epochs")
-        return column - window.start
+    def _reconstruct(self, store, columns, steps, variant: str = "posthoc", block_rows: int = 1 << 20) -> np.ndarray:
+        """The modelled N-vectors w_i(t) = a_i r_{mode_i}(t) + b_i (Eq. 7) of several checkpoints, (N, k) float32.
 
-    def reconstruct_epoch(self, store, column: int, variant: str = "posthoc",
-                          block_rows: int = 1 << 20) -> np.ndarray:
-        """The modelled N-vector of one checkpoint (float32): w_i(t) = a_i r_{mode_i}(t) + b_i (Eq. 7).
-
-        ``variant="online"`` gives online CMD's model at that epoch: the original weights before the end of
-        the warm-up, then a_i(t) r(t) + b_i(t) with the coefficients fitted over epochs 1..t (Eq. 9). Rows
-        CMD does not model (mode < 0) keep their stored values. Memory: the output plus one block.
+        Post-hoc: the per-row outputs (mode, A, B) are read once for all k epochs. ``variant="online"`` gives
+        online CMD's model: the stored weights during the warm-up (plain training), the stored final
+        coefficients at the window's last epoch, and in between the sums of Eqs. 8-10 up to each epoch, which
+        one replay pass with cumulative sums gives for all of them. Rows CMD does not model (mode < 0) keep their
+        stored values. Memory: the output plus one block.
         """
-        return self.reconstruct_epochs(store, [column], variant, block_rows)[:, 0]
+        from .cmd_replay import affine_model
 
-    def reconstruct_epochs(self, store, columns, variant: str = "posthoc",
-                           block_rows: int = 1 << 20) -> np.ndarray:
-        """Modelled N-vectors of several checkpoints, (N, k) float32 (see ``reconstruct_epoch``).
-
-        Post-hoc: the per-row outputs (mode, A, B) are read once for all k epochs. Online: epochs of the
-        warm-up are the stored weights; the window's last epoch uses the stored final coefficients; every
-        epoch in between needs the sums of Eqs. 8-10 up to that epoch, which one replay pass with cumulative
-        sums gives for all of them.
-        """
-        columns = [int(c) for c in columns]
-        steps = [self._check_column(store, c) for c in columns]
         if variant == "posthoc":
-            return self._affine_model(store, self.mode_, self.A_, self.B_, self.reference_trajectories_, columns,
-                                      steps, block_rows)
+            return affine_model(store, self.mode_, self.A_, self.B_, self.reference_trajectories_, columns, steps,
+                                block_rows)
         if variant != "online":
             raise UsageError(f"unknown variant {variant!r}: choose posthoc or online")
         if not self.has_online:
             raise UsageError("this decomposition has no online variant: run `cmdtool decompose --modes "
                              f"{self.modes} --warmup F` first")
-        last = self.columns_.stop - self.columns_.start - 1
+        last = self.window_.stop - self.window_.start - 1
         warmup_end = int(self.warmup) - 1
         out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
         in_warmup = [k for k, t in enumerate(steps) if t < warmup_end]
         final = [k for k, t in enumerate(steps) if t >= warmup_end and t == last]
         replayed = [k for k, t in enumerate(steps) if warmup_end <= t < last]
         for k in in_warmup:
-            out[:, k] = store.read_column(columns[k])  # warm-up epochs are plain training (design.md section 4)
+            out[:, k] = store.read_column(columns[k])  # warm-up epochs are plain training (paper 000 Alg. 3)
         if final:
-            out[:, final] = self._affine_model(store, self.online_mode_, self.online_A_, self.online_B_,
-                                               self.online_reference_trajectories_, [columns[k] for k in final],
-                                               [steps[k] for k in final], block_rows)
+            out[:, final] = affine_model(store, self.online_mode_, self.online_A_, self.online_B_,
+                                         self.online_reference_trajectories_, [columns[k] for k in final],
+                                         [steps[k] for k in final], block_rows)
         if replayed:
-            out[:, replayed] = self._online_replay_steps(store, [steps[k] for k in replayed])
+            out[:, replayed] = self._online_replay(store, [steps[k] for k in replayed])
         return out
 
-    @staticmethod
-    def _affine_model(store, modes, A, B, reference_trajectories, columns, steps, block_rows) -> np.ndarray:
-        """Eq. 7 at several epochs, (N, k) float32: a_i r_{mode_i}(t) + b_i read in row blocks; rows CMD does
-        not model (mode < 0) keep their stored values."""
-        reference_values = np.asarray(reference_trajectories)[:, steps].astype(np.float64)   # M × k
-        first = min(columns)
-        out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
-        for r0 in range(0, store.n_rows, block_rows):
-            r1 = min(r0 + block_rows, store.n_rows)
-            mode = np.asarray(modes[r0:r1]).astype(np.int64)
-            value = (A[r0:r1].astype(np.float64)[:, None] * reference_values[np.maximum(mode, 0)]
-                     + B[r0:r1].astype(np.float64)[:, None])
-            kept = np.flatnonzero(mode < 0)
-            if kept.size:
-                stored = store.trajectories[r0:r1, first:max(columns) + 1]
-                value[kept] = stored[kept][:, [c - first for c in columns]]
-            out[r0:r1] = value
-        return out
-
-    def _online_replay_steps(self, store, steps: list[int]) -> np.ndarray:
+    def _online_replay(self, store, steps: list[int]) -> np.ndarray:
         """Online model at several window-relative epochs: one pass over epochs 1..max(steps)."""
+        from .cmd_replay import OnlineReplay
+
         last = max(steps)
-        columns = slice(self.columns_.start, self.columns_.start + last + 1)
-        replay = _OnlineReplayEpochs(self.online_mode_, self.online_reference_indices_,
-                                     self.online_reference_trajectories_[:, :last + 1], steps)
+        columns = slice(self.window_.start, self.window_.start + last + 1)
+        replay = OnlineReplay(self.online_mode_, self.online_reference_indices_,
+                              self.online_reference_trajectories_[:, :last + 1], steps)
         # cumulative float64 sums hold several copies of each block: read smaller blocks
         stream(store, [replay], columns, self.device, None, "online replay", max(self.block_bytes // 8, 1 << 20))
         return replay.out
 
-    # ------------------------------------------------------------------ reporting
+    # ------------------------------------------------------------------ summaries
     def summary(self) -> dict:
         out = super().summary()
         m = self.metrics_
@@ -350,20 +335,16 @@ class PosthocCMD(Analyzer):
             out["online"] = {k: v for k, v in m["online"].items() if k != "epoch_relative_error"}
         return out
 
-    def render_summary(self, console) -> None:
-        from rich.table import Table
-
+    def summary_blocks(self) -> list:
+        self._check_fitted()
         m = self.metrics_
         names = self.store_.layout.row_names(self.reference_indices_)
         total = max(sum(m["mode_sizes"]), 1)
-        table = Table(title=f"CMD, {m['modes']} modes, epochs {self.labels_[0]}..{self.labels_[-1]}",
-                      show_edge=False)
-        for column, justify in (("mode", "right"), ("weights", "right"), ("share", "right"),
-                                ("reference weight", "left")):
-            table.add_column(column, justify=justify)
+        table = SummaryTable(f"CMD, {m['modes']} modes, epochs {self.labels_[0]}..{self.labels_[-1]}",
+                             [("mode", "right"), ("weights", "right"), ("share", "right"),
+                              ("reference weight", "left")], [])
         for k, (size, name) in enumerate(zip(m["mode_sizes"], names)):
-            table.add_row(str(k), f"{size:,}", f"{100 * size / total:.1f}%", name)
-        console.print(table)
+            table.rows.append([str(k), f"{size:,}", f"{100 * size / total:.1f}%", name])
         lines = [f"relative error ‖W−Ŵ‖/‖W‖ {m['relative_error']:.4g}, relative to motion "
                  f"‖W−Ŵ‖/‖W−mean_t W‖ {m['relative_error_motion']:.4g}, last epoch "
                  f"{m['epoch_relative_error'][-1]:.4g}"]
@@ -380,234 +361,56 @@ class PosthocCMD(Analyzer):
                      f"(sampling pass {self.timings_.get('sampling_pass_seconds', 0):.2f} s, clustering "
                      f"{self.timings_.get('clustering_seconds', 0):.2f} s, fit pass "
                      f"{self.timings_.get('fit_pass_seconds', 0):.2f} s)")
-        for line in lines:
-            console.print(line, highlight=False)
+        return [table, *lines]
 
+    # ------------------------------------------------------------------ report and export
+    @classmethod
+    def headline(cls, view) -> dict:
+        m = view.metrics
+        out = {"modes": m.get("modes"), "mode_sizes": m.get("mode_sizes"), "sampled": m.get("sampled")}
+        if m.get("online"):
+            o = m["online"]
+            out["online"] = {"warmup": o.get("warmup"), "relative_error": o.get("relative_error"),
+                             "relative_error_motion": o.get("relative_error_motion"),
+                             "final_epoch_error": (o.get("epoch_relative_error") or [None])[-1]}
+        return out
 
-# ---------------------------------------------------------------------------------------------- the passes
-class _LayerIndex:
-    """Layer id (index into the layout's trajectory entries) of the rows of any block, without an N-array."""
+    @classmethod
+    def error_series(cls, view) -> list[dict]:
+        """Post-hoc CMD's errors and, with a warm-up, online CMD's (the original weights before the end of the
+        warm-up: no error to draw there)."""
+        series = super().error_series(view)
+        online = view.metrics.get("online")
+        if series and online:
+            errors = np.asarray(online["epoch_relative_error"], dtype=np.float64)
+            warmup = int(online["warmup"])
+            errors[:warmup - 1] = np.nan
+            series.append({**series[0], "method": "cmd-online", "warmup_label": int(view.labels[warmup - 1]),
+                           "label": f"{cls.reconstructions[1].label} (warm-up {warmup})", "errors": errors,
+                           "relative_error": online.get("relative_error"), "stored_floats": None})
+        return series
 
-    def __init__(self, layout, modelled):
-        entries = layout.trajectory_entries
-        self.starts = np.array([e.offset for e in entries], dtype=np.int64)
-        names = {e.name for e in modelled}
-        self.modelled = np.array([e.name in names for e in entries], dtype=bool)
-        self.n_layers = len(entries)
-
-    def of(self, start: int, stop: int) -> np.ndarray:
-        return np.searchsorted(self.starts, np.arange(start, stop), side="right") - 1
-
-
-class _FitPass(Accumulator):
-    """Pass 2: Steps 2-3 for every row block, streaming mode/A/B/errors, reducing the metrics' sums."""
-
-    def __init__(self, writer, layout, modelled, reference_indices, reference_trajectories, online,
-                 block_rows: int):
-        self.writer = writer
-        self.layers = _LayerIndex(layout, modelled)
-        self.reference_indices = np.asarray(reference_indices, dtype=np.int64)
-        self.reference_trajectories = reference_trajectories
-        self.online = online  # (reference indices, reference trajectories, F) or None
-        self.block_rows = block_rows
-        self.n_modes = len(self.reference_indices)
-
-    def start(self, store, columns, device):
-        n, n_cols = store.n_rows, columns.stop - columns.start
-        self.device = device
-        chunks = (max(1, min(self.block_rows, n)),)
-        mode_dtype = np.int16 if self.n_modes < 2**15 else np.int32
-        self.out_mode = self.writer.create("mode", (n,), mode_dtype, chunks=chunks)
-        self.out_a = self.writer.create("A", (n,), np.float32, chunks=chunks)
-        self.out_b = self.writer.create("B", (n,), np.float32, chunks=chunks)
-        self.out_row_error = self.writer.create("row_sq_error", (n,), np.float32, chunks=chunks)
-        self.refs = ReferenceSet(self.reference_trajectories, device)
-        self.layer_modelled = torch.as_tensor(self.layers.modelled, device=device)
-        f64 = dict(dtype=torch.float64, device=device)
-        self.column_sq_error = torch.zeros(n_cols, **f64)
-        self.column_sq_norm = torch.zeros(n_cols, **f64)
-        self.sq_motion = torch.zeros((), **f64)
-        n_layers = self.layers.n_layers
-        self.layer_sq_error = torch.zeros(n_layers, **f64)
-        self.layer_sq_norm = torch.zeros(n_layers, **f64)
-        self.layer_sq_motion = torch.zeros(n_layers, **f64)
-        self.layer_mode_counts = torch.zeros(n_layers * self.n_modes, dtype=torch.int64, device=device)
-        self.kept_rows = self.constant_rows = self.nonfinite_rows = 0
-        if self.online is not None:
-            indices, trajectories, warmup = self.online
-            self.online_indices = np.asarray(indices, dtype=np.int64)
-            self.warmup = warmup
-            self.online_refs = ReferenceSet(trajectories, device)
-            self.online_warm_refs = ReferenceSet(np.asarray(trajectories)[:, :warmup], device)
-            self.online_modes = len(self.online_indices)
-            self.out_online_mode = self.writer.create("online_mode", (n,), mode_dtype, chunks=chunks)
-            self.out_online_a = self.writer.create("online_A", (n,), np.float32, chunks=chunks)
-            self.out_online_b = self.writer.create("online_B", (n,), np.float32, chunks=chunks)
-            self.online_column_sq_error = torch.zeros(n_cols, **f64)
-            self.online_mode_counts = torch.zeros(self.online_modes, dtype=torch.int64, device=device)
-            # per-mode cumulative sums of the shifted references (Eq. 10), shared by every block
-            shifted = self.online_refs.values - self.online_refs.values[:, :1]
-            self.online_ref_cum = shifted.cumsum(dim=1)
-            self.online_ref_cum_sq = (shifted * shifted).cumsum(dim=1)
-            self.online_ref_shifted = shifted
-
-    @staticmethod
-    def _reference_rows(indices, start, stop, device):
-        """(local row, own mode) of the reference weights inside rows start..stop."""
-        inside = np.flatnonzero((indices >= start) & (indices < stop))
-        return (torch.as_tensor(indices[inside] - start, device=device),
-                torch.as_tensor(inside, dtype=torch.int64, device=device))
-
-    def update(self, start, stop, block, finite):
-        x = block.to(torch.float64)  # a copy of the block: centred in place below
-        n_cols = x.shape[1]
-        layer = torch.as_tensor(self.layers.of(start, stop), device=x.device)
-        modelled = self.layer_modelled[layer] & finite
-        refs = self.refs
-        # Step 2 (Eq. 5) and Step 3 (Eq. 6) in closed form; x holds w − w̄ from here on
-        mean, motion = centre_rows_(x)
-        corr, cross = correlate(x, motion, refs)
-        mode = corr.argmax(dim=1)
-        local, own_mode = self._reference_rows(self.reference_indices, start, stop, x.device)
-        mode[local] = own_mode
-        a, b, s_wr = closed_form_fit(mode, cross, mean, motion, refs)
-        a[local], b[local] = 1.0, 0.0  # reference rows model themselves exactly
-        # the stored model is float32: every error below is that of exactly the stored model
-        a = torch.where(modelled, a, 0.0).float().double()
-        b = torch.where(modelled, b, 0.0).float().double()
-        # residual e_it = (w_it − w̄_i) − a_i (r_t − r̄) + δ_i with δ_i = w̄_i − a_i r̄ − b_i (float32 rounding);
-        # its sums follow from sums the block already gave, so no N x T residual is ever formed:
-        #   per row    Σ_t e² = S_ww − 2 a S_wr + a² S_rr + T δ²        (Σ_t (w−w̄) = Σ_t (r−r̄) = 0)
-        #   per epoch  Σ_i e² = Σ_i (w−w̄)² − 2 Σ_m (r_m−r̄_m) P_m + ... with P_m = Σ_{i in m} a_i (w_i−w̄_i)
-        delta = torch.where(modelled, mean - a * refs.mean[mode] - b, 0.0)
-        row_sq_error = torch.where(
-            modelled, (motion - 2 * a * s_wr + a * a * refs.sq_norm[mode]).clamp(min=0) + n_cols * delta * delta,
-            0.0)
-        weights = torch.zeros((self.n_modes + 2, x.shape[0]), dtype=torch.float64, device=x.device)
-        weights.scatter_(0, mode[None, :], a[None, :])
-        weights[self.n_modes] = delta
-        weights[self.n_modes + 1] = mean  # rows with NaN/Inf arrive zeroed: their mean is 0
-        projections = weights @ x  # (M+2, T): P_m, Σ δ_i (w_i−w̄_i), Σ w̄_i (w_i−w̄_i)
-        if self.online is not None:
-            self._update_online(start, stop, x, mean, modelled, finite)
-        x.square_()
-        masks = torch.stack([modelled, finite]).to(torch.float64)
-        squares = masks @ x  # (2, T): Σ (w−w̄)² over modelled rows, and over all finite rows
-        centred_refs = refs.centred
-        sum_a_sq = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * a)
-        sum_a_delta = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * delta)
-        column_sq_error = (squares[0] - 2 * (centred_refs * projections[:self.n_modes]).sum(dim=0)
-                           + (sum_a_sq[:, None] * centred_refs * centred_refs).sum(dim=0)
-                           + 2 * projections[self.n_modes]
-                           - 2 * (sum_a_delta[:, None] * centred_refs).sum(dim=0)
-                           + (delta * delta).sum())
-        self.column_sq_error += column_sq_error.clamp(min=0)
-        self.column_sq_norm += squares[1] + 2 * projections[self.n_modes + 1] + (mean * mean).sum()
-        self.sq_motion += motion.sum()
-        row_sq_norm = motion + n_cols * mean * mean
-        self.layer_sq_error.index_add_(0, layer, row_sq_error)
-        self.layer_sq_norm.index_add_(0, layer, row_sq_norm)
-        self.layer_sq_motion.index_add_(0, layer, motion)
-        self.layer_mode_counts += torch.bincount((layer * self.n_modes + mode)[modelled],
-                                                 minlength=self.layer_mode_counts.numel())
-        kept_code = torch.where(finite, MODE_KEPT, MODE_NONFINITE)
-        self.kept_rows += int((finite & ~modelled).sum())
-        self.nonfinite_rows += int((~finite).sum())
-        self.constant_rows += int((modelled & (motion == 0)).sum())
-        self.out_mode[start:stop] = torch.where(modelled, mode, kept_code).cpu().numpy().astype(self.out_mode.dtype)
-        self.out_a[start:stop] = a.float().cpu().numpy()
-        self.out_b[start:stop] = b.float().cpu().numpy()
-        self.out_row_error[start:stop] = row_sq_error.float().cpu().numpy()
-
-    def _update_online(self, start, stop, centred, mean, modelled, finite):
-        """Online CMD on the same block: assignment from the first F epochs (Step 2 at the end of the warm-up),
-        then the coefficients after every epoch t >= F as the recursion of Eqs. 8-10 leaves them, i.e. the
-        least-squares fit over epochs 1..t (cumulative sums along the block's columns).
-
-        ``centred`` holds w − w̄ (w̄ over the whole window); the fit is shift-invariant, so it runs on these
-        values and w̄ is added back to b at the end.
-        """
-        F = self.warmup
-        mode, _, _, _ = fit_block(centred[:, :F], self.online_warm_refs)
-        local, own_mode = self._reference_rows(self.online_indices, start, stop, centred.device)
-        mode[local] = own_mode
-        shift = centred[:, :1]
-        u = centred - shift
-        v = self.online_ref_shifted[mode]
-        count = torch.arange(1, centred.shape[1] + 1, dtype=torch.float64, device=centred.device)
-        a_t, b_t = affine_from_sums(count, u.cumsum(dim=1), (u * v).cumsum(dim=1), self.online_ref_cum[mode],
-                                    self.online_ref_cum_sq[mode], shift, self.online_refs.values[mode, :1])
-        a_t[local], b_t[local] = 1.0, -mean[local, None]  # reference rows: w = 1 * r + 0 (b in raw units)
-        residual = centred - (a_t * self.online_refs.values[mode] + b_t)
-        # epochs before F are the original weights (the warm-up is plain training): no error there
-        in_model = modelled[:, None] & (count >= F)[None, :]
-        residual = torch.where(in_model, residual, 0.0)
-        self.online_column_sq_error += (residual * residual).sum(dim=0)
-        self.online_mode_counts += torch.bincount(mode[modelled], minlength=self.online_modes)
-        kept_code = torch.where(finite, MODE_KEPT, MODE_NONFINITE)
-        self.out_online_mode[start:stop] = torch.where(modelled, mode, kept_code).cpu().numpy().astype(
-            self.out_online_mode.dtype)
-        self.out_online_a[start:stop] = torch.where(modelled, a_t[:, -1], 0.0).float().cpu().numpy()
-        self.out_online_b[start:stop] = torch.where(modelled, b_t[:, -1] + mean, 0.0).float().cpu().numpy()
-
-    @staticmethod
-    def _reference_mask(indices, start, stop, device):
-        mask = torch.zeros(stop - start, dtype=torch.bool, device=device)
-        inside = indices[(indices >= start) & (indices < stop)] - start
-        if len(inside):
-            mask[torch.as_tensor(inside, device=device)] = True
-        return mask
-
-    def finish(self):
-        to_np = lambda t: t.cpu().numpy()  # noqa: E731
-        self.column_sq_error = to_np(self.column_sq_error)
-        self.column_sq_norm = to_np(self.column_sq_norm)
-        self.sq_motion = float(self.sq_motion)
-        self.layer_sq_error = to_np(self.layer_sq_error)
-        self.layer_sq_norm = to_np(self.layer_sq_norm)
-        self.layer_sq_motion = to_np(self.layer_sq_motion)
-        self.layer_mode_counts = to_np(self.layer_mode_counts).reshape(self.layers.n_layers, self.n_modes)
-        if self.online is not None:
-            self.online_column_sq_error = to_np(self.online_column_sq_error)
-            self.online_mode_counts = to_np(self.online_mode_counts)
-
-
-class _OnlineReplayEpochs(Accumulator):
-    """Online models at intermediate epochs (only the last epoch's coefficients are stored): the sums of
-    Eqs. 8-10 over epochs 1..t for every requested t, as cumulative sums along each block, then Eq. 7."""
-
-    def __init__(self, modes, reference_indices, reference_trajectories, steps):
-        self.modes = modes
-        self.reference_indices = np.asarray(reference_indices, dtype=np.int64)
-        self.reference_trajectories = reference_trajectories
-        self.steps = np.asarray(steps, dtype=np.int64)
-
-    def start(self, store, columns, device):
-        self.store = store
-        self.refs = torch.as_tensor(self.reference_trajectories, dtype=torch.float64, device=device)
-        self.first_column = columns.start
-        self.out = np.empty((store.n_rows, len(self.steps)), dtype=np.float32)
-
-    def update(self, start, stop, block, finite):
-        x = block.to(torch.float64)
-        mode = torch.as_tensor(np.asarray(self.modes[start:stop]).astype(np.int64), device=x.device)
-        safe = mode.clamp(min=0)
-        steps = torch.as_tensor(self.steps, device=x.device)
-        refs = self.refs[safe]
-        shift = x[:, :1]
-        u = x - shift
-        v = refs - refs[:, :1]
-        count = (steps + 1).to(torch.float64)[None, :]
-        a, b = affine_from_sums(count, u.cumsum(dim=1)[:, steps], (u * v).cumsum(dim=1)[:, steps],
-                                v.cumsum(dim=1)[:, steps], (v * v).cumsum(dim=1)[:, steps], shift, refs[:, :1])
-        is_reference = _FitPass._reference_mask(self.reference_indices, start, stop, x.device)[:, None]
-        a = torch.where(is_reference, 1.0, a)
-        b = torch.where(is_reference, 0.0, b)
-        value = a * refs[:, steps] + b
-        value = torch.where(mode[:, None] >= 0, value, x[:, steps])
-        out = value.float().cpu().numpy()
-        if not bool(finite.all()):
-            # the pass zeroed rows holding NaN/Inf; give back their stored values at these epochs
-            for r in np.flatnonzero(~finite.cpu().numpy()):
-                out[r] = self.store.trajectories[start + int(r), self.first_column + self.steps]
-        self.out[start:stop] = out
+    @classmethod
+    def csv_tables(cls, result, store) -> dict:
+        metrics = result.metrics
+        labels = [int(x) for x in result.attrs.get("labels", [])]
+        tables = super().csv_tables(result, store)
+        if metrics.get("online"):
+            tables["epoch_errors"] = (["epoch", "relative_error", "online_relative_error"],
+                                      list(zip(labels, metrics["epoch_relative_error"],
+                                               metrics["online"]["epoch_relative_error"])))
+        refs = result["reference_indices"]
+        names = store.layout.row_names(refs)
+        sample_sizes = metrics.get("sample_mode_sizes") or [None] * len(refs)
+        tables["mode_sizes"] = (["mode", "weights", "sampled_weights", "reference_row", "reference_weight"],
+                                [(m, size, sample_sizes[m], int(refs[m]), names[m])
+                                 for m, size in enumerate(metrics["mode_sizes"])])
+        modes = len(refs)
+        tables["layers"] = (["tensor", "rows", "kind", "modelled", "relative_error", "relative_error_motion"]
+                            + [f"share_mode_{m}" for m in range(modes)],
+                            [(name, s["rows"], s["kind"], s["modelled"], s["relative_error"],
+                              s["relative_error_motion"], *s["mode_share"]) for name, s in metrics["layers"].items()])
+        references = result["reference_trajectories"]
+        tables["reference_trajectories"] = (["epoch"] + [f"mode_{m}" for m in range(modes)],
+                                            [(label, *references[:, t]) for t, label in enumerate(labels)])
+        return tables

@@ -2,7 +2,9 @@
 (:mod:`cmdtool.analyzers.cmd`) and the in-training :class:`~cmdtool.analyzers.online_cmd.OnlineCMD`.
 
 Everything here works on small things (K sampled rows, M reference trajectories) or on one row block at a
-time, so callers keep memory bounded by the block size whatever N is.
+time, so callers keep memory bounded by the block size whatever N is. Step 1 as a whole is
+:func:`select_references`; the reference-row rule (a reference weight models itself: a = 1, b = 0) is
+:func:`pin_reference_rows`. torch and scipy are imported where they are used, not with the module.
 """
 
 from __future__ import annotations
@@ -10,11 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import pdist
 
-from ..errors import UsageError
+from ..errors import ParameterError, UsageError
 
 # Mode codes of rows that CMD does not model; their reconstruction is the stored original value.
 MODE_KEPT = -1        # BatchNorm running statistics under bn_stats="source"
@@ -35,9 +34,9 @@ def sample_rows(layers: list[tuple[int, int]], samples: int, sampling: str = "ba
     uniformly. Without replacement; memory O(K) whatever N is (rejection sampling, no arange(N)).
     """
     if sampling not in SAMPLING_CHOICES:
-        raise UsageError(f"unknown --sampling {sampling!r}: choose balanced or uniform")
+        raise ParameterError("unknown {sampling} {value!r}: choose balanced or uniform", "sampling", value=sampling)
     if samples < 2:
-        raise UsageError(f"--samples must be at least 2 (got {samples})")
+        raise ParameterError("{samples} must be at least 2 (got {value})", "samples", value=samples)
     sizes = np.array([n for _, n in layers], dtype=np.int64)
     starts = np.array([s for s, _ in layers], dtype=np.int64)
     total = int(sizes.sum())
@@ -106,12 +105,16 @@ def cluster_sample(values: np.ndarray, modes: int | None = 10, threshold: float 
     numbered by size, largest first (ties: the cluster scipy numbered first). The reference of a mode is the
     member with the highest mean |corr| to the mode's members.
     """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
     k = len(values)
     correlation = abs_correlation(values)
     if threshold is None and (modes is None or modes < 1):
-        raise UsageError("--modes must be at least 1")
+        raise ParameterError("{modes} must be at least 1", "modes")
     if threshold is None and modes > k:
-        raise UsageError(f"--modes {modes} is more than the {k} sampled weights; raise --samples")
+        raise ParameterError("{modes} {value} is more than the {k} sampled weights with finite values; lower {modes}",
+                             "modes", value=modes, k=k)
     if k < 2:
         raise UsageError("CMD needs at least two sampled weights")
     tree = linkage(pdist(correlation), method="complete")
@@ -131,11 +134,82 @@ def cluster_sample(values: np.ndarray, modes: int | None = 10, threshold: float 
     return Clustering(correlation, tree, labels, np.asarray(references, dtype=np.int64))
 
 
+def check_modes_fit_sample(modes: int | None, threshold: float | None, samples: int, modelled_rows: int) -> None:
+    """Before any pass: ``modes`` clusters need at least as many sampled weights (K = min(samples, modelled
+    rows)). The message names the fix that works: more samples while the store has more weights to sample,
+    else fewer modes."""
+    if threshold is not None or modes is None:
+        return
+    modes, sampled = int(modes), min(int(samples), int(modelled_rows))
+    if modes <= sampled:
+        return
+    if sampled < modelled_rows:
+        raise ParameterError("{modes} {value} is more than the {k} sampled weights: raise {samples} to at least "
+                             "{value} (the store has {n:,} weights to sample), or lower {modes}", "modes", "samples",
+                             value=modes, k=sampled, n=modelled_rows)
+    raise ParameterError("{modes} {value} is more than the {k} sampled weights, which are all the weights CMD models "
+                         "in this store: lower {modes} to at most {k}", "modes", value=modes, k=sampled)
+
+
+@dataclass
+class StepOne:
+    """What Step 1 gives (Alg. 1 lines 1-4): the sampled rows that are finite, their clustering, the references."""
+
+    sampled_indices: np.ndarray         # (K',) store rows of the finite sampled trajectories
+    values: np.ndarray                  # (K', T) their values
+    clustering: Clustering
+    reference_indices: np.ndarray       # (M,) store rows of the reference weights
+    reference_trajectories: np.ndarray  # (M, T) float32
+    n_sampled: int                      # K, before the rows with NaN/Inf were left out
+
+
+def select_references(sampled: np.ndarray, values: np.ndarray, modes: int | None = 10,
+                      threshold: float | None = None, finite: np.ndarray | None = None,
+                      columns: slice = slice(None)) -> StepOne:
+    """Step 1 of CMD (Alg. 1 lines 1-4) on the gathered sample: leave out the trajectories with NaN/Inf (they
+    cannot be correlated; ``finite`` flags them when given, else they are found in ``values``), cluster the rest
+    over ``columns`` (:func:`cluster_sample`, Eq. 4), and take each mode's reference weight.
+
+    ``values`` holds the sampled rows' trajectories (K × T). A reference's trajectory is its whole row, so a
+    warm-up clustering over the first F columns (Sec. 3.3) still gives references over every column.
+    """
+    finite = np.isfinite(values).all(axis=1) if finite is None else np.asarray(finite, dtype=bool)
+    kept, kept_values = np.asarray(sampled)[finite], values[finite]
+    clustering = cluster_sample(kept_values[:, columns], modes, threshold)
+    positions = clustering.reference_positions
+    return StepOne(kept, kept_values, clustering, kept[positions], kept_values[positions].astype(np.float32),
+                   n_sampled=len(sampled))
+
+
+def pin_reference_rows(reference_indices, start: int, stop: int, mode=None, a=None, b=None, offset=None) -> None:
+    """The reference-row rule, in place on a row block ``start:stop``: a reference weight belongs to its own mode
+    and models itself, a = 1 and b = 0 (b = −offset when the block's rows were shifted by ``offset``, an R-vector).
+
+    ``mode`` (R,), ``a`` and ``b`` ((R,) or (R, k): every column) are torch tensors on one device; any may be None.
+    """
+    import torch
+
+    indices = np.asarray(reference_indices, dtype=np.int64)
+    inside = np.flatnonzero((indices >= start) & (indices < stop))
+    if not inside.size:
+        return
+    device = next(t.device for t in (mode, a, b) if t is not None)
+    rows = torch.as_tensor(indices[inside] - start, device=device)
+    if mode is not None:
+        mode[rows] = torch.as_tensor(inside, dtype=mode.dtype, device=device)
+    if a is not None:
+        a[rows] = 1.0
+    if b is not None:
+        b[rows] = 0.0 if offset is None else -offset[rows].reshape(-1, *([1] * (b.dim() - 1)))
+
+
 # ---------------------------------------------------------------------------------------------- Steps 2-3
 class ReferenceSet:
     """The M reference trajectories on the compute device, with what Steps 2-3 need of them (float64)."""
 
-    def __init__(self, trajectories: np.ndarray | torch.Tensor, device: torch.device):
+    def __init__(self, trajectories, device):
+        import torch
+
         self.values = torch.as_tensor(np.asarray(trajectories), dtype=torch.float64, device=device)  # (M, T)
         self.mean = self.values.mean(dim=1)
         self.centred = self.values - self.mean[:, None]
@@ -143,19 +217,22 @@ class ReferenceSet:
         self.norm = self.sq_norm.sqrt()
 
 
-def correlate(centred: torch.Tensor, sq_norm: torch.Tensor, refs: ReferenceSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """C2 = |corr(w_i, r_m)| of a block of centred rows (Eq. 5), and the cross sums Σ(w−w̄)(r−r̄) (R x M).
-
-    Constant rows (and constant references) get correlation 0, as in the authors' code.
+def correlate(centred, sq_norm, refs: ReferenceSet):
+    """C2 = |corr(w_i, r_m)| of a block of centred rows (Eq. 5), and the cross sums Σ(w−w̄)(r−r̄) (R x M)
+    (torch tensors). Constant rows (and constant references) get correlation 0, as in the authors' code.
     """
+    import torch
+
     cross = centred @ refs.centred.T
     denom = sq_norm.sqrt()[:, None] * refs.norm[None, :]
     corr = torch.where(denom > 0, cross.abs() / torch.where(denom > 0, denom, 1.0), 0.0)
     return corr, cross
 
 
-def centre_rows_(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre each row in place (float64 block); returns (row means w̄, Σ_t (w−w̄)² per row)."""
+def centre_rows_(block):
+    """Centre each row in place (float64 torch block); returns (row means w̄, Σ_t (w−w̄)² per row)."""
+    import torch
+
     mean = block.mean(dim=1)
     block.sub_(mean[:, None])
     return mean, torch.linalg.vector_norm(block, dim=1).square()
@@ -167,13 +244,15 @@ def closed_form_fit(mode, cross, mean, sq_norm, refs: ReferenceSet):
     A constant row gets a = 0, b = its value; against a constant reference a = 0, b = w̄. Returns
     (a, b, Σ(w−w̄)(r−r̄) of the chosen mode).
     """
+    import torch
+
     s_rr = refs.sq_norm[mode]
     s_wr = cross.gather(1, mode[:, None]).squeeze(1)
     a = torch.where((s_rr > 0) & (sq_norm > 0), s_wr / torch.where(s_rr > 0, s_rr, 1.0), 0.0)
     return a, mean - a * refs.mean[mode], s_wr
 
 
-def fit_block(block: torch.Tensor, refs: ReferenceSet):
+def fit_block(block, refs: ReferenceSet):
     """Steps 2-3 on a row block (float64, left unchanged): mode = argmax_m C2[i, m] (Eq. 5, first maximum on
     ties, like numpy), then the least-squares affine fit of Eq. 6 (see :func:`closed_form_fit`).
 
@@ -197,6 +276,8 @@ def affine_from_sums(count, sum_u, sum_uv, sum_v, sum_vv, shift_w, shift_r):
     removes the large common offset before squaring, which avoids cancellation in Σr² − (Σr)²/t. Works on
     any broadcastable torch tensors (one epoch or a whole cumulative block).
     """
+    import torch
+
     s_uv = sum_uv - sum_u * sum_v / count
     s_vv = sum_vv - sum_v * sum_v / count
     a = torch.where(s_vv > 0, s_uv / torch.where(s_vv > 0, s_vv, 1.0), 0.0)

@@ -1,11 +1,14 @@
 """Several models of the same trajectories side by side (``cmdtool compare``): error, size, time.
 
-Written against the analyzer base contract only (``metrics_``, ``timings_``, ``get_config``, ``save``/``load``),
-so any registered method (cmd, dmd, kga, pca, ...) takes part. For each method it reuses a saved result fitted on
-the same store revision, window and configuration, or fits and saves one. With ``equal_budget`` every method
-that can trade size for accuracy (a classmethod ``options_for_budget(budget, N, T)``, e.g. DMD's rank or PCA's
-dims) is sized to store at most as many numbers as the reference (CMD when present, else the first method, or an
-explicit ``budget``), so that errors are compared at equal model size.
+Written against the analyzer base contract only (``metrics_``, ``timings_``, ``get_config``, ``save``/``load``,
+the declared parameters), so any registered method (cmd, dmd, kga, pca, pod, ...) takes part. For each method it
+reuses a saved result fitted on the same store revision, window and configuration, or fits and saves one.
+
+Fair by default (``equal_budget=True``): every method that can trade size for accuracy (its classmethod
+``options_for_budget(budget, N, T)``, e.g. DMD's rank or PCA's dims) is sized to store at most as many numbers as
+the reference, so that errors are compared at equal model size. The reference is the first method that cannot be
+sized from a budget (CMD), else the first method named; an explicit ``budget`` replaces it. A size the caller gave
+explicitly (e.g. ``rank``) is kept, and said so.
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ import numpy as np
 from ..errors import UsageError
 from . import get_analyzer
 
-# configuration keys that change how a fit runs, not what it computes
-RUNTIME_KEYS = frozenset({"device", "save_modes"})
-
 
 @dataclass
 class MethodComparison:
@@ -30,7 +30,7 @@ class MethodComparison:
     name: str
     reused: bool
     config: dict
-    size: dict                       # what sets the model's size as fitted: rank / dims / modes
+    size: dict                       # the size parameters as fitted: rank / dims / modes
     relative_error: float
     relative_error_motion: float
     final_epoch_error: float
@@ -41,6 +41,7 @@ class MethodComparison:
     fit_seconds: float | None        # wall time of the fit (of the saved fit when reused)
     wall_seconds: float              # wall time inside this comparison (≈ 0 when reused)
     budget_matched: bool = False     # sized by options_for_budget
+    size_given: bool = False         # under an equal budget, kept the size the caller gave
     epoch_relative_error: list = field(default_factory=list)
 
 
@@ -54,6 +55,7 @@ class Comparison:
     raw_floats: int
     budget: int | None
     methods: list[MethodComparison]
+    budget_source: str | None = None  # the reference method whose size is the budget, "given", or None (own sizes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,30 +64,23 @@ class Comparison:
         return min(self.methods, key=lambda m: getattr(m, key)).method
 
 
-def _same_config(saved: dict, wanted: dict) -> bool:
-    keys = (set(saved) | set(wanted)) - RUNTIME_KEYS
+def runtime_keys(analyzer) -> set[str]:
+    """Parameters that change how a fit runs, not what it computes (device, save_modes, ...)."""
+    return {p.name for p in analyzer.params if p.runtime}
+
+
+def _same_config(saved: dict, wanted: dict, ignored: set[str]) -> bool:
+    keys = (set(saved) | set(wanted)) - ignored
     return all(str(saved.get(k)) == str(wanted.get(k)) for k in keys)
 
 
 def result_name_for(prefix: str, analyzer, columns: slice) -> str:
     """``<prefix>-<digest of window and configuration>``: comparisons of different configurations (e.g. with
-    and without --equal-budget) keep their own fits instead of overwriting one another."""
-    config = {k: str(v) for k, v in sorted(analyzer.get_config().items()) if k not in RUNTIME_KEYS}
+    and without an equal budget) keep their own fits instead of overwriting one another."""
+    ignored = runtime_keys(analyzer)
+    config = {k: str(v) for k, v in sorted(analyzer.get_config().items()) if k not in ignored}
     text = json.dumps([columns.start, columns.stop, config], sort_keys=True)
     return f"{prefix}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-
-def _size_of(analyzer) -> dict:
-    """The size-setting figures as fitted (e.g. DMD's rank after the optimal threshold), else as configured."""
-    config = analyzer.get_config()
-    out = {}
-    for key in ("rank", "dims", "modes"):
-        fitted = getattr(analyzer, key + "_", None)
-        if isinstance(fitted, (int, np.integer)):
-            out[key] = int(fitted)
-        elif key in config:
-            out[key] = config[key]
-    return out
 
 
 def find_reusable(store, analyzer, columns: slice, prefer: str | None = None) -> str | None:
@@ -102,18 +97,19 @@ def find_reusable(store, analyzer, columns: slice, prefer: str | None = None) ->
             continue
         if list(attrs.get("columns", [])) != [columns.start, columns.stop]:
             continue
-        if _same_config(attrs.get("config", {}), wanted):
+        if _same_config(attrs.get("config", {}), wanted, runtime_keys(analyzer)):
             return name
     return None
 
 
 def compare(store, methods, options: dict | None = None, *, name: str = "compare", reuse: bool = True,
-            equal_budget: bool = False, budget: int | None = None, progress=None) -> Comparison:
+            equal_budget: bool = True, budget: int | None = None, progress=None) -> Comparison:
     """Fit (or reuse) every method on the same trajectories and collect their figures.
 
     ``options`` are CLI-style options (``rank``, ``dims``, ``modes``, ``epochs``, ``device`` ...); each method
-    takes the ones named like its ``__init__`` parameters. New fits are saved as
-    ``results/<method>/<name>-<config digest>`` (see :func:`result_name_for`).
+    takes the ones named like its parameters, None meaning its own default. New fits are saved as
+    ``results/<method>/<name>-<config digest>`` (see :func:`result_name_for`). ``equal_budget`` (the default)
+    sizes the methods to one budget (see the module note); ``budget`` gives it explicitly.
     """
     methods = list(dict.fromkeys(m.lower() for m in methods))
     if not methods:
@@ -125,10 +121,12 @@ def compare(store, methods, options: dict | None = None, *, name: str = "compare
     raw = n_rows * n_cols
 
     # the reference of an equal budget is fitted first, with its own options
+    equal_budget = equal_budget or budget is not None
     order = list(methods)
     reference = None
     if equal_budget and budget is None:
-        reference = "cmd" if "cmd" in methods else methods[0]
+        unsized = [m for m in methods if classes[m].options_for_budget is None]
+        reference = (unsized or methods)[0]
         order.remove(reference)
         order.insert(0, reference)
 
@@ -136,10 +134,12 @@ def compare(store, methods, options: dict | None = None, *, name: str = "compare
     for method in order:
         cls = classes[method]
         method_options = dict(options)
-        matched = False
-        if equal_budget and method != reference and hasattr(cls, "options_for_budget"):
-            method_options.update(cls.options_for_budget(budget, n_rows, n_cols))
-            matched = True
+        matched = given = False
+        if equal_budget and method != reference and cls.options_for_budget is not None:
+            sized = cls.options_for_budget(budget, n_rows, n_cols)
+            given = any(key in options for key in sized)   # the caller's explicit size wins
+            method_options.update({k: v for k, v in sized.items() if k not in options})
+            matched = not given
         analyzer = cls.from_options(method_options)
         started = time.perf_counter()
         own_name = result_name_for(name, analyzer, columns)
@@ -158,39 +158,17 @@ def compare(store, methods, options: dict | None = None, *, name: str = "compare
         stored = int(metrics["stored_floats"])
         fitted[method] = MethodComparison(
             method=method, name=result_name, reused=saved is not None, config=analyzer.get_config(),
-            size=_size_of(analyzer),
+            size=analyzer.model_size(),
             relative_error=float(metrics["relative_error"]),
             relative_error_motion=float(metrics.get("relative_error_motion") or float("nan")),
             final_epoch_error=epoch_errors[-1], worst_epoch_error=epoch_errors[worst],
             worst_epoch=int(store.labels[columns][worst]), stored_floats=stored,
             compression_ratio=raw / stored if stored else float("inf"),
             fit_seconds=analyzer.timings_.get("fit_seconds"), wall_seconds=wall, budget_matched=matched,
-            epoch_relative_error=epoch_errors)
+            size_given=given, epoch_relative_error=epoch_errors)
         if equal_budget and method == reference:
             budget = stored
+    source = None if not equal_budget else (reference if reference is not None else "given")
     return Comparison(store=str(store.path), store_revision=store.revision, n_rows=n_rows, n_cols=n_cols,
                       labels=[int(x) for x in store.labels[columns]], raw_floats=raw, budget=budget,
-                      methods=[fitted[m] for m in methods])
-
-
-def plot_epoch_errors(comparison: Comparison, path) -> None:
-    """Per-epoch relative error of every method (log scale), written to ``path`` (png/pdf/svg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in comparison.methods:
-        errors = np.maximum(np.asarray(row.epoch_relative_error), 1e-12)  # exact fits would vanish on log axes
-        ax.plot(comparison.labels, errors, marker="o", markersize=3,
-                label=f"{row.method} ({row.stored_floats:,} floats)")
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("‖w_t − ŵ_t‖ / ‖w_t‖")
-    ax.set_title(f"reconstruction error per epoch (N = {comparison.n_rows:,})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                      methods=[fitted[m] for m in methods], budget_source=source)

@@ -1,7 +1,7 @@
 """Dynamic Mode Decomposition of the trajectories from the cached T×T Gram matrix (paper 003 Eqs. 4-9).
 
 The snapshots are the checkpoints: X = W[:, :-1], Y = W[:, 1:] (N × (T−1) each, Eq. 5). Everything DMD needs
-about X and Y is a block of G = Wᵀ W (design note 3.1):
+about X and Y is a block of G = Wᵀ W (docs/references.md, "The Gram path"):
 
     Xᵀ X = G[:-1, :-1] = V Σ² Vᵀ                 (eigh: the right singular vectors and values of X, Eq. 6)
     Ã    = Uᵀ Y V Σ⁻¹ = Σ⁻¹ Vᵀ (Xᵀ Y) V Σ⁻¹       (Eq. 7, U = X V Σ⁻¹, Xᵀ Y = G[:-1, 1:])
@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
-from .linear_models import (GramModel, RowProjection, descending_eigh, gram_square_root,
-                            numerical_rank, truncation_rank)
+from .base import FigureSpec, Reconstruction, SummaryTable
+from .linear_models import (RANK, GramModel, RowProjection, descending_eigh, error_line, factor_model,
+                            gram_square_root, numerical_rank, truncation_rank)
+from .params import DEVICE, EPOCHS, Param
 from .passes import stream
 
 
@@ -98,52 +100,97 @@ def dmd_stored_floats(rank: int, n_rows: int) -> int:
     return int(rank * n_rows + 2 * rank)
 
 
+EXACT = Param("exact", False, "Exact DMD modes (from Y) instead of projected ones (from X).", kind=bool,
+              flag="--exact/--projected")
+SAVE_MODES = Param("save_modes", False, "Materialise the DMD modes Φ (N x r; one more pass), stored as modes_real / "
+                   "modes_imag float32.", kind=bool, runtime=True)
+DEFAULT_CLASS_EPS = 0.01  # KGA's default ε: the neutral band a DMD spectrum is drawn with when no KGA result exists
+
+
+def _eigenvalue_numbers(view) -> dict:
+    from .kga import CLASS_NAMES, classify_eigenvalues
+
+    if view.method == "kga":
+        classes, eps = np.asarray(view.small("classes")), float(view.config.get("eps", DEFAULT_CLASS_EPS))
+    else:
+        classes, eps = classify_eigenvalues(view.small("eigenvalues"), DEFAULT_CLASS_EPS), DEFAULT_CLASS_EPS
+    return {"rank": view.attrs.get("rank", view.value("rank")), "eps": eps,
+            **{name: int(np.sum(classes == code)) for code, name in CLASS_NAMES.items()}}
+
+
+EIGENVALUE_FIGURE = FigureSpec(
+    "eigenvalues", "DMD eigenvalues by Koopman class",
+    "DMD eigenvalues λ_k on the complex plane with the unit circle, coloured by KGA class (paper 003 Sec. 3.1, "
+    "Fig. 2): neutral within 1 ± ε, stable inside, unstable outside. Marker area grows with |b_k|. Right: zoom "
+    "near λ = 1.",
+    "cmdtool.report.figures:eigenvalues_figure", numbers=_eigenvalue_numbers,
+    missing_note="eigenvalue figure skipped",
+    note=lambda view: f"eigenvalue classes drawn at ε = {DEFAULT_CLASS_EPS:g} from DMD: no kga result; run "
+                      f"`cmdtool decompose -m kga`")
+
+
 class DMD(GramModel):
     """Exact or projected DMD of an epoch window (PyDMD conventions), fitted from the cached Gram matrix.
 
-    Parameters
+    Attributes
     ----------
-    rank : int, float or str
-        Truncation rank: an integer r, 0 for the Gavish-Donoho optimal hard threshold, an energy fraction in (0,1),
-        or -1 for no truncation (PyDMD's ``svd_rank``).
-    exact : bool
-        Exact modes (from Y) instead of projected ones (from X).
-    save_modes : bool
-        Materialise the modes Φ (N×r) in one pass, stored as ``modes_real`` / ``modes_imag`` float32.
-    epochs : str or None
-        Epoch window ``A:B`` (labels, inclusive).
-    device : str
-        Where the passes compute (auto, cpu, cuda).
-
-    Learned state: ``singular_values_``, ``rank_``, ``rank_requested_``, ``right_singular_vectors_`` (V_r), ``atilde_``,
-    ``eigenvalues_``, ``eigenvectors_``, ``mode_coefficients_`` (C, Φ = W C), ``amplitudes_``,
-    ``reconstruction_matrix_`` (K), ``metrics_``; ``modes_`` (lazy, complex N×r) when saved.
+    singular_values_ : ndarray (T-1,)
+        Every singular value of X (for the spectrum plot and the rank choice).
+    rank_ : int
+        Rank fitted: ``rank_requested_`` less the singular values below the Gram path's roundoff.
+    rank_requested_ : int
+        Rank given by the truncation rule.
+    right_singular_vectors_ : ndarray (T-1, r)
+        V_r of X = U Σ V_rᵀ (Eq. 6).
+    atilde_ : ndarray (r, r)
+        Ã, paper 003 Eq. 7.
+    eigenvalues_, eigenvectors_ : ndarray (r,), (r, r) complex
+        Λ and Q of Ã Q = Q Λ (Eq. 9), largest |λ| first.
+    mode_coefficients_ : ndarray (T, r) complex
+        C with Φ = W C.
+    amplitudes_ : ndarray (r,) complex
+        b = Φ⁺ w_0.
+    reconstruction_matrix_ : ndarray (T, T)
+        K with W_rec = W K.
+    modes_real_, modes_imag_ : zarr arrays (N, r) or None
+        The modes Φ (lazy), with ``save_modes``; ``modes_`` combines them.
+    gram_from_cache_ : bool
+        Whether the window's Gram matrix came from the store's cache.
+    nonfinite_rows_ : int
+        Rows left out for NaN/Inf.
+    metrics_, timings_ : dict
+        Shared quality figures (see :mod:`cmdtool.analyzers.base`) and seconds per stage.
+    window_, labels_ : slice, ndarray (T,) int64
+        Store columns of the fitted epoch window, and their epoch labels.
+    store_, result_, name_ :
+        The store fitted on, the saved result and its name (None until saved).
     """
 
     method = "dmd"
-
-    def __init__(self, rank=0, exact: bool = False, save_modes: bool = False, epochs: str | None = None,
-                 device: str = "auto"):
-        self.rank = rank
-        self.exact = exact
-        self.save_modes = save_modes
-        self.epochs = epochs
-        self.device = device
+    title = "DMD"
+    params = (RANK, EXACT, SAVE_MODES, EPOCHS, DEVICE)
+    reconstructions = (Reconstruction("dmd", "DMD"),)
+    figures = (EIGENVALUE_FIGURE,)
+    key_numbers = ("rank",)
+    saved_arrays = ("singular_values", "right_singular_vectors", "atilde", "eigenvalues", "eigenvectors",
+                    "mode_coefficients", "amplitudes", "reconstruction_matrix")
+    streamed_arrays = ("modes_real", "modes_imag")
+    saved_attrs = ("rank", "rank_requested")
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, store, progress=None) -> "DMD":
-        writer = self._begin_fit(store)
+    def _needs_writer(self) -> bool:
+        return bool(self.save_modes)
+
+    def _fit(self, store, writer, progress) -> None:
         gram = self._window_gram(store, progress)
         self._set_dmd(dmd_from_gram(gram, store.n_rows, self.rank, self.exact))
         self._derive_from_gram(store, gram)
         accumulators = self._pass_accumulators(store, writer)
         if accumulators:
-            stats = stream(store, accumulators, self.columns_, self.device, progress, f"{self.method} pass")
+            stats = stream(store, accumulators, self.window_, self.device, progress, f"{self.method} pass")
             self.timings_["pass_seconds"] = stats.seconds
         self._after_pass(accumulators)
         self.metrics_ = self._linear_metrics(gram, dmd_stored_floats(self.rank_, store.n_rows))
-        self._end_fit()
-        return self
 
     def _set_dmd(self, fit: DMDFit) -> None:
         self.singular_values_ = fit.singular_values
@@ -162,60 +209,40 @@ class DMD(GramModel):
 
     def _pass_accumulators(self, store, writer) -> list:
         """Per-row outputs of the (optional) second pass; KGA adds its masks here so the read is shared."""
-        if not self.save_modes:
-            return []
-        return [RowProjection(self._require_writer("DMD modes"), "modes", self.mode_coefficients_)]
+        return [RowProjection(writer, "modes", self.mode_coefficients_)] if self.save_modes else []
 
     def _after_pass(self, accumulators) -> None:
         pass
 
-    # ------------------------------------------------------------------ persistence
-    _SMALL_ARRAYS = ("singular_values", "right_singular_vectors", "atilde", "eigenvalues", "eigenvectors",
-                     "mode_coefficients", "amplitudes", "reconstruction_matrix")
+    def _extra_attrs(self, writer) -> dict:
+        return {"modes_saved": "modes_real" in writer.group}
 
-    def _save_arrays(self, writer) -> None:
-        for key in self._SMALL_ARRAYS:
-            writer.put(key, getattr(self, key + "_"))
-        writer.put("epoch_relative_error", np.asarray(self.metrics_["epoch_relative_error"]))
-        writer.attrs.update(rank=self.rank_, rank_requested=self.rank_requested_,
-                            modes_saved="modes_real" in writer.group)
-
-    def _load_arrays(self, result) -> None:
-        for key in self._SMALL_ARRAYS:
-            setattr(self, key + "_", result[key])
-        self.rank_ = int(result.attrs["rank"])
-        self.rank_requested_ = int(result.attrs["rank_requested"])
+    def _loaded(self, result) -> None:
+        self.rank_, self.rank_requested_ = int(self.rank_), int(self.rank_requested_)
 
     @property
     def modes_(self):
         """The DMD modes Φ (N×r complex) when saved, read from the store (``None`` otherwise). For large N read
-        ``result_.array('modes_real')`` in row blocks instead."""
-        result = getattr(self, "result_", None)
-        if result is None or "modes_real" not in result:
+        ``modes_real_`` and ``modes_imag_`` in row blocks instead."""
+        if getattr(self, "modes_real_", None) is None:
             return None
-        return result["modes_real"].astype(np.complex128) + 1j * result["modes_imag"]
+        return self.modes_real_[...].astype(np.complex128) + 1j * self.modes_imag_[...]
 
     # ------------------------------------------------------------------ use
     def dynamics(self, steps=None) -> np.ndarray:
         """λ_kᵗ b_k for t in ``steps`` (default the window's 0..T−1), r × len(steps) complex (PyDMD's
         ``dynamics``); steps beyond T−1 extrapolate."""
+        self._check_fitted()
         steps = np.arange(self.reconstruction_matrix_.shape[0]) if steps is None else np.asarray(steps)
         return self.amplitudes_[:, None] * self.eigenvalues_[:, None] ** steps[None, :]
 
-    def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
-        """Several modelled checkpoints, Re Φ (λᵗ ∘ b) for every t: the saved modes are read once, not per epoch."""
-        result = getattr(self, "result_", None)
-        if result is None or "modes_real" not in result:
-            return super().reconstruct_epochs(store, columns, progress)
-        weights = self.dynamics([self._window_column(int(c)) for c in columns])   # r × k
-        modes_real, modes_imag = result.array("modes_real"), result.array("modes_imag")
-        out = np.empty((modes_real.shape[0], weights.shape[1]), dtype=np.float32)
-        step = max(1, (32 * 1024**2) // (8 * max(self.rank_, weights.shape[1], 1)))
-        for r0 in range(0, out.shape[0], step):
-            rows = slice(r0, min(r0 + step, out.shape[0]))
-            out[rows] = (modes_real[rows].astype(np.float64) @ weights.real
-                         - modes_imag[rows].astype(np.float64) @ weights.imag)
-        return out
+    def _reconstruct(self, store, columns, steps, progress=None) -> np.ndarray:
+        """Several modelled checkpoints, Re Φ (λᵗ ∘ b) for every t: saved modes are read once, not per epoch;
+        without them one pass over the window gives W K."""
+        if self.result_ is None or self.modes_real_ is None:
+            return super()._reconstruct(store, columns, steps, progress)
+        weights = self.dynamics(steps)   # r × k
+        return factor_model([(self.modes_real_, weights.real), (self.modes_imag_, -weights.imag)])
 
     @classmethod
     def options_for_budget(cls, budget_floats: int, n_rows: int, n_cols: int) -> dict:
@@ -223,6 +250,7 @@ class DMD(GramModel):
         rank = max(1, min(int(budget_floats // (n_rows + 2)), n_cols - 1))
         return {"rank": rank}
 
+    # ------------------------------------------------------------------ summaries
     def eigenvalue_table(self) -> list[dict]:
         return [{"eigenvalue": [float(lam.real), float(lam.imag)], "modulus": float(abs(lam)),
                  "amplitude": float(abs(b))} for lam, b in zip(self.eigenvalues_, self.amplitudes_)]
@@ -235,20 +263,37 @@ class DMD(GramModel):
                    eigenvalues=self.eigenvalue_table())
         return out
 
-    def render_summary(self, console) -> None:
-        from rich.table import Table
-
+    def summary_blocks(self) -> list:
         s = self.summary()
-        title = f"{self.method} / {getattr(self, 'name_', '')}: rank {s['rank']}"
+        title = f"{self.method} / {self.name_ or ''}: rank {s['rank']}"
         if s["rank"] != s["rank_requested"]:
             title += f" (asked {s['rank_requested']}; the rest is below the Gram path's roundoff)"
-        table = Table(title=title, show_edge=False)
-        for col in ("λ", "|λ|", "|b|"):
-            table.add_column(col, justify="right")
+        table = SummaryTable(title, [("λ", "right"), ("|λ|", "right"), ("|b|", "right")], [])
         for row in s["eigenvalues"][:20]:
             re, im = row["eigenvalue"]
-            table.add_row(f"{re:+.5f}{im:+.5f}j", f"{row['modulus']:.5f}", f"{row['amplitude']:.4g}")
-        console.print(table)
-        console.print(f"relative error {s['relative_error']:.4g} (to motion {s['relative_error_motion']:.4g}), "
-                      f"final epoch {s['final_epoch_error']:.4g}, worst epoch {s['worst_epoch_error']:.4g}; "
-                      f"stored floats {s['stored_floats']:,}; {s['fit_seconds']:.2f} s", highlight=False)
+            table.rows.append([f"{re:+.5f}{im:+.5f}j", f"{row['modulus']:.5f}", f"{row['amplitude']:.4g}"])
+        return [table, error_line(s)]
+
+    # ------------------------------------------------------------------ report and export
+    @classmethod
+    def headline(cls, view) -> dict:
+        return {"rank": view.attrs.get("rank", view.value("rank"))}
+
+    @classmethod
+    def csv_tables(cls, result, store) -> dict:
+        tables = super().csv_tables(result, store)
+        eigenvalues, amplitudes = result["eigenvalues"], result["amplitudes"]
+        classes = result["classes"] if "classes" in result else None
+        class_names = {int(k): v for k, v in (result.attrs.get("class_codes") or {}).items()}
+        rows = []
+        for k, (lam, b) in enumerate(zip(eigenvalues, amplitudes)):
+            row = [k, lam.real, lam.imag, abs(lam), float(np.angle(lam)), b.real, b.imag, abs(b)]
+            if classes is not None:
+                row.append(class_names.get(int(classes[k]), int(classes[k])))
+            rows.append(row)
+        header = ["k", "eigenvalue_real", "eigenvalue_imag", "modulus", "angle", "amplitude_real",
+                  "amplitude_imag", "amplitude_abs"] + (["class"] if classes is not None else [])
+        tables["spectrum"] = (header, rows)
+        tables["singular_values"] = (["k", "singular_value"], list(enumerate(result["singular_values"])))
+        return tables
+

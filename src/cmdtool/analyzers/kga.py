@@ -20,12 +20,14 @@ DMD itself comes from the cached Gram matrix (no extra pass; see :mod:`cmdtool.a
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from dataclasses import replace
 
-from ..errors import UsageError
-from .dmd import DMD
-from .linear_models import RowProjection
+import numpy as np
+
+from .base import FigureSpec, Reconstruction, SummaryTable
+from .dmd import DEFAULT_CLASS_EPS, DMD, EIGENVALUE_FIGURE, EXACT, SAVE_MODES
+from .linear_models import RANK, RowProjection
+from .params import DEVICE, EPOCHS, Param
 from .passes import Accumulator
 
 STABLE, NEUTRAL, UNSTABLE = 0, 1, 2
@@ -59,6 +61,8 @@ class KWMMasks(Accumulator):
         self.tensor_stops = np.asarray(tensor_stops, dtype=np.int64)  # cumulative row ends of the tensors
 
     def start(self, store, columns, device):
+        import torch
+
         chunk_rows = min(max(store.n_rows, 1), store.default_block_rows(columns.stop - columns.start))
         self.mask = self.writer.create("mask", (store.n_rows,), "uint8", chunks=(chunk_rows,))
         self.real = torch.as_tensor(self.score_matrix.real, dtype=torch.float64, device=device)
@@ -66,8 +70,8 @@ class KWMMasks(Accumulator):
         self.masked_per_tensor = np.zeros(len(self.tensor_stops), dtype=np.int64)
 
     def update(self, start, stop, block, finite):
-        block64 = block.to(torch.float64)
-        score = torch.hypot(block64 @ self.real, block64 @ self.imag)       # S_{i',j}, (rows, s)
+        block64 = block.double()
+        score = (block64 @ self.real).hypot(block64 @ self.imag)       # S_{i',j}, (rows, s)
         # rows with NaN/Inf were zeroed by the pass; they are not "quiet", so they stay in KGA
         masked = (score < self.threshold).all(dim=1) & finite
         masked_np = masked.cpu().numpy()
@@ -80,37 +84,63 @@ class KWMMasks(Accumulator):
             self.masked_per_tensor[first + k] += int(masked_np[lo - start:hi - start].sum())
 
 
+EPS = Param("eps", DEFAULT_CLASS_EPS, "|λ| within [1 − eps, 1 + eps] is neutral (paper 003 Sec. 3.1); also the "
+            "KWM mask threshold unless a mask threshold is given.", kind=float, minimum=0)
+WINDOW = Param("window", 5, "s of Eq. 15: a weight is masked out only if its score stays below the threshold over "
+               "the last s epochs.", kind=int, minimum=1)
+MASK_THRESHOLD = Param("mask_threshold", None, "ε of Eq. 15 in weight units (default: eps, as the paper's single ε).",
+                       kind=float, optional=True, minimum=0)
+
+KWM_FIGURE = FigureSpec(
+    "kwm_masks", "KWM masked fraction per tensor",
+    "Weights whose non-neutral DMD component stays below ε over the last s epochs are masked out of KGA (paper 003 "
+    "Eq. 15); bars give each tensor's masked share.",
+    "cmdtool.report.figures:kwm_mask_figure",
+    numbers=lambda view: {"masked fraction": view.value("masked_fraction")}, missing_note="KWM mask figure skipped")
+
+
 class KGA(DMD):
     """DMD eigenvalue classes and KWM weight masks (paper 003), with what a training-time KGA needs.
 
-    Parameters (besides DMD's ``rank``, ``exact``, ``save_modes``, ``epochs``, ``device``)
+    Attributes
     ----------
-    eps : float
-        |λ| within [1 − eps, 1 + eps] is neutral (Sec. 3.1).
-    window : int
-        s of Eq. 15: a weight is masked out only if its score stays below the threshold over the last s epochs.
-    mask_threshold : float or None
-        ε of Eq. 15 (in weight units); ``None`` uses ``eps`` as the paper's single ε does.
-
-    Learned state (besides DMD's): ``classes_`` (0 stable, 1 neutral, 2 unstable), ``left_eigenvectors_``
-    (rows of Q⁻¹), ``reduced_trajectories_`` (Uᵀ W, r×T), ``mask_`` (lazy uint8 N-long, Eq. 15: 0 = masked out),
-    ``masked_fraction_``, ``masked_per_tensor_``.
+    classes_ : ndarray (r,) int8
+        Class of each DMD eigenvalue: 0 stable, 1 neutral, 2 unstable (Sec. 3.1).
+    left_eigenvectors_ : ndarray (r, r) complex
+        Rows of Q⁻¹ (Eq. 11).
+    reduced_trajectories_ : ndarray (r, T)
+        W̃ = Uᵀ W (Efficient-KGA, Eq. 8).
+    mask_ : zarr array (N,) uint8
+        Eq. 15 mask per weight (lazy; 0 = masked out of KGA).
+    weight_basis_ : zarr array (N, r) float32
+        U = X V Σ⁻¹, the reduced basis of Eqs. 7, 10, 13 (lazy).
+    masked_fraction_ : float
+        Share of all weights masked out.
+    masked_per_tensor_, tensor_sizes_, tensor_names_ : ndarray (tensors,) int64, ndarray, list
+        Masked weights, size and name of each trajectory tensor.
+    singular_values_, rank_, rank_requested_, right_singular_vectors_, atilde_, eigenvalues_, eigenvectors_,
+    mode_coefficients_, amplitudes_, reconstruction_matrix_, modes_real_, modes_imag_, gram_from_cache_,
+    nonfinite_rows_, metrics_, timings_, window_, labels_, store_, result_, name_ :
+        As :class:`~cmdtool.analyzers.dmd.DMD`.
     """
 
     method = "kga"
+    title = "KGA"
+    extends = "dmd"
+    params = (RANK, EXACT, EPS, WINDOW, MASK_THRESHOLD, SAVE_MODES, EPOCHS, DEVICE)
+    reconstructions = (Reconstruction("kga", "DMD (of KGA)"),)
+    figures = (replace(EIGENVALUE_FIGURE, note=None), KWM_FIGURE)
+    key_numbers = ("rank", "classes", "masked_fraction")
+    saved_arrays = DMD.saved_arrays + ("classes", "left_eigenvectors", "reduced_trajectories", "masked_per_tensor",
+                                       "tensor_sizes")
+    streamed_arrays = DMD.streamed_arrays + ("mask", "weight_basis")
+    saved_attrs = DMD.saved_attrs + ("tensor_names", "masked_fraction")
 
-    def __init__(self, rank=0, exact: bool = False, eps: float = 0.01, window: int = 5,
-                 mask_threshold: float | None = None, save_modes: bool = False, epochs: str | None = None,
-                 device: str = "auto"):
-        super().__init__(rank=rank, exact=exact, save_modes=save_modes, epochs=epochs, device=device)
-        self.eps = eps
-        self.window = window
-        self.mask_threshold = mask_threshold
+    def _needs_writer(self) -> bool:
+        return True
 
     def _derive_from_gram(self, store, gram) -> None:
         """Classes (Sec. 3.1), left eigenvectors (Eq. 11) and W̃ = Uᵀ W (Eq. 8): all from G, no pass."""
-        if self.eps < 0 or self.window < 1:
-            raise UsageError("KGA needs eps >= 0 and window >= 1")
         self.classes_ = classify_eigenvalues(self.eigenvalues_, self.eps)
         self.left_eigenvectors_ = np.linalg.pinv(self.eigenvectors_)
         # W̃ = Uᵀ W = Σ⁻¹ Vᵀ Xᵀ W = Σ⁻¹ Vᵀ G[:-1, :]
@@ -122,7 +152,6 @@ class KGA(DMD):
 
     def _pass_accumulators(self, store, writer) -> list:
         """One pass: KWM masks (Eq. 15), the weight-space basis U, and the modes when asked."""
-        writer = self._require_writer("KWM masks")
         n_cols = self.reconstruction_matrix_.shape[0]
         score = kwm_score_matrix(self.mode_coefficients_, self.amplitudes_, self.eigenvalues_, self.classes_,
                                  n_cols, self.window)
@@ -138,40 +167,18 @@ class KGA(DMD):
         self.masked_per_tensor_ = self._masks.masked_per_tensor
         self.masked_fraction_ = float(self.masked_per_tensor_.sum() / max(self.tensor_sizes_.sum(), 1))
 
-    # ------------------------------------------------------------------ persistence
-    def _save_arrays(self, writer) -> None:
-        super()._save_arrays(writer)
-        writer.put("classes", self.classes_)
-        writer.put("left_eigenvectors", self.left_eigenvectors_)
-        writer.put("reduced_trajectories", self.reduced_trajectories_)
-        writer.put("masked_per_tensor", self.masked_per_tensor_)
-        writer.put("tensor_sizes", self.tensor_sizes_)
-        writer.attrs.update(tensor_names=self.tensor_names_, masked_fraction=self.masked_fraction_,
-                            class_codes={str(k): v for k, v in CLASS_NAMES.items()})
+    def _extra_attrs(self, writer) -> dict:
+        return {**super()._extra_attrs(writer), "class_codes": {str(k): v for k, v in CLASS_NAMES.items()}}
 
-    def _load_arrays(self, result) -> None:
-        super()._load_arrays(result)
-        self.classes_ = result["classes"]
-        self.left_eigenvectors_ = result["left_eigenvectors"]
-        self.reduced_trajectories_ = result["reduced_trajectories"]
-        self.masked_per_tensor_ = result["masked_per_tensor"]
-        self.tensor_sizes_ = result["tensor_sizes"]
-        self.tensor_names_ = list(result.attrs["tensor_names"])
-        self.masked_fraction_ = float(result.attrs["masked_fraction"])
-
-    @property
-    def mask_(self):
-        """Eq. 15 mask per weight (uint8, N; 0 = masked out of KGA) as a lazy zarr array."""
-        return self._result_array("mask")
-
-    @property
-    def weight_basis_(self):
-        """U = X V Σ⁻¹ (N×r float32, lazy): the reduced basis of Eqs. 7, 10, 13."""
-        return self._result_array("weight_basis")
+    def _loaded(self, result) -> None:
+        super()._loaded(result)
+        self.tensor_names_ = list(self.tensor_names_)
+        self.masked_fraction_ = float(self.masked_fraction_)
 
     def training_kga_state(self) -> dict:
         """What a training-time KGA step (Eqs. 10-13) needs besides the basis U: the stable and neutral
         eigen-pairs of Ã (eigenvalues, right eigenvectors Q, left eigenvectors rows of Q⁻¹)."""
+        self._check_fitted()
         out = {}
         for code in (STABLE, NEUTRAL):
             keep = self.classes_ == code
@@ -180,8 +187,9 @@ class KGA(DMD):
                                       "left_eigenvectors": self.left_eigenvectors_[keep, :]}
         return out
 
-    # ------------------------------------------------------------------ report
+    # ------------------------------------------------------------------ summaries
     def class_counts(self) -> dict:
+        self._check_fitted()
         return {name: int(np.count_nonzero(self.classes_ == code)) for code, name in CLASS_NAMES.items()}
 
     def summary(self) -> dict:
@@ -194,27 +202,36 @@ class KGA(DMD):
                                                             self.tensor_sizes_)})
         return out
 
-    def render_summary(self, console) -> None:
-        from rich.table import Table
-
+    def summary_blocks(self) -> list:
         s = self.summary()
-        table = Table(title=f"kga / {getattr(self, 'name_', '')}: rank {s['rank']}, eps {self.eps}",
-                      show_edge=False)
-        for col in ("λ", "|λ|", "|b|", "class"):
-            table.add_column(col, justify="right")
+        table = SummaryTable(f"kga / {self.name_ or ''}: rank {s['rank']}, eps {self.eps}",
+                             [("λ", "right"), ("|λ|", "right"), ("|b|", "right"), ("class", "right")], [])
         for row in s["eigenvalues"][:20]:
             re, im = row["eigenvalue"]
-            table.add_row(f"{re:+.5f}{im:+.5f}j", f"{row['modulus']:.5f}", f"{row['amplitude']:.4g}", row["class"])
-        console.print(table)
+            table.rows.append([f"{re:+.5f}{im:+.5f}j", f"{row['modulus']:.5f}", f"{row['amplitude']:.4g}",
+                               row["class"]])
         counts = s["classes"]
-        console.print(f"modes: {counts['stable']} stable, {counts['neutral']} neutral, {counts['unstable']} "
-                      f"unstable; KWM (window {self.window}): {s['masked_fraction']:.1%} of weights masked out",
-                      highlight=False)
-        layers = Table(title="KWM masked fraction per tensor", show_edge=False)
-        layers.add_column("tensor")
-        layers.add_column("masked", justify="right")
-        layers.add_column("size", justify="right")
-        layers.add_column("fraction", justify="right")
+        line = (f"modes: {counts['stable']} stable, {counts['neutral']} neutral, {counts['unstable']} unstable; KWM "
+                f"(window {self.window}): {s['masked_fraction']:.1%} of weights masked out")
+        layers = SummaryTable("KWM masked fraction per tensor", [("tensor", "left"), ("masked", "right"),
+                                                                  ("size", "right"), ("fraction", "right")], [])
         for name, row in list(s["masked_per_tensor"].items())[:40]:
-            layers.add_row(name, f"{row['masked']:,}", f"{row['size']:,}", f"{row['fraction']:.1%}")
-        console.print(layers)
+            layers.rows.append([name, f"{row['masked']:,}", f"{row['size']:,}", f"{row['fraction']:.1%}"])
+        return [table, line, layers]
+
+    # ------------------------------------------------------------------ report and export
+    @classmethod
+    def headline(cls, view) -> dict:
+        classes = view.small("classes")
+        return {**super().headline(view),
+                "classes": {name: int(np.sum(classes == code)) for code, name in CLASS_NAMES.items()},
+                "masked_fraction": view.value("masked_fraction")}
+
+    @classmethod
+    def csv_tables(cls, result, store) -> dict:
+        tables = super().csv_tables(result, store)
+        masked, sizes = result["masked_per_tensor"], result["tensor_sizes"]
+        tables["layers"] = (["tensor", "rows", "masked", "masked_fraction"],
+                            [(n, int(s), int(m), m / max(s, 1))
+                             for n, m, s in zip(result.attrs["tensor_names"], masked, sizes)])
+        return tables

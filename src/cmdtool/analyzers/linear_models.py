@@ -1,7 +1,7 @@
-"""What DMD, KGA and PCA share: they are *linear in W* and are fitted from the cached Gram matrix.
+"""What DMD, KGA, PCA and POD share: they are *linear in W* and are fitted from the cached Gram matrix.
 
 Each of these models reconstructs the window's trajectories as ``W_rec = W K`` for a small T×T matrix ``K``
-(design note 3.1). Hence everything about its quality follows from ``G = Wᵀ W`` without reading W again:
+(docs/references.md, "The Gram path"). Hence everything about its quality follows from ``G = Wᵀ W`` without reading W again:
 
     ‖w_t − W K e_t‖² = (e_t − K e_t)ᵀ G (e_t − K e_t)                      (per-epoch squared error)
 
@@ -19,11 +19,11 @@ values) float64 is ample; see docs/dmd.md.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..errors import UsageError
+from ..errors import ParameterError
 from .base import Analyzer
-from .passes import Accumulator, cached_gram, gram_matrix, stream
+from .params import Param
+from .passes import Accumulator, gram_matrix, stream
 
 # relative eigenvalue floor of a Gram matrix: eigenvalues below  max_eig * T * GRAM_EPS  are roundoff
 GRAM_EPS = 1e-13
@@ -80,7 +80,7 @@ def linear_model_metrics(gram: np.ndarray, reconstruction: np.ndarray, stored_fl
 def parse_rank(rank) -> int | float:
     """``--rank``: an integer (0 = optimal hard threshold, -1 = no truncation) or an energy fraction in (0, 1)."""
     if isinstance(rank, (bool, np.bool_)):
-        raise UsageError(f"invalid rank {rank!r}")
+        raise ParameterError("invalid {rank} {value!r}", "rank", value=rank)
     if isinstance(rank, (int, np.integer)):
         value: int | float = int(rank)
     elif isinstance(rank, (float, np.floating)):
@@ -93,16 +93,18 @@ def parse_rank(rank) -> int | float:
             try:
                 value = float(text)
             except ValueError:
-                raise UsageError(f"cannot read rank {rank!r}: use an integer (0 = optimal hard threshold) "
-                                 "or an energy fraction in (0,1), e.g. 0.99") from None
+                raise ParameterError("cannot read {rank} {value!r}: use an integer (0 = optimal hard threshold) "
+                                     "or an energy fraction in (0,1), e.g. 0.99", "rank", value=rank) from None
     if isinstance(value, float):
         if value.is_integer() and value >= 0:
             return int(value)
         if not 0.0 < value < 1.0:
-            raise UsageError(f"rank {rank!r}: a fractional rank is an energy fraction and must lie in (0,1)")
+            raise ParameterError("{rank} {value!r}: a fractional rank is an energy fraction and must lie in (0,1)",
+                                 "rank", value=rank)
         return value
     if value < -1:
-        raise UsageError(f"rank {rank!r}: use a positive integer, 0 (optimal threshold) or -1 (no truncation)")
+        raise ParameterError("{rank} {value!r}: use a positive integer, 0 (optimal threshold) or -1 (no truncation)",
+                             "rank", value=rank)
     return value
 
 
@@ -128,6 +130,18 @@ def truncation_rank(singular_values: np.ndarray, n_rows: int, n_cols: int, rank)
     return int(min(rank, singular_values.size))
 
 
+RANK = Param("rank", 0, "Truncation rank: an integer r, 0 for the Gavish-Donoho optimal hard threshold, an energy "
+             "fraction in (0,1), or -1 for no truncation (PyDMD's svd_rank).", kind=str, types=(int, float, str),
+             check=parse_rank, size=True, metavar="R")
+
+
+def error_line(summary: dict) -> str:
+    """The line of errors, size and time that ``cmdtool decompose`` prints under a Gram model's table."""
+    return (f"relative error {summary['relative_error']:.4g} (to motion {summary['relative_error_motion']:.4g}), "
+            f"final epoch {summary['final_epoch_error']:.4g}, worst epoch {summary['worst_epoch_error']:.4g}; "
+            f"stored floats {summary['stored_floats']:,}; {summary['fit_seconds']:.2f} s")
+
+
 class RowProjection(Accumulator):
     """Per-row outputs ``(W_block − centre) @ matrix`` streamed into arrays of the staged result.
 
@@ -140,6 +154,8 @@ class RowProjection(Accumulator):
         self.writer, self.key, self.matrix, self.centre = writer, key, np.asarray(matrix), centre
 
     def start(self, store, columns, device):
+        import torch
+
         n_rows = store.n_rows
         chunk_rows = min(max(n_rows, 1), store.default_block_rows(columns.stop - columns.start))
         width = self.matrix.shape[1]
@@ -154,7 +170,7 @@ class RowProjection(Accumulator):
                                                       dtype=torch.float64, device=device) for part in parts}
 
     def update(self, start, stop, block, finite):
-        block64 = block.to(torch.float64)
+        block64 = block.double()
         if self.centre:
             mean = block64.mean(dim=1, keepdim=True)
             block64 = block64 - mean
@@ -163,31 +179,52 @@ class RowProjection(Accumulator):
             self.arrays[part][start:stop] = (block64 @ matrix).float().cpu().numpy()
 
 
-class _ColumnOfModel(Accumulator):
+class ColumnsOfModel(Accumulator):
     """Gathers ``W_window @ k`` block by block: one modelled checkpoint (k a T-vector) or several (k T×m)."""
 
     def __init__(self, weights: np.ndarray):
         self.weights = weights
 
     def start(self, store, columns, device):
+        import torch
+
         self.out = np.empty((store.n_rows,) + np.shape(self.weights)[1:], dtype=np.float32)
         self.weights_device = torch.as_tensor(self.weights, dtype=torch.float64, device=device)
 
     def update(self, start, stop, block, finite):
-        self.out[start:stop] = (block.to(torch.float64) @ self.weights_device).float().cpu().numpy()
+        self.out[start:stop] = (block.double() @ self.weights_device).float().cpu().numpy()
+
+
+def factor_model(terms, means=None, block_bytes: int = 32 * 1024**2) -> np.ndarray:
+    """Several modelled checkpoints from stored per-row factors, read once in row blocks:
+    ``means + Σ factors @ weights`` over ``terms = [(factors, weights), ...]`` (factors N×d lazy arrays, weights
+    d×k float64, ``means`` an optional N-long lazy array); N×k float32."""
+    n_rows, k = terms[0][0].shape[0], terms[0][1].shape[1]
+    width = max(terms[0][0].shape[1], k, 1)
+    out = np.empty((n_rows, k), dtype=np.float32)
+    step = max(1, block_bytes // (8 * width))
+    for r0 in range(0, n_rows, step):
+        rows = slice(r0, min(r0 + step, n_rows))
+        value = None
+        for factors, weights in terms:
+            part = factors[rows].astype(np.float64) @ weights
+            value = part if value is None else value + part
+        out[rows] = value if means is None else means[rows].astype(np.float64)[:, None] + value
+    return out
 
 
 class GramModel(Analyzer):
-    """Base of the analyzers fitted from the cached Gram matrix (DMD, KGA, PCA)."""
+    """Base of the analyzers fitted from the cached Gram matrix (DMD, KGA, PCA, POD): ``reconstruction_matrix_``
+    is their K (W_rec = W K); :meth:`_reconstruct` runs one pass for any set of epochs unless a subclass reads
+    its own stored factors."""
 
     def _window_gram(self, store, progress) -> np.ndarray:
         """G of the fitted window: a sub-matrix of the store's cached Gram (one pass only if none is cached)."""
-        cached = cached_gram(store)
-        gram = cached if cached is not None else gram_matrix(store, self.device, progress)
-        self.gram_from_cache_ = cached is not None
-        self.timings_["gram_seconds"] = 0.0 if cached is not None else float(gram.seconds)
+        gram = gram_matrix(store, self.device, progress)
+        self.gram_from_cache_ = gram.from_cache
+        self.timings_["gram_seconds"] = 0.0 if gram.from_cache else float(gram.seconds)
         self.nonfinite_rows_ = int(gram.nonfinite_rows)  # left out of G (and of every output): reported
-        window, _ = gram.window(self.columns_)
+        window, _ = gram.window(self.window_)
         return np.array(window, dtype=np.float64)
 
     def _linear_metrics(self, gram: np.ndarray, stored_floats: int) -> dict:
@@ -196,25 +233,8 @@ class GramModel(Analyzer):
         metrics["nonfinite_rows"] = self.nonfinite_rows_
         return metrics
 
-    def _require_writer(self, what: str):
-        if self._writer is None:
-            raise UsageError(f"{what} are streamed into the store: open it with mode='r+'")
-        return self._writer
-
-    def _window_column(self, column: int) -> int:
-        if not self.columns_.start <= column < self.columns_.stop:
-            raise UsageError(f"column {column} lies outside the fitted epoch window "
-                             f"(columns {self.columns_.start}..{self.columns_.stop - 1})")
-        return column - self.columns_.start
-
-    def reconstruct_epoch(self, store, column: int, progress=None) -> np.ndarray:
-        """ŵ_t: ``reconstruct_epochs`` of that one column, so each model has a single reconstruction path
-        (subclasses that keep their own factors override only ``reconstruct_epochs``)."""
-        return self.reconstruct_epochs(store, [column], progress)[:, 0]
-
-    def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
+    def _reconstruct(self, store, columns, steps, progress=None) -> np.ndarray:
         """ŵ_t for several t at once: one pass computes W_window K[:, ts] (instead of one pass per epoch)."""
-        steps = [self._window_column(int(c)) for c in columns]
-        acc = _ColumnOfModel(np.asarray(self.reconstruction_matrix_)[:, steps])
-        stream(store, [acc], self.columns_, getattr(self, "device", "auto"), progress, "reconstruct")
+        acc = ColumnsOfModel(np.asarray(self.reconstruction_matrix_)[:, steps])
+        stream(store, [acc], self.window_, self.device, progress, "reconstruct")
         return acc.out

@@ -3,6 +3,8 @@
 A pass reads row blocks ``W[r0:r1, window]`` (background read-ahead), moves each to the compute device and
 hands it to every accumulator. Rows holding NaN/Inf are zeroed and flagged (``finite`` mask) so that no
 non-finite value leaks into a reduction; accumulators decide what to do with them.
+
+torch is imported where a pass runs, not with the module (the registry imports every analyzer module).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..device import resolve_device
 from ..progress import NullProgress
@@ -20,10 +21,10 @@ from ..progress import NullProgress
 class Accumulator:
     """Base of a per-pass reduction. ``update`` sees every row block once, in order."""
 
-    def start(self, store, columns: slice, device: torch.device) -> None:
+    def start(self, store, columns: slice, device) -> None:
         pass
 
-    def update(self, start: int, stop: int, block: torch.Tensor, finite: torch.Tensor) -> None:
+    def update(self, start: int, stop: int, block, finite) -> None:
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -41,6 +42,8 @@ class PassStats:
 def stream(store, accumulators: list[Accumulator], columns: slice | None = None, device="auto",
            progress=None, description: str = "pass", block_bytes: int = 128 * 1024**2) -> PassStats:
     """Run one pass over ``store`` feeding every accumulator; returns what was read."""
+    import torch
+
     progress = progress or NullProgress()
     device = resolve_device(device)
     columns = columns if columns is not None else slice(0, store.n_checkpoints)
@@ -73,6 +76,8 @@ class GramAccumulator(Accumulator):
     """G = Wᵀ W over the window (T x T, float64), plus the column sums 1ᵀ W for centring."""
 
     def start(self, store, columns, device):
+        import torch
+
         n = columns.stop - columns.start
         self.device = device
         self.gram = torch.zeros((n, n), dtype=torch.float64, device=device)
@@ -80,6 +85,8 @@ class GramAccumulator(Accumulator):
         self.rows = 0
 
     def update(self, start, stop, block, finite):
+        import torch
+
         block64 = block.to(torch.float64)
         self.gram += block64.T @ block64
         self.column_sums += block64.sum(dim=0)
@@ -106,6 +113,8 @@ class RowGather(Accumulator):
         lo, hi = np.searchsorted(self.sorted, [start, stop])
         if lo == hi:
             return
+        import torch
+
         local = torch.as_tensor(self.sorted[lo:hi] - start, device=block.device)
         self.values[self.order[lo:hi]] = block.index_select(0, local).float().cpu().numpy()
         self.finite[self.order[lo:hi]] = finite.index_select(0, local).cpu().numpy()
@@ -120,6 +129,7 @@ class GramMatrix:
     rows: int                  # rows that entered (finite ones)
     nonfinite_rows: int
     seconds: float
+    from_cache: bool = False   # read from the store's cache (no pass was run for it)
 
     def window(self, columns: slice) -> tuple[np.ndarray, np.ndarray]:
         """G and column sums of an epoch window: a sub-matrix, no new pass."""
@@ -137,7 +147,7 @@ def cached_gram(store) -> GramMatrix | None:
     if result.attrs.get("store_revision") != store.revision:
         return None
     return GramMatrix(result["gram"], result["column_sums"], int(result.attrs["rows"]),
-                      int(result.attrs["nonfinite_rows"]), float(result.attrs["seconds"]))
+                      int(result.attrs["nonfinite_rows"]), float(result.attrs["seconds"]), from_cache=True)
 
 
 def save_gram(store, acc: GramAccumulator, stats: PassStats) -> GramMatrix:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from .linear_models import GramModel, RowProjection, descending_eigh, numerical_rank
+from .base import FigureSpec, Reconstruction, SummaryTable
+from .linear_models import GramModel, RowProjection, descending_eigh, error_line, factor_model, numerical_rank
+from .params import DEVICE, EPOCHS, Param
 from .passes import stream
 
 
@@ -31,40 +33,63 @@ def pca_stored_floats(dims: int, n_rows: int, n_cols: int) -> int:
     return int(dims * n_rows + n_rows + dims * n_cols)
 
 
+DIMS = Param("dims", 40, "Principal directions kept (P-BFGS uses 40); capped at T − 1 and the numerical rank.",
+             kind=int, minimum=1, size=True)
+PCA_MISSING = "PCA figures skipped"
+
+
 class PCA(GramModel):
     """Top-``dims`` principal directions of the checkpoints (P-BFGS subspace), fitted from the cached Gram.
 
-    Parameters
+    Attributes
     ----------
-    dims : int
-        Directions kept (default 40, as P-BFGS); capped at T − 1 and the numerical rank.
-    epochs : str or None
-        Epoch window ``A:B`` (labels, inclusive).
-    device : str
-        Where the pass computes (auto, cpu, cuda).
-
-    Learned state: ``dims_``, ``explained_variance_``, ``explained_variance_ratio_``, ``singular_values_``
-    (of the centred data, all T), ``coordinates_`` (T×d), ``time_vectors_`` (V_d, T×d),
-    ``reconstruction_matrix_`` (K), ``metrics_``; ``directions_`` (N×d float32) and ``means_`` (N float32) as lazy
-    zarr arrays of the stored result.
+    dims_ : int
+        Directions kept (``dims`` capped at T − 1 and at the numerical rank of G_c).
+    explained_variance_, explained_variance_ratio_ : ndarray (d,)
+        Λ / (T − 1) and Λ / trace(G_c) of the kept directions (scikit-learn's conventions).
+    singular_values_ : ndarray (T,)
+        Singular values of the centred data, all of them.
+    coordinates_ : ndarray (T, d)
+        Each checkpoint's coordinates V Λ^½ (scikit-learn's ``transform``).
+    time_vectors_ : ndarray (T, d)
+        V_d, eigenvectors of G_c.
+    reconstruction_matrix_ : ndarray (T, T)
+        K = 11ᵀ/T + V_d V_dᵀ with W_rec = W K.
+    directions_ : zarr array (N, d) float32
+        The P-BFGS subspace W_c V Λ^−½ (lazy; column k is direction k).
+    means_ : zarr array (N,) float32
+        Each parameter's mean over the window (lazy).
+    gram_from_cache_, nonfinite_rows_, metrics_, timings_, window_, labels_, store_, result_, name_ :
+        As :class:`~cmdtool.analyzers.dmd.DMD`.
     """
 
     method = "pca"
+    title = "PCA"
+    params = (DIMS, EPOCHS, DEVICE)
+    reconstructions = (Reconstruction("pca", "PCA"),)
+    figures = (
+        FigureSpec("pca_variance", "PCA explained variance",
+                   "Explained-variance ratio of each principal direction of the checkpoints (P-BFGS / DLDR "
+                   "subspace) and the cumulative ratio.", "cmdtool.report.figures:pca_variance_figure",
+                   numbers=lambda view: {"directions": view.value("dims"),
+                                         "first": float(view.small("explained_variance_ratio")[0]),
+                                         "total": float(view.small("explained_variance_ratio").sum())},
+                   missing_note=PCA_MISSING),
+        FigureSpec("pca_path", "Checkpoints in the first two PCA coordinates",
+                   "Each checkpoint's coordinates on the first two principal directions (weight units), coloured "
+                   "by epoch: the training path.", "cmdtool.report.figures:pca_path_figure",
+                   numbers=lambda view: {"PC1 + PC2 share": float(view.small("explained_variance_ratio")[:2].sum())},
+                   missing_note=PCA_MISSING),
+    )
+    key_numbers = ("dims", "explained_variance_ratio_total")
+    saved_arrays = ("explained_variance", "explained_variance_ratio", "singular_values", "coordinates",
+                    "time_vectors", "reconstruction_matrix")
+    streamed_arrays = ("directions", "means")
+    saved_attrs = ("dims",)
 
-    def __init__(self, dims: int = 40, epochs: str | None = None, device: str = "auto"):
-        self.dims = dims
-        self.epochs = epochs
-        self.device = device
-
-    def fit(self, store, progress=None) -> "PCA":
-        if int(self.dims) < 1:
-            raise UsageError(f"--dims must be at least 1, got {self.dims}")
-        writer = self._begin_fit(store)
-        writer = self._require_writer("PCA directions")
+    def _fit(self, store, writer, progress) -> None:
         gram = self._window_gram(store, progress)
         n_cols = gram.shape[0]
-        if n_cols < 2:
-            raise UsageError("PCA needs at least 2 checkpoints in the window")
         centring = np.eye(n_cols) - 1.0 / n_cols
         centred_gram = centring @ gram @ centring
         eigenvalues, vectors = descending_eigh(centred_gram)
@@ -79,52 +104,22 @@ class PCA(GramModel):
         self.coordinates_ = self.time_vectors_ * np.sqrt(lam)[None, :]
         # directions = W_c V Λ^-½, written block by block together with the means (one pass)
         projection = RowProjection(writer, "directions", self.time_vectors_ / np.sqrt(lam)[None, :], centre=True)
-        stats = stream(store, [projection], self.columns_, self.device, progress, "pca pass")
+        stats = stream(store, [projection], self.window_, self.device, progress, "pca pass")
         self.timings_["pass_seconds"] = stats.seconds
         # K = 11ᵀ/T + V_d V_dᵀ: the mean plus the projection on the kept directions
         self.reconstruction_matrix_ = (np.full((n_cols, n_cols), 1.0 / n_cols)
                                        + self.time_vectors_ @ self.time_vectors_.T)
         self.metrics_ = self._linear_metrics(gram, pca_stored_floats(self.dims_, store.n_rows, n_cols))
-        self._end_fit()
-        return self
 
-    # ------------------------------------------------------------------ persistence
-    _SMALL_ARRAYS = ("explained_variance", "explained_variance_ratio", "singular_values", "coordinates",
-                     "time_vectors", "reconstruction_matrix")
-
-    def _save_arrays(self, writer) -> None:
-        for key in self._SMALL_ARRAYS:
-            writer.put(key, getattr(self, key + "_"))
-        writer.put("epoch_relative_error", np.asarray(self.metrics_["epoch_relative_error"]))
-        writer.attrs.update(dims=self.dims_)
-
-    def _load_arrays(self, result) -> None:
-        for key in self._SMALL_ARRAYS:
-            setattr(self, key + "_", result[key])
-        self.dims_ = int(result.attrs["dims"])
-
-    @property
-    def directions_(self):
-        """The P-BFGS subspace: N×d float32 (lazy zarr array; column k is principal direction k)."""
-        return self._result_array("directions")
-
-    @property
-    def means_(self):
-        return self._result_array("means")
+    def _loaded(self, result) -> None:
+        self.dims_ = int(self.dims_)
 
     # ------------------------------------------------------------------ use
-    def reconstruct_epochs(self, store, columns, progress=None) -> np.ndarray:
+    def _reconstruct(self, store, columns, steps, progress=None) -> np.ndarray:
         """Several modelled checkpoints, mean + directions · coordinates_t: the directions are read once."""
-        if getattr(self, "result_", None) is None:
-            return super().reconstruct_epochs(store, columns, progress)
-        weights = self.coordinates_[[self._window_column(int(c)) for c in columns]].T   # d × k
-        directions, means = self.directions_, self.means_
-        out = np.empty((directions.shape[0], weights.shape[1]), dtype=np.float32)
-        step = max(1, (32 * 1024**2) // (8 * max(self.dims_, weights.shape[1], 1)))
-        for r0 in range(0, out.shape[0], step):
-            rows = slice(r0, min(r0 + step, out.shape[0]))
-            out[rows] = means[rows].astype(np.float64)[:, None] + directions[rows].astype(np.float64) @ weights
-        return out
+        if self.result_ is None:
+            return super()._reconstruct(store, columns, steps, progress)
+        return factor_model([(self.directions_, self.coordinates_[steps].T)], self.means_)   # weights d × k
 
     @classmethod
     def options_for_budget(cls, budget_floats: int, n_rows: int, n_cols: int) -> dict:
@@ -132,6 +127,7 @@ class PCA(GramModel):
         dims = max(1, min(int((budget_floats - n_rows) // (n_rows + n_cols)), n_cols - 1))
         return {"dims": dims}
 
+    # ------------------------------------------------------------------ summaries
     def summary(self) -> dict:
         out = super().summary()
         m = self.metrics_
@@ -140,21 +136,34 @@ class PCA(GramModel):
                    explained_variance_ratio=[float(x) for x in self.explained_variance_ratio_])
         return out
 
-    def render_summary(self, console) -> None:
-        from rich.table import Table
-
+    def summary_blocks(self) -> list:
         s = self.summary()
-        table = Table(title=f"pca / {getattr(self, 'name_', '')}: {s['dims']} directions "
-                            f"({s['explained_variance_ratio_total']:.2%} of the variance)", show_edge=False)
-        table.add_column("direction", justify="right")
-        table.add_column("explained variance", justify="right")
-        table.add_column("ratio", justify="right")
-        table.add_column("cumulative", justify="right")
+        table = SummaryTable(f"pca / {self.name_ or ''}: {s['dims']} directions "
+                             f"({s['explained_variance_ratio_total']:.2%} of the variance)",
+                             [("direction", "right"), ("explained variance", "right"), ("ratio", "right"),
+                              ("cumulative", "right")], [])
         cumulative = np.cumsum(self.explained_variance_ratio_)
         for k in range(min(self.dims_, 12)):
-            table.add_row(str(k + 1), f"{self.explained_variance_[k]:.4g}",
-                          f"{self.explained_variance_ratio_[k]:.2%}", f"{cumulative[k]:.2%}")
-        console.print(table)
-        console.print(f"relative error {s['relative_error']:.4g} (to motion {s['relative_error_motion']:.4g}), "
-                      f"final epoch {s['final_epoch_error']:.4g}, worst epoch {s['worst_epoch_error']:.4g}; "
-                      f"stored floats {s['stored_floats']:,}; {s['fit_seconds']:.2f} s", highlight=False)
+            table.rows.append([str(k + 1), f"{self.explained_variance_[k]:.4g}",
+                               f"{self.explained_variance_ratio_[k]:.2%}", f"{cumulative[k]:.2%}"])
+        return [table, error_line(s)]
+
+    # ------------------------------------------------------------------ report and export
+    @classmethod
+    def headline(cls, view) -> dict:
+        ratio = view.small("explained_variance_ratio")
+        return {"dims": view.value("dims"), "explained_variance_ratio_first": [float(x) for x in ratio[:3]],
+                "explained_variance_ratio_total": float(ratio.sum())}
+
+    @classmethod
+    def csv_tables(cls, result, store) -> dict:
+        tables = super().csv_tables(result, store)
+        labels = [int(x) for x in result.attrs.get("labels", [])]
+        variance, ratio = result["explained_variance"], result["explained_variance_ratio"]
+        tables["explained_variance"] = (["k", "explained_variance", "explained_variance_ratio", "cumulative_ratio"],
+                                        [(k + 1, v, r, c) for k, (v, r, c) in
+                                         enumerate(zip(variance, ratio, np.cumsum(ratio)))])
+        coordinates = result["coordinates"]
+        tables["coordinates"] = (["epoch"] + [f"pc_{k + 1}" for k in range(coordinates.shape[1])],
+                                 [(label, *coordinates[t]) for t, label in enumerate(labels)])
+        return tables

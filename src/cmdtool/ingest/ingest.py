@@ -29,7 +29,7 @@ from ..units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
 
-DEFAULT_MEMORY_BUDGET = "1GiB"
+DEFAULT_MEMORY_BUDGET = fmt.INGEST_MEMORY_BUDGET
 
 
 @dataclass
@@ -327,7 +327,7 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
         _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix)
     except Exception:
         # A failure mid-stream (not a kill): publish the time axis as it was, so the store reads as before.
-        st.group.attrs[fmt.ATTRS_KEY] = original_meta
+        st.restore(original_meta)
         raise
     report.n_rows, report.n_checkpoints = st.n_rows, st.n_checkpoints
     report.seconds = time.perf_counter() - started

@@ -1,5 +1,2 @@
-"""Reporters: turn analysis results back into things users open (checkpoints, and later plots and html)."""
-
-from .checkpoints import build_state_dict, source_format, write_state_dict
-
-__all__ = ["build_state_dict", "source_format", "write_state_dict"]
+"""Reporters: figures, the html report and summary.json (``cmdtool report``), and exports for other tools
+(``cmdtool export``). They read committed results and the analyzer registry; they never fit anything."""

@@ -23,12 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..output_folder import OutputFolder
 from ..progress import NullProgress
 
 FORMATS = ("npy", "csv", "hdf5")
-EXPORTED_KINDS = ("cmd", "dmd", "kga", "pca", "evaluation")  # the Gram cache is internal: export it by naming it
 COPY_BLOCK_BYTES = 32 * 1024**2
+
+
+def exported_kinds() -> tuple[str, ...]:
+    """Kinds exported by default: every registered analyzer and evaluation (the Gram cache is internal: export
+    it by naming it)."""
+    from ..analyzers import available_methods
+
+    return tuple(available_methods()) + ("evaluation",)
 
 
 @dataclass
@@ -47,7 +53,7 @@ def select_results(store, methods=None, name: str | None = "default") -> list:
     """Results to export: of ``methods`` (default every analysis kind present) and ``name`` (None: all names)."""
     present = store.results.list()
     kinds = list(dict.fromkeys(m.lower() for m in methods)) if methods else \
-        [k for k in EXPORTED_KINDS if any(pk == k for pk, _ in present)]
+        [k for k in exported_kinds() if any(pk == k for pk, _ in present)]
     chosen = []
     for kind in kinds:
         names = [n for k, n in present if k == kind]
@@ -99,65 +105,16 @@ def _cell(value):
 
 
 def csv_tables(result, store) -> dict:
-    """{table name: (header, rows)} of the small tables of one result."""
-    attrs, metrics = result.attrs, result.metrics
-    labels = [int(x) for x in attrs.get("labels", [])]
-    tables = {}
+    """{table name: (header, rows)} of the small tables of one result: the evaluation records, or what the
+    result's analyzer gives (:meth:`~cmdtool.analyzers.base.Analyzer.csv_tables`)."""
     if result.kind == "evaluation":
-        rows = [(r["method"], int(r["epoch"]), metric, value) for r in attrs.get("records", [])
+        rows = [(r["method"], int(r["epoch"]), metric, value) for r in result.attrs.get("records", [])
                 for metric, value in (r.get("metrics") or {}).items()]
-        tables["records"] = (["method", "epoch", "metric", "value"], rows)
-        return tables
-    if "epoch_relative_error" in metrics:
-        header, columns = ["epoch", "relative_error"], [metrics["epoch_relative_error"]]
-        if result.kind == "cmd" and metrics.get("online"):
-            header.append("online_relative_error")
-            columns.append(metrics["online"]["epoch_relative_error"])
-        tables["epoch_errors"] = (header, [(label, *values) for label, *values in zip(labels, *columns)])
-    if result.kind == "cmd":
-        refs = result["reference_indices"]
-        names = store.layout.row_names(refs)
-        sample_sizes = metrics.get("sample_mode_sizes") or [None] * len(refs)
-        tables["mode_sizes"] = (["mode", "weights", "sampled_weights", "reference_row", "reference_weight"],
-                                [(m, size, sample_sizes[m], int(refs[m]), names[m])
-                                 for m, size in enumerate(metrics["mode_sizes"])])
-        modes = len(refs)
-        tables["layers"] = (["tensor", "rows", "kind", "modelled", "relative_error", "relative_error_motion"]
-                            + [f"share_mode_{m}" for m in range(modes)],
-                            [(name, s["rows"], s["kind"], s["modelled"], s["relative_error"],
-                              s["relative_error_motion"], *s["mode_share"]) for name, s in metrics["layers"].items()])
-        references = result["reference_trajectories"]
-        tables["reference_trajectories"] = (["epoch"] + [f"mode_{m}" for m in range(modes)],
-                                            [(label, *references[:, t]) for t, label in enumerate(labels)])
-    if result.kind in ("dmd", "kga"):
-        eigenvalues, amplitudes = result["eigenvalues"], result["amplitudes"]
-        classes = result["classes"] if "classes" in result else None
-        class_names = {int(k): v for k, v in (attrs.get("class_codes") or {}).items()}
-        rows = []
-        for k, (lam, b) in enumerate(zip(eigenvalues, amplitudes)):
-            row = [k, lam.real, lam.imag, abs(lam), float(np.angle(lam)), b.real, b.imag, abs(b)]
-            if classes is not None:
-                row.append(class_names.get(int(classes[k]), int(classes[k])))
-            rows.append(row)
-        header = ["k", "eigenvalue_real", "eigenvalue_imag", "modulus", "angle", "amplitude_real",
-                  "amplitude_imag", "amplitude_abs"] + (["class"] if classes is not None else [])
-        tables["spectrum"] = (header, rows)
-        singular = result["singular_values"]
-        tables["singular_values"] = (["k", "singular_value"], list(enumerate(singular)))
-        if result.kind == "kga":
-            masked, sizes = result["masked_per_tensor"], result["tensor_sizes"]
-            tables["layers"] = (["tensor", "rows", "masked", "masked_fraction"],
-                                [(n, int(s), int(m), m / max(s, 1))
-                                 for n, m, s in zip(attrs["tensor_names"], masked, sizes)])
-    if result.kind == "pca":
-        variance, ratio = result["explained_variance"], result["explained_variance_ratio"]
-        tables["explained_variance"] = (["k", "explained_variance", "explained_variance_ratio", "cumulative_ratio"],
-                                        [(k + 1, v, r, c) for k, (v, r, c) in
-                                         enumerate(zip(variance, ratio, np.cumsum(ratio)))])
-        coordinates = result["coordinates"]
-        tables["coordinates"] = (["epoch"] + [f"pc_{k + 1}" for k in range(coordinates.shape[1])],
-                                 [(label, *coordinates[t]) for t, label in enumerate(labels)])
-    return tables
+        return {"records": (["method", "epoch", "metric", "value"], rows)}
+    from ..analyzers import analyzer_classes
+
+    cls = analyzer_classes().get(result.kind)
+    return cls.csv_tables(result, store) if cls is not None else {}
 
 
 def export(store, out_dir="export", methods=None, name: str | None = "default", formats=FORMATS,
@@ -173,6 +130,8 @@ def export(store, out_dir="export", methods=None, name: str | None = "default", 
         raise UsageError(f"unknown export format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
     results = select_results(store, methods, name)
     progress = progress or NullProgress()
+    from ..output_folder import OutputFolder  # imports zarr: not at the top (the CLI imports this module)
+
     folder = OutputFolder(out_dir, "export", force=force, store=store)
     with folder as out:
         summary = _export_into(store, results, formats, out, progress)

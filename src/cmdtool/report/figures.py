@@ -1,10 +1,11 @@
 """Figures of the analyses in a trajectory store, as matplotlib ``Figure`` objects (usable from Python).
 
-Every function takes a committed :class:`~cmdtool.store.results.Result` *or* a fitted analyzer (saved or not)
-and returns a :class:`matplotlib.figure.Figure`; the caller saves it (``fig.savefig("x.png")``) or shows it.
-Figures are built with ``matplotlib.figure.Figure`` directly, not ``pyplot``: nothing is registered in
-pyplot's global figure list, so nothing leaks when many reports are made in one process and no display is
-needed (the Agg canvas renders PNG/SVG/PDF).
+Every function takes a committed :class:`~cmdtool.store.results.Result`, a fitted analyzer (saved or not) or a
+:class:`~cmdtool.analyzers.base.ResultView` of either, and returns a :class:`matplotlib.figure.Figure`; the caller
+saves it (``fig.savefig("x.png")``) or shows it. Figures are built without ``pyplot`` (see
+:mod:`cmdtool.plotting`): nothing leaks when many reports are made in one process and no display is needed. The
+analyzers declare which of these figures their results get (``figures`` of each analyzer class); the report
+draws those, plus the figures that span methods (:func:`epoch_error_figure`, :func:`evaluation_figure`).
 
 Memory: the figures use the small arrays a result keeps (K×K correlation, M×T references, T×T spectra) and, for
 member trajectories, the rows of the CMD sample only (:func:`load_cmd_sample`, at most ``max_rows`` rows read
@@ -22,117 +23,23 @@ import numpy as np
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from ..analyzers.base import ResultView
+from ..analyzers.dmd import DEFAULT_CLASS_EPS
 from ..errors import UsageError
-from ..store.results import Result
-
-# readable at the size the html shows them (about 900 px wide)
-STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-         "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.titlesize": 12, "axes.grid": False}
+from ..plotting import STYLE, grid as _grid, mode_colors, new_figure as _figure
 
 CLASS_STYLE = {  # KGA class code -> (name, colour, marker); codes as in cmdtool.analyzers.kga
     0: ("stable (|λ| < 1−ε)", "tab:blue", "o"),
     1: ("neutral (1−ε ≤ |λ| ≤ 1+ε)", "tab:green", "s"),
     2: ("unstable (|λ| > 1+ε)", "tab:red", "^"),
 }
-DEFAULT_KGA_EPS = 0.01
-ZOOM_MAX_HALF_WIDTH = 0.25  # the eigenvalue zoom shows at most |λ − 1| <= this  # KGA's default ε, used to colour a DMD spectrum when no KGA result exists
-
-METHOD_LABELS = {"cmd": "CMD post-hoc", "cmd-online": "CMD online", "dmd": "DMD", "kga": "DMD (of KGA)",
-                 "pca": "PCA"}
+ZOOM_MAX_HALF_WIDTH = 0.25  # the eigenvalue zoom shows at most |λ − 1| <= this
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-class ResultView:
-    """One interface over a committed ``Result`` and a fitted analyzer (saved or not).
-
-    ``small(key)`` gives a small stored array (an analyzer's ``key_`` attribute), ``lazy(key)`` a zarr array
-    read on demand (N-long outputs), ``value(key)`` a json attribute (an analyzer's ``key_``).
-    """
-
-    def __init__(self, source):
-        self.source = source
-        if isinstance(source, ResultView):
-            self.__dict__.update(source.__dict__)
-            return
-        if isinstance(source, Result):
-            self.result, self.analyzer = source, None
-            self.method, self.name = source.kind, source.name
-            self.attrs = source.attrs
-            self.metrics = source.metrics
-            self.config = source.config
-        elif hasattr(source, "metrics_") and hasattr(source, "method"):
-            self.result, self.analyzer = getattr(source, "result_", None), source
-            self.method, self.name = source.method, getattr(source, "name_", "unsaved")
-            self.attrs = dict(self.result.attrs) if self.result is not None else {}
-            self.metrics = source.metrics_
-            self.config = source.get_config()
-        else:
-            raise TypeError(f"expected a cmdtool Result or a fitted analyzer, got {type(source).__name__}")
-
-    @property
-    def labels(self) -> np.ndarray:
-        if self.analyzer is not None:
-            return np.asarray(self.analyzer.labels_, dtype=np.int64)
-        return np.asarray(self.attrs["labels"], dtype=np.int64)
-
-    @property
-    def columns(self) -> slice:
-        if self.analyzer is not None:
-            return self.analyzer.columns_
-        return slice(*self.attrs["columns"])
-
-    def has(self, key: str) -> bool:
-        if self.analyzer is not None:
-            return getattr(self.analyzer, key + "_", None) is not None
-        return key in self.result
-
-    def small(self, key: str) -> np.ndarray:
-        if self.analyzer is not None:
-            return np.asarray(getattr(self.analyzer, key + "_"))
-        return self.result[key]
-
-    def lazy(self, key: str):
-        if self.analyzer is not None:
-            return getattr(self.analyzer, key + "_")
-        return self.result.array(key)
-
-    def value(self, key: str, default=None):
-        if self.analyzer is not None:
-            return getattr(self.analyzer, key + "_", default)
-        return self.attrs.get(key, default)
-
-    def store(self, store=None):
-        store = store if store is not None else getattr(self.analyzer, "store_", None)
-        if store is None:
-            raise UsageError(f"this figure reads sampled trajectories: pass the store the {self.method} result "
-                             "belongs to (store=...)")
-        return store
-
-
 def _require(view: ResultView, methods: tuple[str, ...], what: str) -> None:
     if view.method not in methods:
         raise UsageError(f"{what} needs a {' or '.join(methods)} result, got a {view.method} result")
-
-
-def mode_colors(n_modes: int) -> list:
-    """One colour per mode, the same in every figure (qualitative maps while they have enough colours)."""
-    from matplotlib import colormaps
-
-    if n_modes <= 10:
-        return [colormaps["tab10"](k) for k in range(n_modes)]
-    if n_modes <= 20:
-        return [colormaps["tab20"](k) for k in range(n_modes)]
-    return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n_modes)]
-
-
-def _figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _grid(n_panels: int, max_cols: int = 4):
-    cols = min(max_cols, max(n_panels, 1))
-    rows = -(-n_panels // cols)
-    return rows, cols
 
 
 # ---------------------------------------------------------------------------------------------- CMD
@@ -211,15 +118,23 @@ class CMDSample:
 
 def load_cmd_sample(cmd, store=None, max_rows: int = 2000, seed: int = 0) -> CMDSample:
     """Read the CMD sample's trajectories (at most ``max_rows`` of them, a fixed-seed subset) and look up their
-    mode, a and b in the stored N-long arrays (only the chunks holding those rows are read)."""
+    mode, a and b in the stored N-long arrays (only the chunks holding those rows are read). Read once per view:
+    the figures of one report share it."""
     view = ResultView(cmd)
     _require(view, ("cmd",), "the CMD sample")
     store = view.store(store)
+    key = ("cmd_sample", str(store.path), max_rows, seed)
+    if key not in view.cache:
+        view.cache[key] = _read_cmd_sample(view, store, max_rows, seed)
+    return view.cache[key]
+
+
+def _read_cmd_sample(view: ResultView, store, max_rows: int, seed: int) -> CMDSample:
     indices = np.asarray(view.small("sampled_indices"), dtype=np.int64)
     if len(indices) > max_rows:
         rng = np.random.default_rng(seed)
         indices = np.sort(rng.choice(indices, size=max_rows, replace=False))
-    values = store.read_rows(indices, view.columns)
+    values = store.read_rows(indices, view.window)
     modes = np.asarray(view.lazy("mode").get_orthogonal_selection((indices,)), dtype=np.int64)
     a = np.asarray(view.lazy("A").get_orthogonal_selection((indices,)), dtype=np.float64)
     b = np.asarray(view.lazy("B").get_orthogonal_selection((indices,)), dtype=np.float64)
@@ -393,34 +308,24 @@ def layer_modes_figure(cmd, max_layers: int = 60) -> Figure:
 
 # ---------------------------------------------------------------------------------------------- errors
 def epoch_error_series(results) -> list[dict]:
-    """Per-epoch relative errors ‖w_t − ŵ_t‖/‖w_t‖ of every model among ``results``: CMD post-hoc and online
-    (from one CMD result), DMD, PCA; a KGA result only when there is no DMD result (its model is DMD's)."""
+    """Per-epoch relative errors ‖w_t − ŵ_t‖/‖w_t‖ of every model among ``results`` (results or fitted analyzers
+    of registered methods), as each analyzer gives them (CMD: post-hoc and online). A method that extends another
+    one present (KGA, whose model is DMD's) is left out."""
+    from ..analyzers import analyzer_classes
+
+    classes = analyzer_classes()
     views = [ResultView(r) for r in results]
-    has_dmd = any(v.method == "dmd" for v in views)
+    present = {v.method for v in views}
     several_names = len({v.name for v in views}) > 1
     series = []
     for view in views:
-        if view.method == "kga" and has_dmd:
+        cls = classes.get(view.method)
+        if cls is None or cls.extends in present:
             continue
-        errors = view.metrics.get("epoch_relative_error")
-        if errors is None:
-            continue
-        suffix = f" ({view.name})" if several_names else ""
-        base = {"labels": view.labels, "name": view.name}
-        series.append({**base, "method": view.method, "label": METHOD_LABELS.get(view.method, view.method) + suffix,
-                       "errors": np.asarray(errors, dtype=np.float64),
-                       "relative_error": view.metrics.get("relative_error"),
-                       "stored_floats": view.metrics.get("stored_floats")})
-        online = view.metrics.get("online") if view.method == "cmd" else None
-        if online:
-            errors = np.asarray(online["epoch_relative_error"], dtype=np.float64)
-            warmup = int(online["warmup"])
-            # before the end of the warm-up the online model is the original weights (no error to plot)
-            errors[:warmup - 1] = np.nan
-            series.append({**base, "method": "cmd-online", "warmup_label": int(view.labels[warmup - 1]),
-                           "label": METHOD_LABELS["cmd-online"] + f" (warm-up {warmup})" + suffix,
-                           "errors": errors, "relative_error": online.get("relative_error"),
-                           "stored_floats": None})
+        for entry in cls.error_series(view):
+            if several_names:
+                entry["label"] += f" ({view.name})"
+            series.append(entry)
     return series
 
 
@@ -428,7 +333,7 @@ def epoch_error_figure(results) -> Figure:
     """Reconstruction error per epoch of every method present (log scale)."""
     series = epoch_error_series(results)
     if not series:
-        raise UsageError("no result with per-epoch errors (cmd, dmd, kga or pca)")
+        raise UsageError("no result with per-epoch errors (of a registered analyzer)")
     with rc_context(STYLE):
         fig = _figure(7.5, 4.3)
         ax = fig.add_subplot()
@@ -456,8 +361,8 @@ def eigenvalue_classes(view: ResultView) -> tuple[np.ndarray, float, bool]:
     from ..analyzers.kga import classify_eigenvalues
 
     if view.method == "kga":
-        return np.asarray(view.small("classes"), dtype=np.int64), float(view.config.get("eps", DEFAULT_KGA_EPS)), True
-    return classify_eigenvalues(view.small("eigenvalues"), DEFAULT_KGA_EPS).astype(np.int64), DEFAULT_KGA_EPS, False
+        return np.asarray(view.small("classes"), dtype=np.int64), float(view.config.get("eps", DEFAULT_CLASS_EPS)), True
+    return classify_eigenvalues(view.small("eigenvalues"), DEFAULT_CLASS_EPS).astype(np.int64), DEFAULT_CLASS_EPS, False
 
 
 def eigenvalues_figure(dmd_or_kga) -> Figure:
@@ -648,8 +553,26 @@ def _metric_label(metric: str, records: list[dict]) -> str:
     return f"{metric} ({'fraction correct' if values and max(values) <= 1.0 else '%'})"
 
 
-__all__ = ["CMDSample", "ResultView", "clustered_order", "correlation_matrix_figure", "epoch_error_figure",
-           "epoch_error_series", "eigenvalues_figure", "evaluation_figure", "evaluation_records",
+# ---------------------------------------------------------------------------------------------- compare
+def comparison_figure(comparison) -> Figure:
+    """Per-epoch relative error of every method of a ``cmdtool compare`` run (log scale), with each model's size."""
+    fig = Figure(figsize=(7, 4), layout="tight")
+    ax = fig.add_subplot()
+    for row in comparison.methods:
+        errors = np.maximum(np.asarray(row.epoch_relative_error), 1e-12)  # exact fits would vanish on log axes
+        ax.plot(comparison.labels, errors, marker="o", markersize=3,
+                label=f"{row.method} ({row.stored_floats:,} floats)")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("‖w_t − ŵ_t‖ / ‖w_t‖")
+    ax.set_title(f"reconstruction error per epoch (N = {comparison.n_rows:,})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig
+
+
+__all__ = ["CMDSample", "ResultView", "clustered_order", "comparison_figure", "correlation_matrix_figure",
+           "epoch_error_figure", "epoch_error_series", "eigenvalues_figure", "evaluation_figure", "evaluation_records",
            "kwm_mask_figure", "layer_modes_figure", "load_cmd_sample", "mode_colors", "mode_statistics",
            "mode_trajectories_figure", "normalise_unit_range", "pca_path_figure", "pca_variance_figure",
            "reconstruction_examples_figure"]

@@ -1,10 +1,14 @@
 """``cmdtool report``: every figure the store's analyses allow, an ``index.html`` and a ``summary.json``.
 
-Which results: for each kind (cmd, dmd, kga, pca, evaluation) the one named ``name``; when there is none of that
-name but exactly one of the kind, that one (said in a note). A figure whose analysis is missing is skipped with a
-note that says which command makes it; the notes are printed, listed in the html and in ``summary.json``. A store
-with no analysis at all is a usage error (exit 2): a report of notes only would tell the user nothing that the
-error message does not.
+What is drawn comes from the analyzer registry: each analyzer declares its figures (``figures``), its key numbers
+(``headline``) and its per-epoch errors (``error_series``); the report adds the figures that span methods (the
+error per epoch of every model, the metric curves of an evaluation).
+
+Which results: for each kind (every registered analyzer, and evaluation) the one named ``name``; when there is
+none of that name but exactly one of the kind, that one (said in a note). A figure whose analysis is missing is
+skipped with a note that says which command makes it (when its analyzer asks for one); the notes are printed,
+listed in the html and in ``summary.json``. A store with no analysis at all is a usage error (exit 2): a report
+of notes only would tell the user nothing that the error message does not.
 """
 
 from __future__ import annotations
@@ -16,21 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analyzers import analyzer_classes
+from ..analyzers.base import ResultView
 from ..errors import CmdtoolError, UsageError
 from ..output_folder import OutputFolder
 from ..progress import NullProgress
+from ..store.results import jsonable
 from ..store.store import now_iso
 from . import figures as F
 
-REPORTED_KINDS = ("cmd", "dmd", "kga", "pca", "evaluation")
+EVALUATION = "evaluation"
 FORMATS = ("png", "svg", "pdf")
-MAKE = {  # the command that produces each kind, for the notes of skipped figures
-    "cmd": "cmdtool decompose -m cmd",
-    "dmd": "cmdtool decompose -m dmd",
-    "kga": "cmdtool decompose -m kga",
-    "pca": "cmdtool decompose -m pca",
-    "evaluation": "cmdtool evaluate",
-}
+
+
+def reported_kinds() -> tuple[str, ...]:
+    """Every registered analyzer, in registry order, then the evaluation records."""
+    return tuple(analyzer_classes()) + (EVALUATION,)
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Report:
 def pick_results(store, name: str, notes: list) -> dict:
     """The result of each reported kind to draw (see the module note); missing kinds are left out."""
     chosen = {}
-    for kind in REPORTED_KINDS:
+    for kind in reported_kinds():
         names = [n for _, n in store.results.list(kind)]
         if name in names:
             chosen[kind] = store.results.get(kind, name)
@@ -77,10 +82,10 @@ def _fmt(value, spec=".4g") -> str:
 
 
 def headline(result, n_values: int) -> dict:
-    """Key numbers of one analysis result (json-able)."""
+    """Key numbers of one analysis result (json-able): the shared figures, and those its analyzer adds."""
     m = result.metrics
     out = {"kind": result.kind, "name": result.name}
-    if result.kind == "evaluation":
+    if result.kind == EVALUATION:
         records = result.attrs.get("records") or []
         last = {}
         for r in records:
@@ -98,126 +103,74 @@ def headline(result, n_values: int) -> dict:
                compression_ratio=(n_values / stored) if stored else None,
                epochs=[int(result.attrs["labels"][0]), int(result.attrs["labels"][-1])]
                if result.attrs.get("labels") else None)
-    if result.kind == "cmd":
-        out.update(modes=m.get("modes"), mode_sizes=m.get("mode_sizes"), sampled=m.get("sampled"))
-        if m.get("online"):
-            o = m["online"]
-            out["online"] = {"warmup": o.get("warmup"), "relative_error": o.get("relative_error"),
-                             "relative_error_motion": o.get("relative_error_motion"),
-                             "final_epoch_error": (o.get("epoch_relative_error") or [None])[-1]}
-    elif result.kind in ("dmd", "kga"):
-        out["rank"] = result.attrs.get("rank")
-        if result.kind == "kga":
-            classes = result["classes"]
-            out["classes"] = {"stable": int(np.sum(classes == 0)), "neutral": int(np.sum(classes == 1)),
-                              "unstable": int(np.sum(classes == 2))}
-            out["masked_fraction"] = result.attrs.get("masked_fraction")
-    elif result.kind == "pca":
-        ratio = result["explained_variance_ratio"]
-        out.update(dims=result.attrs.get("dims"), explained_variance_ratio_first=[float(x) for x in ratio[:3]],
-                   explained_variance_ratio_total=float(ratio.sum()))
+    cls = analyzer_classes().get(result.kind)
+    if cls is not None:
+        out.update(cls.headline(ResultView(result)))
     return out
 
 
 def _plan(chosen: dict, store, notes: list) -> list:
-    """(id, title, caption, sources, numbers, make_figure) for every figure the chosen results allow."""
-    plan = []
-    cmd, dmd, kga, pca, evaluation = (chosen.get(k) for k in REPORTED_KINDS)
-    src = lambda *rs: [f"{r.kind}/{r.name}" for r in rs if r is not None]  # noqa: E731
-    if cmd is not None:
-        m = cmd.metrics
-        sample_holder = {}
+    """(id, title, caption, sources, numbers, make_figure) for every figure the chosen results allow.
 
-        def sample():  # read once, shared by the two trajectory figures
-            if "sample" not in sample_holder:
-                sample_holder["sample"] = F.load_cmd_sample(cmd, store)
-            return sample_holder["sample"]
-
-        plan += [
-            ("cmd_correlation", "Clustered correlation matrix (CMD)",
-             f"|corr| between the {m.get('sampled', 0):,} sampled weight trajectories (paper 000 Eq. 4), rows and "
-             f"columns ordered by mode and, inside a mode, by the complete-linkage dendrogram: block-diagonal by "
-             f"mode (paper 000 Fig. 1, 9). White lines separate the modes.",
-             src(cmd), {"modes": m.get("modes"), "sampled weights": m.get("sampled")},
-             lambda: F.correlation_matrix_figure(cmd)),
-            ("cmd_modes", "Modes: reference and members (CMD)",
-             "Per mode, the reference weight's trajectory (black) and the mean ± std of the sampled weights "
-             "assigned to the mode, each trajectory min-max normalised to [0, 1] (paper 000 App. A.2; members with "
-             "a < 0 are mirrored first). corr1: mean pairwise |corr| inside the mode's sample; corr2: corr of the "
-             "members' mean with the reference (paper 000 Fig. 6).",
-             src(cmd), {"mode sizes": m.get("mode_sizes")},
-             lambda: F.mode_trajectories_figure(cmd, store, sample())),
-            ("cmd_reconstructions", "Weights and their CMD reconstruction",
-             "Three sampled weights per mode (solid) and their CMD model a_i r_m(t) + b_i (dashed), in weight "
-             "units (paper 000 Fig. 7).",
-             src(cmd), {"relative error": m.get("relative_error"),
-                        "relative error to motion": m.get("relative_error_motion")},
-             lambda: F.reconstruction_examples_figure(cmd, store, sample())),
-            ("cmd_layer_modes", "Modes per layer (CMD)",
-             "Share of each tensor's weights in each mode (paper 000 Fig. 10b); grey hatched: values CMD keeps as "
-             "stored (BatchNorm running statistics under --bn-stats source).",
-             src(cmd), {"kept rows": m.get("kept_rows"), "modelled rows": m.get("modelled_rows")},
-             lambda: F.layer_modes_figure(cmd)),
-        ]
-    else:
-        notes.append(f"CMD figures skipped (correlation matrix, modes, reconstructions, modes per layer): no cmd "
-                     f"result; run `{MAKE['cmd']}`")
-    error_sources = [r for r in (cmd, dmd, kga, pca) if r is not None]
-    if error_sources:
-        series = F.epoch_error_series(error_sources)
-        numbers = {s["label"]: {"final epoch": float(s["errors"][-1]), "overall": s["relative_error"]}
-                   for s in series}
-        plan.append(("epoch_errors", "Reconstruction error per epoch",
-                     "‖w_t − ŵ_t‖ / ‖w_t‖ per checkpoint for every model in the store (log scale). Online CMD equals "
-                     "the original weights during its warm-up, so its curve starts at the end of the warm-up. A "
-                     "KGA result is drawn only without a DMD result (its reconstruction is DMD's).",
-                     src(*error_sources), numbers, lambda: F.epoch_error_figure(error_sources)))
-    spectrum = kga if kga is not None else dmd
-    if spectrum is not None:
-        classes, eps, from_kga = F.eigenvalue_classes(F.ResultView(spectrum))
-        counts = {F.CLASS_STYLE[c][0].split(" ")[0]: int(np.sum(classes == c)) for c in F.CLASS_STYLE}
-        if not from_kga:
-            notes.append(f"eigenvalue classes drawn at ε = {eps:g} from DMD: no kga result; run `{MAKE['kga']}`")
-        plan.append(("eigenvalues", "DMD eigenvalues by Koopman class",
-                     "DMD eigenvalues λ_k on the complex plane with the unit circle, coloured by KGA class (paper 003 "
-                     "Sec. 3.1, Fig. 2): neutral within 1 ± ε, stable inside, unstable outside. Marker area grows "
-                     "with |b_k|. Right: zoom near λ = 1.",
-                     src(spectrum), {"rank": spectrum.attrs.get("rank"), "eps": eps, **counts},
-                     lambda: F.eigenvalues_figure(spectrum)))
-    else:
-        notes.append(f"eigenvalue figure skipped: no dmd or kga result; run `{MAKE['dmd']}`")
-    if kga is not None:
-        plan.append(("kwm_masks", "KWM masked fraction per tensor",
-                     "Weights whose non-neutral DMD component stays below ε over the last s epochs are masked out "
-                     "of KGA (paper 003 Eq. 15); bars give each tensor's masked share.",
-                     src(kga), {"masked fraction": kga.attrs.get("masked_fraction")},
-                     lambda: F.kwm_mask_figure(kga)))
-    else:
-        notes.append(f"KWM mask figure skipped: no kga result; run `{MAKE['kga']}`")
-    if pca is not None:
-        ratio = pca["explained_variance_ratio"]
-        plan += [
-            ("pca_variance", "PCA explained variance",
-             "Explained-variance ratio of each principal direction of the checkpoints (P-BFGS / DLDR subspace) "
-             "and the cumulative ratio.",
-             src(pca), {"directions": pca.attrs.get("dims"), "first": float(ratio[0]), "total": float(ratio.sum())},
-             lambda: F.pca_variance_figure(pca)),
-            ("pca_path", "Checkpoints in the first two PCA coordinates",
-             "Each checkpoint's coordinates on the first two principal directions (weight units), coloured by "
-             "epoch: the training path.",
-             src(pca), {"PC1 + PC2 share": float(ratio[:2].sum())}, lambda: F.pca_path_figure(pca)),
-        ]
-    else:
-        notes.append(f"PCA figures skipped: no pca result; run `{MAKE['pca']}`")
+    Each analyzer's declared figures in registry order (a figure id several analyzers declare is drawn once, by
+    the one that extends the others when both have results: KGA's eigenvalues over DMD's), the error per epoch of
+    every model after the first analyzer's figures, and the metric curves last.
+    """
+    classes = analyzer_classes()
+    views = {kind: ResultView(result, store) for kind, result in chosen.items() if kind in classes}
+    declared: dict[str, list[str]] = {}  # figure id -> the kinds that declare it
+    for kind, cls in classes.items():
+        for spec in cls.figures:
+            declared.setdefault(spec.id, []).append(kind)
+    plan, noted = [], set()
+    for position, (kind, cls) in enumerate(classes.items()):
+        for spec in cls.figures:
+            drawers = [k for k in declared[spec.id] if k in views]
+            if not drawers:
+                if spec.missing_note and spec.id not in noted:
+                    first = classes[declared[spec.id][0]]
+                    note = (f"{spec.missing_note}: no {' or '.join(declared[spec.id])} result; run "
+                            f"`{first.command()}`")
+                    if note not in notes:
+                        notes.append(note)
+                noted.add(spec.id)
+                continue
+            extending = [k for k in drawers if classes[k].extends in drawers]
+            if kind != (extending or drawers)[0]:
+                continue  # drawn by another analyzer's result
+            view = views[kind]
+            if spec.note is not None and (extra := spec.note(view)):
+                notes.append(extra)
+            caption = spec.caption(view) if callable(spec.caption) else spec.caption
+            numbers = spec.numbers(view) if spec.numbers is not None else {}
+            plan.append((spec.id, spec.title, caption, [f"{view.method}/{view.name}"], numbers,
+                         lambda spec=spec, view=view: spec.make(view)))
+        if position == 0:
+            plan += _error_figure(views)
+    evaluation = chosen.get(EVALUATION)
     if evaluation is not None:
         plan.append(("evaluation", "Metrics per epoch",
                      "Each metric of the evaluation result per epoch, one line per set of weights (original "
-                     "checkpoints, CMD/DMD/PCA models, EMA/SWA averages, as present).",
-                     src(evaluation), headline(evaluation, 0)["final_epoch_metrics"],
+                     "checkpoints, the models' reconstructions, EMA/SWA averages, as present).",
+                     [f"{evaluation.kind}/{evaluation.name}"], headline(evaluation, 0)["final_epoch_metrics"],
                      lambda: F.evaluation_figure(evaluation)))
     else:
-        notes.append(f"metric curves skipped: no evaluation result; run `{MAKE['evaluation']}`")
+        notes.append("metric curves skipped: no evaluation result; run `cmdtool evaluate`")
     return plan
+
+
+def _error_figure(views: dict) -> list:
+    """The per-epoch error of every model in the store, when there is one."""
+    sources = list(views.values())
+    if not sources:
+        return []
+    series = F.epoch_error_series(sources)
+    numbers = {s["label"]: {"final epoch": float(s["errors"][-1]), "overall": s["relative_error"]} for s in series}
+    return [("epoch_errors", "Reconstruction error per epoch",
+             "‖w_t − ŵ_t‖ / ‖w_t‖ per checkpoint for every model in the store (log scale). Online CMD equals the "
+             "original weights during its warm-up, so its curve starts at the end of the warm-up. A method that "
+             "extends another (KGA: DMD's model) is drawn only without the other's result.",
+             [f"{v.method}/{v.name}" for v in sources], numbers, lambda: F.epoch_error_figure(sources))]
 
 
 def build_report(store, out_dir="report", name: str = "default", formats=("png",), dpi: int = 110,
@@ -259,7 +212,7 @@ def _write_report(store, chosen, notes, out: Path, formats, dpi, progress) -> Re
                 notes.append(f"{title} skipped: {exc}")
                 task.advance(1)
                 continue
-            entry = FigureEntry(fig_id, title, caption, sources, numbers=_jsonable(numbers))
+            entry = FigureEntry(fig_id, title, caption, sources, numbers=jsonable(numbers))
             for fmt in formats:
                 filename = f"{fig_id}.{fmt}"
                 fig.savefig(out / filename, dpi=dpi)
@@ -279,16 +232,10 @@ def _write_report(store, chosen, notes, out: Path, formats, dpi, progress) -> Re
         "figures": [asdict(e) for e in entries],
         "notes": notes,
     }
-    summary = _jsonable(summary)
+    summary = jsonable(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "index.html").write_text(render_html(summary))
     return Report(str(out), entries, notes, summary)
-
-
-def _jsonable(value):
-    from ..store.results import _jsonable as to_json
-
-    return to_json(value)
 
 
 # ---------------------------------------------------------------------------------------------- html
@@ -326,13 +273,13 @@ def render_html(summary: dict) -> str:
              f"{summary['weights']:,} weights × {summary['checkpoints']} checkpoints"
              + (f", epochs {summary['epochs'][0]}..{summary['epochs'][1]}" if summary.get("epochs") else "")
              + f"; made {esc(summary['created_at'])}</p>"]
-    models = [h for h in summary["results"].values() if h["kind"] != "evaluation"]
+    models = [h for h in summary["results"].values() if h["kind"] != EVALUATION]
     if models:
         parts.append("<h2>Key numbers</h2><table><tr><th>result</th><th>‖W−Ŵ‖/‖W‖</th><th>‖W−Ŵ‖/‖W−mean‖</th>"
                      "<th>last epoch</th><th>stored floats</th><th>compression</th><th>details</th></tr>")
+        classes = analyzer_classes()
         for h in models:
-            details = {k: v for k, v in h.items() if k in ("modes", "rank", "dims", "classes", "masked_fraction",
-                                                           "explained_variance_ratio_total", "online")}
+            details = {k: h[k] for k in getattr(classes.get(h["kind"]), "key_numbers", ()) if k in h}
             ratio = h.get("compression_ratio")
             parts.append(f"<tr><td>{esc(h['kind'])}/{esc(h['name'])}</td><td>{_fmt(h.get('relative_error'))}</td>"
                          f"<td>{_fmt(h.get('relative_error_motion'))}</td><td>{_fmt(h.get('final_epoch_error'))}</td>"

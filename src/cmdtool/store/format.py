@@ -14,3 +14,4 @@ RESULTS_LOCK = ".results.lock"   # held while the results index is rewritten
 # Target compressed-chunk payload; rows per chunk follow from the column count.
 TARGET_CHUNK_BYTES = 8 * 1024**2
 MAX_CHUNK_COLUMNS = 256
+INGEST_MEMORY_BUDGET = "1GiB"    # default buffer of checkpoints written together (`ingest --memory-budget`)

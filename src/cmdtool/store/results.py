@@ -24,13 +24,14 @@ from .lock import file_lock
 from .store import compressors, now_iso
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` with numpy types, paths and non-finite floats turned into what JSON holds (NaN/Inf -> null)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
@@ -99,7 +100,7 @@ class ResultWriter:
             self.catalog._check_name(name)
             self.name = name
         self.attrs.setdefault("created_at", now_iso())
-        self.group.attrs.update(_jsonable(self.attrs))
+        self.group.attrs.update(jsonable(self.attrs))
         return self.catalog._publish(self)
 
     def discard(self) -> None:

@@ -212,9 +212,13 @@ class TrajectoryStore:
             out[order[sel]] = block[sorted_idx[sel] - r0]
         return out
 
+    def read_columns(self, columns: slice) -> np.ndarray:
+        """All N values of consecutive checkpoints, (N, k) float32 (memory N·k: callers size k)."""
+        return self._read(slice(0, self.n_rows), columns)
+
     def read_column(self, column: int) -> np.ndarray:
         """All N values of one checkpoint, float32 (e.g. for reconstruction)."""
-        return self._read(slice(0, self.n_rows), slice(column, column + 1))[:, 0]
+        return self.read_columns(slice(column, column + 1))[:, 0]
 
     def read_integer_column(self, column: int) -> np.ndarray | None:
         arr = self.integer_values
@@ -235,6 +239,12 @@ class TrajectoryStore:
         meta["time_axis"] = [r.to_json() for r in time_axis]
         meta["revision"] = self.revision + 1
         meta["modified_at"] = now_iso()
+        self.group.attrs[fmt.ATTRS_KEY] = meta
+        self._load_attrs()
+
+    def restore(self, meta: dict) -> None:
+        """Publish metadata read earlier (a copy of ``store.meta``) again, as one atomic write: after a failed
+        write the store reads exactly as it did then (revision included)."""
         self.group.attrs[fmt.ATTRS_KEY] = meta
         self._load_attrs()
 

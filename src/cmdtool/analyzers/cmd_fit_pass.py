@@ -1,0 +1,189 @@
+"""CMD's fit pass (paper 000 Alg. 2 Steps 2-3, and Alg. 3 for online CMD): one streaming pass over the store
+that assigns, fits and measures every row block, streaming mode/A/B and the per-row error into the staged result.
+
+torch is imported where the pass runs, not with the module (the registry imports every analyzer module).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cmd_math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, centre_rows_, closed_form_fit,
+                       correlate, fit_block, pin_reference_rows)
+from .passes import Accumulator
+
+
+class LayerIndex:
+    """Layer id (index into the layout's trajectory entries) of the rows of any block, without an N-array."""
+
+    def __init__(self, layout, modelled):
+        entries = layout.trajectory_entries
+        self.starts = np.array([e.offset for e in entries], dtype=np.int64)
+        names = {e.name for e in modelled}
+        self.modelled = np.array([e.name in names for e in entries], dtype=bool)
+        self.n_layers = len(entries)
+
+    def of(self, start: int, stop: int) -> np.ndarray:
+        return np.searchsorted(self.starts, np.arange(start, stop), side="right") - 1
+
+
+class FitPass(Accumulator):
+    """Pass 2: Steps 2-3 for every row block, streaming mode/A/B/errors, reducing the metrics' sums."""
+
+    def __init__(self, writer, layout, modelled, reference_indices, reference_trajectories, online,
+                 block_rows: int):
+        self.writer = writer
+        self.layers = LayerIndex(layout, modelled)
+        self.reference_indices = np.asarray(reference_indices, dtype=np.int64)
+        self.reference_trajectories = reference_trajectories
+        self.online = online  # (reference indices, reference trajectories, F) or None
+        self.block_rows = block_rows
+        self.n_modes = len(self.reference_indices)
+
+    def start(self, store, columns, device):
+        import torch
+
+        n, n_cols = store.n_rows, columns.stop - columns.start
+        self.device = device
+        chunks = (max(1, min(self.block_rows, n)),)
+        mode_dtype = np.int16 if self.n_modes < 2**15 else np.int32
+        self.out_mode = self.writer.create("mode", (n,), mode_dtype, chunks=chunks)
+        self.out_a = self.writer.create("A", (n,), np.float32, chunks=chunks)
+        self.out_b = self.writer.create("B", (n,), np.float32, chunks=chunks)
+        self.out_row_error = self.writer.create("row_sq_error", (n,), np.float32, chunks=chunks)
+        self.refs = ReferenceSet(self.reference_trajectories, device)
+        self.layer_modelled = torch.as_tensor(self.layers.modelled, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        self.column_sq_error = torch.zeros(n_cols, **f64)
+        self.column_sq_norm = torch.zeros(n_cols, **f64)
+        self.sq_motion = torch.zeros((), **f64)
+        n_layers = self.layers.n_layers
+        self.layer_sq_error = torch.zeros(n_layers, **f64)
+        self.layer_sq_norm = torch.zeros(n_layers, **f64)
+        self.layer_sq_motion = torch.zeros(n_layers, **f64)
+        self.layer_mode_counts = torch.zeros(n_layers * self.n_modes, dtype=torch.int64, device=device)
+        self.kept_rows = self.constant_rows = self.nonfinite_rows = 0
+        if self.online is not None:
+            indices, trajectories, warmup = self.online
+            self.online_indices = np.asarray(indices, dtype=np.int64)
+            self.warmup = warmup
+            self.online_refs = ReferenceSet(trajectories, device)
+            self.online_warm_refs = ReferenceSet(np.asarray(trajectories)[:, :warmup], device)
+            self.online_modes = len(self.online_indices)
+            self.out_online_mode = self.writer.create("online_mode", (n,), mode_dtype, chunks=chunks)
+            self.out_online_a = self.writer.create("online_A", (n,), np.float32, chunks=chunks)
+            self.out_online_b = self.writer.create("online_B", (n,), np.float32, chunks=chunks)
+            self.online_column_sq_error = torch.zeros(n_cols, **f64)
+            self.online_mode_counts = torch.zeros(self.online_modes, dtype=torch.int64, device=device)
+            # per-mode cumulative sums of the shifted references (Eq. 10), shared by every block
+            shifted = self.online_refs.values - self.online_refs.values[:, :1]
+            self.online_ref_cum = shifted.cumsum(dim=1)
+            self.online_ref_cum_sq = (shifted * shifted).cumsum(dim=1)
+            self.online_ref_shifted = shifted
+
+    def update(self, start, stop, block, finite):
+        import torch
+
+        x = block.to(torch.float64)  # a copy of the block: centred in place below
+        n_cols = x.shape[1]
+        layer = torch.as_tensor(self.layers.of(start, stop), device=x.device)
+        modelled = self.layer_modelled[layer] & finite
+        refs = self.refs
+        # Step 2 (Eq. 5) and Step 3 (Eq. 6) in closed form; x holds w − w̄ from here on
+        mean, motion = centre_rows_(x)
+        corr, cross = correlate(x, motion, refs)
+        mode = corr.argmax(dim=1)
+        pin_reference_rows(self.reference_indices, start, stop, mode=mode)
+        a, b, s_wr = closed_form_fit(mode, cross, mean, motion, refs)
+        pin_reference_rows(self.reference_indices, start, stop, a=a, b=b)
+        # the stored model is float32: every error below is that of exactly the stored model
+        a = torch.where(modelled, a, 0.0).float().double()
+        b = torch.where(modelled, b, 0.0).float().double()
+        # residual e_it = (w_it − w̄_i) − a_i (r_t − r̄) + δ_i with δ_i = w̄_i − a_i r̄ − b_i (float32 rounding);
+        # its sums follow from sums the block already gave, so no N x T residual is ever formed:
+        #   per row    Σ_t e² = S_ww − 2 a S_wr + a² S_rr + T δ²        (Σ_t (w−w̄) = Σ_t (r−r̄) = 0)
+        #   per epoch  Σ_i e² = Σ_i (w−w̄)² − 2 Σ_m (r_m−r̄_m) P_m + ... with P_m = Σ_{i in m} a_i (w_i−w̄_i)
+        delta = torch.where(modelled, mean - a * refs.mean[mode] - b, 0.0)
+        row_sq_error = torch.where(
+            modelled, (motion - 2 * a * s_wr + a * a * refs.sq_norm[mode]).clamp(min=0) + n_cols * delta * delta,
+            0.0)
+        weights = torch.zeros((self.n_modes + 2, x.shape[0]), dtype=torch.float64, device=x.device)
+        weights.scatter_(0, mode[None, :], a[None, :])
+        weights[self.n_modes] = delta
+        weights[self.n_modes + 1] = mean  # rows with NaN/Inf arrive zeroed: their mean is 0
+        projections = weights @ x  # (M+2, T): P_m, Σ δ_i (w_i−w̄_i), Σ w̄_i (w_i−w̄_i)
+        if self.online is not None:
+            self._update_online(start, stop, x, mean, modelled, finite)
+        x.square_()
+        masks = torch.stack([modelled, finite]).to(torch.float64)
+        squares = masks @ x  # (2, T): Σ (w−w̄)² over modelled rows, and over all finite rows
+        centred_refs = refs.centred
+        sum_a_sq = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * a)
+        sum_a_delta = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * delta)
+        column_sq_error = (squares[0] - 2 * (centred_refs * projections[:self.n_modes]).sum(dim=0)
+                           + (sum_a_sq[:, None] * centred_refs * centred_refs).sum(dim=0)
+                           + 2 * projections[self.n_modes]
+                           - 2 * (sum_a_delta[:, None] * centred_refs).sum(dim=0)
+                           + (delta * delta).sum())
+        self.column_sq_error += column_sq_error.clamp(min=0)
+        self.column_sq_norm += squares[1] + 2 * projections[self.n_modes + 1] + (mean * mean).sum()
+        self.sq_motion += motion.sum()
+        row_sq_norm = motion + n_cols * mean * mean
+        self.layer_sq_error.index_add_(0, layer, row_sq_error)
+        self.layer_sq_norm.index_add_(0, layer, row_sq_norm)
+        self.layer_sq_motion.index_add_(0, layer, motion)
+        self.layer_mode_counts += torch.bincount((layer * self.n_modes + mode)[modelled],
+                                                 minlength=self.layer_mode_counts.numel())
+        kept_code = torch.where(finite, MODE_KEPT, MODE_NONFINITE)
+        self.kept_rows += int((finite & ~modelled).sum())
+        self.nonfinite_rows += int((~finite).sum())
+        self.constant_rows += int((modelled & (motion == 0)).sum())
+        self.out_mode[start:stop] = torch.where(modelled, mode, kept_code).cpu().numpy().astype(self.out_mode.dtype)
+        self.out_a[start:stop] = a.float().cpu().numpy()
+        self.out_b[start:stop] = b.float().cpu().numpy()
+        self.out_row_error[start:stop] = row_sq_error.float().cpu().numpy()
+
+    def _update_online(self, start, stop, centred, mean, modelled, finite):
+        """Online CMD on the same block: assignment from the first F epochs (Step 2 at the end of the warm-up),
+        then the coefficients after every epoch t >= F as the recursion of Eqs. 8-10 leaves them, i.e. the
+        least-squares fit over epochs 1..t (cumulative sums along the block's columns).
+
+        ``centred`` holds w − w̄ (w̄ over the whole window); the fit is shift-invariant, so it runs on these
+        values and w̄ is added back to b at the end.
+        """
+        import torch
+
+        F = self.warmup
+        mode, _, _, _ = fit_block(centred[:, :F], self.online_warm_refs)
+        pin_reference_rows(self.online_indices, start, stop, mode=mode)
+        shift = centred[:, :1]
+        u = centred - shift
+        v = self.online_ref_shifted[mode]
+        count = torch.arange(1, centred.shape[1] + 1, dtype=torch.float64, device=centred.device)
+        a_t, b_t = affine_from_sums(count, u.cumsum(dim=1), (u * v).cumsum(dim=1), self.online_ref_cum[mode],
+                                    self.online_ref_cum_sq[mode], shift, self.online_refs.values[mode, :1])
+        pin_reference_rows(self.online_indices, start, stop, a=a_t, b=b_t, offset=mean)  # b = 0 in raw units
+        residual = centred - (a_t * self.online_refs.values[mode] + b_t)
+        # epochs before F are the original weights (the warm-up is plain training): no error there
+        in_model = modelled[:, None] & (count >= F)[None, :]
+        residual = torch.where(in_model, residual, 0.0)
+        self.online_column_sq_error += (residual * residual).sum(dim=0)
+        self.online_mode_counts += torch.bincount(mode[modelled], minlength=self.online_modes)
+        kept_code = torch.where(finite, MODE_KEPT, MODE_NONFINITE)
+        self.out_online_mode[start:stop] = torch.where(modelled, mode, kept_code).cpu().numpy().astype(
+            self.out_online_mode.dtype)
+        self.out_online_a[start:stop] = torch.where(modelled, a_t[:, -1], 0.0).float().cpu().numpy()
+        self.out_online_b[start:stop] = torch.where(modelled, b_t[:, -1] + mean, 0.0).float().cpu().numpy()
+
+    def finish(self):
+        to_np = lambda t: t.cpu().numpy()  # noqa: E731
+        self.column_sq_error = to_np(self.column_sq_error)
+        self.column_sq_norm = to_np(self.column_sq_norm)
+        self.sq_motion = float(self.sq_motion)
+        self.layer_sq_error = to_np(self.layer_sq_error)
+        self.layer_sq_norm = to_np(self.layer_sq_norm)
+        self.layer_sq_motion = to_np(self.layer_sq_motion)
+        self.layer_mode_counts = to_np(self.layer_mode_counts).reshape(self.layers.n_layers, self.n_modes)
+        if self.online is not None:
+            self.online_column_sq_error = to_np(self.online_column_sq_error)
+            self.online_mode_counts = to_np(self.online_mode_counts)

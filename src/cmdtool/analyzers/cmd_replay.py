@@ -1,0 +1,75 @@
+"""CMD's models at given epochs (paper 000 Eq. 7): the post-hoc model from the stored coefficients, and online
+CMD at intermediate epochs by replaying the sums of Eqs. 8-10 in one pass.
+
+torch is imported where the replay runs, not with the module (the registry imports every analyzer module).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cmd_math import affine_from_sums, pin_reference_rows
+from .passes import Accumulator
+
+
+def affine_model(store, modes, A, B, reference_trajectories, columns, steps, block_rows: int = 1 << 20) -> np.ndarray:
+    """Eq. 7 at several epochs, (N, k) float32: a_i r_{mode_i}(t) + b_i read in row blocks (``modes``, ``A``, ``B``
+    lazy N-long arrays; ``steps`` the epochs' positions in the references); rows CMD does not model (mode < 0)
+    keep their stored values."""
+    reference_values = np.asarray(reference_trajectories)[:, steps].astype(np.float64)   # M × k
+    first = min(columns)
+    out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
+    for r0 in range(0, store.n_rows, block_rows):
+        r1 = min(r0 + block_rows, store.n_rows)
+        mode = np.asarray(modes[r0:r1]).astype(np.int64)
+        value = (A[r0:r1].astype(np.float64)[:, None] * reference_values[np.maximum(mode, 0)]
+                 + B[r0:r1].astype(np.float64)[:, None])
+        kept = np.flatnonzero(mode < 0)
+        if kept.size:
+            stored = store.trajectories[r0:r1, first:max(columns) + 1]
+            value[kept] = stored[kept][:, [c - first for c in columns]]
+        out[r0:r1] = value
+    return out
+
+
+class OnlineReplay(Accumulator):
+    """Online models at intermediate epochs (only the last epoch's coefficients are stored): the sums of
+    Eqs. 8-10 over epochs 1..t for every requested t, as cumulative sums along each block, then Eq. 7."""
+
+    def __init__(self, modes, reference_indices, reference_trajectories, steps):
+        self.modes = modes
+        self.reference_indices = np.asarray(reference_indices, dtype=np.int64)
+        self.reference_trajectories = reference_trajectories
+        self.steps = np.asarray(steps, dtype=np.int64)
+
+    def start(self, store, columns, device):
+        import torch
+
+        self.store = store
+        self.refs = torch.as_tensor(self.reference_trajectories, dtype=torch.float64, device=device)
+        self.first_column = columns.start
+        self.out = np.empty((store.n_rows, len(self.steps)), dtype=np.float32)
+
+    def update(self, start, stop, block, finite):
+        import torch
+
+        x = block.to(torch.float64)
+        mode = torch.as_tensor(np.asarray(self.modes[start:stop]).astype(np.int64), device=x.device)
+        safe = mode.clamp(min=0)
+        steps = torch.as_tensor(self.steps, device=x.device)
+        refs = self.refs[safe]
+        shift = x[:, :1]
+        u = x - shift
+        v = refs - refs[:, :1]
+        count = (steps + 1).to(torch.float64)[None, :]
+        a, b = affine_from_sums(count, u.cumsum(dim=1)[:, steps], (u * v).cumsum(dim=1)[:, steps],
+                                v.cumsum(dim=1)[:, steps], (v * v).cumsum(dim=1)[:, steps], shift, refs[:, :1])
+        pin_reference_rows(self.reference_indices, start, stop, a=a, b=b)
+        value = a * refs[:, steps] + b
+        value = torch.where(mode[:, None] >= 0, value, x[:, steps])
+        out = value.float().cpu().numpy()
+        if not bool(finite.all()):
+            # the pass zeroed rows holding NaN/Inf; give back their stored values at these epochs
+            for r in np.flatnonzero(~finite.cpu().numpy()):
+                out[r] = self.store.trajectories[start + int(r), self.first_column + self.steps]
+        self.out[start:stop] = out
