@@ -22,6 +22,7 @@ import torch
 from ..device import resolve_device
 from ..errors import UsageError
 from ..store.layout import tensor_kind
+from .cmd_drift import DEFAULT_DRIFT_FACTOR, DriftMonitor, relative_epoch_error
 from .cmd_math import (BN_STATS_CHOICES, MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums,
                        cluster_sample, fit_block, sample_rows)
 
@@ -35,11 +36,14 @@ class OnlineCMD:
 
     After :meth:`update` has seen epoch t >= F, :meth:`coefficients` equals the batch least-squares fit of
     Eq. 6 over epochs 1..t with the assignment fixed at F (Eq. 9 is recursive least squares).
+
+    ``drift_`` records the online model's error e(t) = ‖w(t) − ŵ(t)‖/‖w(t)‖ from epoch F on and warns
+    (:class:`~cmdtool.analyzers.cmd_drift.CMDDriftWarning`) once it exceeds ``drift_factor`` x e(F).
     """
 
     def __init__(self, warmup: int = 20, modes: int = 10, threshold: float | None = None, samples: int = 1000,
                  sampling: str = "balanced", seed: int = 0, bn_stats: str = "source", device: str = "cpu",
-                 block_rows: int = 1 << 18):
+                 block_rows: int = 1 << 18, drift_factor: float = DEFAULT_DRIFT_FACTOR):
         if warmup < 2:
             raise UsageError("warmup must be at least 2 epochs")
         if bn_stats not in BN_STATS_CHOICES:
@@ -55,6 +59,8 @@ class OnlineCMD:
         self.block_rows = block_rows
         self.epoch_ = 0
         self._latest_state: dict | None = None
+        # e(t) of the online model from the warm-up on; warns past drift_factor x e(F) (see cmd_drift)
+        self.drift_ = DriftMonitor(drift_factor)
 
     # ------------------------------------------------------------------ layout of the state dicts
     def _learn_layout(self, state: dict) -> None:
@@ -97,9 +103,14 @@ class OnlineCMD:
             self._warm[:, self.epoch_ - 1] = values
             if self.epoch_ == self.warmup:
                 self._end_warmup()
+                self._record_drift()
         else:
             self._step(values)
+            self._record_drift()
         return self
+
+    def _record_drift(self) -> None:
+        self.drift_.record(self.epoch_, relative_epoch_error(self._latest, self.model_vector()))
 
     def _end_warmup(self) -> None:
         """Alg. 3 line 2: the full CMD (Steps 1-3) on the F buffered epochs, then drop the buffer."""
