@@ -105,7 +105,7 @@ class Client:
             references = self.weights[self.reference_rows]
             self.weights[embedded] = self.a[embedded] * references[self.mode[embedded]] + self.b[embedded]
         if self.pending is not None:  # I(t_s) = {i : t_s > τ_i}: pairs embedded this round apply from the next
-            rows, modes, pairs = pending
+            rows, modes, pairs = self.pending
             self.embedded[rows] = True
             self.mode[rows] = modes
             self.a[rows], self.b[rows] = pairs[0], pairs[1]
