@@ -195,17 +195,27 @@ def test_embedded_weights_stay_exactly_on_the_cmd_model_and_are_not_trained(opti
     assert sum(int(m.sum()) for m in masks.values()) == plan.embedded.sum() == 4 * per_step
 
 
-def test_momentum_state_of_embedded_weights_is_zero_and_stays_zero():
+def embedded_sgd_run(epochs: int, every: int, seed: int, after_epoch=None):
+    """The tiny task with SGD + momentum and EmbeddedCMD(F=3, P=30%) for ``epochs`` epochs."""
     model, x, y = tiny_task()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=1, fraction=0.3, samples=100, optimizer=optimizer)
-    generator = torch.Generator().manual_seed(2)
-    for epoch in range(6):
+    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=every, fraction=0.3, samples=100, optimizer=optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
         train_epoch(model, optimizer, x, y, generator)
         cmd.on_epoch_end(epoch)
+        if after_epoch is not None:
+            after_epoch(model, optimizer, cmd)
+    return model, cmd
+
+
+def test_momentum_state_of_embedded_weights_is_zero_and_stays_zero():
+    def check(model, optimizer, cmd):
         for name, mask in cmd.embedded_mask().items():
             buffer = optimizer.state[dict(model.named_parameters())[name]]["momentum_buffer"]
             assert torch.all(buffer[mask] == 0)
+
+    _, cmd = embedded_sgd_run(6, every=1, seed=2, after_epoch=check)
     assert cmd.embedded_mask()
 
 
@@ -249,13 +259,7 @@ def test_resume_from_saved_state_equals_an_uninterrupted_run(stop_at, tmp_path):
 
 
 def test_cmd_model_state_dict_loads_strictly_and_is_exact_on_embedded_weights():
-    model, x, y = tiny_task()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=2, fraction=0.3, samples=100, optimizer=optimizer)
-    generator = torch.Generator().manual_seed(4)
-    for epoch in range(7):
-        train_epoch(model, optimizer, x, y, generator)
-        cmd.on_epoch_end(epoch)
+    model, cmd = embedded_sgd_run(7, every=2, seed=4)
     state = cmd.cmd_state_dict()
     fresh, _, _ = tiny_task(1)
     fresh.load_state_dict(state, strict=True)

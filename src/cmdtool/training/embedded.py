@@ -164,7 +164,7 @@ class GradualEmbedding:
 
     def _fix_modes(self) -> None:
         """Modes and references as the warm-up fixed them, and the rows that may ever be embedded."""
-        self.mode = self.online.mode_.astype(np.int64)
+        self.mode = self.online.mode_  # int16 (int32 past 32k modes): -1/-2 for rows CMD does not model
         self.reference_rows = np.asarray(self.online.reference_indices_, dtype=np.int64)
         self.candidate = self.eligible & (self.mode >= 0)
         self.candidate[self.reference_rows] = False  # "we do not embed the reference weights" (Sec. 3.4)
