@@ -66,10 +66,10 @@ def summarise(runs: list[dict]) -> dict:
     return {"baseline_acc": stats([100 * r["baseline"]["final_acc"] for r in runs]),
             "cmd_acc": stats([100 * r["cmd"]["final_acc"] for r in runs]),
             "volume_ratio": stats([100 * r["cmd"]["volume"]["volume_ratio"] for r in runs]),
-            "counted_equals_eq16": all(r["cmd"]["volume"]["counted_per_round"] == r["cmd"]["volume"]["eq16_per_round"]
+            "counted_equals_eq16": all(r["cmd"]["volume"]["counted_total"] == r["cmd"]["volume"]["eq16_total"]
                                        for r in runs),
-            "baseline_counted_equals_eq15": all(r["baseline"]["volume"]["counted_per_round"]
-                                                == r["baseline"]["volume"]["eq15_per_round"] for r in runs)}
+            "baseline_counted_equals_eq15": all(r["baseline"]["volume"]["counted_total"]
+                                                == r["baseline"]["volume"]["eq15_total"] for r in runs)}
 
 
 def markdown_table(summary: dict, cfg: dict) -> str:

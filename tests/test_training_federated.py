@@ -91,8 +91,9 @@ def test_counted_floats_equal_eqs_15_and_16():
         assert record.floats_counted == record.floats_formula == n_rows * (PER_ROUND + N_CLIENTS)
     volume = server.volume()
     rounds = len(server.log)
-    assert volume["counted_per_round"] == volume["eq16_per_round"]  # Eq. 16 with the pairs actually embedded
-    assert server.channel.floats == volume["counted_per_round"] * rounds
+    assert volume["counted_total"] == volume["eq16_total"]  # Eq. 16 (times E_s) with the pairs actually embedded
+    assert server.channel.floats == volume["counted_total"]
+    assert baseline.volume()["counted_total"] == baseline.volume()["eq15_total"]
     mean_not_embedded = np.mean([r.not_embedded for r in server.log])
     embedded_pairs = int(server.embedded.sum())
     assert volume["eq16_per_round"] == pytest.approx(mean_not_embedded * (PER_ROUND + N_CLIENTS)

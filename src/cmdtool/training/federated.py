@@ -269,7 +269,8 @@ class FederatedCMD:
         return self.log
 
     def volume(self) -> dict:
-        """Floats per round over the run: counted, Eq. 16 (exact and as the paper writes it), Eq. 15."""
+        """Floats over the run: counted, Eq. 16 (exact and as the paper writes it) and Eq. 15, as totals over
+        the E_s rounds (integers, so "counted equals Eq. 16" is an exact comparison) and per round."""
         if not self.log:
             raise UsageError("no round has run yet")
         rounds = len(self.log)
@@ -277,13 +278,14 @@ class FederatedCMD:
         n_sync = self.clients_per_round + n_total
         n_rows = self.layout.n_rows
         embedded_pairs = sum(r.newly_embedded for r in self.log)
-        mean_not_embedded = sum(r.not_embedded for r in self.log) / rounds
-        counted = sum(r.floats_counted for r in self.log) / rounds
-        eq16 = mean_not_embedded * n_sync + 2 * embedded_pairs / rounds * n_total
-        eq16_paper = mean_not_embedded * n_sync + 2 * n_rows / rounds * n_total if embedded_pairs else eq16
-        eq15 = n_rows * n_sync
+        not_embedded_total = sum(r.not_embedded for r in self.log)
+        counted = sum(r.floats_counted for r in self.log)
+        eq16 = not_embedded_total * n_sync + 2 * embedded_pairs * n_total  # Eq. 16 times E_s
+        eq16_paper = not_embedded_total * n_sync + 2 * n_rows * n_total if embedded_pairs else eq16
+        eq15 = n_rows * n_sync * rounds
         return {"rounds": rounds, "n_floats": n_rows, "clients": n_total, "clients_per_round": self.clients_per_round,
-                "mean_not_embedded": mean_not_embedded, "embedded_pairs": embedded_pairs,
-                "counted_per_round": counted, "eq16_per_round": eq16, "eq16_paper_per_round": eq16_paper,
-                "eq15_per_round": eq15, "volume_ratio": counted / eq15,
-                "ints_per_round": sum(r.ints_sent for r in self.log) / rounds}
+                "mean_not_embedded": not_embedded_total / rounds, "embedded_pairs": embedded_pairs,
+                "counted_total": counted, "eq16_total": eq16, "eq16_paper_total": eq16_paper, "eq15_total": eq15,
+                "counted_per_round": counted / rounds, "eq16_per_round": eq16 / rounds,
+                "eq16_paper_per_round": eq16_paper / rounds, "eq15_per_round": eq15 / rounds,
+                "volume_ratio": counted / eq15, "ints_per_round": sum(r.ints_sent for r in self.log) / rounds}
