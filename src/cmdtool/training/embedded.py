@@ -190,7 +190,8 @@ class GradualEmbedding:
         chosen = np.sort(chosen)
         self.embedded[chosen] = True
         self.steps += 1
-        return EmbeddingStep(self.epoch, self.current_fraction, chosen, a[chosen], b[chosen], self.mode[chosen])
+        return EmbeddingStep(self.epoch, self.current_fraction, chosen, a[chosen], b[chosen],
+                             self.mode[chosen].astype(np.int64))
 
     # ------------------------------------------------------------------ results
     def embedded_fraction(self) -> float:
