@@ -158,9 +158,15 @@ def expected_embedded_values(cmd: EmbeddedCMD) -> dict:
     return out
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="no CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("optimizer_kind", ["sgd-momentum-wd", "adamw"])
-def test_embedded_weights_stay_exactly_on_the_cmd_model_and_are_not_trained(optimizer_kind):
+def test_embedded_weights_stay_exactly_on_the_cmd_model_and_are_not_trained(optimizer_kind, device):
     model, x, y = tiny_task()
+    model, x, y = model.to(device), x.to(device), y.to(device)
     if optimizer_kind == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     else:
@@ -174,10 +180,10 @@ def test_embedded_weights_stay_exactly_on_the_cmd_model_and_are_not_trained(opti
             return
         params = dict(model.named_parameters())
         for name, (flat, want) in expected_embedded_values(cmd).items():
-            got = params[name].detach().reshape(-1)[torch.as_tensor(flat)].numpy()
+            index = torch.as_tensor(flat, device=device)
+            got = params[name].detach().reshape(-1)[index].cpu().numpy()
             np.testing.assert_array_equal(got, want.astype(np.float32))
-            grad = params[name].grad.reshape(-1)[torch.as_tensor(flat)]
-            assert torch.all(grad == 0)  # their gradient is never applied
+            assert torch.all(params[name].grad.reshape(-1)[index] == 0)  # their gradient is never applied
         checks.append(1)
 
     for epoch in range(12):

@@ -279,9 +279,9 @@ class EmbeddedCMD:
             if id(tensor) in trainable and id(tensor) not in seen:  # tied weights: the first name only
                 seen.add(id(tensor))
                 eligible.append(name)
-        if device is None:
+        if device is None:  # the model's device where the CMD sums can live (CPU for MPS and others)
             first = next(iter(model.parameters()), None)
-            device = first.device if first is not None else "cpu"
+            device = first.device if first is not None and first.device.type in ("cpu", "cuda") else "cpu"
         self.plan = GradualEmbedding(modes, warmup, every, fraction, relative, schedule, samples, seed,
                                      eligible=eligible, sampling=sampling, bn_stats=bn_stats, device=str(device),
                                      drift_factor=drift_factor)
