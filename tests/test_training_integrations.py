@@ -117,6 +117,6 @@ def test_huggingface_callback_embeds_logs_saves_and_resumes(tmp_path):
     trainer(9, resumed, fresh).train(resume_from_checkpoint=str(checkpoints[-1]))
     assert len(resumed.cmd.history_) == 9 and resumed.cmd.history_[:7] == cmd.history_
     assert_embedded_on_cmd_model(resumed.cmd)
-    # `cmdtool ingest out/` takes the checkpoint-N/ folders as they are (the extra embedded_cmd.pt is ignored)
+    # `cmdtool ingest out/` takes the checkpoint-N/ folders as they are (the extra embedded_cmd.state is ignored)
     ingest([str(tmp_path / "out")], str(tmp_path / "store.zarr"))
     assert open_store(tmp_path / "store.zarr").n_checkpoints == len(list((tmp_path / "out").glob("checkpoint-*")))

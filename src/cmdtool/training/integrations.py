@@ -21,7 +21,9 @@ import torch
 
 from .embedded import EmbeddedCMD
 
-STATE_FILE = "embedded_cmd.pt"  # beside the model files in a Hugging Face checkpoint-N/ folder
+# beside the model files in a Hugging Face checkpoint-N/ folder; written by torch.save, but not named like a
+# checkpoint (.pt/.bin/...) so that `cmdtool ingest` still takes the folder as one checkpoint
+STATE_FILE = "embedded_cmd.state"
 
 
 def _lightning():
@@ -100,7 +102,7 @@ def _huggingface_callback():
     transformers = _transformers()
 
     class EmbeddedCMDHuggingFace(transformers.TrainerCallback):
-        """Embedded CMD for a Hugging Face ``Trainer``. Its state is saved as ``embedded_cmd.pt`` in each
+        """Embedded CMD for a Hugging Face ``Trainer``. Its state is saved as ``embedded_cmd.state`` in each
         ``checkpoint-N/`` folder and read back when training resumes from one."""
 
         def __init__(self, **kwargs):
