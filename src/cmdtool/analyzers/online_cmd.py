@@ -22,6 +22,7 @@ from ..device import resolve_device
 from ..errors import NotFittedError, UsageError
 from ..store.layout import tensor_kind
 from .base import Estimator
+from .cmd_drift import DEFAULT_DRIFT_FACTOR, DriftMonitor, relative_epoch_error
 from .cmd import BN_STATS, MODES, SAMPLES, SAMPLING, SEED, THRESHOLD
 from .cmd_math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, check_modes_fit_sample, fit_block,
                        pin_reference_rows, sample_rows, select_references)
@@ -32,6 +33,8 @@ WARMUP = Param("warmup", 20, "F: epochs of plain training whose checkpoints the 
 DEVICE = Param("device", "cpu", "Where the O(N) sums live: cpu, cuda or cuda:N (auto: CUDA when present).",
                types=(object,), check=check_device)
 BLOCK_ROWS = Param("block_rows", 1 << 18, "Rows per block of the warm-up fit (memory bound).", kind=int, minimum=1)
+DRIFT_FACTOR = Param("drift_factor", DEFAULT_DRIFT_FACTOR, "Warn (CMDDriftWarning) once the online model's error "
+                     "e(t) exceeds this many times its warm-up error e(F) (see cmd_drift).", kind=float, above=0)
 
 
 class OnlineCMD(Estimator):
@@ -62,14 +65,19 @@ class OnlineCMD(Estimator):
         The references over the epochs fed so far (as PosthocCMD's, M × T over its window).
     mode_ : ndarray (N,)
         Mode of every weight (-1: kept as trained, BatchNorm stats under bn_stats='source'; -2: NaN/Inf).
+    drift_ : DriftMonitor
+        e(t) = ‖w(t) − ŵ(t)‖/‖w(t)‖ of the online model from epoch F on; warns
+        (:class:`~cmdtool.analyzers.cmd_drift.CMDDriftWarning`) once it exceeds ``drift_factor`` x e(F).
     """
 
-    params = (WARMUP, MODES, THRESHOLD, SAMPLES, SAMPLING, SEED, BN_STATS, DEVICE, BLOCK_ROWS)
+    params = (WARMUP, MODES, THRESHOLD, SAMPLES, SAMPLING, SEED, BN_STATS, DEVICE, BLOCK_ROWS, DRIFT_FACTOR)
 
     def __init__(self, **params):
         super().__init__(**params)
         self.epoch_ = 0
         self._latest_state: dict | None = None
+        # e(t) of the online model from the warm-up on; warns past drift_factor x e(F) (see cmd_drift)
+        self.drift_ = DriftMonitor(self.drift_factor)
 
     @property
     def is_fitted(self) -> bool:
@@ -124,9 +132,14 @@ class OnlineCMD(Estimator):
             self._warm[:, self.epoch_ - 1] = values
             if self.epoch_ == self.warmup:
                 self._end_warmup()
+                self._record_drift()
         else:
             self._step(values)
+            self._record_drift()
         return self
+
+    def _record_drift(self) -> None:
+        self.drift_.record(self.epoch_, relative_epoch_error(self._latest, self.model_vector()))
 
     def _end_warmup(self) -> None:
         """Alg. 3 line 2: the full CMD (Steps 1-3) on the F buffered epochs, then drop the buffer."""
