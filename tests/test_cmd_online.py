@@ -143,6 +143,12 @@ def test_store_variant_equals_the_online_class(tmp_path):
     # the online per-epoch error is zero through the warm-up and positive after
     errors = cmd.metrics_["online"]["epoch_relative_error"]
     assert errors[:warmup - 1] == [0.0] * (warmup - 1) and min(errors[warmup - 1:]) > 0
+    # decompose --warmup reports the same drift as the class tracks in a training loop: e(t) from F on
+    drift = cmd.metrics_["online"]["drift"]
+    np.testing.assert_allclose(online.drift_.errors, errors[warmup - 1:], rtol=1e-4)
+    assert drift["warmup_error"] == errors[warmup - 1] and drift["latest_error"] == errors[-1]
+    assert drift["drifted"] == online.drift_.report().drifted
+    assert drift["warmup_epoch"] == int(store.labels[warmup - 1])
 
 
 def test_online_reconstruct_without_warmup_says_what_to_run(random_store):
@@ -150,3 +156,33 @@ def test_online_reconstruct_without_warmup_says_what_to_run(random_store):
     cmd = PosthocCMD(modes=2, samples=40).fit(store)
     with pytest.raises(UsageError, match="--warmup"):
         cmd.reconstruct_epoch(store, 3, variant="online")
+
+
+def test_decompose_warmup_reports_drift_when_the_warmup_modes_stop_fitting(tmp_path):
+    """Two groups move together through the warm-up (one mode fits them), then apart: the online model's
+    error grows past 2x e(F), and `decompose --warmup` says so (metrics, --json and the printed summary)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cmdtool.store import from_array
+    from cmdtool_cli.app import app
+
+    rng = np.random.default_rng(3)
+    T, F = 30, 10
+    shared = rng.normal(size=T).cumsum()
+    later = np.where(np.arange(T) < F, 0.0, np.arange(T) - F + 1.0) * 0.8
+    group = np.repeat([0, 1], 200)
+    W = (rng.uniform(0.5, 1.5, (400, 1)) * (shared + np.where(group == 0, 1, -1)[:, None] * later)
+         + rng.normal(0, 1, (400, 1)) + 0.01 * rng.normal(size=(400, T)))
+    from_array(tmp_path / "drift.zarr", W.astype(np.float32))
+    result = CliRunner().invoke(app, ["decompose", "--store", str(tmp_path / "drift.zarr"), "--modes", "1",
+                                      "--samples", "100", "--warmup", str(F), "--json"])
+    assert result.exit_code == 0, result.output
+    drift = json.loads(result.stdout)["online"]["drift"]
+    saved = open_store(tmp_path / "drift.zarr").results.get("cmd", "default").metrics["online"]["drift"]
+    assert saved == drift
+    assert drift["drifted"] and drift["first_drift_epoch"] > F - 1 and drift["ratio"] > 2
+    printed = CliRunner().invoke(app, ["decompose", "--store", str(tmp_path / "drift.zarr"), "--modes", "1",
+                                       "--samples", "100", "--warmup", str(F)])
+    assert printed.exit_code == 0 and "online CMD drifted" in printed.output

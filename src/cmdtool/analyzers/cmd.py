@@ -31,6 +31,7 @@ import numpy as np
 from ..device import resolve_device
 from ..errors import ParameterError, UsageError
 from .base import Analyzer, FigureSpec, Reconstruction, SummaryTable
+from .cmd_drift import DriftReport, assess_drift
 from .cmd_math import BN_STATS_CHOICES, SAMPLING_CHOICES, check_modes_fit_sample, sample_rows, select_references
 from .params import DEVICE, EPOCHS, Param
 from .passes import RowGather, cached_gram, gram_matrix, stream
@@ -267,7 +268,17 @@ class PosthocCMD(Analyzer):
                 "modes": len(self.online_reference_indices_),
                 "mode_sizes": online_sizes.tolist(),
             }
+            metrics["online"]["drift"] = self._online_drift(metrics["online"]["epoch_relative_error"])
         return metrics
+
+    def _online_drift(self, epoch_errors: list) -> dict | None:
+        """Did the online model drift from its warm-up fit? e(t) from epoch F on against e(F) (see
+        :mod:`~cmdtool.analyzers.cmd_drift`); None when a column has no defined error (all-zero weights)."""
+        first = int(self.warmup) - 1
+        errors = epoch_errors[first:]
+        if any(e is None for e in errors):
+            return None
+        return assess_drift(self.labels_[first:], errors).as_dict()
 
     # ------------------------------------------------------------------ use
     @property
@@ -357,6 +368,9 @@ class PosthocCMD(Analyzer):
             lines.append(f"online (warm-up {o['warmup']}): relative error {o['relative_error']:.4g}, "
                          f"to motion {o['relative_error_motion']:.4g}, last epoch "
                          f"{o['epoch_relative_error'][-1]:.4g}")
+            drift = o.get("drift")
+            if drift and drift["drifted"]:
+                lines.append("warning: " + DriftReport.from_dict(drift).message())
         lines.append(f"time {self.timings_.get('fit_seconds', float('nan')):.2f} s "
                      f"(sampling pass {self.timings_.get('sampling_pass_seconds', 0):.2f} s, clustering "
                      f"{self.timings_.get('clustering_seconds', 0):.2f} s, fit pass "

@@ -66,6 +66,11 @@ class DriftReport:
     def as_dict(self) -> dict:
         return {**asdict(self), "drifted": self.drifted, "ratio": self.ratio}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "DriftReport":
+        """Back from :meth:`as_dict` (e.g. a saved result's metrics); derived keys are ignored."""
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
 
 def relative_epoch_error(weights: np.ndarray, model: np.ndarray) -> float:
     """e(t) = ‖w − ŵ‖ / ‖w‖ over the rows where w is finite (float64 sums)."""

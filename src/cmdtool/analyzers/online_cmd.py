@@ -34,7 +34,7 @@ DEVICE = Param("device", "cpu", "Where the O(N) sums live: cpu, cuda or cuda:N (
                types=(object,), check=check_device)
 BLOCK_ROWS = Param("block_rows", 1 << 18, "Rows per block of the warm-up fit (memory bound).", kind=int, minimum=1)
 DRIFT_FACTOR = Param("drift_factor", DEFAULT_DRIFT_FACTOR, "Warn (CMDDriftWarning) once the online model's error "
-                     "e(t) exceeds this many times its warm-up error e(F) (see cmd_drift).", kind=float, above=0)
+                     "e(t) exceeds this many times its warm-up error e(F) (see cmd_drift).", kind=float, above=1)
 
 
 class OnlineCMD(Estimator):
