@@ -427,3 +427,101 @@ def test_memory_report_counts_what_is_held():
     memory = kga.memory_bytes()
     assert memory["snapshots"] == 1010 * 5 * 4 + 5 * 5 * 8
     assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+
+
+RESUMABLE_RUN = r"""
+import os, signal, sys
+import torch
+from cmdtool.training import KGA
+
+folder, kill_at = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+kga = KGA(opt, model.named_parameters(), alpha=1.0, warmup=3, history=5, mask="kwm", mask_threshold=0.005)
+x = torch.rand(256, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+y = (x ** 2).sum(1, keepdim=True)
+path, first = os.path.join(folder, "last.pt"), 0
+if os.path.exists(path):                              # resume from the last completed epoch
+    saved = torch.load(path, weights_only=True)
+    model.load_state_dict(saved["model"]); opt.load_state_dict(saved["opt"]); kga.load_state_dict(saved["kga"])
+    first = saved["epoch"]
+for epoch in range(first, 10):
+    g = torch.Generator().manual_seed(epoch)          # the data order depends on the epoch only
+    for s in range(8):
+        if kga.steps_ == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        batch = torch.randperm(256, generator=g)[:32]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[batch]), y[batch]).backward()
+        kga.step()
+    kga.epoch_end()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "kga": kga.state_dict(), "epoch": epoch + 1},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)                   # atomic: a kill leaves the previous epoch's file
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    """A run killed (SIGKILL) in the middle of epoch 6 and restarted from its last per-epoch save ends with the
+    same weights, optimizer state and KGA state (mask, fits) as a run that was never interrupted."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "killed").mkdir()
+
+    def start(folder, kill_at):
+        return subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(folder), str(kill_at)], env=env)
+
+    whole, killed = start(tmp_path / "whole", -1), start(tmp_path / "killed", 5 * 8 + 3)
+    assert whole.wait() == 0
+    assert killed.wait() == -9
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"] == 5
+    assert start(tmp_path / "killed", -1).wait() == 0
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key])
+    assert_same(a, b)
+    fits = a["kga"]["fits"]
+    assert len(fits) == 8 and any(f["accelerating"] for f in fits) and fits[-1]["masked_fraction"] > 0
+    assert a["kga"]["kept"] is not None and a["opt"]["state"]
+
+
+def assert_same(a, b, where="state"):
+    """Equal nested states (tensors bit for bit); wall-clock seconds are the only thing allowed to differ."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            if "seconds" not in str(key):
+                assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{k}]")
+    else:
+        assert a == b, where
+
+
+def test_diverged_weights_stop_acceleration_instead_of_raising():
+    """NaN weights (a diverged run) in the window: the refit fits nothing and the steps are the base optimizer's."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kga = KGA(opt, model.named_parameters(), warmup=1, history=3, rank=-1)
+    for epoch in range(6):
+        if epoch == 2:
+            with torch.no_grad():
+                model.weight[0, 0] = float("nan")
+        opt.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        kga.step()
+        kga.epoch_end()
+    assert [f["fitted"] for f in kga.fits_] == [True, True, False, False, False, False]
+    assert not any(f["accelerating"] for f in kga.fits_[2:])

@@ -397,10 +397,14 @@ class KGA:
         else:
             gram = self._window.window_gram()
         n_snapshots = gram.shape[0]
-        try:
-            fit = dmd_from_gram(gram, self.n_kept, self.rank)
-        except UsageError:                                # all-zero window: nothing to model
-            fit = None
+        fit = None
+        # a diverged run (NaN/Inf weights in the window) or an all-zero window has no dynamics to model: no
+        # acceleration until such snapshots have left the window
+        if np.isfinite(gram).all():
+            try:
+                fit = dmd_from_gram(gram, self.n_kept, self.rank)
+            except UsageError:
+                fit = None
         if fit is None:
             self.eigenvalues_, self.classes_, self.atilde_ = (np.zeros(0, np.complex128), np.zeros(0, np.int8),
                                                               np.zeros((0, 0)))
@@ -504,10 +508,14 @@ class KGA:
 
     def _fit_record(self, fit: DMDFit | None, n_snapshots: int) -> dict:
         counts = {name: int(np.count_nonzero(self.classes_ == code)) for code, name in CLASS_NAMES.items()}
-        return {"step": self.steps_, "epoch": self.epochs_, "snapshots": n_snapshots,
+        return {"step": self.steps_, "epoch": self.epochs_, "snapshots": n_snapshots, "fitted": fit is not None,
                 "rank": 0 if fit is None else fit.rank, "classes": counts,
                 "eigenvalues": [[float(v.real), float(v.imag)] for v in self.eigenvalues_],
                 "accelerating": self._operator is not None, "kept": self.n_kept,
+                # ‖α Q_s Λ_s L_s‖₂ in U's coordinates: far above α·max|λ_s| when stable and other eigenvectors are
+                # nearly parallel (ill-conditioned Q): the largest factor by which a step's projection can grow
+                "operator_norm": 0.0 if self._operator is None else float(torch.linalg.matrix_norm(
+                    self._operator.double(), ord=2)),
                 "masked_fraction": 1.0 - self.n_kept / self.n_params}
 
     # ------------------------------------------------------------------ memory and state
