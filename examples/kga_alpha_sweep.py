@@ -112,9 +112,7 @@ def main(argv=None) -> dict:
         ax.set_ylabel("final loss − base optimizer's")
         ax.set_title(f"{title}, {result['epochs']} epochs ({len(seeds)} seeds)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    sweep_png = save_figure(fig, args.figures or args.out, "kga_alpha_sweep.png")
-    plt.close(fig)
+    sweep_png = save_figure(fig, args, "kga_alpha_sweep.png")
 
     paths = fig3_paths()
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
@@ -127,9 +125,7 @@ def main(argv=None) -> dict:
     ax.set_ylim(-2.2, 2.2)
     ax.set_title("Fig. 3: mode λ = 0.9e^{0.15i}, ŵ₀ = 1, 6 steps (unit circle grey)", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig3_png = save_figure(fig, args.figures or args.out, "kga_fig3_modes.png")
-    plt.close(fig)
+    fig3_png = save_figure(fig, args, "kga_fig3_modes.png")
     fig3 = {f"{a:g}": [abs(v) for v in p] for a, p in paths.items()}
     print("Fig. 3 |ŵ| after 1 and 6 steps: " + ", ".join(f"α={a}: {v[1]:.3f}, {v[-1]:.3g}" for a, v in fig3.items()))
 

@@ -198,8 +198,14 @@ def add_common_arguments(parser, default_out: str) -> None:
                         help="folder for the png figures (default: the --out folder)")
 
 
-def save_figure(fig, folder: Path, name: str) -> Path:
+def save_figure(fig, args, name: str) -> Path:
+    """Lay out, write to the --figures folder (default --out) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    folder = args.figures or args.out
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
+    fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
     return path

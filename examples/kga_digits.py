@@ -141,9 +141,7 @@ def _figure(args, base_name: str, runs: dict, epochs: int) -> None:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"digits CNN, {base_name} base (mean of {len(runs[base_name])} seeds; "
                  "CPU times measured while the machine was shared)", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, args.figures or args.out, f"kga_digits_{base_name.lower()}.png")
-    plt.close(fig)
+    save_figure(fig, args, f"kga_digits_{base_name.lower()}.png")
 
 
 if __name__ == "__main__":

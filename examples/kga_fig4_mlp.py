@@ -95,9 +95,7 @@ def _figure(args, results: dict, epochs: int, seeds: list):
         ax.set_ylabel("training MSE (median over seeds)")
         ax.set_title(f"z = x² + y², MLP 1,185 params, SGD lr {lr} ({len(seeds)} seeds)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    figure = save_figure(fig, args.figures or args.out, "kga_fig4_mlp.png")
-    plt.close(fig)
+    figure = save_figure(fig, args, "kga_fig4_mlp.png")
     return figure
 
 

@@ -117,9 +117,7 @@ def main(argv=None) -> dict:
     ax.set_ylabel("bytes KGA holds (MiB)")
     ax.set_title(f"{n_params:,}-parameter MLP: KGA state per epoch (CPU)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    figure = save_figure(fig, args.figures or args.out, "kga_memory.png")
-    plt.close(fig)
+    figure = save_figure(fig, args, "kga_memory.png")
     payload = {"width": width, "epochs": epochs, "table": table, "results": results}
     save_json(args.out / "kga_memory.json", payload)
     print(f"wrote {args.out / 'kga_memory.json'} and {figure}")

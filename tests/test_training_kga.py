@@ -84,22 +84,30 @@ def trajectory(lams, phis, n_cols):
     return (phis @ (lams[:, None] ** t[None, :])).real
 
 
+def regression_data(seed: int, n: int = 256):
+    """z = x² + y² on [-1, 1]², and the generator that orders the minibatches."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g) * 2 - 1
+    return x, (x ** 2).sum(1, keepdim=True), g
+
+
+def minibatch_steps(model, optimizer, stepper, x, y, generator, steps: int, batch: int = 32) -> None:
+    for _ in range(steps):
+        chosen = torch.randperm(len(x), generator=generator)[:batch]
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x[chosen]), y[chosen]).backward()
+        stepper.step()
+
+
 def train_regression(stepper_factory, optimizer_factory, epochs=6, steps=8, seed=0):
     """A tiny MLP regression; returns the final flat weights and the stepper."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     optimizer = optimizer_factory(model.parameters())
     stepper = stepper_factory(optimizer, model)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(256, 2, generator=g) * 2 - 1
-    y = (x ** 2).sum(1, keepdim=True)
+    x, y, g = regression_data(seed)
     for _ in range(epochs):
-        order = torch.randperm(256, generator=g)
-        for s in range(steps):
-            batch = order[s * 32:(s + 1) * 32]
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(model(x[batch]), y[batch]).backward()
-            stepper.step()
+        minibatch_steps(model, optimizer, stepper, x, y, g, steps)
         if hasattr(stepper, "epoch_end"):
             stepper.epoch_end()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), stepper
@@ -252,20 +260,14 @@ def _masked_run(mask, threshold, epochs=9, window=3, rank=3, alpha=0.5):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     kga = KGA(optimizer, model.named_parameters(), alpha=alpha, eps=0.02, rank=rank, history=6, warmup=4,
               mask=mask, window=window, mask_threshold=threshold)
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(256, 2, generator=g) * 2 - 1
-    y = (x ** 2).sum(1, keepdim=True)
+    x, y, g = regression_data(1)
 
     def flat():
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy()
 
     snapshots, masks = [flat()], [kga.mask_.numpy().copy()]
     for _ in range(epochs):
-        for s in range(8):
-            batch = torch.randperm(256, generator=g)[:32]
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(model(x[batch]), y[batch]).backward()
-            kga.step()
+        minibatch_steps(model, optimizer, kga, x, y, g, 8)
         kga.epoch_end()
         snapshots.append(flat())
         masks.append(kga.mask_.numpy().copy())
@@ -373,12 +375,7 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, config):
 
     def epochs(model, opt, kga, first, last):
         for epoch in range(first, last):
-            g = torch.Generator().manual_seed(epoch)
-            for s in range(4):
-                batch = torch.randperm(128, generator=g)[:32]
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x[batch]), y[batch]).backward()
-                kga.step()
+            minibatch_steps(model, opt, kga, x, y, torch.Generator().manual_seed(epoch), 4)
             kga.epoch_end()
 
     model, opt, kga = make()
