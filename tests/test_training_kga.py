@@ -522,3 +522,19 @@ def test_diverged_weights_stop_acceleration_instead_of_raising():
         kga.epoch_end()
     assert [f["fitted"] for f in kga.fits_] == [True, True, False, False, False, False]
     assert not any(f["accelerating"] for f in kga.fits_[2:])
+
+
+def test_efficient_kga_waits_for_a_finite_window():
+    """A window holding NaN cannot fix Efficient-KGA's basis: it keeps the snapshots and starts later."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kga = KGA(opt, model.named_parameters(), warmup=1, history=2, rank=-1, efficient=True)
+    for epoch in range(5):
+        with torch.no_grad():
+            model.bias[0] = float("nan") if epoch == 0 else 0.1 * epoch
+        opt.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        kga.step()
+        kga.epoch_end()
+    assert [f["fitted"] for f in kga.fits_] == [False, False, True, True, True]
+    assert kga.memory_bytes()["snapshots"] == 0 and kga.memory_bytes()["reduced_trajectories"] > 0

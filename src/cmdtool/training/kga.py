@@ -390,8 +390,6 @@ class KGA:
 
     def _refit(self) -> None:
         """DMD of the window (Eqs. 7-9), the acceleration operator (Eqs. 11-12) and the mask (Eqs. 14-15)."""
-        if self.efficient and self._reduced is None:
-            self._start_efficient(self._window.window_gram())
         if self._reduced is not None:
             gram = self._reduced.T @ self._reduced        # W̃ᵀ W̃ = Wᵀ W when U spans the snapshots
         else:
@@ -400,7 +398,9 @@ class KGA:
         fit = None
         # a diverged run (NaN/Inf weights in the window) or an all-zero window has no dynamics to model: no
         # acceleration until such snapshots have left the window
-        if np.isfinite(gram).all():
+        if np.isfinite(gram).all() and gram.any():
+            if self.efficient and self._reduced is None:
+                gram = self._start_efficient(gram)
             try:
                 fit = dmd_from_gram(gram, self.n_kept, self.rank)
             except UsageError:
@@ -434,16 +434,18 @@ class KGA:
         self._basis = self._window.times(self._time_basis(fit)).to(self._dtype)
         self._operator = torch.as_tensor(operator, dtype=self._dtype, device=self._device)
 
-    def _start_efficient(self, gram: np.ndarray) -> None:
+    def _start_efficient(self, gram: np.ndarray) -> np.ndarray:
         """Efficient-KGA's first fit fixes U: every left singular vector of the window W = U Σ Vᵀ that stands
         above roundoff (U = W V Σ⁻¹, from G = V Σ² Vᵀ), so later dynamics have room beyond the first fit's DMD
-        rank; then W̃ = Uᵀ W = Σ Vᵀ is kept and W is freed (Eq. 8)."""
+        rank; then W̃ = Uᵀ W = Σ Vᵀ is kept and W is freed (Eq. 8). Returns W̃ᵀ W̃, the Gram matrix of every
+        Efficient-KGA fit (equal to G up to the roundoff-level singular values dropped here)."""
         eigenvalues, vectors = descending_eigh(gram)
         rank = numerical_rank(eigenvalues)
         sigma = np.sqrt(eigenvalues[:rank])
         self._basis = self._window.times(vectors[:, :rank] / sigma[None, :]).to(self._dtype)
         self._reduced = sigma[:, None] * vectors[:, :rank].T
         self._window.release()
+        return self._reduced.T @ self._reduced
 
     def _set_efficient(self, fit: DMDFit, operator: np.ndarray | None) -> None:
         """Efficient-KGA (Eq. 8): the DMD of W̃ has its own left singular vectors Ũ = X̃ V Σ⁻¹ (r₀×r) in U's
