@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, "build/kga")
     args = parser.parse_args(argv)
-    width, epochs = (64, 8) if args.quick else (512, 30)
+    width, epochs = (64, 8) if args.quick else (724, 30)      # 724 -> 1,051,249 parameters
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, *sys.path])}
     results = {}

@@ -48,8 +48,14 @@ from ..errors import UsageError
 
 MASK_KINDS = ("kwm", "norm", "delta")
 STATE_VERSION = 1
-# rows per float64 product: bounds the temporary float64 copy of a float32 block at 64 MiB per column
-_ROWS_PER_CHUNK = 1 << 23
+# the float64 copy of a row chunk of the snapshots (rows × columns × 8 bytes) stays under this many bytes
+_CHUNK_BYTES = 16 * 1024**2
+
+
+def _row_chunks(matrix: torch.Tensor):
+    """Row slices of ``matrix`` whose float64 copies stay under _CHUNK_BYTES."""
+    rows = max(1, _CHUNK_BYTES // (8 * max(matrix.shape[1] if matrix.dim() > 1 else 1, 1)))
+    return [slice(r0, r0 + rows) for r0 in range(0, max(matrix.shape[0], 1), rows)]
 
 
 def acceleration_operator(eigenvalues: np.ndarray, right_eigenvectors: np.ndarray, classes: np.ndarray,
@@ -82,8 +88,8 @@ def _dot64(matrix: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
     """matrixᵀ vector accumulated in float64 (the Gram path squares the condition number: float32 sums would lose
     the small singular values that carry the decaying modes; see analyzers/linear_models.py)."""
     out = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
-    for r0 in range(0, matrix.shape[0], _ROWS_PER_CHUNK):
-        out += matrix[r0:r0 + _ROWS_PER_CHUNK].to(torch.float64).T @ vector[r0:r0 + _ROWS_PER_CHUNK].to(torch.float64)
+    for rows in _row_chunks(matrix):
+        out += matrix[rows].to(torch.float64).T @ vector[rows].to(torch.float64)
     return out.cpu().numpy()
 
 
@@ -91,8 +97,7 @@ def _matmul64(matrix: torch.Tensor, coefficients: np.ndarray) -> torch.Tensor:
     """matrix @ coefficients in float64, a row chunk at a time (n×k float64): U = X V Σ⁻¹ and the KWM scores
     combine snapshots dominated by their common mean, which float32 would cancel badly."""
     right = torch.as_tensor(coefficients, dtype=torch.float64, device=matrix.device)
-    return torch.cat([matrix[r0:r0 + _ROWS_PER_CHUNK].to(torch.float64) @ right
-                      for r0 in range(0, max(matrix.shape[0], 1), _ROWS_PER_CHUNK)])
+    return torch.cat([matrix[rows].to(torch.float64) @ right for rows in _row_chunks(matrix)])
 
 
 class SnapshotWindow:
@@ -149,8 +154,8 @@ class SnapshotWindow:
         """Remove the rows not in ``keep`` (bool, n): G loses their contribution (G − W_outᵀ W_out), the
         buffer shrinks to the kept rows."""
         removed = self.data[~keep]
-        for r0 in range(0, removed.shape[0], _ROWS_PER_CHUNK):
-            part = removed[r0:r0 + _ROWS_PER_CHUNK].to(torch.float64)
+        for rows in _row_chunks(removed):
+            part = removed[rows].to(torch.float64)
             self.gram -= (part.T @ part).cpu().numpy()
         self.data = self.data[keep].contiguous()
 
