@@ -5,7 +5,7 @@
 
 Fig. 9 here: the final training loss of KGA minus that of its base optimizer, per seed (the same seed, i.e. the
 same initial weights and data order, for both), median and mean ± sd over seeds, on two tasks:
-- digits CNN (3,898 parameters) with Adam lr 1e-3, 20 epochs (the paper's Fig. 9 uses Adam, on CIFAR-10);
+- digits CNN (3,866 trainable parameters) with Adam lr 1e-3, 20 epochs (the paper's Fig. 9 uses Adam, on CIFAR-10);
 - the Fig. 4 MLP (1,185 parameters) with SGD lr 5e-4, 25 epochs (at lr 1e-3, where doubling the learning rate is
   already unstable, see kga_fig4_mlp.py, most α > 3 diverge).
 KGA: eps 0.01, Gavish-Donoho rank, history 10, first fit after 5 epochs. α = 0 is the base optimizer exactly.

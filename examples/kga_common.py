@@ -4,7 +4,7 @@ Tasks
 - ``mlp``: paper 003 Fig. 4's function approximation z = x² + y², x, y uniform in [-6, 6] (4,096 training points),
   an MLP 2-32-32-1 (1,185 parameters, App. A.2: "3 layers with 32 neurons in the hidden layer"), MSE, batch 64.
 - ``digits``: scikit-learn's 8x8 digits (1,257 train / 540 test images), the repo's small CNN with BatchNorm
-  (3,898 parameters; :mod:`cmdtool.examples.digits`), cross-entropy, batch 64; test accuracy in eval mode.
+  (3,866 trainable parameters; :mod:`cmdtool.examples.digits`), cross-entropy, batch 64; test accuracy in eval mode.
 
 Every run is deterministic for a seed: the initial weights come from ``torch.manual_seed(seed)`` and the data
 order from a generator seeded with the seed; one CPU thread.

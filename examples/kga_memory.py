@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
                      f"{(last['basis'] + last['reduced_trajectories']) / 2**20:.2f}", rss(r),
                      "-" if base_rss is None else f"{(r['peak_rss_bytes'] - base_rss) / 2**20:+.0f}",
                      f"{1000 * sum(fits) / max(len(fits), 1):.0f}"])
-    table = (f"MLP with {n_params:,} parameters ({4 * n_params / 2**20:.2f} MiB of float32 weights), {epochs} epochs\n\n"
+    weights_mib = 4 * n_params / 2**20
+    table = (f"MLP with {n_params:,} parameters ({weights_mib:.2f} MiB of float32 weights), {epochs} epochs\n\n"
              + markdown_table(["variant", "KGA holds at the end (MiB)", "of which W and its Gram (MiB)",
                                "U and W̃ (MiB)", "peak RSS (MiB)", "RSS minus Adam alone (MiB)",
                                "refit wall ms/epoch (shared machine)"], rows))

@@ -13,10 +13,11 @@ reshapes the optimizer's update along the stable Koopman modes (Alg. 1):
     Δw = U Δw̃                       (Eq. 13)
 
 Eq. 13 read literally replaces Δw by its projection on span(U) (r ≪ N directions) and throws the rest of the
-optimizer's update away. By default the part of Δw outside span(U) is kept, i.e. Δw ← Δw + α U Q_s Λ_s L_s Uᵀ Δw,
-which equals Eq. 13 for every update inside span(U) and leaves the other directions "untouched" as Eq. 12 says of
-the non-stable components. ``drop_complement=True`` gives the literal reading (docs/kga-training.md measures both).
-No stable mode, no acceleration (Sec. 3.2): the step is then exactly the base optimizer's.
+optimizer's update away. By default the part of Δw outside span(U) is kept, i.e.
+Δw ← Δw + α U Q_s Λ_s L_s Uᵀ Δw, which equals Eq. 13 for every update inside span(U) and leaves the other
+directions "untouched" as Eq. 12 says of the non-stable components. ``drop_complement=True`` gives the literal
+reading (docs/kga-training.md measures both). No stable mode, no acceleration (Sec. 3.2): the step is then exactly
+the base optimizer's.
 
 Masks (Sec. 3.3, 4.2, App. A.5; Alg. 2) restrict KGA to a subset of the weights. The DMD of each refit is taken
 over the weights still in KGA (W_m, the extant mask); the refit then updates the mask from that same DMD (one DMD
@@ -519,8 +520,8 @@ class KGA:
                 "rank": 0 if fit is None else fit.rank, "classes": counts,
                 "eigenvalues": [[float(v.real), float(v.imag)] for v in self.eigenvalues_],
                 "accelerating": self._operator is not None, "kept": self.n_kept,
-                # ‖α Q_s Λ_s L_s‖₂ in U's coordinates: far above α·max|λ_s| when stable and other eigenvectors are
-                # nearly parallel (ill-conditioned Q): the largest factor by which a step's projection can grow
+                # ‖α Q_s Λ_s L_s‖₂ in U's coordinates: far above α·max|λ_s| when stable and other eigenvectors
+                # are nearly parallel (ill-conditioned Q): the largest gain a step's projection can get
                 "operator_norm": 0.0 if self._operator is None else float(torch.linalg.matrix_norm(
                     self._operator.double(), ord=2)),
                 "masked_fraction": 1.0 - self.n_kept / self.n_params}
