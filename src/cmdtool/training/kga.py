@@ -94,11 +94,14 @@ def _dot64(matrix: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
     return out.cpu().numpy()
 
 
-def _matmul64(matrix: torch.Tensor, coefficients: np.ndarray) -> torch.Tensor:
-    """matrix @ coefficients in float64, a row chunk at a time (n×k float64): U = X V Σ⁻¹ and the KWM scores
-    combine snapshots dominated by their common mean, which float32 would cancel badly."""
+def _matmul64(matrix: torch.Tensor, coefficients: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """matrix @ coefficients computed in float64 a row chunk at a time, stored as ``dtype`` (n×k): U = X V Σ⁻¹
+    combines snapshots dominated by their common mean, which float32 arithmetic would cancel badly."""
     right = torch.as_tensor(coefficients, dtype=torch.float64, device=matrix.device)
-    return torch.cat([matrix[rows].to(torch.float64) @ right for rows in _row_chunks(matrix)])
+    out = torch.empty((matrix.shape[0], right.shape[1]), dtype=dtype, device=matrix.device)
+    for rows in _row_chunks(matrix):
+        out[rows] = matrix[rows].to(torch.float64) @ right
+    return out
 
 
 class SnapshotWindow:
@@ -140,12 +143,28 @@ class SnapshotWindow:
         """G = Wᵀ W of the window, chronological (t×t float64)."""
         return self.gram[np.ix_(self.slots, self.slots)]
 
-    def times(self, coefficients: np.ndarray) -> torch.Tensor:
-        """W C (float64) for a chronological real t×k matrix C, without gathering W's columns (C placed at the
-        slots, zero elsewhere)."""
-        placed = np.zeros((self.data.shape[1], coefficients.shape[1]))
+    def _placed(self, coefficients: np.ndarray) -> np.ndarray:
+        """A chronological t×k matrix C laid out on the ring's slots (zero rows for empty slots), so that
+        W C needs no gather of W's columns."""
+        placed = np.zeros((self.data.shape[1], coefficients.shape[1]), dtype=coefficients.dtype)
         placed[self.slots] = coefficients
-        return _matmul64(self.data, placed)
+        return placed
+
+    def times(self, coefficients: np.ndarray) -> torch.Tensor:
+        """W C for a chronological real t×k matrix C, in the snapshots' dtype (computed in float64)."""
+        return _matmul64(self.data, self._placed(coefficients), self.data.dtype)
+
+    def rows_all_below(self, coefficients: np.ndarray, threshold: float) -> torch.Tensor:
+        """Per row j: |(W C)_{j,i}| < threshold for every column i, for a complex t×k matrix C (bool, n). Row
+        chunk by row chunk, so the n×k scores are never held."""
+        placed = self._placed(coefficients)
+        real = torch.as_tensor(placed.real, dtype=torch.float64, device=self.data.device)
+        imag = torch.as_tensor(placed.imag, dtype=torch.float64, device=self.data.device)
+        out = torch.empty(self.data.shape[0], dtype=torch.bool, device=self.data.device)
+        for rows in _row_chunks(self.data):
+            chunk = self.data[rows].to(torch.float64)
+            out[rows] = (torch.hypot(chunk @ real, chunk @ imag) < threshold).all(dim=1)
+        return out
 
     def columns(self, last: int) -> torch.Tensor:
         """The last ``last`` snapshots, chronological (n×last)."""
@@ -437,7 +456,7 @@ class KGA:
         if operator is None:
             self._basis = self._operator = None
             return
-        self._basis = self._window.times(self._time_basis(fit)).to(self._dtype)
+        self._basis = self._window.times(self._time_basis(fit))
         self._operator = torch.as_tensor(operator, dtype=self._dtype, device=self._device)
 
     def _start_efficient(self, gram: np.ndarray) -> np.ndarray:
@@ -448,7 +467,7 @@ class KGA:
         eigenvalues, vectors = descending_eigh(gram)
         rank = numerical_rank(eigenvalues)
         sigma = np.sqrt(eigenvalues[:rank])
-        self._basis = self._window.times(vectors[:, :rank] / sigma[None, :]).to(self._dtype)
+        self._basis = self._window.times(vectors[:, :rank] / sigma[None, :])
         self._reduced = sigma[:, None] * vectors[:, :rank].T
         self._window.release()
         return self._reduced.T @ self._reduced
@@ -472,9 +491,7 @@ class KGA:
                 return        # a fit without a stable mode drives no KGA: it does not decide which weights need it
             score_matrix = kwm_score_matrix(fit.mode_coefficients, fit.amplitudes, fit.eigenvalues, self.classes_,
                                             self._window.size, self.window)
-            real = self._window.times(score_matrix.real)
-            imag = self._window.times(score_matrix.imag)
-            masked = (torch.hypot(real, imag) < threshold).all(dim=1)       # S_{i',j} < τ for all i'
+            masked = self._window.rows_all_below(score_matrix, threshold)     # S_{i',j} < τ for all i'
         elif self.mask == "norm":
             masked = self._window.columns(1)[:, 0].abs() < threshold
         else:                                                                 # delta
