@@ -42,6 +42,19 @@ def has_command(name: str) -> bool:
     return probe.returncode == 0
 
 
+DEMO_MARKER = ".cmdtool-demo"  # a folder holding it was made by this script, which may then start it afresh
+
+
+def start_fresh(out: Path) -> None:
+    """An empty ``out``: removes an earlier demo's folder, never a folder the demo did not make."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            sys.exit(f"demo: --out {out} already holds files the demo did not write; choose a new folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by examples/demo.py; the next demo run replaces this folder\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="cmdtool end-to-end demo on the digits CNN")
     parser.add_argument("--epochs", type=int, default=int(os.environ.get("CMDTOOL_DEMO_EPOCHS", 40)))
@@ -50,8 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     started = time.perf_counter()
     out = opts.out
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    start_fresh(out)
     ckpts, store = out / "ckpts", ["--store", str(out / "cmdtool.zarr")]
     final = str(opts.epochs)
     warmup = str(max(2, opts.epochs // 2))

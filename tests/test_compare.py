@@ -145,3 +145,18 @@ def test_cli_errors_are_one_line(linear_store):
     bad_rank = runner.invoke(app, ["decompose", "-m", "dmd", "--rank", "1.5", "--store", str(store.path)])
     assert bad_rank.exit_code == 2 and "energy fraction" in bad_rank.output
     assert "Traceback" not in bad.output + bad_rank.output
+
+
+def test_cli_compare_plot_never_replaces_a_users_file(linear_store, tmp_path):
+    store, _ = linear_store
+    plot = tmp_path / "mine.png"
+    plot.write_bytes(b"the user's own figure")
+    args = ["compare", "dmd", "pca", "--store", str(store.path), "--plot", str(plot), "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "cmdtool did not write" in result.output
+    assert plot.read_bytes() == b"the user's own figure"
+    bad = runner.invoke(app, ["compare", "dmd", "--store", str(store.path), "--plot", str(tmp_path / "e.txt"), "-q"])
+    assert bad.exit_code == 2 and ".png" in bad.output and not (tmp_path / "e.txt").exists()
+    forced = runner.invoke(app, args + ["--force"])
+    assert forced.exit_code == 0, forced.output
+    assert plot.read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob(".mine.png.*"))

@@ -209,3 +209,22 @@ def test_demo_runs_end_to_end(tmp_path):
     accuracy = run.curve("original", "test_acc")[1]
     assert len(accuracy) == 6 and accuracy[-1] > 0.8      # a real run learns the digits in a few epochs
     assert (tmp_path / "demo" / "landscape").is_dir() and (tmp_path / "demo" / "compare_errors.png").is_file()
+
+
+def test_demo_replaces_only_its_own_folder(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="did not write"):
+        demo.start_fresh(users)
+    assert (users / "notes.txt").read_text() == "keep me"
+    ours = tmp_path / "demo"
+    demo.start_fresh(ours)
+    (ours / "old-output.txt").write_text("from an earlier demo")
+    demo.start_fresh(ours)
+    assert [p.name for p in ours.iterdir()] == [demo.DEMO_MARKER]

@@ -123,6 +123,25 @@ def file_is_ours(path: Path) -> bool:
     return _unchanged(path.parent, path.name, read_marker(path.parent))
 
 
+def write_atomically(path: str | os.PathLike, write) -> Path:
+    """Create or replace the file ``path`` by ``write(temporary_path)``: the file is written under a temporary
+    name in the same folder and renamed, so a crash leaves no partial file; it gets the usual permissions."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        give_normal_permissions(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def check_output_file(path: str | os.PathLike, store=None, force: bool = False, option: str = "--out") -> Path:
     """A single output file (e.g. ``reconstruct --out model.pt``): never a source checkpoint or inside the store
     or a source folder; an existing file only when cmdtool wrote it (its folder's marker lists it) or with

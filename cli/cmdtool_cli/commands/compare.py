@@ -7,12 +7,17 @@ own unless the user types one), so that explicit sizes can win over the equal bu
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import typer
 from rich.table import Table
 
+from cmdtool.errors import UsageError
+
 from ..analyzer_options import with_analyzer_options
 from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
+
+PLOT_FORMATS = ("png", "pdf", "svg")
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +34,9 @@ def register(app: typer.Typer) -> None:
                                    "configuration exists."),
         name: str = typer.Option("compare", "--name", help="Prefix of the names under which new fits are saved "
                                  "(followed by a digest of the configuration)."),
-        plot: str = typer.Option(None, "--plot", help="Write a per-epoch error plot to this file (png, pdf, svg)."),
+        plot: str = typer.Option(None, "--plot", help="Write a per-epoch error plot to this file (png, pdf, svg); "
+                                 "an existing file cmdtool did not write needs --force."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --plot file."),
         store: str = StoreOption,
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
@@ -45,12 +52,20 @@ def register(app: typer.Typer) -> None:
         from cmdtool.store import open_store
 
         st = open_store(store, mode="r+")
+        if plot:  # refused before the work: never a source checkpoint or a file cmdtool did not write
+            from cmdtool.output_folder import check_output_file
+
+            check_output_file(plot, st, force=force, option="--plot")
+            _plot_format(plot)
         result = run_comparison(st, methods, options, name=name, reuse=not refit, equal_budget=equal_budget,
                                 budget=budget, progress=progress_for(quiet or as_json))
         if plot:
             from cmdtool.report.figures import comparison_figure
 
-            comparison_figure(result).savefig(plot, dpi=120)
+            from cmdtool.output_folder import write_atomically
+
+            figure = comparison_figure(result)
+            write_atomically(plot, lambda temporary: figure.savefig(temporary, dpi=120, format=_plot_format(plot)))
         if as_json:
             print_json(result.to_dict())
             return
@@ -59,6 +74,14 @@ def register(app: typer.Typer) -> None:
             console.print(f"per-epoch error plot written to {plot}", highlight=False)
 
     app.command("compare")(handle_errors(with_analyzer_options(compare_command, own_defaults=True)))
+
+
+def _plot_format(path: str) -> str:
+    """matplotlib's format from the file's suffix (the temporary file the plot is written to has none)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise UsageError(f"--plot {path}: give a file ending in {', '.join('.' + f for f in PLOT_FORMATS)}")
+    return suffix
 
 
 def _fmt(value, spec: str) -> str:

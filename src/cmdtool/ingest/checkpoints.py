@@ -8,7 +8,6 @@ tensor that ingest left out (``--exclude``) copied from the source checkpoint re
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from ..errors import CheckpointError, UsageError
 from ..ingest.formats import OpenCheckpoint, torch_dtype
 from ..ingest.ingest import open_recorded_source
-from ..output_folder import give_normal_permissions
+from ..output_folder import write_atomically
 
 FORMATS = ("pt", "safetensors")
 
@@ -75,20 +74,13 @@ def write_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, fm
     expect)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown checkpoint format {fmt!r}: choose pt or safetensors")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+
+    def write(temporary: str) -> None:
         if fmt == "safetensors":
             from safetensors.torch import save_file
 
             save_file(state, temporary, metadata=metadata if metadata is not None else {"format": "pt"})
         else:
             torch.save(state, temporary)
-        give_normal_permissions(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomically(path, write)
