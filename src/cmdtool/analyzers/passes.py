@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..device import resolve_device
+from ..device import compute_threads, resolve_device
 from ..progress import NullProgress
 
 # float32 bytes of W per block: 4 blocks in flight (read-ahead of 2) plus a float64 copy stay well under 1 GB,
@@ -215,7 +215,7 @@ def stream(store, accumulators: list[Accumulator], columns: slice | None = None,
     for acc in accumulators:
         acc.start(ctx)
     started = time.perf_counter()
-    with progress.task(description, total=store.n_rows, unit="rows") as task:
+    with compute_threads(), progress.task(description, total=store.n_rows, unit="rows") as task:
         nonfinite = run_blocks(accumulators, iter_pass_blocks(store, ctx.columns, ctx.device, ctx.block_rows), task)
     for acc in accumulators:
         acc.finish()
