@@ -45,9 +45,9 @@ def steps(store: Path, device: str, references: bool) -> dict[str, str]:
             from cmdtool.analyzers import get_analyzer
             st = open_store({str(store)!r}, mode='r+')
             {drop_gram if cold else 'pass'}
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             m = {call}.fit(st); m.save('bench')
-            result['seconds'] = time.perf_counter() - started
+            result.update(seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started)
             result['relative_error'] = m.metrics_['relative_error']
             {extra}
         """
@@ -59,13 +59,12 @@ def steps(store: Path, device: str, references: bool) -> dict[str, str]:
     out = {
         "bare read": f"""
             st = open_store({str(store)!r})
-            best = None
             for _ in range(2):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for block in st.iter_blocks():
                     pass
-                best = min(best or 1e9, time.perf_counter() - t0)
-            result['seconds'] = best
+                if time.perf_counter() - t0 < result.get('seconds', 1e9):
+                    result.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
         """,
         "CMD --modes 10, cold": fit(cmd, True, "result.update({k: v for k, v in m.timings_.items() "
                                                 "if k.endswith('pass_seconds')})"),
@@ -77,35 +76,18 @@ def steps(store: Path, device: str, references: bool) -> dict[str, str]:
         "PCA 40, Gram cached": fit(pca, False),
     }
     if references:
-        load = f"""
-            st = open_store({str(store)!r})
-            t0 = time.perf_counter()
-            W = st.trajectories[:, :]
-            result['load_seconds'] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        """
-        out["dense paper-style CMD (W in RAM)"] = f"""
+        out["dense paper-style CMD, in memory"] = f"""
             import decompose
+            cpu_started = time.process_time()
             r = decompose.phase_dense({str(store)!r}, {device!r}, 10, 1000)
             result.update(seconds=r['compute_seconds'], load_seconds=r['load_seconds'],
-                          relative_error=r['relative_error'])
+                          relative_error=r['relative_error'],
+                          cpu_seconds_with_load=time.process_time() - cpu_started)
         """
-        out["PyDMD DMD(svd_rank=10) (W in RAM)"] = load + """
-            from pydmd import DMD
-            d = DMD(svd_rank=10).fit(W)
-            rec = d.reconstructed_data.real
-            result['seconds'] = time.perf_counter() - t0
-            result['relative_error'] = float(np.linalg.norm(W - rec) / np.linalg.norm(W))
-        """
-        out["scikit-learn PCA(40) (W in RAM)"] = load + """
-            from sklearn.decomposition import PCA
-            p = PCA(n_components=40).fit(W.T)
-            result['seconds'] = time.perf_counter() - t0
-            rec = p.inverse_transform(p.transform(W.T)).T
-            result['relative_error'] = float(np.linalg.norm(W - rec) / np.linalg.norm(W))
-            result['solver'] = p._fit_svd_solver
-        """
-    return {name: textwrap.dedent(code) for name, code in out.items()}
+    out = {name: textwrap.dedent(code) for name, code in out.items()}
+    if references:
+        out.update(_measure.reference_steps(store))
+    return out
 
 
 def main() -> None:
@@ -149,22 +131,23 @@ def print_table(args, results: dict) -> None:
     print(f"N = {args.rows:,} x T = {args.cols} ({4 * args.rows * args.cols / 1e6:,.0f} MB float32), device "
           f"{args.device}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end "
           f"(each step in a fresh process; references: W in RAM, its load not counted)\n")
-    print("| step | seconds | x one read | peak RSS (MB) | relative error |")
-    print("|---|---:|---:|---:|---:|")
+    cpu_floor = results["bare read"]["cpu_seconds"]
+    print("| step | seconds | x one read | CPU seconds | x one read's CPU | peak RSS (MB) | relative error |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         if "error" in r:
             print(f"| {name} | failed: {r['error']} | | | |")
             continue
         error = f"{r['relative_error']:.6f}" if "relative_error" in r else ""
-        print(f"| {name} | {r['seconds']:.2f} | {r['seconds'] / floor:.2f} | {r['peak_rss_mb']:,.0f} | {error} |")
-    pairs = [("CMD --modes 10, cold", "dense paper-style CMD (W in RAM)"),
-             ("DMD rank 10, cold", "PyDMD DMD(svd_rank=10) (W in RAM)"),
-             ("PCA 40, cold", "scikit-learn PCA(40) (W in RAM)")]
+        print(f"| {name} | {r['seconds']:.2f} | {r['seconds'] / floor:.2f} | {r['cpu_seconds']:.2f} | "
+              f"{r['cpu_seconds'] / cpu_floor:.2f} | {r['peak_rss_mb']:,.0f} | {error} |")
+    pairs = [("CMD --modes 10, cold", "dense paper-style CMD, in memory"),
+             ("DMD rank 10, cold", _measure.PYDMD_STEP), ("PCA 40, cold", _measure.SKLEARN_STEP)]
     print()
     for ours, ref in pairs:
         a, b = results.get(ours, {}), results.get(ref, {})
         if "seconds" in a and "seconds" in b:
-            print(f"{ref.split(' (')[0]} / cmdtool {ours}: {b['seconds'] / a['seconds']:.1f}x the time, "
+            print(f"{ref.split(',')[0]} / cmdtool {ours}: {b['seconds'] / a['seconds']:.1f}x the time, "
                   f"{b['peak_rss_mb'] / a['peak_rss_mb']:.1f}x the peak RSS; errors {b['relative_error']:.6f} vs "
                   f"{a['relative_error']:.6f}")
 
