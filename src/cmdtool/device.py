@@ -41,8 +41,8 @@ class compute_threads:
     reader thread and zarr's decompression), and never more than torch was set to use.
 
     Two threads on two cores that the reader also needs make every torch call wait for a descheduled worker:
-    the CMD fit pass took 3x the CPU time with 2 threads than with 1 on the 2-core development machine
-    (docs/performance.md).
+    on the shared 2-core development machine main's passes spent 2-3x the CPU seconds of these
+    (docs/performance.md, "Analyses side by side").
     """
 
     def __enter__(self):

@@ -226,8 +226,8 @@ class GramAccumulator(Accumulator):
     """G = Wᵀ W over the window (T x T, float64), plus the column sums 1ᵀ W for centring (design sec. 3.1).
 
     The block product is float64: a float32 product with float64 accumulation changes the DMD/PCA errors that
-    follow from G by up to 2e-4 relative on the benchmark data (docs/performance.md), because those errors are
-    small differences of G's entries.
+    follow from G by up to 1.8e-4 relative on the benchmark data (bench/gram_precision.py, docs/performance.md),
+    because those errors are small differences of G's entries.
     """
 
     def start(self, ctx):
