@@ -116,28 +116,10 @@ def steps(store: Path, device: str, references: bool) -> dict[str, str]:
             result['relative_error'] = m.metrics_['relative_error']
         """,
     }
+    out = {name: textwrap.dedent(code) for name, code in out.items()}
     if references:
-        load = f"""
-            st = open_store({str(store)!r})
-            t0 = time.perf_counter()
-            W = st.trajectories[:, :]
-            result['load_seconds'] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        """
-        out["PyDMD DMD(svd_rank=10), in memory"] = load + """
-            from pydmd import DMD
-            d = DMD(svd_rank=10).fit(W)
-            rec = d.reconstructed_data.real
-            result['seconds'] = time.perf_counter() - t0
-            result['relative_error'] = float(np.linalg.norm(W - rec) / np.linalg.norm(W))
-        """
-        out["sklearn PCA(40), in memory"] = load + """
-            from sklearn.decomposition import PCA
-            p = PCA(n_components=40).fit(W.T)
-            result['seconds'] = time.perf_counter() - t0
-            result['solver'] = p._fit_svd_solver
-        """
-    return {name: textwrap.dedent(code) for name, code in out.items()}
+        out.update(_measure.reference_steps(store))
+    return out
 
 
 def main() -> None:
@@ -176,7 +158,7 @@ def main() -> None:
     print(f"\n(interpreter + torch + numpy after import: {base:,.0f} MB RSS)")
     ours = {"dmd": results["DMD r=10, cold (Gram pass + algebra)"],
             "pca": results["PCA d=40, cold (Gram pass + directions pass)"]}
-    refs = {"dmd": results.get("PyDMD DMD(svd_rank=10), in memory"), "pca": results.get("sklearn PCA(40), in memory")}
+    refs = {"dmd": results.get(_measure.PYDMD_STEP), "pca": results.get(_measure.SKLEARN_STEP)}
     for key in ("dmd", "pca"):
         ref = refs[key]
         if ref and "seconds" in ref and "seconds" in ours[key]:

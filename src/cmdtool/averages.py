@@ -10,8 +10,11 @@ Everything is relative to an epoch window: EMA starts at its first epoch, SWA's 
 cover every float trajectory of the store, BatchNorm running statistics included (SWA proper would recompute them
 with a pass over the training data; cmdtool cannot).
 
-Memory: the store is streamed in column windows of ``memory_budget`` bytes; the averages are float64 N-vectors
-of running sums, never N×T.
+Each average is linear in the weights: the vector at epoch t is W_window a_t for a window-long column of weights
+(:func:`average_weights`), so every asked (method, epoch) is one column of a T×k matrix and one streaming pass over
+row blocks gives them all (:class:`~cmdtool.analyzers.linear_models.ColumnsOfModel`, the pass that gives the
+linear models' checkpoints). Memory: the k output N-vectors (the caller's budget) plus the pass's blocks; the
+pass keeps no N-long state of its own.
 """
 
 from __future__ import annotations
@@ -40,47 +43,50 @@ def swa_length(n_columns: int, fraction: float) -> int:
     return max(1, int(round(float(fraction) * n_columns)))
 
 
-def column_windows(store, start: int, stop: int, width: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (column, N-vector float32) for columns start..stop-1, reading ``width`` columns of W at a time."""
-    for c0 in range(start, stop, width):
-        c1 = min(c0 + width, stop)
-        block = store.read_columns(slice(c0, c1))
-        for k in range(c1 - c0):
-            yield c0 + k, block[:, k]
+def average_weights(method: str, step: int, length: int, beta: float = 0.9, swa_len: int = 1) -> np.ndarray:
+    """The weights a (``length``,) float64 with ``W_window a`` = the average ``method`` at window position ``step``:
+    original e_t; EMA β^t for the first checkpoint and (1 − β) β^(t−s) for checkpoint s in 1..t (the recursion
+    ema_t = β ema_{t−1} + (1 − β) w_t unrolled); SWA 1/L on the last L checkpoints up to t."""
+    weights = np.zeros(length, dtype=np.float64)
+    if method == "original":
+        weights[step] = 1.0
+    elif method == "ema":
+        weights[1:step + 1] = (1.0 - beta) * beta ** np.arange(step - 1, -1, -1, dtype=np.float64)
+        weights[0] = beta ** step
+    elif method == "swa":
+        weights[step - swa_len + 1:step + 1] = 1.0 / swa_len
+    else:
+        raise ValueError(f"unknown average {method!r}")
+    return weights
 
 
 def iter_averages(store, window: slice, columns, methods, beta: float = 0.9, swa_len: int = 1,
                   memory_budget: int = DEFAULT_MEMORY_BUDGET, progress=None,
-                  description: str = "original/EMA/SWA") -> Iterator[tuple[str, int, np.ndarray]]:
+                  description: str = "original/EMA/SWA", device="auto") -> Iterator[tuple[str, int, np.ndarray]]:
     """Yield ``(method, column, N-vector float32)`` of ``methods`` (among :data:`BASELINES`) at each of
-    ``columns``, in one streaming read of ``window`` (plus a trailing read for SWA's window).
+    ``columns``, in column order (rows with NaN/Inf give NaN/Inf, as stored). SWA is given only where its window of the last ``swa_len`` checkpoints is full.
 
-    Memory: the read-ahead of ``width`` columns (two for SWA) plus two float64 N-vectors of running sums. SWA is
-    given only where its window of the last ``swa_len`` checkpoints is full.
+    The vectors come in groups of as many as ``memory_budget`` holds, each group from one pass over the window's
+    columns up to the group's last one.
     """
+    from .analyzers.linear_models import ColumnsOfModel
+    from .analyzers.passes import stream
+
     progress = progress or NullProgress()
-    wanted = set(columns)
-    width = max(1, min(window.stop - window.start, int(memory_budget // (8 * max(store.n_rows, 1)))))
-    ema = swa_sum = None
-    trailing = column_windows(store, window.start, window.stop, width) if "swa" in methods else None
-    with progress.task(description, total=window.stop - window.start, unit="epochs") as task:
-        for column, values in column_windows(store, window.start, window.stop, width):
-            values64 = values.astype(np.float64)
-            if "ema" in methods:
-                ema = values64.copy() if ema is None else beta * ema + (1.0 - beta) * values64
-            if "swa" in methods:
-                swa_sum = values64.copy() if swa_sum is None else swa_sum + values64
-                if column - window.start >= swa_len:  # the checkpoint that leaves the window of the last swa_len
-                    swa_sum -= next(trailing)[1]
-            if column in wanted:
-                if "original" in methods:
-                    yield "original", column, values
-                if "ema" in methods:
-                    yield "ema", column, ema.astype(np.float32)
-                if "swa" in methods and column - window.start + 1 >= swa_len:
-                    yield "swa", column, (swa_sum / swa_len).astype(np.float32)
-            task.advance(1)
+    wanted = [(method, column) for column in sorted(set(columns)) for method in BASELINES if method in methods
+              and (method != "swa" or column - window.start + 1 >= swa_len)]
+    group = max(1, int(memory_budget // (4 * max(store.n_rows, 1))))
+    with progress.task(description, total=len(wanted), unit="vectors") as task:
+        for g0 in range(0, len(wanted), group):
+            chunk = wanted[g0:g0 + group]
+            length = max(column for _, column in chunk) - window.start + 1
+            weights = np.stack([average_weights(method, column - window.start, length, beta, swa_len)
+                                for method, column in chunk], axis=1)
+            acc = ColumnsOfModel(weights, keep_nonfinite=True)  # the original keeps NaN/Inf as stored
+            stream(store, [acc], slice(window.start, window.start + length), device)
+            for k, (method, column) in enumerate(chunk):
+                yield method, column, acc.out[:, k]
+                task.advance(1)
 
 
-__all__ = ["BASELINES", "DEFAULT_MEMORY_BUDGET", "check_ema_beta", "column_windows", "iter_averages",
-           "swa_length"]
+__all__ = ["BASELINES", "DEFAULT_MEMORY_BUDGET", "average_weights", "check_ema_beta", "iter_averages", "swa_length"]

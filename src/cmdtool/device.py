@@ -24,3 +24,36 @@ def resolve_device(spec=None):
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
     return device
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class compute_threads:
+    """Context manager: torch's intra-op threads for a streaming pass, one core left to the read-ahead (the
+    reader thread and zarr's decompression), and never more than torch was set to use.
+
+    Two threads on two cores that the reader also needs make every torch call wait for a descheduled worker:
+    on the shared 2-core development machine main's passes spent 2-3x the CPU seconds of these
+    (docs/performance.md, "Analyses side by side").
+    """
+
+    def __enter__(self):
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(self.before, available_cores() - 1)))
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.before)
+        return False

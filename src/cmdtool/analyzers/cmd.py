@@ -196,16 +196,11 @@ class PosthocCMD(Analyzer):
 
         # ---- pass 2: assign, fit and measure every row (Steps 2-3)
         started = time.perf_counter()
-        fit_pass = FitPass(writer, layout, modelled, self.reference_indices_, self.reference_trajectories_, online,
-                           self._block_rows(store))
+        fit_pass = FitPass(writer, layout, modelled, self.reference_indices_, self.reference_trajectories_, online)
         stats = stream(store, [fit_pass], window, device, progress, "CMD fit pass", self.block_bytes)
         self.timings_["fit_pass_seconds"] = time.perf_counter() - started
         self.layer_mode_counts_ = fit_pass.layer_mode_counts  # (layers, M): the per-layer mode shares' counts
         self.metrics_ = self._metrics(fit_pass, layout, modelled, stats, step.n_sampled)
-
-    def _block_rows(self, store) -> int:
-        n_cols = self.window_.stop - self.window_.start
-        return min(store.default_block_rows(n_cols, self.block_bytes), max(store.n_rows, 1))
 
     @staticmethod
     def _gather(store, sampled, device, progress):

@@ -10,7 +10,7 @@ import numpy as np
 
 from .cmd_math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, centre_rows_, closed_form_fit,
                        correlate, fit_block, pin_reference_rows)
-from .passes import Accumulator
+from .passes import Accumulator, add_reductions
 
 
 class LayerIndex:
@@ -28,24 +28,30 @@ class LayerIndex:
 
 
 class FitPass(Accumulator):
-    """Pass 2: Steps 2-3 for every row block, streaming mode/A/B/errors, reducing the metrics' sums."""
+    """Pass 2: Steps 2-3 for every row block, streaming mode/A/B/errors, reducing the metrics' sums.
 
-    def __init__(self, writer, layout, modelled, reference_indices, reference_trajectories, online,
-                 block_rows: int):
+    Reductions (float64 sums per epoch, per layer and per mode, and row counts) add up across partials
+    (:meth:`merge`); mode/A/B/row error (and online CMD's mode/A/B) are written to the block's rows."""
+
+    client_only = ("writer",)
+    REDUCTIONS = ("column_sq_error", "column_sq_norm", "sq_motion", "layer_sq_error", "layer_sq_norm",
+                  "layer_sq_motion", "layer_mode_counts", "kept_rows", "constant_rows", "nonfinite_rows")
+    ONLINE_REDUCTIONS = ("online_column_sq_error", "online_mode_counts")
+
+    def __init__(self, writer, layout, modelled, reference_indices, reference_trajectories, online):
         self.writer = writer
         self.layers = LayerIndex(layout, modelled)
         self.reference_indices = np.asarray(reference_indices, dtype=np.int64)
         self.reference_trajectories = reference_trajectories
         self.online = online  # (reference indices, reference trajectories, F) or None
-        self.block_rows = block_rows
         self.n_modes = len(self.reference_indices)
 
-    def start(self, store, columns, device):
+    def start(self, ctx):
         import torch
 
-        n, n_cols = store.n_rows, columns.stop - columns.start
+        n, n_cols, device = ctx.n_rows, ctx.n_cols, ctx.device
         self.device = device
-        chunks = (max(1, min(self.block_rows, n)),)
+        chunks = ctx.output_chunks()
         mode_dtype = np.int16 if self.n_modes < 2**15 else np.int32
         self.out_mode = self.writer.create("mode", (n,), mode_dtype, chunks=chunks)
         self.out_a = self.writer.create("A", (n,), np.float32, chunks=chunks)
@@ -81,10 +87,16 @@ class FitPass(Accumulator):
             self.online_ref_cum_sq = (shifted * shifted).cumsum(dim=1)
             self.online_ref_shifted = shifted
 
-    def update(self, start, stop, block, finite):
+    def merge(self, other):
+        add_reductions(self, other, self.REDUCTIONS + (self.ONLINE_REDUCTIONS if self.online is not None else ()))
+
+    def update(self, block):
         import torch
 
-        x = block.to(torch.float64)  # a copy of the block: centred in place below
+        start, stop, finite = block.start, block.stop, block.finite
+        # a float64 copy of the block in a buffer reused across blocks: centred in place below
+        x = self._scratch("centred", block.values.shape, torch.float64, block.values.device)
+        x.copy_(block.values)
         n_cols = x.shape[1]
         layer = torch.as_tensor(self.layers.of(start, stop), device=x.device)
         modelled = self.layer_modelled[layer] & finite

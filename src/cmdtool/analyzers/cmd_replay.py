@@ -34,26 +34,30 @@ def affine_model(store, modes, A, B, reference_trajectories, columns, steps, blo
 
 class OnlineReplay(Accumulator):
     """Online models at intermediate epochs (only the last epoch's coefficients are stored): the sums of
-    Eqs. 8-10 over epochs 1..t for every requested t, as cumulative sums along each block, then Eq. 7."""
+    Eqs. 8-10 over epochs 1..t for every requested t, as cumulative sums along each block, then Eq. 7.
 
-    def __init__(self, modes, reference_indices, reference_trajectories, steps):
+    Writes rows of ``out`` (N×k float32; default a new numpy array, a zarr array when blocks run in other
+    processes); nothing to merge."""
+
+    def __init__(self, modes, reference_indices, reference_trajectories, steps, out=None):
         self.modes = modes
         self.reference_indices = np.asarray(reference_indices, dtype=np.int64)
         self.reference_trajectories = reference_trajectories
         self.steps = np.asarray(steps, dtype=np.int64)
+        self.out = out
 
-    def start(self, store, columns, device):
+    def start(self, ctx):
         import torch
 
-        self.store = store
-        self.refs = torch.as_tensor(self.reference_trajectories, dtype=torch.float64, device=device)
-        self.first_column = columns.start
-        self.out = np.empty((store.n_rows, len(self.steps)), dtype=np.float32)
+        self.refs = torch.as_tensor(self.reference_trajectories, dtype=torch.float64, device=ctx.device)
+        if self.out is None:
+            self.out = np.empty((ctx.n_rows, len(self.steps)), dtype=np.float32)
 
-    def update(self, start, stop, block, finite):
+    def update(self, block):
         import torch
 
-        x = block.to(torch.float64)
+        start, stop = block.start, block.stop
+        x = block.float64()
         mode = torch.as_tensor(np.asarray(self.modes[start:stop]).astype(np.int64), device=x.device)
         safe = mode.clamp(min=0)
         steps = torch.as_tensor(self.steps, device=x.device)
@@ -67,9 +71,7 @@ class OnlineReplay(Accumulator):
         pin_reference_rows(self.reference_indices, start, stop, a=a, b=b)
         value = a * refs[:, steps] + b
         value = torch.where(mode[:, None] >= 0, value, x[:, steps])
-        out = value.float().cpu().numpy()
-        if not bool(finite.all()):
+        if block.nonfinite:
             # the pass zeroed rows holding NaN/Inf; give back their stored values at these epochs
-            for r in np.flatnonzero(~finite.cpu().numpy()):
-                out[r] = self.store.trajectories[start + int(r), self.first_column + self.steps]
-        self.out[start:stop] = out
+            value[~block.finite] = block.nonfinite_values[:, steps].double()
+        self.out[start:stop] = value.float().cpu().numpy()

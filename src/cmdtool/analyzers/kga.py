@@ -54,26 +54,29 @@ def kwm_score_matrix(mode_coefficients: np.ndarray, amplitudes: np.ndarray, eige
 
 
 class KWMMasks(Accumulator):
-    """Eq. 15 per row block: mask (1 = keeps going through KGA, 0 = masked out), and masked counts per tensor."""
+    """Eq. 15 per row block: mask (1 = keeps going through KGA, 0 = masked out), and masked counts per tensor
+    (the reduction that partials add up)."""
+
+    client_only = ("writer",)
 
     def __init__(self, writer, score_matrix: np.ndarray, threshold: float, tensor_stops: np.ndarray):
         self.writer, self.score_matrix, self.threshold = writer, score_matrix, threshold
         self.tensor_stops = np.asarray(tensor_stops, dtype=np.int64)  # cumulative row ends of the tensors
 
-    def start(self, store, columns, device):
+    def start(self, ctx):
         import torch
 
-        chunk_rows = min(max(store.n_rows, 1), store.default_block_rows(columns.stop - columns.start))
-        self.mask = self.writer.create("mask", (store.n_rows,), "uint8", chunks=(chunk_rows,))
-        self.real = torch.as_tensor(self.score_matrix.real, dtype=torch.float64, device=device)
-        self.imag = torch.as_tensor(self.score_matrix.imag, dtype=torch.float64, device=device)
+        self.mask = self.writer.create("mask", (ctx.n_rows,), "uint8", chunks=ctx.output_chunks())
+        self.real = torch.as_tensor(self.score_matrix.real, dtype=torch.float64, device=ctx.device)
+        self.imag = torch.as_tensor(self.score_matrix.imag, dtype=torch.float64, device=ctx.device)
         self.masked_per_tensor = np.zeros(len(self.tensor_stops), dtype=np.int64)
 
-    def update(self, start, stop, block, finite):
-        block64 = block.double()
+    def update(self, block):
+        start, stop = block.start, block.stop
+        block64 = block.float64()
         score = (block64 @ self.real).hypot(block64 @ self.imag)       # S_{i',j}, (rows, s)
         # rows with NaN/Inf were zeroed by the pass; they are not "quiet", so they stay in KGA
-        masked = (score < self.threshold).all(dim=1) & finite
+        masked = (score < self.threshold).all(dim=1) & block.finite
         masked_np = masked.cpu().numpy()
         self.mask[start:stop] = (~masked_np).astype(np.uint8)
         # masked count per tensor without an N-long layer array: split the block at tensor boundaries
@@ -82,6 +85,9 @@ class KWMMasks(Accumulator):
         first = int(np.searchsorted(self.tensor_stops, start, side="right"))
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             self.masked_per_tensor[first + k] += int(masked_np[lo - start:hi - start].sum())
+
+    def merge(self, other):
+        self.masked_per_tensor += other.masked_per_tensor
 
 
 EPS = Param("eps", DEFAULT_CLASS_EPS, "|λ| within [1 − eps, 1 + eps] is neutral (paper 003 Sec. 3.1); also the "

@@ -148,51 +148,68 @@ class RowProjection(Accumulator):
     ``matrix`` is T×k (real or complex, float64); a complex product is written as ``<key>_real`` and
     ``<key>_imag`` float32 arrays (zarr needs no complex support and readers get plain floats).
     ``centre=True`` subtracts each row's mean over the window first (PCA) and also writes it as ``means``.
+    Nothing to merge: every output row is written by the block that holds it.
     """
+
+    client_only = ("writer",)
 
     def __init__(self, writer, key: str, matrix: np.ndarray, centre: bool = False):
         self.writer, self.key, self.matrix, self.centre = writer, key, np.asarray(matrix), centre
 
-    def start(self, store, columns, device):
+    def start(self, ctx):
         import torch
 
-        n_rows = store.n_rows
-        chunk_rows = min(max(n_rows, 1), store.default_block_rows(columns.stop - columns.start))
         width = self.matrix.shape[1]
         self.complex = np.iscomplexobj(self.matrix)
         parts = ("real", "imag") if self.complex else (None,)
         self.arrays = {}
         for part in parts:
             key = f"{self.key}_{part}" if part else self.key
-            self.arrays[part] = self.writer.create(key, (n_rows, width), "float32", chunks=(chunk_rows, width))
-        self.means = self.writer.create("means", (n_rows,), "float32", chunks=(chunk_rows,)) if self.centre else None
+            # dense float projections barely compress (~10%) and LZ4 doubles the cost of writing them
+            self.arrays[part] = self.writer.create(key, (ctx.n_rows, width), "float32",
+                                                   chunks=ctx.output_chunks(width), compress=False)
+        self.means = (self.writer.create("means", (ctx.n_rows,), "float32", chunks=ctx.output_chunks())
+                      if self.centre else None)
         self.device_matrices = {part: torch.as_tensor(self.matrix.real if part != "imag" else self.matrix.imag,
-                                                      dtype=torch.float64, device=device) for part in parts}
+                                                      dtype=torch.float64, device=ctx.device) for part in parts}
 
-    def update(self, start, stop, block, finite):
-        block64 = block.double()
+    def update(self, block):
+        import torch
+
+        block64 = block.float64()
         if self.centre:
             mean = block64.mean(dim=1, keepdim=True)
-            block64 = block64 - mean
-            self.means[start:stop] = mean[:, 0].float().cpu().numpy()
+            centred = self._scratch("centred", block64.shape, torch.float64, block64.device)
+            block64 = torch.sub(block64, mean, out=centred)
+            self.means[block.start:block.stop] = mean[:, 0].float().cpu().numpy()
         for part, matrix in self.device_matrices.items():
-            self.arrays[part][start:stop] = (block64 @ matrix).float().cpu().numpy()
+            self.arrays[part][block.start:block.stop] = (block64 @ matrix).float().cpu().numpy()
 
 
 class ColumnsOfModel(Accumulator):
-    """Gathers ``W_window @ k`` block by block: one modelled checkpoint (k a T-vector) or several (k T×m)."""
+    """``W_window @ weights`` block by block into ``out`` (N×k float32): modelled checkpoints of a linear model
+    (weights T×k), or weight averages (:mod:`cmdtool.averages`).
 
-    def __init__(self, weights: np.ndarray):
-        self.weights = weights
+    ``out`` is any array written by row ranges (default: a new numpy array; give a zarr array when blocks run in
+    other processes). Rows with NaN/Inf give 0, or with ``keep_nonfinite`` their stored values combined by the
+    same weights (so the original checkpoint keeps its NaN/Inf, as stored).
+    """
 
-    def start(self, store, columns, device):
+    def __init__(self, weights: np.ndarray, out=None, keep_nonfinite: bool = False):
+        self.weights, self.out, self.keep_nonfinite = np.asarray(weights), out, keep_nonfinite
+
+    def start(self, ctx):
         import torch
 
-        self.out = np.empty((store.n_rows,) + np.shape(self.weights)[1:], dtype=np.float32)
-        self.weights_device = torch.as_tensor(self.weights, dtype=torch.float64, device=device)
+        if self.out is None:
+            self.out = np.empty((ctx.n_rows,) + self.weights.shape[1:], dtype=np.float32)
+        self.weights_device = torch.as_tensor(self.weights, dtype=torch.float64, device=ctx.device)
 
-    def update(self, start, stop, block, finite):
-        self.out[start:stop] = (block.double() @ self.weights_device).float().cpu().numpy()
+    def update(self, block):
+        value = (block.float64() @ self.weights_device).float()
+        if self.keep_nonfinite and block.nonfinite:
+            value[~block.finite] = (block.nonfinite_values.double() @ self.weights_device).float()
+        self.out[block.start:block.stop] = value.cpu().numpy()
 
 
 def factor_model(terms, means=None, block_bytes: int = 32 * 1024**2) -> np.ndarray:

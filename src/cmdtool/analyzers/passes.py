@@ -1,34 +1,167 @@
-"""Streaming passes over the store: several accumulators share one read of W.
+"""Streaming passes over the store: several accumulators share one read of W (docs/design sec. 3 and 5.1).
 
-A pass reads row blocks ``W[r0:r1, window]`` (background read-ahead), moves each to the compute device and
-hands it to every accumulator. Rows holding NaN/Inf are zeroed and flagged (``finite`` mask) so that no
-non-finite value leaks into a reduction; accumulators decide what to do with them.
+A pass reads row blocks ``W[r0:r1, window]`` (read ahead in a background thread), moves each to the compute
+device, flags the rows holding NaN/Inf (zeroed, so that no non-finite value leaks into a reduction) and hands the
+same :class:`Block` to every accumulator.
 
-torch is imported where a pass runs, not with the module (the registry imports every analyzer module).
+**The accumulator contract** (one code for the in-process loop, a thread pool and a Dask graph):
+
+- ``start(ctx)`` runs once, before any block, where the pass is driven: it creates the per-row output arrays in
+  the staged result (chunked by ``ctx.block_rows``, so that every block owns whole chunks) and zeroes the
+  reductions. From then on the accumulator is picklable, and a pickled copy is an *empty partial* of the same
+  pass (:meth:`Accumulator.partial`).
+- ``update(block)`` adds one row block to the partial state. Per-row outputs for rows ``block.start:block.stop``
+  are written to those rows of their arrays by this call: never gathered, so memory does not grow with N.
+- ``merge(other)`` adds another partial's reductions; it is associative (and commutative up to float64
+  rounding), so blocks may be split among workers in any way.
+- ``finish()`` turns the merged reductions into results (device tensors to numpy).
+
+Reductions accumulate in float64; :func:`run_blocks` and :func:`merged` are the in-process engine's pieces that
+a test (or another engine) reuses. torch is imported where a pass runs, not with the module (the registry imports
+every analyzer module).
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..device import resolve_device
+from ..device import compute_threads, resolve_device
 from ..progress import NullProgress
+
+# float32 bytes of W per block: 4 blocks in flight (read-ahead of 2) plus a float64 copy stay well under 1 GB,
+# whatever N is, and a block still spans several chunks for zarr's parallel decoding
+DEFAULT_BLOCK_BYTES = 32 * 1024**2
+
+
+@dataclass
+class PassContext:
+    """What ``start`` is told about the pass: the store, the window's columns, the compute device and the rows of
+    every block but the last (per-row outputs are chunked by it)."""
+
+    store: object
+    columns: slice
+    device: object
+    block_rows: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.store.n_rows
+
+    @property
+    def n_cols(self) -> int:
+        return self.columns.stop - self.columns.start
+
+    def output_chunks(self, *tail: int) -> tuple:
+        """Chunk shape of a per-row output array: one chunk per block, so that writers never share a chunk."""
+        return (max(1, min(self.block_rows, self.n_rows)), *tail)
+
+
+class Block:
+    """Rows ``start:stop`` of W over the pass's columns, as every accumulator of the pass sees them.
+
+    ``values`` is float32 on the compute device (rows with NaN/Inf zeroed), ``finite`` flags the rows without
+    NaN/Inf and ``nonfinite_values`` keeps those rows as stored (what a reconstruction that gives back the stored
+    values needs). :meth:`float64` is one float64 copy shared by the accumulators of the pass (read only), written into
+    a buffer that the pass reuses from block to block instead of allocating (and page-faulting) a new one.
+    """
+
+    __slots__ = ("start", "stop", "values", "finite", "nonfinite", "nonfinite_values", "_buffers", "_float64")
+
+    def __init__(self, start: int, stop: int, values, buffers: "BlockBuffers | None" = None):
+        import torch
+
+        self.start, self.stop = int(start), int(stop)
+        self._buffers = buffers
+        self._float64 = None
+        # a row with NaN/Inf has a non-finite sum: one reduction finds them, an elementwise isfinite of the block
+        # costs as much as the rest of a Gram pass; rows whose finite values overflow the sum are checked exactly
+        finite = torch.isfinite(values.sum(dim=1))
+        if not bool(finite.all()):
+            suspect = (~finite).nonzero().squeeze(1)
+            finite[suspect] = torch.isfinite(values.index_select(0, suspect)).all(dim=1)
+        self.nonfinite = int((~finite).sum()) if not bool(finite.all()) else 0
+        self.nonfinite_values = values[~finite] if self.nonfinite else None
+        if self.nonfinite:
+            values = torch.where(finite[:, None], values, torch.zeros((), dtype=values.dtype, device=values.device))
+        self.values, self.finite = values, finite
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def float64(self):
+        """The block in float64 (shared, do not modify: accumulators that change values work on a copy)."""
+        import torch
+
+        if self._float64 is None:
+            if self._buffers is None:
+                self._float64 = self.values.to(torch.float64)
+            else:
+                self._float64 = self._buffers.get("float64", self.values.shape, torch.float64, self.values.device)
+                self._float64.copy_(self.values)
+        return self._float64
+
+
+class BlockBuffers:
+    """Scratch tensors reused from block to block (named, grown when a larger shape is asked for)."""
+
+    def __init__(self):
+        self._tensors: dict = {}
+
+    def get(self, name: str, shape, dtype, device):
+        import torch
+
+        rows, *tail = shape
+        held = self._tensors.get(name)
+        if held is None or held.shape[0] < rows or list(held.shape[1:]) != tail or held.dtype != dtype \
+                or held.device != device:
+            held = self._tensors[name] = torch.empty((rows, *tail), dtype=dtype, device=device)
+        return held[:rows]
 
 
 class Accumulator:
-    """Base of a per-pass reduction. ``update`` sees every row block once, in order."""
+    """Base of a pass's reduction (see the module note for the contract).
 
-    def start(self, store, columns: slice, device) -> None:
+    Attributes whose names start with ``_scratch`` are per-process working memory (reused buffers) and those named
+    in ``client_only`` are needed by ``start`` alone (the result writer): neither is pickled, so a partial travels
+    without them.
+    """
+
+    client_only: tuple[str, ...] = ()
+
+    def start(self, ctx: PassContext) -> None:
         pass
 
-    def update(self, start: int, stop: int, block, finite) -> None:
+    def update(self, block: Block) -> None:
         raise NotImplementedError
+
+    def merge(self, other: "Accumulator") -> None:
+        """Add ``other``'s reductions (an accumulator with per-row outputs only has nothing to add)."""
 
     def finish(self) -> None:
         pass
+
+    def partial(self) -> "Accumulator":
+        """An empty partial of this pass (call right after ``start``): a pickled copy, as a worker receives it."""
+        return pickle.loads(pickle.dumps(self))
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_scratch") and k not in self.client_only}
+
+    def _scratch(self, name: str, shape, dtype, device):
+        """A reusable working tensor of this accumulator (not part of its state)."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", BlockBuffers())
+        return buffers.get(name, shape, dtype, device)
+
+
+def add_reductions(target: Accumulator, other: Accumulator, names) -> None:
+    """``target.name += other.name`` for each named reduction (tensors, arrays or numbers): the usual ``merge``."""
+    for name in names:
+        setattr(target, name, getattr(target, name) + getattr(other, name))
 
 
 @dataclass
@@ -39,58 +172,80 @@ class PassStats:
     bytes_read: int
 
 
-def stream(store, accumulators: list[Accumulator], columns: slice | None = None, device="auto",
-           progress=None, description: str = "pass", block_bytes: int = 128 * 1024**2) -> PassStats:
-    """Run one pass over ``store`` feeding every accumulator; returns what was read."""
-    import torch
+def iter_pass_blocks(store, columns: slice, device, block_rows: int, rows: slice | None = None):
+    """The pass's :class:`Block` objects over ``rows`` (default all), read ahead in a background thread, sharing
+    one set of reused buffers."""
+    buffers = BlockBuffers()
+    for raw in store.iter_blocks(columns=columns, rows=rows, block_rows=block_rows, device=device):
+        yield Block(raw.start, raw.stop, raw.data, buffers)
 
-    progress = progress or NullProgress()
-    device = resolve_device(device)
+
+def run_blocks(accumulators: list[Accumulator], blocks, progress_task=None) -> int:
+    """Feed every block to every accumulator (the in-process engine); returns the rows with NaN/Inf seen."""
+    nonfinite = 0
+    for block in blocks:
+        for acc in accumulators:
+            acc.update(block)
+        nonfinite += block.nonfinite
+        if progress_task is not None:
+            progress_task.advance(block.rows, nbytes=4 * block.values.shape[1] * block.rows)
+    return nonfinite
+
+
+def merged(partials: list[Accumulator]) -> Accumulator:
+    """One accumulator holding the reductions of all ``partials`` (merged left to right)."""
+    first, *rest = partials
+    for other in rest:
+        first.merge(other)
+    return first
+
+
+def pass_context(store, columns: slice | None, device, block_bytes: int = DEFAULT_BLOCK_BYTES) -> PassContext:
     columns = columns if columns is not None else slice(0, store.n_checkpoints)
     n_cols = columns.stop - columns.start
+    block_rows = max(1, min(store.default_block_rows(n_cols, block_bytes), max(store.n_rows, 1)))
+    return PassContext(store, columns, resolve_device(device), block_rows)
+
+
+def stream(store, accumulators: list[Accumulator], columns: slice | None = None, device="auto",
+           progress=None, description: str = "pass", block_bytes: int = DEFAULT_BLOCK_BYTES) -> PassStats:
+    """Run one pass over ``store`` feeding every accumulator (start, update per block, finish)."""
+    progress = progress or NullProgress()
+    ctx = pass_context(store, columns, device, block_bytes)
     for acc in accumulators:
-        acc.start(store, columns, device)
+        acc.start(ctx)
     started = time.perf_counter()
-    nonfinite = 0
-    with progress.task(description, total=store.n_rows, unit="rows") as task:
-        for block in store.iter_blocks(columns=columns, block_bytes=block_bytes, device=device):
-            data = block.data
-            # a row with NaN/Inf has a non-finite sum; one reduction finds them ~30x faster than an
-            # elementwise isfinite. Rows whose finite values overflow the sum are checked exactly.
-            finite = torch.isfinite(data.sum(dim=1))
-            if not bool(finite.all()):
-                suspect = (~finite).nonzero().squeeze(1)
-                finite[suspect] = torch.isfinite(data.index_select(0, suspect)).all(dim=1)
-            if not bool(finite.all()):
-                nonfinite += int((~finite).sum())
-                data = torch.where(finite[:, None], data, torch.zeros((), dtype=data.dtype, device=data.device))
-            for acc in accumulators:
-                acc.update(block.start, block.stop, data, finite)
-            task.advance(block.stop - block.start, nbytes=4 * n_cols * (block.stop - block.start))
+    with compute_threads(), progress.task(description, total=store.n_rows, unit="rows") as task:
+        nonfinite = run_blocks(accumulators, iter_pass_blocks(store, ctx.columns, ctx.device, ctx.block_rows), task)
     for acc in accumulators:
         acc.finish()
-    return PassStats(store.n_rows, nonfinite, time.perf_counter() - started, 4 * store.n_rows * n_cols)
+    return PassStats(store.n_rows, nonfinite, time.perf_counter() - started, 4 * store.n_rows * ctx.n_cols)
 
 
 class GramAccumulator(Accumulator):
-    """G = Wᵀ W over the window (T x T, float64), plus the column sums 1ᵀ W for centring."""
+    """G = Wᵀ W over the window (T x T, float64), plus the column sums 1ᵀ W for centring (design sec. 3.1).
 
-    def start(self, store, columns, device):
+    The block product is float64: a float32 product with float64 accumulation changes the DMD/PCA errors that
+    follow from G by up to 1.8e-4 relative on the benchmark data (bench/gram_precision.py, docs/performance.md),
+    because those errors are small differences of G's entries.
+    """
+
+    def start(self, ctx):
         import torch
 
-        n = columns.stop - columns.start
-        self.device = device
-        self.gram = torch.zeros((n, n), dtype=torch.float64, device=device)
-        self.column_sums = torch.zeros(n, dtype=torch.float64, device=device)
+        n = ctx.n_cols
+        self.gram = torch.zeros((n, n), dtype=torch.float64, device=ctx.device)
+        self.column_sums = torch.zeros(n, dtype=torch.float64, device=ctx.device)
         self.rows = 0
 
-    def update(self, start, stop, block, finite):
-        import torch
+    def update(self, block):
+        x = block.float64()
+        self.gram.addmm_(x.T, x)
+        self.column_sums += x.sum(dim=0)
+        self.rows += block.rows - block.nonfinite
 
-        block64 = block.to(torch.float64)
-        self.gram += block64.T @ block64
-        self.column_sums += block64.sum(dim=0)
-        self.rows += int(finite.sum())
+    def merge(self, other):
+        add_reductions(self, other, ("gram", "column_sums", "rows"))
 
     def finish(self):
         self.gram = self.gram.cpu().numpy()
@@ -103,21 +258,31 @@ class RowGather(Accumulator):
     def __init__(self, indices):
         self.indices = np.asarray(indices, dtype=np.int64)
 
-    def start(self, store, columns, device):
+    def start(self, ctx):
         self.order = np.argsort(self.indices, kind="stable")
         self.sorted = self.indices[self.order]
-        self.values = np.zeros((len(self.indices), columns.stop - columns.start), dtype=np.float32)
+        self.values = np.zeros((len(self.indices), ctx.n_cols), dtype=np.float32)
         self.finite = np.ones(len(self.indices), dtype=bool)
+        self.seen = np.zeros(len(self.indices), dtype=bool)
 
-    def update(self, start, stop, block, finite):
-        lo, hi = np.searchsorted(self.sorted, [start, stop])
+    def update(self, block):
+        lo, hi = np.searchsorted(self.sorted, [block.start, block.stop])
         if lo == hi:
             return
         import torch
 
-        local = torch.as_tensor(self.sorted[lo:hi] - start, device=block.device)
-        self.values[self.order[lo:hi]] = block.index_select(0, local).float().cpu().numpy()
-        self.finite[self.order[lo:hi]] = finite.index_select(0, local).cpu().numpy()
+        local = torch.as_tensor(self.sorted[lo:hi] - block.start, device=block.values.device)
+        positions = self.order[lo:hi]
+        self.values[positions] = block.values.index_select(0, local).cpu().numpy()
+        self.finite[positions] = block.finite.index_select(0, local).cpu().numpy()
+        self.seen[positions] = True
+
+    def merge(self, other):
+        # each row lies in one block: a partial contributes the rows its blocks held
+        taken = other.seen
+        self.values[taken] = other.values[taken]
+        self.finite[taken] = other.finite[taken]
+        self.seen |= taken
 
 
 @dataclass

@@ -79,14 +79,16 @@ class ResultWriter:
         self.group = zarr.open_group(store=LocalStore(self.path), mode="w")
         self.attrs: dict = {}
 
-    def create(self, key: str, shape, dtype, chunks=None) -> zarr.Array:
-        """An empty array to fill block by block (large per-row outputs)."""
+    def create(self, key: str, shape, dtype, chunks=None, compress: bool = True) -> zarr.Array:
+        """An empty array to fill block by block (large per-row outputs). ``compress=False`` keeps only the
+        crc32c checksum: dense float projections (PCA directions, DMD modes) shrink by ~10% under LZ4 at twice
+        the cost of writing them."""
         if chunks is None:
             rows = max(1, min(int(shape[0]) if shape else 1, (4 * 1024**2) // max(np.dtype(dtype).itemsize, 1)))
             chunks = (rows,) + tuple(shape[1:])
         return self.group.create_array(key, shape=tuple(shape), dtype=dtype, chunks=chunks,
-                                       compressors=compressors(), fill_value=0,
-                                       config={"write_empty_chunks": True})
+                                       compressors=compressors() if compress else compressors()[-1:],
+                                       fill_value=0, config={"write_empty_chunks": True})
 
     def put(self, key: str, value) -> None:
         value = np.asarray(value)
