@@ -15,6 +15,8 @@ from cmdtool.errors import StoreLockedError, UsageError
 from cmdtool.ingest import discover, parse_label
 from cmdtool.store import format as fmt
 from cmdtool.store.lock import file_lock
+from cmdtool.store.store import lock_path
+from cmdtool.store.store import lock_path
 
 from conftest import kill_after, release, spawn_waiting_child, write_checkpoints
 
@@ -182,7 +184,7 @@ def test_nan_and_inf_are_stored_and_counted(tmp_path):
 def test_second_writer_is_stopped_with_a_message(tmp_path):
     write_checkpoints(tmp_path / "ck", n_epochs=2)
     cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")
-    with file_lock(tmp_path / "s.zarr" / fmt.INGEST_LOCK, "test holder"):
+    with file_lock(lock_path(tmp_path / "s.zarr", fmt.INGEST_LOCK), "test holder"):
         with pytest.raises(StoreLockedError, match="in use by another cmdtool process"):
             cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")
 

@@ -9,6 +9,7 @@ allow-list of plain-data classes, :data:`SAFE_GLOBALS`), safetensors holds no co
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pickle
 import re
@@ -115,6 +116,8 @@ class OpenCheckpoint:
             raise CheckpointError(f"{source.path}: holds no tensors")
         if strip_prefixes:
             self._parts = [(strip_prefix(name, strip_prefixes), part) for name, part in self._parts]
+        self._by_name = dict(self._parts)
+        self._mapped = _MappedFiles(source.files)
 
     # -------------------------------------------------------------- formats
     def _open_torch(self, path: Path) -> None:
@@ -220,7 +223,15 @@ class OpenCheckpoint:
         return out
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._materialise(name, dict(self._parts)[name])
+        return self._materialise(name, self._by_name[name])
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Done reading ``tensor`` (a tensor of this checkpoint or a contiguous part of one): drop the pages it
+        was read from out of this process when they are a memory map of the checkpoint's files (a re-read maps
+        them again from the page cache). Without this, the mapped pages of every tensor read would stay in the
+        process's resident memory until the file is closed: a whole checkpoint."""
+        if tensor.is_contiguous() and tensor.numel():
+            self._mapped.release(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
     def tied(self) -> dict[str, str]:
         """{name: earlier name} for tensors that share storage with an earlier one (tied weights, e.g. a language
@@ -256,6 +267,7 @@ class OpenCheckpoint:
 
     def close(self) -> None:
         self._parts = []
+        self._by_name = {}
         self._handles = []
 
     def __enter__(self):
@@ -264,6 +276,67 @@ class OpenCheckpoint:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class _MappedFiles:
+    """The address ranges at which this process maps some files (``/proc/self/maps``), to hand pages of those
+    ranges back with ``madvise(MADV_DONTNEED)``. Only file-backed pages are ever released: for those the call
+    just unmaps them (the data stay in the file and the page cache); anonymous memory is never touched. Where
+    there is no ``/proc`` or no ``madvise`` (not Linux) nothing is released and reads work as before."""
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self, files):
+        self.files = {str(Path(f).resolve()) for f in files}
+        self.ranges: list[tuple[int, int]] | None = None
+
+    def _load(self) -> list[tuple[int, int]]:
+        ranges = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].rstrip("\n") in self.files:
+                        lo, hi = fields[0].split("-")
+                        ranges.append((int(lo, 16), int(hi, 16)))
+        except OSError:
+            pass
+        return ranges
+
+    def release(self, address: int, nbytes: int) -> None:
+        if self.ranges is None or not any(lo <= address < hi for lo, hi in self.ranges):
+            self.ranges = self._load()  # mapped lazily (a shard, a DCP file): look again
+        page = _page_size()
+        for lo, hi in self.ranges:
+            start, stop = max(lo, address // page * page), min(hi, -(-(address + nbytes) // page) * page)
+            if start < stop:
+                _madvise(start, stop - start, self._MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=1)
+def _page_size() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _madvise(address: int, length: int, advice: int) -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.madvise(address, length, advice)  # a failure only means the pages stay resident
 
 
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,

@@ -1,12 +1,23 @@
 """Streaming ingest of checkpoints into the trajectory store, in bounded memory, resumable after any crash.
 
-Memory: one buffer of ``Tc`` checkpoints (``Tc x N`` float32, sized by ``memory_budget``) plus the checkpoint
-being read. When the buffer is full it is written as whole chunks (one column of ``R x Tc`` chunks), then the
-time axis is committed. A crash loses at most the buffer; the next run re-reads those checkpoints.
+Memory: one buffer sized by ``memory_budget`` plus the largest tensor, never a whole checkpoint. Checkpoints are
+read tensor by tensor from memory maps (safetensors through ``safe_open``, torch zip files through
+``torch.load(mmap=True, weights_only=True)``), and the mapped pages of a tensor are dropped from the process once
+copied (:meth:`OpenCheckpoint.release`).
+
+- A budget that holds ``Tb >= 1`` whole checkpoints buffers ``Tb x N`` float32 and writes it as whole chunks (one
+  column of ``R x Tc`` chunks), then commits the time axis.
+- A checkpoint larger than the budget is streamed in row slabs of ``S`` rows (a multiple of the chunk rows):
+  each slab is filled from the tensors that overlap it and written, and the column is committed after its last
+  slab. The store then has ``Tc = 1``; ``cmdtool rechunk`` widens the chunks afterwards.
+
+A crash loses at most the uncommitted columns; the next run re-reads those checkpoints.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -23,8 +34,8 @@ from ..errors import CheckpointError, UsageError
 from ..progress import NullProgress
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
-from ..store.lock import file_lock, signals_deferred
-from ..store.store import TrajectoryStore, default_store_path, now_iso
+from ..store.lock import signals_deferred
+from ..store.store import TrajectoryStore, default_store_path, is_creatable, now_iso, store_lock
 from ..units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
@@ -146,18 +157,56 @@ def _prefix_hint(missing: list[str], extra: list[str]) -> str | None:
     return None
 
 
-def _fill(checkpoint: OpenCheckpoint, layout: Layout, row: np.ndarray, int_row: np.ndarray | None) -> None:
-    """Copy one checkpoint's values into a float32 row of the buffer (and its integers aside)."""
-    target = torch.from_numpy(row)
-    int_target = torch.from_numpy(int_row) if int_row is not None else None
-    for entry in layout.entries:
-        if entry.role in ("excluded", "tied"):
-            continue
-        tensor = checkpoint.tensor(entry.name).detach().reshape(-1)
-        if entry.role == "trajectory":
-            target[entry.offset:entry.stop].copy_(tensor)  # casts bf16/fp16/fp64 -> float32
-        else:
-            int_target[entry.offset:entry.stop].copy_(tensor)
+def _fill_rows(checkpoint: OpenCheckpoint, entries: list[TensorEntry], target: np.ndarray, start: int) -> None:
+    """Copy rows ``start .. start+len(target)`` of one checkpoint into ``target`` (float32), tensor by tensor
+    (``entries``: the trajectory entries in row order); a tensor that straddles the slab is copied in part, and
+    the pages it was read from are released at once, so memory never holds more than the slab and one tensor."""
+    stop = start + len(target)
+    out = torch.from_numpy(target)
+    first = bisect.bisect_right([e.stop for e in entries], start)
+    for entry in entries[first:]:
+        if entry.offset >= stop:
+            break
+        lo, hi = max(entry.offset, start) - entry.offset, min(entry.stop, stop) - entry.offset
+        part = checkpoint.tensor(entry.name).detach().reshape(-1)[lo:hi]
+        out[entry.offset + lo - start:entry.offset + hi - start].copy_(part)  # casts bf16/fp16/fp64 -> float32
+        checkpoint.release(part)
+
+
+def _fill_integers(checkpoint: OpenCheckpoint, layout: Layout, int_row: np.ndarray) -> None:
+    target = torch.from_numpy(int_row)
+    for entry in layout.integer_entries:
+        target[entry.offset:entry.stop].copy_(checkpoint.tensor(entry.name).detach().reshape(-1))
+
+
+def count_nonfinite(values: np.ndarray) -> int:
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """How ingest buffers: ``columns`` checkpoints of ``slab_rows`` rows each. ``slab_rows == n_rows`` when a
+    whole checkpoint fits the budget; otherwise one checkpoint at a time in slabs of whole chunk rows."""
+
+    columns: int
+    slab_rows: int
+    n_rows: int
+
+    @classmethod
+    def for_budget(cls, n_rows: int, chunk_shape: tuple[int, int], budget: int) -> "BufferPlan":
+        chunk_rows, chunk_columns = chunk_shape
+        if 4 * n_rows <= budget:
+            return cls(int(max(1, min(chunk_columns, budget // (4 * n_rows)))), n_rows, n_rows)
+        slab = max(chunk_rows, (budget // 4) // chunk_rows * chunk_rows)
+        return cls(1, int(min(slab, n_rows)), n_rows)
+
+    @property
+    def slabs(self) -> list[tuple[int, int]]:
+        return [(r, min(r + self.slab_rows, self.n_rows)) for r in range(0, self.n_rows, self.slab_rows)]
+
+    @property
+    def streaming(self) -> bool:
+        return self.slab_rows < self.n_rows
 
 
 def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None = None,
@@ -183,15 +232,14 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
         st = TrajectoryStore(store_path, mode="r+")
         lock = st.ingest_lock()
     else:
-        if store_path.exists() and any(p.name not in (fmt.INGEST_LOCK, fmt.RESULTS_LOCK)
-                                       for p in store_path.iterdir()):
+        if not is_creatable(store_path):
             raise UsageError(f"{store_path} exists and is not a trajectory store; choose another --store")
         st = None
         created_dir = not store_path.exists()
         discovery = discover(paths, label_pattern, ignore=(store_path,), skip=skip,  # check before creating
                              set_labels=set_labels)
         store_path.mkdir(parents=True, exist_ok=True)
-        lock = file_lock(store_path / fmt.INGEST_LOCK, f"store {store_path}")
+        lock = store_lock(store_path, fmt.INGEST_LOCK)
     try:
         with lock:
             if st is None and (store_path / "zarr.json").is_file():  # another ingest created it meanwhile
@@ -322,12 +370,17 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
             st = TrajectoryStore.create(store_path, layout, chunk_columns,
                                         extra={"ingest_options": options.to_json()})
         report.created = True
+    else:
+        st.drop_scratch_columns()  # columns a killed ingest left beyond the committed ones
     original_meta = dict(st.meta)
     try:
         _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix)
     except Exception:
         # A failure mid-stream (not a kill): publish the time axis as it was, so the store reads as before.
         st.group.attrs[fmt.ATTRS_KEY] = original_meta
+        st._load_attrs()
+        with contextlib.suppress(Exception):  # best effort (e.g. a full disk): the next ingest does it too
+            st.drop_scratch_columns()
         raise
     report.n_rows, report.n_checkpoints = st.n_rows, st.n_checkpoints
     report.seconds = time.perf_counter() - started
@@ -348,45 +401,64 @@ def _check_options(st: TrajectoryStore, options: IngestOptions) -> None:
 def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress,
             strip_prefix: tuple[str, ...]) -> None:
     layout = st.layout
+    entries = layout.trajectory_entries
     n_rows, n_int = layout.n_rows, layout.n_integer_rows
-    chunk_columns = st.chunk_shape[1]
-    # Buffer whole chunk columns when the budget allows; a smaller budget flushes partial chunks (slower).
-    buffer_columns = int(max(1, min(chunk_columns, budget // (4 * n_rows))))
-    buffer = np.empty((buffer_columns, n_rows), dtype=np.float32)
-    int_buffer = np.empty((buffer_columns, n_int), dtype=np.int64) if n_int else None
-    trajectories = st.trajectories
+    chunk_rows, chunk_columns = st.chunk_shape
+    plan = BufferPlan.for_budget(n_rows, st.chunk_shape, budget)
+    buffer = np.empty((plan.columns, plan.slab_rows), dtype=np.float32)
+    int_buffer = np.empty((plan.columns, n_int), dtype=np.int64) if n_int else None
     # rows per write call: whole chunk rows, about 16 MiB of transposed copy (enough chunks to keep zarr's
     # concurrent encoders busy)
-    write_rows = st.chunk_shape[0] * max(1, (16 * 1024**2) // (4 * buffer_columns * st.chunk_shape[0]))
-    integers = st.integer_values
+    write_rows = chunk_rows * max(1, (16 * 1024**2) // (4 * plan.columns * chunk_rows))
+    integers = st.integer_values  # the store's own array objects: resize_columns updates their shapes
+    trajectories = st.trajectories
     time_axis = list(st.time_axis)
     column = len(time_axis)
     pending: list[TimeRecord] = []
 
-    def flush():
+    def write_values(start: int, stop: int, first_column: int, n_columns: int) -> None:
+        """Buffer rows ``start..stop`` (a slab) of the first ``n_columns`` slots into the store."""
+        if trajectories.shape[1] < first_column + n_columns:
+            with signals_deferred():
+                st.resize_columns(first_column + n_columns)
+        # Write a few chunk rows at a time from a contiguous transposed copy: zarr would otherwise copy the
+        # whole (strided) buffer at once, doubling the memory the budget allows. An interrupt lands between
+        # two writes (columns past the committed ones are scratch until the commit).
+        for row in range(start, stop, write_rows):
+            row_stop = min(row + write_rows, stop)
+            block = np.ascontiguousarray(buffer[:n_columns, row - start:row_stop - start].T)
+            with signals_deferred():
+                trajectories[row:row_stop, first_column:first_column + n_columns] = block
+
+    def commit_pending(values_written: bool) -> None:
         nonlocal column, pending
         if not pending:
             return
         stop = column + len(pending)
-        if trajectories.shape[1] < stop:
-            with signals_deferred():
-                trajectories.resize((n_rows, stop))
-                if integers is not None:
-                    integers.resize((n_int, stop))
-        # Write a few chunk rows at a time from a contiguous transposed copy: zarr would otherwise copy the
-        # whole (strided) buffer at once, doubling the memory the budget allows. An interrupt lands between
-        # two writes (columns past the committed ones are scratch until the commit).
-        for row in range(0, n_rows, write_rows):
-            row_stop = min(row + write_rows, n_rows)
-            block = np.ascontiguousarray(buffer[:len(pending), row:row_stop].T)
-            with signals_deferred():
-                trajectories[row:row_stop, column:stop] = block
+        if not values_written:
+            write_values(0, n_rows, column, len(pending))
         with signals_deferred():
             if integers is not None:
                 integers[:, column:stop] = int_buffer[:len(pending)].T
+            st.write_labels(column, [r.label for r in pending])
             st.commit(time_axis + pending)  # the commit point: these checkpoints now count as ingested
         time_axis.extend(pending)
         column, pending = stop, []
+
+    def read_checkpoint(source: CheckpointSource, slot: int, target_column: int | None) -> int:
+        """Fill buffer slot ``slot`` from ``source``; when streaming, write each slab to ``target_column`` as
+        soon as it is filled. Returns the NaN/Inf count."""
+        nonfinite = 0
+        with OpenCheckpoint(source, strip_prefix) as checkpoint:
+            for start, stop in plan.slabs:
+                values = buffer[slot, :stop - start]
+                _fill_rows(checkpoint, entries, values, start)
+                nonfinite += count_nonfinite(values)
+                if target_column is not None:
+                    write_values(start, stop, target_column, 1)
+            if int_buffer is not None:
+                _fill_integers(checkpoint, layout, int_buffer[slot])
+        return nonfinite
 
     total = len(new_sources) + len(replace)
     with ThreadPoolExecutor(max_workers=1) as hasher, \
@@ -394,37 +466,34 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
         for source in new_sources:
             digest = hasher.submit(file_digest, source.files)
             slot = len(pending)
-            with OpenCheckpoint(source, strip_prefix) as checkpoint:
-                _fill(checkpoint, layout, buffer[slot], int_buffer[slot] if int_buffer is not None else None)
-            record = _record(source, digest.result(), buffer[slot])
+            nonfinite = read_checkpoint(source, slot, column if plan.streaming else None)
+            record = _record(source, digest.result(), nonfinite)
             pending.append(record)
             _account(report, record, source)
             report.added.append(source.label)
             task.advance(1, nbytes=record.size)
             # flush at chunk-column boundaries so that chunks are written whole
-            if (column + len(pending)) % chunk_columns == 0 or len(pending) == buffer_columns:
-                flush()
-        flush()
+            if plan.streaming or (column + len(pending)) % chunk_columns == 0 or len(pending) == plan.columns:
+                commit_pending(values_written=plan.streaming)
+        commit_pending(values_written=plan.streaming)
         for col, source in replace:
             digest = hasher.submit(file_digest, source.files)
-            row = np.empty(n_rows, dtype=np.float32)
-            int_row = np.empty(n_int, dtype=np.int64) if n_int else None
-            with OpenCheckpoint(source, strip_prefix) as checkpoint:
-                _fill(checkpoint, layout, row, int_row)
-            record = _record(source, digest.result(), row)
-            time_axis[col] = record
-            with signals_deferred():  # a replaced column is committed data: write and commit together
-                trajectories[:, col] = row
+            # a replaced column is committed data: its writes and the commit go together, uninterrupted
+            with signals_deferred():
+                nonfinite = read_checkpoint(source, 0, col if plan.streaming else None)
+                if not plan.streaming:
+                    write_values(0, n_rows, col, 1)
                 if integers is not None:
-                    integers[:, col] = int_row
+                    integers[:, col] = int_buffer[0]
+                record = _record(source, digest.result(), nonfinite)
+                time_axis[col] = record
                 st.commit(time_axis)
             _account(report, record, source)
             report.replaced.append(source.label)
             task.advance(1, nbytes=record.size)
 
 
-def _record(source: CheckpointSource, digest: str, values: np.ndarray) -> TimeRecord:
-    nonfinite = int(values.size - np.count_nonzero(np.isfinite(values)))
+def _record(source: CheckpointSource, digest: str, nonfinite: int) -> TimeRecord:
     extra = {"folder": str(source.folder.resolve())} if source.folder is not None else {}
     return TimeRecord(label=int(source.label), source=str(source.path.resolve()), size=source.size,
                       mtime=source.mtime, sha256=digest, ingested_at=now_iso(), nonfinite=nonfinite, extra=extra)
