@@ -316,6 +316,7 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
         progress.note(note)
 
     if st is not None:
+        st.drop_scratch_columns()  # columns a killed ingest left beyond the committed ones
         _check_options(st, options)
         options = IngestOptions(options.include, options.exclude, options.buffers, options.label_pattern,
                                 options.strip_prefix or store_strip_prefixes(st))
@@ -370,8 +371,6 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
             st = TrajectoryStore.create(store_path, layout, chunk_columns,
                                         extra={"ingest_options": options.to_json()})
         report.created = True
-    else:
-        st.drop_scratch_columns()  # columns a killed ingest left beyond the committed ones
     original_meta = dict(st.meta)
     try:
         _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix)

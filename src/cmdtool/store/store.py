@@ -130,6 +130,11 @@ class TrajectoryStore:
 
     def _open_group(self) -> None:
         self._arrays: dict[str, zarr.Array] = {}  # opened once: a read would otherwise re-parse the metadata
+        self._generation = None
+        if self.mode != "r":
+            from .rechunk import recover_swap
+
+            recover_swap(self.path)
         try:
             self.group = open_zarr_group(self.path, "r" if self.mode == "r" else "r+")
         except Exception as exc:  # zarr raises many types for a broken group
@@ -185,8 +190,27 @@ class TrajectoryStore:
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            self._arrays[name] = _writable(self.group[name])
+            if name == fmt.TRAJECTORIES:
+                self._generation = self._array_generation()
+            try:
+                self._arrays[name] = _writable(self.group[name])
+            except KeyError:
+                # a rechunk killed between its two renames: read the complete staged copy (a writer's open
+                # finishes the swap)
+                from .rechunk import STAGED_ARRAYS, _staging_complete
+
+                staged = self.path / fmt.STAGING
+                if name not in STAGED_ARRAYS or not _staging_complete(staged):
+                    raise
+                self._arrays[name] = _writable(open_zarr_group(staged, "r")[name])
         return self._arrays[name]
+
+    def _array_generation(self) -> int | None:
+        """Identity of the ``trajectories`` folder: a rechunk swaps in another one (chunk files of another grid)."""
+        try:
+            return os.stat(self.path / fmt.TRAJECTORIES).st_ino
+        except OSError:
+            return None
 
     @property
     def trajectories(self) -> zarr.Array:
@@ -231,8 +255,12 @@ class TrajectoryStore:
 
     # ----------------------------------------------------------------- reading
     def _read(self, rows: slice, cols: slice) -> np.ndarray:
+        array = self.trajectories
+        if self._array_generation() != self._generation:  # one stat per block
+            raise StoreError(f"store {self.path} was rechunked while this command was reading it; "
+                             f"run the command again")
         try:
-            return self.trajectories[rows, cols]
+            return array[rows, cols]
         except ValueError as exc:
             if "checksum" in str(exc).lower():
                 raise CorruptionError(
@@ -397,7 +425,7 @@ def is_creatable(path: Path) -> bool:
 
 
 def create_column_arrays(path: Path, n_rows: int, n_integer_rows: int, chunks: tuple[int, int], codec: str,
-                         n_columns: int = 0) -> None:
+                         n_columns: int = 0, with_epoch: bool = True) -> None:
     """``trajectories`` (and ``integer_values``) with their dimension names, and the ``epoch`` coordinate,
     ``n_columns`` wide, in the folder ``path`` (a store, or a rechunk's staging group). Overwrites what a killed
     creation left there."""
@@ -410,7 +438,8 @@ def create_column_arrays(path: Path, n_rows: int, n_integer_rows: int, chunks: t
         zarr.create_array(store=zarr_store(path / fmt.INTEGER_VALUES), shape=(n_integer_rows, n_columns),
                           chunks=(n_integer_rows, chunk_columns), dtype="int64", compressors=compressors(codec),
                           fill_value=0, dimension_names=fmt.DIMS_INTEGER_VALUES, overwrite=True)
-    create_epoch_coordinate(path, n_columns)
+    if with_epoch:
+        create_epoch_coordinate(path, n_columns)
 
 
 def create_epoch_coordinate(path: Path, n_columns: int) -> zarr.Array:
