@@ -69,7 +69,7 @@ def file_digest(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as handle:
-            while chunk := handle.read(8 * 1024**2):
+            while chunk := handle.read(1024**2):
                 digest.update(chunk)
     return digest.hexdigest()
 
