@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -225,6 +226,17 @@ class OpenCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         return self._materialise(name, self._by_name[name])
 
+    def read_into(self, name: str, start: int, stop: int, out) -> None:
+        """Elements ``start:stop`` of tensor ``name`` (flattened) into the float32 numpy array ``out``. A float32
+        tensor mapped from the checkpoint's file is read with ``pread`` (a kernel copy: no page faults, nothing
+        left resident); anything else is copied from memory, converting the dtype, and its pages released."""
+        part = self.tensor(name).detach().reshape(-1)[start:stop]
+        if part.dtype == torch.float32 and part.is_contiguous() and part.numel() and \
+                self._mapped.read_into(part.data_ptr(), out):
+            return
+        torch.from_numpy(out).copy_(part)  # casts bf16/fp16/fp64 -> float32
+        self.release(part)
+
     def release(self, tensor: torch.Tensor) -> None:
         """Done reading ``tensor`` (a tensor of this checkpoint or a contiguous part of one): drop the pages it
         was read from out of this process when they are a memory map of the checkpoint's files (a re-read maps
@@ -266,6 +278,8 @@ class OpenCheckpoint:
             yield name, self._materialise(name, part)
 
     def close(self) -> None:
+        if hasattr(self, "_mapped"):
+            self._mapped.close()
         self._parts = []
         self._by_name = {}
         self._handles = []
@@ -279,18 +293,20 @@ class OpenCheckpoint:
 
 
 class _MappedFiles:
-    """The address ranges at which this process maps some files (``/proc/self/maps``), to hand pages of those
-    ranges back with ``madvise(MADV_DONTNEED)``. Only file-backed pages are ever released: for those the call
-    just unmaps them (the data stay in the file and the page cache); anonymous memory is never touched. Where
-    there is no ``/proc`` or no ``madvise`` (not Linux) nothing is released and reads work as before."""
+    """Where this process maps some files (``/proc/self/maps``): to read a mapped tensor's bytes with ``pread``
+    instead of page faults, and to hand mapped pages back with ``madvise(MADV_DONTNEED)``. Only file-backed pages
+    are ever released: for those the call just unmaps them (the data stay in the file and the page cache);
+    anonymous memory is never touched. Where there is no ``/proc`` (not Linux) neither is used and reads go
+    through the mapping as before."""
 
     _MADV_DONTNEED = 4
 
     def __init__(self, files):
         self.files = {str(Path(f).resolve()) for f in files}
-        self.ranges: list[tuple[int, int]] | None = None
+        self.ranges: list[tuple[int, int, int, str]] | None = None  # (start, stop, file offset, path)
+        self.descriptors: dict[str, int] = {}
 
-    def _load(self) -> list[tuple[int, int]]:
+    def _load(self) -> list[tuple[int, int, int, str]]:
         ranges = []
         try:
             with open("/proc/self/maps") as maps:
@@ -298,19 +314,44 @@ class _MappedFiles:
                     fields = line.split(maxsplit=5)
                     if len(fields) == 6 and fields[5].rstrip("\n") in self.files:
                         lo, hi = fields[0].split("-")
-                        ranges.append((int(lo, 16), int(hi, 16)))
+                        ranges.append((int(lo, 16), int(hi, 16), int(fields[2], 16), fields[5].rstrip("\n")))
         except OSError:
             pass
         return ranges
 
-    def release(self, address: int, nbytes: int) -> None:
-        if self.ranges is None or not any(lo <= address < hi for lo, hi in self.ranges):
+    def _ranges_at(self, address: int) -> list[tuple[int, int, int, str]]:
+        if self.ranges is None or not any(lo <= address < hi for lo, hi, _, _ in self.ranges):
             self.ranges = self._load()  # mapped lazily (a shard, a DCP file): look again
+        return self.ranges
+
+    def read_into(self, address: int, out) -> bool:
+        """Fill the writable buffer ``out`` with the mapped bytes at ``address`` by reading the file; False when
+        they are not (wholly) in a mapping of these files."""
+        nbytes = memoryview(out).nbytes
+        for lo, hi, file_offset, path in self._ranges_at(address):
+            if lo <= address and address + nbytes <= hi:
+                if path not in self.descriptors:
+                    self.descriptors[path] = os.open(path, os.O_RDONLY)
+                view, offset = memoryview(out).cast("B"), file_offset + address - lo
+                while view.nbytes:
+                    done = os.preadv(self.descriptors[path], [view], offset)
+                    if done <= 0:
+                        return False
+                    view, offset = view[done:], offset + done
+                return True
+        return False
+
+    def release(self, address: int, nbytes: int) -> None:
         page = _page_size()
-        for lo, hi in self.ranges:
+        for lo, hi, _, _ in self._ranges_at(address):
             start, stop = max(lo, address // page * page), min(hi, -(-(address + nbytes) // page) * page)
             if start < stop:
                 _madvise(start, stop - start, self._MADV_DONTNEED)
+
+    def close(self) -> None:
+        for fd in self.descriptors.values():
+            os.close(fd)
+        self.descriptors = {}
 
 
 @functools.lru_cache(maxsize=1)

@@ -29,6 +29,10 @@ STAGING = "staging"
 # Target uncompressed chunk payload; rows per chunk follow from the column count.
 TARGET_CHUNK_BYTES = 8 * 1024**2
 MAX_CHUNK_COLUMNS = 256
+# The row blocks the analyses read (TrajectoryStore.default_block_rows): chunk rows are capped so that a block of
+# whole chunk rows over every column stays about this size.
+READ_BLOCK_BYTES = 128 * 1024**2
+DIGEST = "xxh3_128"  # content hash of every ingested file (docs/performance.md, "Ingest": measured against sha256)
 # Codecs a store can be written with (`--codec`): both keep the crc32c checksum of every chunk.
 CODECS = ("lz4", "none")
 DEFAULT_CODEC = "lz4"

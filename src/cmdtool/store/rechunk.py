@@ -24,12 +24,9 @@ from ..progress import NullProgress
 from ..units import parse_size
 from . import format as fmt
 from .lock import signals_deferred
-from .store import TrajectoryStore, codec_of, create_column_arrays, open_zarr_group
+from .store import TrajectoryStore, codec_of, create_column_arrays, default_chunk_rows, open_zarr_group
 
 STAGED_ARRAYS = (fmt.TRAJECTORIES, fmt.INTEGER_VALUES)
-# Rows of a block read by the analyzers' passes (store.default_block_rows); chunk rows are chosen so that a
-# block is a whole number of chunk rows that spans every column.
-READ_BLOCK_BYTES = 128 * 1024**2
 
 
 def default_chunk_shape(n_rows: int, n_columns: int, chunk_columns: int | None = None,
@@ -37,7 +34,7 @@ def default_chunk_shape(n_rows: int, n_columns: int, chunk_columns: int | None =
     """Chunks for the analyzers' read pattern (row blocks over all columns): as wide as the columns
     (at most :data:`~cmdtool.store.format.MAX_CHUNK_COLUMNS`), about ``target_chunk_bytes`` each."""
     columns = int(max(1, min(chunk_columns or n_columns, fmt.MAX_CHUNK_COLUMNS)))
-    rows = int(max(64, target_chunk_bytes // (4 * columns)))
+    rows = default_chunk_rows(columns, n_columns, target_chunk_bytes)
     return int(min(rows, max(n_rows, 1))), columns
 
 

@@ -388,6 +388,7 @@ class TrajectoryStore:
         chunk_columns = int(max(1, min(chunk_columns, fmt.MAX_CHUNK_COLUMNS)))
         if chunk_rows is None:
             chunk_rows = int(max(64, target_chunk_bytes // (4 * chunk_columns)))
+            chunk_rows = min(chunk_rows, default_chunk_rows(chunk_columns, chunk_columns, target_chunk_bytes))
         chunk_rows = int(min(chunk_rows, max(n_rows, 1)))
         create_column_arrays(path, n_rows, layout.n_integer_rows, (chunk_rows, chunk_columns), codec)
         write_row_coordinates(path, layout, codec)
@@ -422,6 +423,16 @@ def is_creatable(path: Path) -> bool:
         return True
     return path.is_dir() and not (path / "zarr.json").exists() and \
         all(p.name in _CREATION_ENTRIES for p in path.iterdir())
+
+
+def default_chunk_rows(chunk_columns: int, n_columns: int, target_chunk_bytes: int = fmt.TARGET_CHUNK_BYTES) -> int:
+    """Rows per chunk for the analyses' read pattern (row blocks over every column): about
+    ``target_chunk_bytes`` per chunk, but never more rows than a read block over all ``n_columns`` holds
+    (``R x T x 4 <= READ_BLOCK_BYTES``), since a block is a whole number of chunk rows. Without that cap a
+    narrow chunk (``Tc = 1``: 2M rows) would make the smallest block over 90 columns 720 MB."""
+    rows = target_chunk_bytes // (4 * max(chunk_columns, 1))
+    rows = min(rows, fmt.READ_BLOCK_BYTES // (4 * max(n_columns, chunk_columns, 1)))
+    return int(max(64, rows))
 
 
 def create_column_arrays(path: Path, n_rows: int, n_integer_rows: int, chunks: tuple[int, int], codec: str,
@@ -505,7 +516,7 @@ def from_array(path: str | os.PathLike, trajectories: np.ndarray, labels=None,
     store.resize_columns(n_cols)
     store.trajectories[:, :] = values
     store.write_labels(0, labels)
-    axis = [TimeRecord(label=label, source="<array>", size=4 * n_rows, mtime=0.0, sha256="", ingested_at=now_iso(),
+    axis = [TimeRecord(label=label, source="<array>", size=4 * n_rows, mtime=0.0, digest="", ingested_at=now_iso(),
                        nonfinite=int(values[:, i].size - np.count_nonzero(np.isfinite(values[:, i]))))
             for i, label in enumerate(labels)]
     store.commit(axis)
