@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from cmdtool.errors import UsageError
-from cmdtool.ingest import ingest as run_ingest
-from cmdtool.ingest.ingest import DEFAULT_MEMORY_BUDGET
+from cmdtool.store import format as fmt
 from cmdtool.units import format_bytes
 
 from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
@@ -41,8 +40,14 @@ def register(app: typer.Typer) -> None:
                                           "(repeatable). They are copied from the source at reconstruction."),
         buffers: bool = typer.Option(True, "--buffers/--no-buffers",
                                      help="Store BatchNorm running statistics as trajectories too."),
-        memory_budget: str = typer.Option(DEFAULT_MEMORY_BUDGET, "--memory-budget",
-                                          help="Memory for buffering checkpoints before a write, e.g. 512MiB, 4G."),
+        memory_budget: str = typer.Option(fmt.DEFAULT_MEMORY_BUDGET, "--memory-budget",
+                                          help="Memory for buffering checkpoints before a write, e.g. 512MiB, 4G. "
+                                          "Peak memory is about this plus the largest tensor: a checkpoint "
+                                          "larger than the budget is streamed through in row slabs."),
+        codec: str = typer.Option(None, "--codec", help="Chunk codec of a new store: lz4 (bit-shuffled LZ4) or "
+                                  "none; both keep crc32c checksums. Default: " + fmt.DEFAULT_CODEC + " (measured "
+                                  "in docs/performance.md). Change it later with `cmdtool rechunk --codec`.",
+                                  show_default=False),
         force: bool = typer.Option(False, "--force", help="Replace epochs whose file content changed since "
                                    "they were ingested (otherwise an error)."),
         quiet: bool = QuietOption,
@@ -54,10 +59,13 @@ def register(app: typer.Typer) -> None:
 
         Examples: cmdtool ingest ckpts/ --store run.zarr; cmdtool ingest hf_run/ (its checkpoint-N/ folders); cmdtool ingest lightning/checkpoints --skip 'best*'.
         """  # noqa: E501 (one line per paragraph: rich re-wraps help text to the terminal)
+        from cmdtool.ingest import ingest as run_ingest
+
         report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
                             exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,
                             progress=progress_for(quiet or as_json), skip=tuple(skip),
-                            set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix))
+                            set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix),
+                            codec=codec)
         if as_json:
             print_json(report.to_json())
             return

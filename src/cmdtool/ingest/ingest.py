@@ -41,7 +41,7 @@ from ..units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
 
-DEFAULT_MEMORY_BUDGET = "1GiB"
+DEFAULT_MEMORY_BUDGET = fmt.DEFAULT_MEMORY_BUDGET
 
 
 @dataclass
@@ -219,8 +219,11 @@ class BufferPlan:
     @staticmethod
     def chunk_columns_for(n_rows: int, budget: int, n_checkpoints: int) -> int:
         """Chunk width of a new store: what one of the two buffers holds (so chunk columns are written whole),
-        but no wider than this first batch needs (padding a chunk costs encode time and disk)."""
-        return int(max(1, min(budget // (8 * n_rows), fmt.MAX_CHUNK_COLUMNS, max(n_checkpoints, 32))))
+        split evenly over this first batch (150 checkpoints at a cap of 134 make two chunk columns of 75, not
+        134 + 16 with 118 columns of padding, which costs encode time and, uncompressed, disk)."""
+        cap = int(max(1, min(budget // (8 * n_rows), fmt.MAX_CHUNK_COLUMNS)))
+        wanted = max(n_checkpoints, 32)
+        return int(min(cap, -(-wanted // -(-wanted // cap))))
 
     @property
     def slabs(self) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 FORMAT_VERSION = 2
 DEFAULT_STORE = "cmdtool.zarr"
+DEFAULT_MEMORY_BUDGET = "1GiB"   # ingest's and rechunk's --memory-budget
 STORE_ENV_VAR = "CMDTOOL_STORE"
 
 ATTRS_KEY = "cmdtool"            # root-group attribute holding layout, time axis and format version
