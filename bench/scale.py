@@ -22,7 +22,7 @@ Sizes (``--size``; several separated by commas):
   resnet18  11,699,112 x 150 ResNet-18's tensors (11.69M parameters + BatchNorm running statistics)
   40m       40,000,000 x 150 generic
   vitb16    86,567,656 x 90  ViT-B/16's tensors (patch embedding, 12 blocks, head)
-  N:T       any generic size, e.g. 4000000:150
+  N:T       any generic size, e.g. 4000000:150; PRESET:T a preset's shapes with T checkpoints (vitb16:4)
 
 Disk: checkpoints and the store of the largest size at once (vitb16: 31 GB of checkpoints + ~31 GB of store);
 ``--groups G`` writes and ingests the checkpoints in G groups (appending), deleting each group once ingested,
@@ -107,10 +107,11 @@ def size_spec(name: str) -> tuple[str, dict, int]:
     presets = {"smoke": (generic_shapes(50_000), 12), "1m": (generic_shapes(1_000_000), 150),
                "resnet18": (resnet18_shapes(), 150), "40m": (generic_shapes(40_000_000), 150),
                "vitb16": (vit_b16_shapes(), 90)}
-    if name in presets:
-        return (name, *presets[name])
-    n, _, t = name.partition(":")
-    return name.replace(":", "x"), generic_shapes(int(float(n))), int(t or 150)
+    base, _, t = name.partition(":")
+    if base in presets:  # a preset, optionally with another checkpoint count: vitb16:4
+        shapes, default_t = presets[base]
+        return name.replace(":", "x"), shapes, int(t or default_t)
+    return name.replace(":", "x"), generic_shapes(int(float(base))), int(t or 150)
 
 
 def n_params(shapes: dict) -> int:

@@ -30,8 +30,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"[bold]{summary['store']}[/bold] (format v{summary['format_version']}, "
                       f"revision {summary['revision']})")
         if summary["format_version"] < FORMAT_VERSION:
-            console.print(f"  [yellow]note:[/yellow] an older store format: `cmdtool migrate` (or any command that "
-                          f"writes) upgrades it so that xarray and dask can open it")
+            console.print("  [yellow]note:[/yellow] an older store format: `cmdtool migrate` (or any command that "
+                          "writes) upgrades it so that xarray and dask can open it")
         console.print(f"  parameters   {summary['parameters']:,} in {summary['tensors']} tensors "
                       f"(+{summary['integer_tensors']} integer tensors kept aside"
                       + (f", {len(summary['excluded_tensors'])} excluded" if summary['excluded_tensors'] else "")

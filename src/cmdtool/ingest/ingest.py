@@ -37,6 +37,7 @@ from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kin
 from ..store.lock import signals_deferred
 from ..store.store import (TrajectoryStore, codec_of, default_chunk_rows, default_store_path, is_creatable, now_iso,
                            store_lock)
+from ..threads import one_torch_thread
 from ..units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
@@ -429,22 +430,9 @@ def _check_options(st: TrajectoryStore, options: IngestOptions) -> None:
                              f"appending with {key}={value} would change its rows (use a new --store)")
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """The copies of ingest are memory-bound: one torch thread does them at full speed, while several contend
-    with the hash thread and zarr's encoders (measured: 150 copies of 4 MB took 0.03 s with one thread and
-    1.4 s with two on the 2-core machine under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress,
             strip_prefix: tuple[str, ...]) -> None:
-    with _one_torch_thread():
+    with one_torch_thread():  # the copies are memory-bound; more threads contend with the writer and hasher
         _stream_columns(st, new_sources, replace, budget, report, progress, strip_prefix)
 
 
