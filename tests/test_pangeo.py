@@ -135,3 +135,14 @@ def test_migrate_command(v1_copy):
     assert '"from_version": 1' in result.output
     result = CliRunner().invoke(app, ["migrate", "--store", str(v1_copy)])
     assert result.exit_code == 0 and "already" in result.output
+
+
+def test_verify_checks_the_coordinates(ingested):
+    from cmdtool.store.verify import verify_store
+
+    store, _ = ingested
+    assert verify_store(store).ok
+    writable = cmdtool.open_store(store.path, mode="r+")
+    writable.write_labels(0, [11])  # a label that disagrees with the time axis
+    report = verify_store(cmdtool.open_store(store.path))
+    assert [d.array for d in report.damage] == ["epoch"] and "differ" in report.damage[0].problem
