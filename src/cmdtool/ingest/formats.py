@@ -307,16 +307,21 @@ class _MappedFiles:
         self.descriptors: dict[str, int] = {}
 
     def _load(self) -> list[tuple[int, int, int, str]]:
-        ranges = []
+        """The lines of ``/proc/self/maps`` that end with one of the files (found by string search: the file
+        has thousands of lines once torch is loaded, and is read once per checkpoint)."""
         try:
             with open("/proc/self/maps") as maps:
-                for line in maps:
-                    fields = line.split(maxsplit=5)
-                    if len(fields) == 6 and fields[5].rstrip("\n") in self.files:
-                        lo, hi = fields[0].split("-")
-                        ranges.append((int(lo, 16), int(hi, 16), int(fields[2], 16), fields[5].rstrip("\n")))
+                text = maps.read()
         except OSError:
-            pass
+            return []
+        ranges = []
+        for path in self.files:
+            at = text.find(f" {path}\n")
+            while at >= 0:
+                fields = text[text.rfind("\n", 0, at) + 1:at].split()  # address perms offset dev inode
+                lo, hi = fields[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16), int(fields[2], 16), path))
+                at = text.find(f" {path}\n", at + 1)
         return ranges
 
     def _ranges_at(self, address: int) -> list[tuple[int, int, int, str]]:
