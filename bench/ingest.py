@@ -10,6 +10,9 @@ and peak RSS are the step's own (imports excluded; "wall" adds the interpreter s
 - one bare read pass over each resulting store (the floor of every analysis),
 - the content hashes on the same files (sha256 and xxh3_128; blake3 when installed).
 
+``--repeat K`` runs K rounds of those steps in turn (floor, ingest and read per codec) and reports the fastest
+of each, with every run listed.
+
 Usage: python bench/ingest.py [--run synthetic|trained] [--params N | --width W] [--checkpoints T]
                               [--format pt|safetensors] [--codecs lz4,none] [--budget 1GiB] [--dir DIR] [--keep]
 """
@@ -82,22 +85,13 @@ def make_trained_run(folder: Path, width: int, n_checkpoints: int, suffix: str) 
         save({k: v.clone() for k, v in model.state_dict().items()}, folder / f"epoch_{epoch:03d}{suffix}")
 
 
-REPEAT = 1  # --repeat: each step runs this many times (fresh processes); the fastest run is reported
-
-
-def measured(code: str, setup: str = "") -> dict:
-    """The fastest of REPEAT runs of ``code`` (``setup`` runs before each, untimed, e.g. removing a store)."""
-    best = None
-    for _ in range(REPEAT):
-        if setup:
-            exec(setup)
-        started = time.perf_counter()
-        result = _measure.run_measured(code, preamble="import torch, zarr, numpy\nimport cmdtool")  # imports untimed
-        if "error" in result:
-            raise SystemExit(f"benchmark step failed: {result['error']}")
-        result["wall"] = time.perf_counter() - started
-        best = result if best is None or result["seconds"] < best["seconds"] else best
-    return best
+def measured(code: str) -> dict:
+    started = time.perf_counter()
+    result = _measure.run_measured(code, preamble="import torch, zarr, numpy\nimport cmdtool")  # imports untimed
+    if "error" in result:
+        raise SystemExit(f"benchmark step failed: {result['error']}")
+    result["wall"] = time.perf_counter() - started
+    return result
 
 
 def folder_bytes(path: Path) -> int:
@@ -115,13 +109,11 @@ def main() -> None:
     parser.add_argument("--budget", default="1GiB")
     parser.add_argument("--dir", type=Path, default=ROOT / "bench-out" / "ingest")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and stores afterwards")
-    parser.add_argument("--repeat", type=int, default=1, help="run each step this many times, report the fastest "
-                        "(the development machine is a VM whose first use of fresh memory is slow and noisy)")
+    parser.add_argument("--repeat", type=int, default=1, help="run every step this many rounds (each round runs the "
+                        "steps in turn), report the fastest and list all (the development machine is noisy)")
     parser.add_argument("--chunk-sweep", default="", help="also rechunk the first store to these chunk widths "
                         "(e.g. 1,8,32,150; rows: cmdtool's default for each width) and time a bare read of each")
     args = parser.parse_args()
-    global REPEAT
-    REPEAT = args.repeat
 
     suffix = "." + args.format
     size = args.params if args.run == "synthetic" else args.width
@@ -137,33 +129,53 @@ def main() -> None:
 
     loader = ("from safetensors.torch import load_file as load" if args.format == "safetensors" else
               "load = lambda p: torch.load(p, map_location='cpu', weights_only=True)")
-    floor = measured(f"""
+    codecs = args.codecs.split(",")
+    steps = {"floor": f"""
         from pathlib import Path
         {loader}
         for p in sorted(Path({str(ckpts)!r}).glob("*{suffix}")):
             for v in load(p).values():
                 v.sum()  # touch the data
-    """)
+    """}
+    for codec in codecs:
+        store = str(args.dir / f"store-{codec}.zarr")
+        steps[f"ingest {codec}"] = f"""
+            import shutil
+            shutil.rmtree({store!r}, ignore_errors=True)
+            started = time.perf_counter()  # the removal of the previous round's store is not timed
+            report = cmdtool.ingest([{str(ckpts)!r}], {store!r}, memory_budget={args.budget!r}, codec={codec!r})
+            result["seconds"] = time.perf_counter() - started
+            result["chunks"] = list(cmdtool.open_store({store!r}).chunk_shape)
+        """
+        steps[f"read {codec}"] = f"""
+            for block in cmdtool.open_store({store!r}).iter_blocks():
+                pass
+        """
+    # Rounds of every step in turn (the machine's state drifts: a step is compared with the others of its round),
+    # and the fastest of the rounds reported.
+    runs: dict[str, list[dict]] = {name: [] for name in steps}
+    for _ in range(args.repeat):
+        for name, code in steps.items():
+            runs[name].append(measured(code))
+    best = {name: min(results, key=lambda r: r["seconds"]) for name, results in runs.items()}
+    floor = best["floor"]
+
+    def seconds(name: str) -> str:
+        return ", ".join(f"{r['seconds']:.2f}" for r in runs[name]) if args.repeat > 1 else ""
+
     print(f"{'torch.load of every checkpoint':40s} {floor['seconds']:6.2f} s (wall {floor['wall']:5.1f})  "
-          f"{mb / floor['seconds']:6.0f} MB/s  peak RSS {floor['peak_rss_mb']:5.0f} MB")
-    for codec in args.codecs.split(","):
+          f"{mb / floor['seconds']:6.0f} MB/s  peak RSS {floor['peak_rss_mb']:5.0f} MB  {seconds('floor')}")
+    for codec in codecs:
+        res, read = best[f"ingest {codec}"], best[f"read {codec}"]
         store = args.dir / f"store-{codec}.zarr"
-        res = measured(f"""
-            report = cmdtool.ingest([{str(ckpts)!r}], {str(store)!r}, memory_budget={args.budget!r}, codec={codec!r})
-            result["chunks"] = list(cmdtool.open_store({str(store)!r}).chunk_shape)
-        """, setup=f"shutil.rmtree({str(store)!r}, ignore_errors=True)")
         on_disk = folder_bytes(store / "trajectories")
         raw = 4 * cmdtool_rows(store) * len(files)
         print(f"{'cmdtool ingest --codec ' + codec:40s} {res['seconds']:6.2f} s (wall {res['wall']:5.1f})  "
               f"{mb / res['seconds']:6.0f} MB/s  peak RSS {res['peak_rss_mb']:5.0f} MB  "
               f"{res['seconds'] / floor['seconds']:5.2f}x torch.load  chunks {res['chunks'][0]}x{res['chunks'][1]}  "
-              f"store {on_disk / 1e6:,.0f} MB, ratio {raw / on_disk:.3f}")
-        read = measured(f"""
-            s = cmdtool.open_store({str(store)!r})
-            for block in s.iter_blocks():
-                pass
-        """)
-        print(f"{'  bare read pass, ' + codec:40s} {read['seconds']:6.2f} s  peak RSS {read['peak_rss_mb']:5.0f} MB")
+              f"store {on_disk / 1e6:,.0f} MB, ratio {raw / on_disk:.3f}  {seconds('ingest ' + codec)}")
+        print(f"{'  bare read pass, ' + codec:40s} {read['seconds']:6.2f} s  peak RSS {read['peak_rss_mb']:5.0f} MB"
+              f"  {seconds('read ' + codec)}")
     if args.chunk_sweep:
         source = args.dir / f"store-{args.codecs.split(',')[0]}.zarr"
         for width in [int(w) for w in args.chunk_sweep.split(",")]:
