@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cmdtool.store import open_store
 from cmdtool.store.format import FORMAT_VERSION
 from cmdtool.store.summary import summarize
 from cmdtool.units import format_bytes
@@ -21,6 +20,8 @@ def register(app: typer.Typer) -> None:
         """Summarise a store: parameters, tensors, checkpoints, sizes, NaN/Inf counts and saved analyses.
         Tied tensors (one storage under two names, e.g. an output layer tied to the embedding) are listed and
         counted once, with the alias noted."""
+        from cmdtool.store import open_store  # zarr: imported only when a command needs it
+
         summary = summarize(open_store(store))
         if as_json:
             print_json(summary)

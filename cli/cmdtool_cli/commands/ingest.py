@@ -8,6 +8,7 @@ import typer
 
 from cmdtool.errors import UsageError
 from cmdtool.store import format as fmt
+from cmdtool.store.format import INGEST_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
 from cmdtool.units import format_bytes
 
 from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
@@ -40,7 +41,7 @@ def register(app: typer.Typer) -> None:
                                           "(repeatable). They are copied from the source at reconstruction."),
         buffers: bool = typer.Option(True, "--buffers/--no-buffers",
                                      help="Store BatchNorm running statistics as trajectories too."),
-        memory_budget: str = typer.Option(fmt.DEFAULT_MEMORY_BUDGET, "--memory-budget",
+        memory_budget: str = typer.Option(DEFAULT_MEMORY_BUDGET, "--memory-budget",
                                           help="Memory for buffering checkpoints before a write, e.g. 512MiB, 4G. "
                                           "Peak memory is about this plus the largest tensor: a checkpoint "
                                           "larger than the budget is streamed through in row slabs."),
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
 
         Examples: cmdtool ingest ckpts/ --store run.zarr; cmdtool ingest hf_run/ (its checkpoint-N/ folders); cmdtool ingest lightning/checkpoints --skip 'best*'.
         """  # noqa: E501 (one line per paragraph: rich re-wraps help text to the terminal)
-        from cmdtool.ingest import ingest as run_ingest
+        from cmdtool.ingest import ingest as run_ingest  # torch: imported only when a command needs it
 
         report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
                             exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,

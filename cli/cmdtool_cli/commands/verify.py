@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from cmdtool.store import open_store
-from cmdtool.store.verify import verify_store
-
 from ..common import JsonOption, QuietOption, StoreOption, console, fail, handle_errors, print_json, progress_for
 
 
@@ -15,6 +12,9 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def verify(store: str = StoreOption, quiet: bool = QuietOption, as_json: bool = JsonOption):
         """Check a whole store: decode every chunk (crc32c checksums) and look for missing chunks and unreadable results. Exit code 1 if anything is damaged."""  # noqa: E501
+        from cmdtool.store import open_store
+        from cmdtool.store.verify import verify_store
+
         st = open_store(store)
         report = verify_store(st, progress=progress_for(quiet or as_json))
         if as_json:

@@ -42,7 +42,7 @@ from ..units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
 
-DEFAULT_MEMORY_BUDGET = fmt.DEFAULT_MEMORY_BUDGET
+DEFAULT_MEMORY_BUDGET = fmt.INGEST_MEMORY_BUDGET
 
 
 @dataclass
@@ -409,8 +409,7 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
         _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix)
     except Exception:
         # A failure mid-stream (not a kill): publish the time axis as it was, so the store reads as before.
-        st.group.attrs[fmt.ATTRS_KEY] = original_meta
-        st._load_attrs()
+        st.restore(original_meta)
         with contextlib.suppress(Exception):  # best effort (e.g. a full disk): the next ingest does it too
             st.drop_scratch_columns()
         raise

@@ -2,7 +2,6 @@
 
 FORMAT_VERSION = 2
 DEFAULT_STORE = "cmdtool.zarr"
-DEFAULT_MEMORY_BUDGET = "1GiB"   # ingest's and rechunk's --memory-budget
 STORE_ENV_VAR = "CMDTOOL_STORE"
 
 ATTRS_KEY = "cmdtool"            # root-group attribute holding layout, time axis and format version
@@ -30,6 +29,7 @@ STAGING = "staging"
 # Target uncompressed chunk payload; rows per chunk follow from the column count.
 TARGET_CHUNK_BYTES = 8 * 1024**2
 MAX_CHUNK_COLUMNS = 256
+INGEST_MEMORY_BUDGET = "1GiB"    # default buffer of checkpoints written together (`ingest --memory-budget`; rechunk's)
 # The row blocks the analyses read (TrajectoryStore.default_block_rows): chunk rows are capped so that a block of
 # whole chunk rows over every column stays about this size.
 READ_BLOCK_BYTES = 128 * 1024**2

@@ -57,7 +57,7 @@ class RechunkReport:
 
 
 def rechunk(path=None, chunk_rows: int | None = None, chunk_columns: int | None = None, codec: str | None = None,
-            memory_budget: str | int = fmt.DEFAULT_MEMORY_BUDGET, progress=None) -> RechunkReport:
+            memory_budget: str | int = fmt.INGEST_MEMORY_BUDGET, progress=None) -> RechunkReport:
     """Rewrite the store at ``path`` with chunks ``(chunk_rows, chunk_columns)`` (default: every committed column,
     ~8 MiB per chunk) and ``codec`` (default: the store's). Holds the store's ingest lock throughout."""
     from .summary import folder_bytes

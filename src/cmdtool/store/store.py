@@ -341,6 +341,12 @@ class TrajectoryStore:
         self.group.attrs[fmt.ATTRS_KEY] = meta
         self._load_attrs()
 
+    def restore(self, meta: dict) -> None:
+        """Publish metadata read earlier (a copy of ``store.meta``) again, as one atomic write: after a failed
+        write the store reads exactly as it did then (revision included)."""
+        self.group.attrs[fmt.ATTRS_KEY] = meta
+        self._load_attrs()
+
     def _column_arrays(self) -> list[zarr.Array]:
         arrays = [self.trajectories, self.epoch_coordinate]
         return arrays + ([self.integer_values] if self.integer_values is not None else [])
