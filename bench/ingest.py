@@ -94,6 +94,37 @@ def measured(code: str) -> dict:
     return result
 
 
+PROFILE = """
+import collections, shutil, sys, threading
+import numpy as np, zarr.core.array
+ingest_module = sys.modules["cmdtool.ingest.ingest"]
+from cmdtool.ingest import formats
+totals = collections.defaultdict(float)
+
+def timed(owner, name, label):
+    function = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            thread = "main" if threading.current_thread() is threading.main_thread() else "worker"
+            totals[f"{label} ({thread})"] += time.perf_counter() - started
+    setattr(owner, name, wrapper)
+
+timed(ingest_module, "_fill_rows", "fill buffers")
+timed(ingest_module, "count_nonfinite", "NaN/Inf count")
+timed(ingest_module, "file_digest", "content digest")
+timed(formats.OpenCheckpoint, "__init__", "open checkpoints")
+timed(np, "ascontiguousarray", "transposed copy")
+timed(zarr.core.array.Array, "__setitem__", "zarr writes")
+shutil.rmtree(STORE, ignore_errors=True)
+cmdtool.ingest([CKPTS], STORE)
+result.update(totals)
+"""
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -111,6 +142,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and stores afterwards")
     parser.add_argument("--repeat", type=int, default=1, help="run every step this many rounds (each round runs the "
                         "steps in turn), report the fastest and list all (the development machine is noisy)")
+    parser.add_argument("--profile", action="store_true", help="also time where one ingest spends its time, per "
+                        "thread (main: reading; worker: the writer and the hash threads)")
     parser.add_argument("--chunk-sweep", default="", help="also rechunk the first store to these chunk widths "
                         "(e.g. 1,8,32,150; rows: cmdtool's default for each width) and time a bare read of each")
     args = parser.parse_args()
@@ -176,6 +209,12 @@ def main() -> None:
               f"store {on_disk / 1e6:,.0f} MB, ratio {raw / on_disk:.3f}  {seconds('ingest ' + codec)}")
         print(f"{'  bare read pass, ' + codec:40s} {read['seconds']:6.2f} s  peak RSS {read['peak_rss_mb']:5.0f} MB"
               f"  {seconds('read ' + codec)}")
+    if args.profile:
+        store = args.dir / "store-profile.zarr"
+        res = measured(f"CKPTS, STORE = {str(ckpts)!r}, {str(store)!r}\n" + PROFILE)
+        print(f"{'profile of one ingest':40s} {res['seconds']:6.2f} s: " + ", ".join(
+            f"{k} {v:.2f} s" for k, v in sorted(res.items(), key=lambda kv: -kv[1] if isinstance(kv[1], float)
+                                                else 0) if "(" in k))
     if args.chunk_sweep:
         source = args.dir / f"store-{args.codecs.split(',')[0]}.zarr"
         for width in [int(w) for w in args.chunk_sweep.split(",")]:
