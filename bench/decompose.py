@@ -61,7 +61,7 @@ def build_store(path: Path, rows: int, cols: int, modes: int, noise: float, seed
                  + rng.normal(0, 1, (n, 1)))
         block += noise * rng.normal(size=block.shape) * block.std(axis=1, keepdims=True)
         store.trajectories[r0:r1, :] = block.astype(np.float32)
-    axis = [TimeRecord(label=i + 1, source="<synthetic>", size=4 * rows, mtime=0.0, sha256="",
+    axis = [TimeRecord(label=i + 1, source="<synthetic>", size=4 * rows, mtime=0.0, digest="",
                        ingested_at=now_iso()) for i in range(cols)]
     store.commit(axis)
 

@@ -15,6 +15,8 @@ from cmdtool.errors import StoreLockedError, UsageError
 from cmdtool.ingest import discover, parse_label
 from cmdtool.store import format as fmt
 from cmdtool.store.lock import file_lock
+from cmdtool.store.store import lock_path
+from cmdtool.store.store import lock_path
 
 from conftest import kill_after, release, spawn_waiting_child, write_checkpoints
 
@@ -182,14 +184,14 @@ def test_nan_and_inf_are_stored_and_counted(tmp_path):
 def test_second_writer_is_stopped_with_a_message(tmp_path):
     write_checkpoints(tmp_path / "ck", n_epochs=2)
     cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")
-    with file_lock(tmp_path / "s.zarr" / fmt.INGEST_LOCK, "test holder"):
+    with file_lock(lock_path(tmp_path / "s.zarr", fmt.INGEST_LOCK), "test holder"):
         with pytest.raises(StoreLockedError, match="in use by another cmdtool process"):
             cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")
 
 
 def test_memory_budget_sets_chunk_columns(tmp_path):
     write_checkpoints(tmp_path / "ck", n_epochs=6)
-    cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr", memory_budget=4 * 1506 * 4)
+    cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr", memory_budget=8 * 1506 * 4)  # two buffers of 4
     assert cmdtool.open_store(tmp_path / "s.zarr").chunk_shape[1] == 4
 
 
@@ -203,7 +205,7 @@ cmdtool.ingest([sys.argv[1]], sys.argv[2], memory_budget=sys.argv[3])
 
 def _store_values(store_path):
     store = cmdtool.open_store(store_path)
-    return store.labels.tolist(), read_all(store), [r.sha256 for r in store.time_axis]
+    return store.labels.tolist(), read_all(store), [r.digest for r in store.time_axis]
 
 
 def committed_checkpoints(store_path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from cmdtool.store.format import FORMAT_VERSION
 from cmdtool.store.summary import summarize
 from cmdtool.units import format_bytes
 
@@ -29,6 +30,9 @@ def register(app: typer.Typer) -> None:
         ratio = summary["compression_ratio"]
         console.print(f"[bold]{summary['store']}[/bold] (format v{summary['format_version']}, "
                       f"revision {summary['revision']})")
+        if summary["format_version"] < FORMAT_VERSION:
+            console.print("  [yellow]note:[/yellow] an older store format: `cmdtool migrate` (or any command that "
+                          "writes) upgrades it so that xarray and dask can open it")
         console.print(f"  parameters   {summary['parameters']:,} in {summary['tensors']} tensors "
                       f"(+{summary['integer_tensors']} integer tensors kept aside"
                       + (f", {len(summary['excluded_tensors'])} excluded" if summary['excluded_tensors'] else "")
@@ -37,7 +41,11 @@ def register(app: typer.Typer) -> None:
                       + ")")
         console.print(f"  checkpoints  {summary['checkpoints']} (epochs {labels['first']}..{labels['last']})")
         console.print(f"  source dtype {', '.join(summary['source_dtypes'])}; stored float32, chunks "
-                      f"{summary['chunk_shape'][0]} x {summary['chunk_shape'][1]}")
+                      f"{summary['chunk_shape'][0]} x {summary['chunk_shape'][1]} ({summary['codec']})")
+        if summary["rechunk_suggested"]:
+            console.print(f"  [yellow]note:[/yellow] each chunk holds {summary['chunk_shape'][1]} of "
+                          f"{summary['checkpoints']} checkpoints; `cmdtool rechunk` rewrites them for the analyses' "
+                          f"row-block reads (docs/store.md)")
         console.print(f"  on disk      {format_bytes(summary['bytes_on_disk'])} (trajectories "
                       f"{format_bytes(summary['trajectory_bytes_on_disk'])}, raw "
                       f"{format_bytes(summary['bytes_raw_float32'])}"

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from cmdtool.errors import UsageError
+from cmdtool.store import format as fmt
 from cmdtool.store.format import INGEST_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
 from cmdtool.units import format_bytes
 
@@ -41,7 +42,13 @@ def register(app: typer.Typer) -> None:
         buffers: bool = typer.Option(True, "--buffers/--no-buffers",
                                      help="Store BatchNorm running statistics as trajectories too."),
         memory_budget: str = typer.Option(DEFAULT_MEMORY_BUDGET, "--memory-budget",
-                                          help="Memory for buffering checkpoints before a write, e.g. 512MiB, 4G."),
+                                          help="Memory for buffering checkpoints before a write, e.g. 512MiB, 4G. "
+                                          "Peak memory is about this plus the largest tensor: a checkpoint "
+                                          "larger than the budget is streamed through in row slabs."),
+        codec: str = typer.Option(None, "--codec", help="Chunk codec of a new store: lz4 (bit-shuffled LZ4) or "
+                                  "none; both keep crc32c checksums. Default: " + fmt.DEFAULT_CODEC + " (measured "
+                                  "in docs/performance.md). Change it later with `cmdtool rechunk --codec`.",
+                                  show_default=False),
         force: bool = typer.Option(False, "--force", help="Replace epochs whose file content changed since "
                                    "they were ingested (otherwise an error)."),
         quiet: bool = QuietOption,
@@ -58,7 +65,8 @@ def register(app: typer.Typer) -> None:
         report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
                             exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,
                             progress=progress_for(quiet or as_json), skip=tuple(skip),
-                            set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix))
+                            set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix),
+                            codec=codec)
         if as_json:
             print_json(report.to_json())
             return

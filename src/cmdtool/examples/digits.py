@@ -14,13 +14,14 @@ not model (``--bn-stats``), which is one of the things these runs measure.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..threads import one_torch_thread
 
 
 @dataclass
@@ -64,15 +65,8 @@ def shift_augment(images: torch.Tensor, generator: torch.Generator, max_shift: i
     return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny convolutions are dominated by thread start-up: one thread trains ~20x faster than two here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# Tiny convolutions are dominated by thread start-up: one thread trains ~20x faster than two here.
+_one_thread = one_torch_thread
 
 
 def make_model(seed: int = 0) -> nn.Module:

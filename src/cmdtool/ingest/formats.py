@@ -9,7 +9,9 @@ allow-list of plain-data classes, :data:`SAFE_GLOBALS`), safetensors holds no co
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -115,6 +117,8 @@ class OpenCheckpoint:
             raise CheckpointError(f"{source.path}: holds no tensors")
         if strip_prefixes:
             self._parts = [(strip_prefix(name, strip_prefixes), part) for name, part in self._parts]
+        self._by_name = dict(self._parts)
+        self._mapped = _MappedFiles(source.files)
 
     # -------------------------------------------------------------- formats
     def _open_torch(self, path: Path) -> None:
@@ -220,7 +224,26 @@ class OpenCheckpoint:
         return out
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._materialise(name, dict(self._parts)[name])
+        return self._materialise(name, self._by_name[name])
+
+    def read_into(self, name: str, start: int, stop: int, out) -> None:
+        """Elements ``start:stop`` of tensor ``name`` (flattened) into the float32 numpy array ``out``. A float32
+        tensor mapped from the checkpoint's file is read with ``pread`` (a kernel copy: no page faults, nothing
+        left resident); anything else is copied from memory, converting the dtype, and its pages released."""
+        part = self.tensor(name).detach().reshape(-1)[start:stop]
+        if part.dtype == torch.float32 and part.is_contiguous() and part.numel() and \
+                self._mapped.read_into(part.data_ptr(), out):
+            return
+        torch.from_numpy(out).copy_(part)  # casts bf16/fp16/fp64 -> float32
+        self.release(part)
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Done reading ``tensor`` (a tensor of this checkpoint or a contiguous part of one): drop the pages it
+        was read from out of this process when they are a memory map of the checkpoint's files (a re-read maps
+        them again from the page cache). Without this, the mapped pages of every tensor read would stay in the
+        process's resident memory until the file is closed: a whole checkpoint."""
+        if tensor.is_contiguous() and tensor.numel():
+            self._mapped.release(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
     def tied(self) -> dict[str, str]:
         """{name: earlier name} for tensors that share storage with an earlier one (tied weights, e.g. a language
@@ -255,7 +278,10 @@ class OpenCheckpoint:
             yield name, self._materialise(name, part)
 
     def close(self) -> None:
+        if hasattr(self, "_mapped"):
+            self._mapped.close()
         self._parts = []
+        self._by_name = {}
         self._handles = []
 
     def __enter__(self):
@@ -264,6 +290,99 @@ class OpenCheckpoint:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class _MappedFiles:
+    """Where this process maps some files (``/proc/self/maps``): to read a mapped tensor's bytes with ``pread``
+    instead of page faults, and to hand mapped pages back with ``madvise(MADV_DONTNEED)``. Only file-backed pages
+    are ever released: for those the call just unmaps them (the data stay in the file and the page cache);
+    anonymous memory is never touched. Where there is no ``/proc`` (not Linux) neither is used and reads go
+    through the mapping as before."""
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self, files):
+        self.files = {str(Path(f).resolve()) for f in files}
+        self.ranges: list[tuple[int, int, int, str]] | None = None  # (start, stop, file offset, path)
+        self.descriptors: dict[str, int] = {}
+
+    def _load(self) -> list[tuple[int, int, int, str]]:
+        """The lines of ``/proc/self/maps`` that end with one of the files (found by string search: the file
+        has thousands of lines once torch is loaded, and is read once per checkpoint)."""
+        try:
+            with open("/proc/self/maps") as maps:
+                text = maps.read()
+        except OSError:
+            return []
+        ranges = []
+        for path in self.files:
+            at = text.find(f" {path}\n")
+            while at >= 0:
+                fields = text[text.rfind("\n", 0, at) + 1:at].split()  # address perms offset dev inode
+                lo, hi = fields[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16), int(fields[2], 16), path))
+                at = text.find(f" {path}\n", at + 1)
+        return ranges
+
+    def _ranges_at(self, address: int) -> list[tuple[int, int, int, str]]:
+        if self.ranges is None or not any(lo <= address < hi for lo, hi, _, _ in self.ranges):
+            self.ranges = self._load()  # mapped lazily (a shard, a DCP file): look again
+        return self.ranges
+
+    def read_into(self, address: int, out) -> bool:
+        """Fill the writable buffer ``out`` with the mapped bytes at ``address`` by reading the file; False when
+        they are not (wholly) in a mapping of these files."""
+        nbytes = memoryview(out).nbytes
+        for lo, hi, file_offset, path in self._ranges_at(address):
+            if lo <= address and address + nbytes <= hi:
+                if path not in self.descriptors:
+                    self.descriptors[path] = os.open(path, os.O_RDONLY)
+                view, offset = memoryview(out).cast("B"), file_offset + address - lo
+                while view.nbytes:
+                    done = os.preadv(self.descriptors[path], [view], offset)
+                    if done <= 0:
+                        return False
+                    view, offset = view[done:], offset + done
+                return True
+        return False
+
+    def release(self, address: int, nbytes: int) -> None:
+        page = _page_size()
+        for lo, hi, _, _ in self._ranges_at(address):
+            start, stop = max(lo, address // page * page), min(hi, -(-(address + nbytes) // page) * page)
+            if start < stop:
+                _madvise(start, stop - start, self._MADV_DONTNEED)
+
+    def close(self) -> None:
+        for fd in self.descriptors.values():
+            os.close(fd)
+        self.descriptors = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _page_size() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _madvise(address: int, length: int, advice: int) -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.madvise(address, length, advice)  # a failure only means the pages stay resident
 
 
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,

@@ -1,12 +1,23 @@
 """Streaming ingest of checkpoints into the trajectory store, in bounded memory, resumable after any crash.
 
-Memory: one buffer of ``Tc`` checkpoints (``Tc x N`` float32, sized by ``memory_budget``) plus the checkpoint
-being read. When the buffer is full it is written as whole chunks (one column of ``R x Tc`` chunks), then the
-time axis is committed. A crash loses at most the buffer; the next run re-reads those checkpoints.
+Memory: one buffer sized by ``memory_budget`` plus the largest tensor, never a whole checkpoint. Checkpoints are
+read tensor by tensor from memory maps (safetensors through ``safe_open``, torch zip files through
+``torch.load(mmap=True, weights_only=True)``), and the mapped pages of a tensor are dropped from the process once
+copied (:meth:`OpenCheckpoint.release`).
+
+- A budget that holds ``Tb >= 1`` whole checkpoints buffers ``Tb x N`` float32 and writes it as whole chunks (one
+  column of ``R x Tc`` chunks), then commits the time axis.
+- A checkpoint larger than the budget is streamed in row slabs of ``S`` rows (a multiple of the chunk rows):
+  each slab is filled from the tensors that overlap it and written, and the column is committed after its last
+  slab. The store then has ``Tc = 1``; ``cmdtool rechunk`` widens the chunks afterwards.
+
+A crash loses at most the uncommitted columns; the next run re-reads those checkpoints.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -23,8 +34,10 @@ from ..errors import CheckpointError, UsageError
 from ..progress import NullProgress
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
-from ..store.lock import file_lock, signals_deferred
-from ..store.store import TrajectoryStore, default_store_path, now_iso
+from ..store.lock import signals_deferred
+from ..store.store import (TrajectoryStore, codec_of, default_chunk_rows, default_store_path, is_creatable, now_iso,
+                           store_lock)
+from ..threads import one_torch_thread
 from ..units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
@@ -53,14 +66,23 @@ class IngestReport:
                 "seconds": round(self.seconds, 3), "n_rows": self.n_rows, "n_checkpoints": self.n_checkpoints}
 
 
-def file_digest(files: list[Path]) -> str:
-    """sha256 over the files' bytes (in order); hashlib releases the GIL, so this runs beside the conversion."""
-    digest = hashlib.sha256()
+def file_digest(files: list[Path], algorithm: str = fmt.DIGEST) -> str:
+    """``"<algorithm>:<hex>"`` over the files' bytes (in order), in a thread beside the conversion (both
+    hashes release the GIL). xxh3_128 by default: 11 GB/s against sha256's 1.4 GB/s on the development machine
+    (docs/performance.md); ``sha256`` still checks format-1 records."""
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        digest = xxhash.xxh3_128()
+    elif algorithm == "sha256":
+        digest = hashlib.sha256()
+    else:
+        raise ValueError(f"unknown digest {algorithm!r}")
     for path in files:
         with open(path, "rb") as handle:
-            while chunk := handle.read(8 * 1024**2):
+            while chunk := handle.read(1024**2):
                 digest.update(chunk)
-    return digest.hexdigest()
+    return f"{algorithm}:{digest.hexdigest()}"
 
 
 def build_layout(infos, source: CheckpointSource, include=(), exclude=(), buffers: bool = True) -> Layout:
@@ -146,30 +168,86 @@ def _prefix_hint(missing: list[str], extra: list[str]) -> str | None:
     return None
 
 
-def _fill(checkpoint: OpenCheckpoint, layout: Layout, row: np.ndarray, int_row: np.ndarray | None) -> None:
-    """Copy one checkpoint's values into a float32 row of the buffer (and its integers aside)."""
-    target = torch.from_numpy(row)
-    int_target = torch.from_numpy(int_row) if int_row is not None else None
-    for entry in layout.entries:
-        if entry.role in ("excluded", "tied"):
-            continue
-        tensor = checkpoint.tensor(entry.name).detach().reshape(-1)
-        if entry.role == "trajectory":
-            target[entry.offset:entry.stop].copy_(tensor)  # casts bf16/fp16/fp64 -> float32
-        else:
-            int_target[entry.offset:entry.stop].copy_(tensor)
+def _fill_rows(checkpoint: OpenCheckpoint, entries: list[TensorEntry], target: np.ndarray, start: int) -> None:
+    """Copy rows ``start .. start+len(target)`` of one checkpoint into ``target`` (float32), tensor by tensor
+    (``entries``: the trajectory entries in row order); a tensor that straddles the slab is copied in part, and
+    the pages it was read from are released at once, so memory never holds more than the slab and one tensor."""
+    stop = start + len(target)
+    first = bisect.bisect_right([e.stop for e in entries], start)
+    for entry in entries[first:]:
+        if entry.offset >= stop:
+            break
+        lo, hi = max(entry.offset, start) - entry.offset, min(entry.stop, stop) - entry.offset
+        checkpoint.read_into(entry.name, lo, hi, target[entry.offset + lo - start:entry.offset + hi - start])
+
+
+def _fill_integers(checkpoint: OpenCheckpoint, layout: Layout, int_row: np.ndarray) -> None:
+    target = torch.from_numpy(int_row)
+    for entry in layout.integer_entries:
+        target[entry.offset:entry.stop].copy_(checkpoint.tensor(entry.name).detach().reshape(-1))
+
+
+def count_nonfinite(values: np.ndarray) -> int:
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """How ingest buffers: ``buffers`` buffers of ``columns`` checkpoints x ``slab_rows`` rows each.
+
+    - Two buffers when the budget holds two checkpoints: one is filled from the files while a writer thread
+      encodes and writes the other (reading and writing overlap on two cores).
+    - One buffer of one checkpoint when only one fits.
+    - A checkpoint larger than the budget: one checkpoint at a time in slabs of whole chunk rows
+      (``slab_rows < n_rows``)."""
+
+    buffers: int
+    columns: int
+    slab_rows: int
+    n_rows: int
+
+    @classmethod
+    def for_budget(cls, n_rows: int, chunk_shape: tuple[int, int], budget: int) -> "BufferPlan":
+        chunk_rows, chunk_columns = chunk_shape
+        per_column = 4 * n_rows
+        if 2 * per_column <= budget:
+            return cls(2, int(max(1, min(chunk_columns, budget // (2 * per_column)))), n_rows, n_rows)
+        if per_column <= budget:
+            return cls(1, 1, n_rows, n_rows)
+        slab = max(chunk_rows, (budget // 4) // chunk_rows * chunk_rows)
+        return cls(1, 1, int(min(slab, n_rows)), n_rows)
+
+    @staticmethod
+    def chunk_columns_for(n_rows: int, budget: int, n_checkpoints: int) -> int:
+        """Chunk width of a new store: what one of the two buffers holds (so chunk columns are written whole),
+        split evenly over this first batch (150 checkpoints at a cap of 134 make two chunk columns of 75, not
+        134 + 16 with 118 columns of padding, which costs encode time and, uncompressed, disk)."""
+        cap = int(max(1, min(budget // (8 * n_rows), fmt.MAX_CHUNK_COLUMNS)))
+        wanted = max(n_checkpoints, 32)
+        return int(min(cap, -(-wanted // -(-wanted // cap))))
+
+    @property
+    def slabs(self) -> list[tuple[int, int]]:
+        return [(r, min(r + self.slab_rows, self.n_rows)) for r in range(0, self.n_rows, self.slab_rows)]
+
+    @property
+    def streaming(self) -> bool:
+        return self.slab_rows < self.n_rows
 
 
 def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None = None,
            include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), buffers: bool = True,
            memory_budget: str | int = DEFAULT_MEMORY_BUDGET, force: bool = False, progress=None,
            skip: tuple[str, ...] = (), set_labels: dict | None = None,
-           strip_prefix: tuple[str, ...] = ()) -> IngestReport:
+           strip_prefix: tuple[str, ...] = (), codec: str | None = None) -> IngestReport:
     """Stream the checkpoints under ``paths`` into the store (created if needed). See ``cmdtool ingest --help``.
 
     ``skip``: globs of files/folders to leave out; ``set_labels``: {path: label} for checkpoints whose name has
     no label (taken too); ``strip_prefix``: prefixes removed from tensor names where present (``module.``).
+    ``codec``: the chunk codec of a new store (``lz4`` or ``none``; default :data:`fmt.DEFAULT_CODEC`).
     docs/formats.md describes the layouts and the label rule."""
+    if codec is not None and codec not in fmt.CODECS:
+        raise UsageError(f"unknown codec {codec!r}: choose one of {', '.join(fmt.CODECS)}")
     progress = progress or NullProgress()
     started = time.perf_counter()
     budget = parse_size(memory_budget)
@@ -183,15 +261,14 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
         st = TrajectoryStore(store_path, mode="r+")
         lock = st.ingest_lock()
     else:
-        if store_path.exists() and any(p.name not in (fmt.INGEST_LOCK, fmt.RESULTS_LOCK)
-                                       for p in store_path.iterdir()):
+        if not is_creatable(store_path):
             raise UsageError(f"{store_path} exists and is not a trajectory store; choose another --store")
         st = None
         created_dir = not store_path.exists()
         discovery = discover(paths, label_pattern, ignore=(store_path,), skip=skip,  # check before creating
                              set_labels=set_labels)
         store_path.mkdir(parents=True, exist_ok=True)
-        lock = file_lock(store_path / fmt.INGEST_LOCK, f"store {store_path}")
+        lock = store_lock(store_path, fmt.INGEST_LOCK)
     try:
         with lock:
             if st is None and (store_path / "zarr.json").is_file():  # another ingest created it meanwhile
@@ -201,7 +278,11 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
                 discovery = discover(paths, label_pattern, first_free_label=first_free, ignore=(store_path,),
                                      skip=skip, set_labels=set_labels)
             options = IngestOptions(tuple(include), tuple(exclude), buffers, label_pattern, tuple(strip_prefix))
-            return _ingest_locked(discovery, st, store_path, report, options, budget, force, progress, started)
+            if st is not None and codec is not None and codec != codec_of(st.trajectories):
+                raise UsageError(f"store {store_path} is written with codec {codec_of(st.trajectories)}; appending "
+                                 f"keeps it (change it with `cmdtool rechunk --codec {codec}`)")
+            return _ingest_locked(discovery, st, store_path, report, options, budget, force, progress, started,
+                                  codec)
     except BaseException as exc:
         # A first ingest that fails before its first commit leaves no store behind. Committed checkpoints are
         # never deleted, and an interrupt (SIGINT, SIGTERM) leaves exactly what a SIGKILL at that moment would:
@@ -262,12 +343,13 @@ def open_recorded_source(store, column: int) -> OpenCheckpoint:
 
 
 def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, budget, force, progress,
-                   started) -> IngestReport:
+                   started, codec: str | None = None) -> IngestReport:
     report.skipped = discovery.skipped
     for note in discovery.skipped:
         progress.note(note)
 
     if st is not None:
+        st.drop_scratch_columns()  # columns a killed ingest left beyond the committed ones
         _check_options(st, options)
         options = IngestOptions(options.include, options.exclude, options.buffers, options.label_pattern,
                                 options.strip_prefix or store_strip_prefixes(st))
@@ -282,8 +364,7 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
             if source.size == record.size and source.mtime == record.mtime:
                 report.unchanged.append(source.label)
                 continue
-            digest = file_digest(source.files)
-            if digest == record.sha256:
+            if file_digest(source.files, record.digest.partition(":")[0] or fmt.DIGEST) == record.digest:
                 report.unchanged.append(source.label)
                 continue
             if not force:
@@ -317,9 +398,10 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
     if st is None:
         # As wide as the budget allows, but no wider than this first batch needs (padding a chunk costs
         # compression time and disk); later appends add chunk columns of the same width.
-        chunk_columns = max(1, min(budget // (4 * n_rows), fmt.MAX_CHUNK_COLUMNS, max(len(new_sources), 32)))
+        chunk_columns = BufferPlan.chunk_columns_for(n_rows, budget, len(new_sources))
         with signals_deferred():  # a store created only in part would not open
-            st = TrajectoryStore.create(store_path, layout, chunk_columns,
+            st = TrajectoryStore.create(store_path, layout, chunk_columns, codec=codec or fmt.DEFAULT_CODEC,
+                                        chunk_rows=default_chunk_rows(chunk_columns, len(new_sources)),
                                         extra={"ingest_options": options.to_json()})
         report.created = True
     original_meta = dict(st.meta)
@@ -328,6 +410,8 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
     except Exception:
         # A failure mid-stream (not a kill): publish the time axis as it was, so the store reads as before.
         st.restore(original_meta)
+        with contextlib.suppress(Exception):  # best effort (e.g. a full disk): the next ingest does it too
+            st.drop_scratch_columns()
         raise
     report.n_rows, report.n_checkpoints = st.n_rows, st.n_checkpoints
     report.seconds = time.perf_counter() - started
@@ -347,87 +431,120 @@ def _check_options(st: TrajectoryStore, options: IngestOptions) -> None:
 
 def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress,
             strip_prefix: tuple[str, ...]) -> None:
+    with one_torch_thread():  # the copies are memory-bound; more threads contend with the writer and hasher
+        _stream_columns(st, new_sources, replace, budget, report, progress, strip_prefix)
+
+
+def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress,
+                    strip_prefix: tuple[str, ...]) -> None:
     layout = st.layout
+    entries = layout.trajectory_entries
     n_rows, n_int = layout.n_rows, layout.n_integer_rows
-    chunk_columns = st.chunk_shape[1]
-    # Buffer whole chunk columns when the budget allows; a smaller budget flushes partial chunks (slower).
-    buffer_columns = int(max(1, min(chunk_columns, budget // (4 * n_rows))))
-    buffer = np.empty((buffer_columns, n_rows), dtype=np.float32)
-    int_buffer = np.empty((buffer_columns, n_int), dtype=np.int64) if n_int else None
-    trajectories = st.trajectories
+    chunk_rows, chunk_columns = st.chunk_shape
+    plan = BufferPlan.for_budget(n_rows, st.chunk_shape, budget)
+    buffers = [np.empty((plan.columns, plan.slab_rows), dtype=np.float32) for _ in range(plan.buffers)]
+    int_buffers = [np.empty((plan.columns, n_int), dtype=np.int64) if n_int else None for _ in range(plan.buffers)]
     # rows per write call: whole chunk rows, about 16 MiB of transposed copy (enough chunks to keep zarr's
     # concurrent encoders busy)
-    write_rows = st.chunk_shape[0] * max(1, (16 * 1024**2) // (4 * buffer_columns * st.chunk_shape[0]))
-    integers = st.integer_values
+    write_rows = chunk_rows * max(1, (16 * 1024**2) // (4 * plan.columns * chunk_rows))
+    integers = st.integer_values  # the store's own array objects: resize_columns updates their shapes
+    trajectories = st.trajectories
     time_axis = list(st.time_axis)
-    column = len(time_axis)
-    pending: list[TimeRecord] = []
 
-    def flush():
-        nonlocal column, pending
-        if not pending:
-            return
-        stop = column + len(pending)
-        if trajectories.shape[1] < stop:
+    def write_values(buffer: np.ndarray, start: int, stop: int, first_column: int, n_columns: int) -> None:
+        """Rows ``start..stop`` (a slab) of the first ``n_columns`` slots of ``buffer`` into the store."""
+        if trajectories.shape[1] < first_column + n_columns:
             with signals_deferred():
-                trajectories.resize((n_rows, stop))
-                if integers is not None:
-                    integers.resize((n_int, stop))
+                st.resize_columns(first_column + n_columns)
         # Write a few chunk rows at a time from a contiguous transposed copy: zarr would otherwise copy the
         # whole (strided) buffer at once, doubling the memory the budget allows. An interrupt lands between
         # two writes (columns past the committed ones are scratch until the commit).
-        for row in range(0, n_rows, write_rows):
-            row_stop = min(row + write_rows, n_rows)
-            block = np.ascontiguousarray(buffer[:len(pending), row:row_stop].T)
+        for row in range(start, stop, write_rows):
+            row_stop = min(row + write_rows, stop)
+            block = np.ascontiguousarray(buffer[:n_columns, row - start:row_stop - start].T)
             with signals_deferred():
-                trajectories[row:row_stop, column:stop] = block
+                trajectories[row:row_stop, first_column:first_column + n_columns] = block
+
+    def write_and_commit(k: int, first_column: int, records: list[TimeRecord], values_written: bool) -> None:
+        """Buffer ``k``'s columns into the store, then the commit that publishes them (runs in the writer
+        thread when reading and writing overlap; commits keep their order: one writer)."""
+        stop = first_column + len(records)
+        if not values_written:
+            write_values(buffers[k], 0, n_rows, first_column, len(records))
         with signals_deferred():
             if integers is not None:
-                integers[:, column:stop] = int_buffer[:len(pending)].T
-            st.commit(time_axis + pending)  # the commit point: these checkpoints now count as ingested
-        time_axis.extend(pending)
-        column, pending = stop, []
+                integers[:, first_column:stop] = int_buffers[k][:len(records)].T
+            st.write_labels(first_column, [r.label for r in records])
+            time_axis.extend(records)
+            st.commit(time_axis)  # the commit point: these checkpoints now count as ingested
+
+    def read_checkpoint(source: CheckpointSource, k: int, slot: int, target_column: int | None) -> int:
+        """Fill slot ``slot`` of buffer ``k`` from ``source``; when streaming, write each slab to
+        ``target_column`` as soon as it is filled. Returns the NaN/Inf count."""
+        nonfinite = 0
+        with OpenCheckpoint(source, strip_prefix) as checkpoint:
+            for start, stop in plan.slabs:
+                values = buffers[k][slot, :stop - start]
+                _fill_rows(checkpoint, entries, values, start)
+                nonfinite += count_nonfinite(values)
+                if target_column is not None:
+                    write_values(buffers[k], start, stop, target_column, 1)
+            if int_buffers[k] is not None:
+                _fill_integers(checkpoint, layout, int_buffers[k][slot])
+        return nonfinite
 
     total = len(new_sources) + len(replace)
-    with ThreadPoolExecutor(max_workers=1) as hasher, \
+    overlap = plan.buffers > 1
+    with ThreadPoolExecutor(max_workers=1) as hasher, ThreadPoolExecutor(max_workers=1) as writer, \
             progress.task("ingesting", total=total, unit="ckpt") as task:
+        in_flight = [None] * plan.buffers  # the write of each buffer still running
+        k, column, pending = 0, len(time_axis), []
         for source in new_sources:
             digest = hasher.submit(file_digest, source.files)
-            slot = len(pending)
-            with OpenCheckpoint(source, strip_prefix) as checkpoint:
-                _fill(checkpoint, layout, buffer[slot], int_buffer[slot] if int_buffer is not None else None)
-            record = _record(source, digest.result(), buffer[slot])
+            if not pending and in_flight[k] is not None:
+                in_flight[k].result()  # this buffer is free once its previous write is done
+                in_flight[k] = None
+            nonfinite = read_checkpoint(source, k, len(pending), column + len(pending) if plan.streaming else None)
+            record = _record(source, digest.result(), nonfinite)
             pending.append(record)
             _account(report, record, source)
             report.added.append(source.label)
             task.advance(1, nbytes=record.size)
-            # flush at chunk-column boundaries so that chunks are written whole
-            if (column + len(pending)) % chunk_columns == 0 or len(pending) == buffer_columns:
-                flush()
-        flush()
+            # hand the buffer over at chunk-column boundaries so that chunks are written whole
+            if plan.streaming or (column + len(pending)) % chunk_columns == 0 or len(pending) == plan.columns:
+                if overlap:
+                    in_flight[k] = writer.submit(write_and_commit, k, column, pending, False)
+                else:
+                    write_and_commit(k, column, pending, plan.streaming)
+                k, column, pending = (k + 1) % plan.buffers, column + len(pending), []
+        if pending and overlap:
+            writer.submit(write_and_commit, k, column, pending, False).result()
+        elif pending:
+            write_and_commit(k, column, pending, plan.streaming)
+        for future in in_flight:
+            if future is not None:
+                future.result()
         for col, source in replace:
             digest = hasher.submit(file_digest, source.files)
-            row = np.empty(n_rows, dtype=np.float32)
-            int_row = np.empty(n_int, dtype=np.int64) if n_int else None
-            with OpenCheckpoint(source, strip_prefix) as checkpoint:
-                _fill(checkpoint, layout, row, int_row)
-            record = _record(source, digest.result(), row)
-            time_axis[col] = record
-            with signals_deferred():  # a replaced column is committed data: write and commit together
-                trajectories[:, col] = row
+            # a replaced column is committed data: its writes and the commit go together, uninterrupted
+            with signals_deferred():
+                nonfinite = read_checkpoint(source, 0, 0, col if plan.streaming else None)
+                if not plan.streaming:
+                    write_values(buffers[0], 0, n_rows, col, 1)
                 if integers is not None:
-                    integers[:, col] = int_row
+                    integers[:, col] = int_buffers[0][0]
+                record = _record(source, digest.result(), nonfinite)
+                time_axis[col] = record
                 st.commit(time_axis)
             _account(report, record, source)
             report.replaced.append(source.label)
             task.advance(1, nbytes=record.size)
 
 
-def _record(source: CheckpointSource, digest: str, values: np.ndarray) -> TimeRecord:
-    nonfinite = int(values.size - np.count_nonzero(np.isfinite(values)))
+def _record(source: CheckpointSource, digest: str, nonfinite: int) -> TimeRecord:
     extra = {"folder": str(source.folder.resolve())} if source.folder is not None else {}
     return TimeRecord(label=int(source.label), source=str(source.path.resolve()), size=source.size,
-                      mtime=source.mtime, sha256=digest, ingested_at=now_iso(), nonfinite=nonfinite, extra=extra)
+                      mtime=source.mtime, digest=digest, ingested_at=now_iso(), nonfinite=nonfinite, extra=extra)
 
 
 def _account(report: IngestReport, record: TimeRecord, source: CheckpointSource) -> None:

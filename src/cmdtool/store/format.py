@@ -1,17 +1,39 @@
 """Names and constants of the on-disk trajectory store (documented in docs/store.md)."""
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_STORE = "cmdtool.zarr"
 STORE_ENV_VAR = "CMDTOOL_STORE"
 
 ATTRS_KEY = "cmdtool"            # root-group attribute holding layout, time axis and format version
-TRAJECTORIES = "trajectories"    # float32 (N, T)
-INTEGER_VALUES = "integer_values"  # int64 (n_integer, T): non-float entries kept aside for reconstruction
+TRAJECTORIES = "trajectories"    # float32 (parameter, epoch)
+INTEGER_VALUES = "integer_values"  # int64 (integer_row, epoch): non-float entries kept aside for reconstruction
 RESULTS = "results"              # one sub-group per analysis run
-INGEST_LOCK = ".ingest.lock"     # held by the (single) writer of trajectories
-RESULTS_LOCK = ".results.lock"   # held while the results index is rewritten
 
-# Target compressed-chunk payload; rows per chunk follow from the column count.
+# Coordinate arrays (format 2): what xarray / Pangeo readers see as labels.
+EPOCH = "epoch"                  # int64 (epoch,): the label of every column (as long as `trajectories` is wide)
+TENSOR = "tensor"                # string (tensor,): names of the trajectory tensors, in row order
+TENSOR_INDEX = "tensor_index"    # int32 (parameter,): which `tensor` each row belongs to
+DIMS_TRAJECTORIES = ("parameter", "epoch")
+DIMS_INTEGER_VALUES = ("integer_row", "epoch")
+
+# Locks (format 2): empty zarr groups under `locks/` whose zarr.json is held with flock, so that the store holds
+# nothing a zarr/xarray reader does not recognise. Format 1 kept plain files in the root instead.
+LOCKS = "locks"
+INGEST_LOCK = "ingest"           # held by the (single) writer of trajectories (ingest, rechunk, migration)
+RESULTS_LOCK = "results"         # held while the results index is rewritten
+V1_LOCK_FILES = (".ingest.lock", ".results.lock")
+
+# A rechunk writes the new arrays under this group, then swaps them in (docs/store.md, "Rechunk").
+STAGING = "staging"
+
+# Target uncompressed chunk payload; rows per chunk follow from the column count.
 TARGET_CHUNK_BYTES = 8 * 1024**2
 MAX_CHUNK_COLUMNS = 256
-INGEST_MEMORY_BUDGET = "1GiB"    # default buffer of checkpoints written together (`ingest --memory-budget`)
+INGEST_MEMORY_BUDGET = "1GiB"    # default buffer of checkpoints written together (`ingest --memory-budget`; rechunk's)
+# The row blocks the analyses read (TrajectoryStore.default_block_rows): chunk rows are capped so that a block of
+# whole chunk rows over every column stays about this size.
+READ_BLOCK_BYTES = 128 * 1024**2
+DIGEST = "xxh3_128"  # content hash of every ingested file (docs/performance.md, "Ingest": measured against sha256)
+# Codecs a store can be written with (`--codec`): both keep the crc32c checksum of every chunk.
+CODECS = ("lz4", "none")
+DEFAULT_CODEC = "lz4"

@@ -55,13 +55,14 @@ def numel_of(shape) -> int:
 
 @dataclass(frozen=True)
 class TimeRecord:
-    """One column of the store: which checkpoint it came from."""
+    """One column of the store: which checkpoint it came from. ``digest`` is ``"<algorithm>:<hex>"`` over the
+    checkpoint's file bytes (``xxh3_128`` since format 2; format-1 records read as ``sha256:...``)."""
 
     label: int
     source: str
     size: int
     mtime: float
-    sha256: str
+    digest: str
     ingested_at: str
     nonfinite: int = 0
     extra: dict = field(default_factory=dict)
@@ -71,6 +72,9 @@ class TimeRecord:
 
     @classmethod
     def from_json(cls, data: dict) -> "TimeRecord":
+        if "sha256" in data:  # format 1
+            data = {**data, "digest": f"sha256:{data['sha256']}" if data["sha256"] else ""}
+            del data["sha256"]
         return cls(**data)
 
 

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
 
 from ..errors import UsageError
 from . import format as fmt
-from .lock import file_lock
-from .store import compressors, now_iso
+from .store import compressors, now_iso, open_zarr_group, store_lock
 
 
 def jsonable(value):
@@ -76,7 +74,9 @@ class ResultWriter:
         self.catalog, self.kind, self.name = catalog, kind, name
         self.folder = f"{kind}/{name}@{uuid.uuid4().hex[:12]}"
         self.path = catalog.root / self.folder
-        self.group = zarr.open_group(store=LocalStore(self.path), mode="w")
+        # results/<kind> is a group too, so that a reader walking the hierarchy meets only zarr nodes
+        open_zarr_group(catalog.root / kind, "a")
+        self.group = open_zarr_group(self.path, "a")
         self.attrs: dict = {}
 
     def create(self, key: str, shape, dtype, chunks=None, compress: bool = True) -> zarr.Array:
@@ -141,7 +141,7 @@ class ResultsCatalog:
         if folder is None:
             have = ", ".join(n for k, n in self.list(kind)) or "none"
             raise UsageError(f"no {kind} result named {name!r} in {self.store.path} (present: {have})")
-        group = zarr.open_group(store=LocalStore(self.root / folder, read_only=True), mode="r")
+        group = open_zarr_group(self.root / folder, "r")
         return Result(kind, name, group)
 
     def writer(self, kind: str, name: str) -> ResultWriter:
@@ -159,7 +159,7 @@ class ResultsCatalog:
             raise UsageError(f"invalid result name {name!r}: use letters, digits, '.', '-' and '_'")
 
     def delete(self, kind: str, name: str) -> None:
-        with file_lock(self.store.path / fmt.RESULTS_LOCK, f"results of {self.store.path}", wait=30):
+        with store_lock(self.store.path, fmt.RESULTS_LOCK, wait=30):
             index = self._index()
             folder = index.pop(f"{kind}/{name}", None)
             self._write_index(index)
@@ -167,11 +167,11 @@ class ResultsCatalog:
                 shutil.rmtree(self.root / folder, ignore_errors=True)
 
     def _write_index(self, index: dict) -> None:
-        group = zarr.open_group(store=LocalStore(self.root), mode="a")
+        group = open_zarr_group(self.root, "a")
         group.attrs["index"] = index  # one atomic file write: the commit point
 
     def _publish(self, writer: ResultWriter) -> Result:
-        with file_lock(self.store.path / fmt.RESULTS_LOCK, f"results of {self.store.path}", wait=30):
+        with store_lock(self.store.path, fmt.RESULTS_LOCK, wait=30):
             index = self._index()
             replaced = index.get(f"{writer.kind}/{writer.name}")
             index[f"{writer.kind}/{writer.name}"] = writer.folder

@@ -2,14 +2,18 @@
 
 Commit protocol. The root group's ``cmdtool`` attribute (layout, time axis, revision) is the single source of
 truth; zarr writes it atomically (temporary file + rename). ``trajectories`` may hold more columns than the time
-axis lists: columns beyond ``len(time_axis)`` are uncommitted scratch that the next ingest overwrites. Readers
+axis lists: columns beyond ``len(time_axis)`` are uncommitted scratch that the next writer removes. Readers
 snapshot the time axis when the store is opened, so they see the old T or the new T, never a mix.
+
+Every path-to-zarr step goes through :func:`zarr_store` / :func:`open_zarr_group`, so that other storage
+(fsspec URLs) is one change here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import re
 from pathlib import Path
@@ -30,11 +34,60 @@ def default_store_path() -> Path:
     return Path(os.environ.get(fmt.STORE_ENV_VAR) or fmt.DEFAULT_STORE)
 
 
-def compressors():
-    """Chunk codecs: bit-shuffled LZ4 (3x faster to write than byte shuffle at the same ratio on weight
-    trajectories, ~1.2x; slower codecs gain little on float32 weights) then a crc32c
-    checksum so that a damaged chunk is reported instead of being read as garbage."""
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
+def zarr_store(path: str | os.PathLike, read_only: bool = False) -> LocalStore:
+    """The zarr storage object for a folder (the one place that maps a store path to zarr storage)."""
+    return LocalStore(Path(path), read_only=read_only)
+
+
+def open_zarr_group(path: str | os.PathLike, mode: str = "r", attributes: dict | None = None) -> zarr.Group:
+    """Open (``"r"``, ``"r+"``) or create (``"a"``, with ``attributes`` written in the same file) a group."""
+    kwargs = {"attributes": attributes} if attributes is not None else {}
+    return zarr.open_group(store=zarr_store(path, read_only=(mode == "r")), mode=mode, **kwargs)
+
+
+def compressors(codec: str = fmt.DEFAULT_CODEC):
+    """Chunk codecs. ``"lz4"``: bit-shuffled LZ4 (3x faster to write than byte shuffle at the same ratio on weight
+    trajectories; slower codecs gain little on float32 weights); ``"none"``: no compression (docs/performance.md
+    measures both on trained weights). Either way a crc32c checksum follows, so that a damaged chunk is reported
+    instead of being read as garbage."""
+    if codec == "lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
+    if codec == "none":
+        return [Crc32cCodec()]
+    raise UsageError(f"unknown codec {codec!r}: choose one of {', '.join(fmt.CODECS)}")
+
+
+def codec_of(array: zarr.Array) -> str:
+    """The ``--codec`` name an existing array was written with."""
+    return "lz4" if any(isinstance(c, BloscCodec) for c in array.compressors) else "none"
+
+
+def lock_path(store_path: Path, name: str) -> Path:
+    """The file that is flock'ed for lock ``name``: the ``zarr.json`` of the empty group ``locks/<name>``, so
+    that a zarr or xarray reader sees only zarr nodes in the store. Created (with valid group metadata) on first
+    use; never rewritten afterwards, so its inode, which the lock is attached to, stays the same."""
+    folder = store_path / fmt.LOCKS / name
+    target = folder / "zarr.json"
+    if not target.is_file():
+        for group in (store_path / fmt.LOCKS, folder):
+            group.mkdir(parents=True, exist_ok=True)
+            meta = group / "zarr.json"
+            body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
+                "cmdtool": "advisory lock (flock on this file); see docs/store.md"}}).encode()
+            try:  # O_EXCL: never replace a file another process may hold a lock on
+                fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+    return target
+
+
+def store_lock(store_path: Path, name: str, wait: float = 0.0):
+    what = f"store {store_path}" if name == fmt.INGEST_LOCK else f"results of {store_path}"
+    return file_lock(lock_path(store_path, name), what, wait=wait)
 
 
 def _writable(array: zarr.Array) -> zarr.Array:
@@ -69,9 +122,21 @@ class TrajectoryStore:
         if not (self.path / "zarr.json").is_file():
             raise UsageError(f"no trajectory store at {self.path}: create one with `cmdtool ingest CHECKPOINTS`")
         self.mode = mode
+        self._open_group()
+        if mode != "r" and self.format_version < fmt.FORMAT_VERSION:
+            from .migrate import migrate
+
+            migrate(self)  # a writer upgrades an older store first (docs/store.md, "Format versions")
+
+    def _open_group(self) -> None:
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: a read would otherwise re-parse the metadata
+        self._generation = None
+        if self.mode != "r":
+            from .rechunk import recover_swap
+
+            recover_swap(self.path)
         try:
-            self._zstore = LocalStore(self.path, read_only=(mode == "r"))
-            self.group = zarr.open_group(store=self._zstore, mode="r" if mode == "r" else "r+")
+            self.group = open_zarr_group(self.path, "r" if self.mode == "r" else "r+")
         except Exception as exc:  # zarr raises many types for a broken group
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
         self._load_attrs()
@@ -86,10 +151,21 @@ class TrajectoryStore:
             raise StoreError(f"store {self.path} has format version {version}, newer than this cmdtool "
                              f"supports ({fmt.FORMAT_VERSION}); upgrade cmdtool to read it")
         self.meta = meta
-        self._trajectories = None
         self.layout = Layout.from_json(meta["layout"])
         self.time_axis = [TimeRecord.from_json(r) for r in meta["time_axis"]]
-        self.chunk_shape = tuple(meta["chunk_shape"])
+
+    @property
+    def format_version(self) -> int:
+        return int(self.meta["format_version"])
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        """``(R, Tc)`` of ``trajectories``, read from the array itself (a rechunk changes it)."""
+        return tuple(int(c) for c in self.trajectories.chunks)
+
+    @property
+    def codec(self) -> str:
+        return codec_of(self.trajectories)
 
     @property
     def revision(self) -> int:
@@ -112,16 +188,39 @@ class TrajectoryStore:
     def labels(self) -> np.ndarray:
         return np.array([r.label for r in self.time_axis], dtype=np.int64)
 
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            if name == fmt.TRAJECTORIES:
+                self._generation = self._array_generation()
+            try:
+                self._arrays[name] = _writable(self.group[name])
+            except KeyError:
+                # a rechunk killed between its two renames: read the complete staged copy (a writer's open
+                # finishes the swap)
+                from .rechunk import STAGED_ARRAYS, _staging_complete
+
+                staged = self.path / fmt.STAGING
+                if name not in STAGED_ARRAYS or not _staging_complete(staged):
+                    raise
+                self._arrays[name] = _writable(open_zarr_group(staged, "r")[name])
+        return self._arrays[name]
+
+    def _array_generation(self) -> int | None:
+        """Identity of the ``trajectories`` folder: a rechunk swaps in another one (chunk files of another grid)."""
+        try:
+            return os.stat(self.path / fmt.TRAJECTORIES).st_ino
+        except OSError:
+            return None
+
     @property
     def trajectories(self) -> zarr.Array:
-        # opened once: every block read would otherwise re-read and parse the array's metadata
-        if self._trajectories is None:
-            self._trajectories = _writable(self.group[fmt.TRAJECTORIES])
-        return self._trajectories
+        return self._array(fmt.TRAJECTORIES)
 
     @property
     def integer_values(self) -> zarr.Array | None:
-        return _writable(self.group[fmt.INTEGER_VALUES]) if fmt.INTEGER_VALUES in self.group else None
+        if self.layout.n_integer_rows == 0 or fmt.INTEGER_VALUES not in self.group:
+            return None
+        return self._array(fmt.INTEGER_VALUES)
 
     def describe_labels(self) -> str:
         labels = self.labels
@@ -156,8 +255,12 @@ class TrajectoryStore:
 
     # ----------------------------------------------------------------- reading
     def _read(self, rows: slice, cols: slice) -> np.ndarray:
+        array = self.trajectories
+        if self._array_generation() != self._generation:  # one stat per block
+            raise StoreError(f"store {self.path} was rechunked while this command was reading it; "
+                             f"run the command again")
         try:
-            return self.trajectories[rows, cols]
+            return array[rows, cols]
         except ValueError as exc:
             if "checksum" in str(exc).lower():
                 raise CorruptionError(
@@ -229,15 +332,15 @@ class TrajectoryStore:
     # ----------------------------------------------------------------- writing
     @contextlib.contextmanager
     def ingest_lock(self, wait: float = 0.0):
-        with file_lock(self.path / fmt.INGEST_LOCK, f"store {self.path}", wait=wait):
+        with store_lock(self.path, fmt.INGEST_LOCK, wait=wait):
             yield
 
-    def commit(self, time_axis: list[TimeRecord], **extra) -> None:
+    def commit(self, time_axis: list[TimeRecord], bump_revision: bool = True, **extra) -> None:
         """Atomically publish a new time axis (and any other metadata keys)."""
         meta = dict(self.meta)
         meta.update(extra)
         meta["time_axis"] = [r.to_json() for r in time_axis]
-        meta["revision"] = self.revision + 1
+        meta["revision"] = self.revision + int(bump_revision)
         meta["modified_at"] = now_iso()
         self.group.attrs[fmt.ATTRS_KEY] = meta
         self._load_attrs()
@@ -248,6 +351,31 @@ class TrajectoryStore:
         self.group.attrs[fmt.ATTRS_KEY] = meta
         self._load_attrs()
 
+    def _column_arrays(self) -> list[zarr.Array]:
+        arrays = [self.trajectories, self.epoch_coordinate]
+        return arrays + ([self.integer_values] if self.integer_values is not None else [])
+
+    def resize_columns(self, n_columns: int) -> None:
+        """Make every array with an epoch dimension ``n_columns`` wide (a shrink deletes the chunks past it)."""
+        for array in self._column_arrays():
+            if array.shape[-1] != n_columns:
+                array.resize(array.shape[:-1] + (n_columns,))
+
+    def write_labels(self, start: int, labels) -> None:
+        """Epoch labels of columns ``start..`` into the ``epoch`` coordinate array (what xarray shows)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels):
+            self.epoch_coordinate[start:start + len(labels)] = labels
+
+    def drop_scratch_columns(self) -> None:
+        """Shrink the arrays to the committed columns (a killed writer may have left wider ones), so that a
+        reader of the raw arrays (xarray, dask) sees exactly the committed store. Needs the ingest lock."""
+        self.resize_columns(self.n_checkpoints)
+
+    @property
+    def epoch_coordinate(self) -> zarr.Array:
+        return self._array(fmt.EPOCH)
+
     @property
     def results(self):
         from .results import ResultsCatalog
@@ -257,24 +385,24 @@ class TrajectoryStore:
     # ----------------------------------------------------------------- creation
     @classmethod
     def create(cls, path: str | os.PathLike, layout: Layout, chunk_columns: int,
-               target_chunk_bytes: int = fmt.TARGET_CHUNK_BYTES, extra: dict | None = None) -> "TrajectoryStore":
-        """Create an empty store (T = 0) for checkpoints of the given layout."""
+               target_chunk_bytes: int = fmt.TARGET_CHUNK_BYTES, extra: dict | None = None,
+               codec: str = fmt.DEFAULT_CODEC, chunk_rows: int | None = None) -> "TrajectoryStore":
+        """Create an empty store (T = 0) for checkpoints of the given layout.
+
+        The arrays are written first and the root group's metadata (with the ``cmdtool`` attribute) last, in one
+        file: a store killed while being created has no root metadata and is created again by the next run."""
         path = Path(path)
-        if path.exists() and any(p.name not in (fmt.INGEST_LOCK, fmt.RESULTS_LOCK) for p in path.iterdir()):
+        if not is_creatable(path):
             raise UsageError(f"{path} exists and is not a trajectory store; choose another --store")
         n_rows = layout.n_rows
         chunk_columns = int(max(1, min(chunk_columns, fmt.MAX_CHUNK_COLUMNS)))
-        chunk_rows = int(max(64, target_chunk_bytes // (4 * chunk_columns)))
+        if chunk_rows is None:
+            chunk_rows = int(max(64, target_chunk_bytes // (4 * chunk_columns)))
+            chunk_rows = min(chunk_rows, default_chunk_rows(chunk_columns, chunk_columns, target_chunk_bytes))
         chunk_rows = int(min(chunk_rows, max(n_rows, 1)))
-        group = zarr.open_group(store=LocalStore(path), mode="w")
-        group.create_array(fmt.TRAJECTORIES, shape=(n_rows, 0), chunks=(chunk_rows, chunk_columns),
-                           dtype="float32", compressors=compressors(), fill_value=0.0)
-        if layout.n_integer_rows:
-            group.create_array(fmt.INTEGER_VALUES, shape=(layout.n_integer_rows, 0),
-                               chunks=(layout.n_integer_rows, chunk_columns), dtype="int64",
-                               compressors=compressors(), fill_value=0)
-        for lock_name in (fmt.INGEST_LOCK, fmt.RESULTS_LOCK):
-            (path / lock_name).touch()
+        create_column_arrays(path, n_rows, layout.n_integer_rows, (chunk_rows, chunk_columns), codec)
+        write_row_coordinates(path, layout, codec)
+        open_zarr_group(path / fmt.RESULTS, "a", attributes={"index": {}})
         meta = {
             "format_version": fmt.FORMAT_VERSION,
             "created_at": now_iso(),
@@ -285,11 +413,80 @@ class TrajectoryStore:
             "time_axis": [],
             **(extra or {}),
         }
-        group.attrs[fmt.ATTRS_KEY] = meta
+        open_zarr_group(path, "a", attributes={fmt.ATTRS_KEY: meta})
         return cls(path, mode="r+")
 
     def __repr__(self) -> str:
         return f"TrajectoryStore({str(self.path)!r}, N={self.n_rows}, T={self.n_checkpoints})"
+
+
+# Entries a store's folder may hold before its root metadata exists: lock groups (taken before creation) and the
+# arrays of a creation that was killed before it finished.
+_CREATION_ENTRIES = {fmt.LOCKS, fmt.TRAJECTORIES, fmt.INTEGER_VALUES, fmt.EPOCH, fmt.TENSOR, fmt.TENSOR_INDEX,
+                     fmt.RESULTS, *fmt.V1_LOCK_FILES}
+
+
+def is_creatable(path: Path) -> bool:
+    """Whether a new store may be created at ``path``: absent, empty, or holding only what an interrupted
+    creation by cmdtool leaves (never a folder with anything else in it)."""
+    if not path.exists():
+        return True
+    return path.is_dir() and not (path / "zarr.json").exists() and \
+        all(p.name in _CREATION_ENTRIES for p in path.iterdir())
+
+
+def default_chunk_rows(chunk_columns: int, n_columns: int, target_chunk_bytes: int = fmt.TARGET_CHUNK_BYTES) -> int:
+    """Rows per chunk for the analyses' read pattern (row blocks over every column): about
+    ``target_chunk_bytes`` per chunk, but never more rows than a read block over all ``n_columns`` holds
+    (``R x T x 4 <= READ_BLOCK_BYTES``), since a block is a whole number of chunk rows. Without that cap a
+    narrow chunk (``Tc = 1``: 2M rows) would make the smallest block over 90 columns 720 MB."""
+    rows = target_chunk_bytes // (4 * max(chunk_columns, 1))
+    rows = min(rows, fmt.READ_BLOCK_BYTES // (4 * max(n_columns, chunk_columns, 1)))
+    return int(max(64, rows))
+
+
+def create_column_arrays(path: Path, n_rows: int, n_integer_rows: int, chunks: tuple[int, int], codec: str,
+                         n_columns: int = 0, with_epoch: bool = True) -> None:
+    """``trajectories`` (and ``integer_values``) with their dimension names, and the ``epoch`` coordinate,
+    ``n_columns`` wide, in the folder ``path`` (a store, or a rechunk's staging group). Overwrites what a killed
+    creation left there."""
+    chunk_rows, chunk_columns = chunks
+    zarr.create_array(store=zarr_store(path / fmt.TRAJECTORIES), shape=(n_rows, n_columns),
+                      chunks=(chunk_rows, chunk_columns), dtype="float32", compressors=compressors(codec),
+                      fill_value=0.0, dimension_names=fmt.DIMS_TRAJECTORIES, overwrite=True,
+                      attributes={"coordinates": fmt.TENSOR_INDEX})
+    if n_integer_rows:
+        zarr.create_array(store=zarr_store(path / fmt.INTEGER_VALUES), shape=(n_integer_rows, n_columns),
+                          chunks=(n_integer_rows, chunk_columns), dtype="int64", compressors=compressors(codec),
+                          fill_value=0, dimension_names=fmt.DIMS_INTEGER_VALUES, overwrite=True)
+    if with_epoch:
+        create_epoch_coordinate(path, n_columns)
+
+
+def create_epoch_coordinate(path: Path, n_columns: int) -> zarr.Array:
+    return _writable(zarr.create_array(
+        store=zarr_store(path / fmt.EPOCH), shape=(n_columns,), chunks=(4096,), dtype="int64",
+        compressors=compressors(), fill_value=0, dimension_names=(fmt.EPOCH,), overwrite=True,
+        attributes={"long_name": "checkpoint label (epoch or step)"}))
+
+
+def write_row_coordinates(path: Path, layout: Layout, codec: str = fmt.DEFAULT_CODEC) -> None:
+    """The ``tensor`` names and the per-row ``tensor_index`` coordinate (written in slices: N can be 1e9)."""
+    entries = layout.trajectory_entries
+    names = zarr.create_array(store=zarr_store(path / fmt.TENSOR), shape=(len(entries),),
+                              chunks=(max(1, len(entries)),), dtype=str, dimension_names=(fmt.TENSOR,),
+                              overwrite=True, attributes={"long_name": "trajectory tensor name"})
+    names[:] = np.array([e.name for e in entries], dtype=object)
+    n_rows = layout.n_rows
+    chunk = int(min(max(n_rows, 1), 4 * 1024**2))
+    index = _writable(zarr.create_array(
+        store=zarr_store(path / fmt.TENSOR_INDEX), shape=(n_rows,), chunks=(chunk,), dtype="int32",
+        compressors=compressors(), fill_value=0, dimension_names=(fmt.DIMS_TRAJECTORIES[0],), overwrite=True,
+        attributes={"long_name": "index into `tensor` of the tensor holding this row"}))
+    stops = np.array([e.stop for e in entries], dtype=np.int64)
+    for start in range(0, n_rows, chunk):
+        rows = np.arange(start, min(start + chunk, n_rows), dtype=np.int64)
+        index[start:start + len(rows)] = np.searchsorted(stops, rows, side="right").astype(np.int32)
 
 
 class RowBlock:
@@ -326,10 +523,10 @@ def from_array(path: str | os.PathLike, trajectories: np.ndarray, labels=None,
     labels = list(range(n_cols)) if labels is None else [int(x) for x in labels]
     store = TrajectoryStore.create(path, Layout(entries), chunk_columns or min(n_cols, fmt.MAX_CHUNK_COLUMNS),
                                    target_chunk_bytes=target_chunk_bytes)
-    arr = store.trajectories
-    arr.resize((n_rows, n_cols))
-    arr[:, :] = values
-    axis = [TimeRecord(label=label, source="<array>", size=4 * n_rows, mtime=0.0, sha256="", ingested_at=now_iso(),
+    store.resize_columns(n_cols)
+    store.trajectories[:, :] = values
+    store.write_labels(0, labels)
+    axis = [TimeRecord(label=label, source="<array>", size=4 * n_rows, mtime=0.0, digest="", ingested_at=now_iso(),
                        nonfinite=int(values[:, i].size - np.count_nonzero(np.isfinite(values[:, i]))))
             for i, label in enumerate(labels)]
     store.commit(axis)

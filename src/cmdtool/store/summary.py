@@ -55,6 +55,9 @@ def summarize(store) -> dict:
         "labels": {"first": axis[0].label if axis else None, "last": axis[-1].label if axis else None},
         "source_dtypes": dtypes,
         "chunk_shape": list(store.chunk_shape),
+        "codec": store.codec,
+        # narrow chunks (a small ingest budget for a large model) make every pass read many small pieces
+        "rechunk_suggested": n_cols > 1 and store.chunk_shape[1] < min(n_cols, fmt.MAX_CHUNK_COLUMNS) // 4,
         "bytes_raw_float32": raw,
         "bytes_on_disk": folder_bytes(store.path),
         "trajectory_bytes_on_disk": traj_bytes,

@@ -66,6 +66,22 @@ def _check_array(store, name: str, arr, n_cols: int, report: VerifyReport, task)
         task.advance(r1 - r0)
 
 
+def _check_coordinates(store, report: VerifyReport) -> None:
+    """Format 2's coordinate arrays decode, and ``epoch`` holds the committed labels (what xarray shows)."""
+    if store.format_version < 2:
+        return
+    for name in (fmt.EPOCH, fmt.TENSOR, fmt.TENSOR_INDEX):
+        report.chunks_checked += 1
+        try:
+            values = np.asarray(store.group[name][...])
+        except Exception as exc:  # noqa: BLE001 - any decode failure is damage
+            report.damage.append(Damage(name, (0, 0), (0, 0), f"unreadable ({type(exc).__name__})"))
+            continue
+        if name == fmt.EPOCH and values[:store.n_checkpoints].tolist() != store.labels.tolist():
+            report.damage.append(Damage(name, (0, 0), (0, store.n_checkpoints),
+                                        "labels differ from the time axis"))
+
+
 def verify_store(store, progress=None) -> VerifyReport:
     """Decode every committed chunk of ``trajectories`` and ``integer_values``; list what is damaged."""
     progress = progress or NullProgress()
@@ -77,6 +93,7 @@ def verify_store(store, progress=None) -> VerifyReport:
         from ..progress import _NullTask
 
         _check_array(store, fmt.INTEGER_VALUES, store.integer_values, n_cols, report, _NullTask())
+    _check_coordinates(store, report)
     for kind, name in store.results.list():
         try:
             result = store.results.get(kind, name)
