@@ -64,14 +64,14 @@ def reference_steps(store) -> dict[str, str]:
         t0, c0 = time.perf_counter(), time.process_time()
     """
     steps = {
-        PYDMD_STEP: load + """
+        PYDMD_STEP: """
             from pydmd import DMD
             d = DMD(svd_rank=10).fit(W)
             rec = d.reconstructed_data.real
             result.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
             result['relative_error'] = float(np.linalg.norm(W - rec) / np.linalg.norm(W))
         """,
-        SKLEARN_STEP: load + """
+        SKLEARN_STEP: """
             from sklearn.decomposition import PCA
             p = PCA(n_components=40).fit(W.T)
             result.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
@@ -80,4 +80,5 @@ def reference_steps(store) -> dict[str, str]:
             result['solver'] = p._fit_svd_solver
         """,
     }
-    return {name: textwrap.dedent(code) for name, code in steps.items()}
+    # dedented apart: the two parts are indented differently
+    return {name: textwrap.dedent(load) + textwrap.dedent(code) for name, code in steps.items()}
