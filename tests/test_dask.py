@@ -240,3 +240,54 @@ def test_cli_decompose_and_reconstruct_on_a_scheduler_address(client, store, tmp
     assert out.returncode == 0 and (tmp_path / "rec.pt").is_file(), out.stderr
     out = run("decompose", "-m", "pca", "--scheduler", "local:0", "-q")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ ingest
+def _store_contents(path) -> dict:
+    st = open_store(path)
+    return {"trajectories": st.trajectories[...], "integers": st.integer_values[...], "labels": st.labels,
+            "records": [(r.label, r.digest, r.size, r.nonfinite) for r in st.time_axis]}
+
+
+def test_ingest_on_the_cluster_equals_in_process(client, tmp_path):
+    """A new store, then an append whose first group starts inside a committed chunk column."""
+    from cmdtool.ingest import ingest
+
+    from conftest import write_checkpoints
+
+    write_checkpoints(tmp_path / "ckpts", n_epochs=14)
+    first = tmp_path / "first"
+    first.mkdir()
+    for epoch in range(1, 6):
+        (tmp_path / "ckpts" / f"epoch_{epoch}.pt").rename(first / f"epoch_{epoch}.pt")
+    ingest([first, tmp_path / "ckpts"], tmp_path / "local.zarr")
+    with using_client(client):
+        created = ingest([first], tmp_path / "cluster.zarr", memory_budget="64KiB")  # several row slabs
+        st = open_store(tmp_path / "cluster.zarr")
+        assert st.chunk_shape[1] == 3  # 5 checkpoints on 2 workers: groups of 3 + 2 columns
+        appended = ingest([first, tmp_path / "ckpts"], tmp_path / "cluster.zarr")
+    assert created.added == [1, 2, 3, 4, 5] and appended.added == list(range(6, 15))
+    local, remote = _store_contents(tmp_path / "local.zarr"), _store_contents(tmp_path / "cluster.zarr")
+    for key in local:
+        np.testing.assert_array_equal(np.asarray(remote[key], dtype=object), np.asarray(local[key], dtype=object),
+                                      err_msg=key)
+
+
+def test_ingest_on_the_cluster_keeps_the_preflight(client, tmp_path):
+    """A checkpoint that does not fit the store is refused before any worker writes: the store is unchanged."""
+    import torch
+
+    from cmdtool.ingest import ingest
+
+    from conftest import write_checkpoints
+
+    write_checkpoints(tmp_path / "ckpts", n_epochs=4)
+    ingest([tmp_path / "ckpts"], tmp_path / "s.zarr")
+    before = _store_contents(tmp_path / "s.zarr")
+    write_checkpoints(tmp_path / "more", n_epochs=2, name="epoch_{e}0")
+    torch.save({"other.weight": torch.zeros(3)}, tmp_path / "more" / "epoch_30.pt")
+    with using_client(client), pytest.raises(UsageError):
+        ingest([tmp_path / "ckpts", tmp_path / "more"], tmp_path / "s.zarr")
+    after = _store_contents(tmp_path / "s.zarr")
+    for key in before:
+        np.testing.assert_array_equal(np.asarray(after[key], dtype=object), np.asarray(before[key], dtype=object))

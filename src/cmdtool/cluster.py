@@ -97,13 +97,18 @@ def using_client(client):
         _client.reset(token)
 
 
-def killed_worker_error(exc: BaseException, what: str) -> ClusterError | None:
+def store_address(store) -> str:
+    """The string a worker opens a store by (:func:`cmdtool.store.open_store`): what the client opened it with."""
+    return str(getattr(store, "url", None) or store.path)
+
+
+def killed_worker_error(exc: BaseException, what: str, kept: str = "nothing was committed") -> ClusterError | None:
     """The one-line error for a Dask task that kept killing its workers (``distributed.KilledWorker``), or None."""
     if type(exc).__name__ != "KilledWorker":
         return None
     return ClusterError(f"{what} failed on the Dask cluster: workers died running it more often than the "
-                        f"scheduler retries (distributed.scheduler.allowed-failures); nothing was committed")
+                        f"scheduler retries (distributed.scheduler.allowed-failures); {kept}")
 
 
 __all__ = ["SCHEDULER_ENV_VAR", "ClusterError", "active_client", "killed_worker_error", "on_cluster",
-           "parse_scheduler", "using_client"]
+           "parse_scheduler", "store_address", "using_client"]

@@ -21,16 +21,12 @@ import uuid
 
 import numpy as np
 
+from ..cluster import store_address
 from .passes import Block, merged
 
 SPLIT_EVERY = 8  # partials merged per reduction task: a tree of depth log8(blocks)
 
 _open_stores: dict = {}  # per worker process: store address -> opened store (its metadata parsed once)
-
-
-def store_address(store) -> str:
-    """The string a worker opens the store by: what the client opened it with."""
-    return str(getattr(store, "url", None) or store.path)
 
 
 def _worker_store(address: str):
@@ -151,4 +147,4 @@ class ScratchOutputs:
             self.writer = None
 
 
-__all__ = ["SPLIT_EVERY", "ScratchOutputs", "StoreWindow", "run_pass", "store_address", "window_array"]
+__all__ = ["SPLIT_EVERY", "ScratchOutputs", "StoreWindow", "run_pass", "window_array"]
