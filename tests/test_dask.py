@@ -291,3 +291,22 @@ def test_ingest_on_the_cluster_keeps_the_preflight(client, tmp_path):
     after = _store_contents(tmp_path / "s.zarr")
     for key in before:
         np.testing.assert_array_equal(np.asarray(after[key], dtype=object), np.asarray(before[key], dtype=object))
+
+
+# ------------------------------------------------------------------------------------------------ verify
+def test_verify_on_the_cluster_finds_what_in_process_finds(client, tmp_path, monkeypatch):
+    import cmdtool.store.verify as verify
+
+    W, *_ = planted_modes(2000, 8, seed=1)
+    st = from_array(tmp_path / "s.zarr", W, target_chunk_bytes=4 * 8 * 250)  # 8 chunk rows
+    chunk = tmp_path / "s.zarr" / "trajectories" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    (tmp_path / "s.zarr" / "trajectories" / "c" / "5" / "0").unlink()
+    monkeypatch.setattr(verify, "VERIFY_TASK_BYTES", 1)  # a task per chunk row
+    local = verify.verify_store(st)
+    with using_client(client):
+        remote = verify.verify_store(st)
+    assert [(d.rows[0], d.problem) for d in local.damage] == [(250, "checksum"), (1250, "missing")]
+    assert remote.to_json() == local.to_json()
