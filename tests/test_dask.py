@@ -28,7 +28,8 @@ from cmdtool.errors import UsageError  # noqa: E402
 from cmdtool.store import from_array, open_store  # noqa: E402
 
 from conftest import planted_modes  # noqa: E402
-from test_passes import BLOCK_BYTES, N_COLS, N_ROWS, TENSORS, _factories, _state  # noqa: E402
+# the store of test_passes (3000 x 16, 128-row chunks, a NaN and an Inf row), a fresh copy for this module
+from test_passes import BLOCK_BYTES, N_COLS, _factories, _state, store  # noqa: E402, F401
 
 RTOL = 1e-10
 
@@ -38,16 +39,6 @@ def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    W, *_ = planted_modes(N_ROWS, N_COLS, n_modes=3, noise=0.05, seed=3)
-    W[17, 4] = np.nan
-    W[2500, 0] = np.inf
-    path = tmp_path_factory.mktemp("dask") / "s.zarr"
-    from_array(path, W, tensors=TENSORS, target_chunk_bytes=4 * N_COLS * 128)
-    return open_store(path, mode="r+")
 
 
 @pytest.fixture()
