@@ -2,9 +2,9 @@
 
 Writes T safetensors checkpoints of N float32 parameters (two tensors, smooth trajectories plus noise), then per
 engine: ingest them into a fresh store, fit DMD rank 10 with its modes saved (a Gram pass, then a modes pass),
-then the bare Gram pass 3 more times (best of 3), and check that the cluster's store and results equal the in-process ones (trajectories bit for bit; G and the
-modes to 1e-10 relative in norm). Cluster start-up is timed apart (it is paid once per command). Everything
-generated is deleted at the end.
+then the bare Gram pass 3 more times (best of 3), and check that the cluster's store and results equal the
+in-process ones (trajectories bit for bit; G and the modes to 1e-10 relative in norm). Cluster start-up is timed
+apart (it is paid once per command). Everything generated is deleted at the end.
 
 Usage: python bench/dask_workers.py --rows 4000000 --checkpoints 48 --dir /tmp/dask-bench [--workers 1,2]
 """

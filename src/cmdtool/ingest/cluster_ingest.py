@@ -15,6 +15,7 @@ commit protocol as in process). A worker killed mid-group is rerun by Dask (its 
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -57,7 +58,8 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
     values = np.empty((width, slab_rows), dtype=np.float32)
     nonfinite = [0] * width
     trajectories = st.trajectories
-    with one_torch_thread(), contextlib.ExitStack() as stack:
+    with one_torch_thread(), contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as hasher:
+        digests = [hasher.submit(file_digest, source.files) for source in sources]  # overlaps the copies
         checkpoints = [stack.enter_context(OpenCheckpoint(source, strip_prefix)) for source in sources]
         for start in range(0, n_rows, slab_rows):
             stop = min(start + slab_rows, n_rows)
@@ -70,7 +72,8 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
             for k, checkpoint in enumerate(checkpoints):
                 _fill_integers(checkpoint, layout, integers[k])
             st.integer_values[:, first_column:stop_column] = integers.T
-    return [_record(source, file_digest(source.files), count) for source, count in zip(sources, nonfinite)]
+        return [_record(source, digest.result(), count)
+                for source, digest, count in zip(sources, digests, nonfinite)]
 
 
 def stream_on_cluster(client, st, new_sources, budget: int, report, progress, strip_prefix: tuple[str, ...]) -> None:
