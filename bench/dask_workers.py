@@ -3,8 +3,8 @@
 Writes T safetensors checkpoints of N float32 parameters (two tensors, smooth trajectories plus noise), then per
 engine: ingest them into a fresh store, fit DMD rank 10 with its modes saved (a Gram pass, then a modes pass),
 then the bare Gram pass 3 more times (best of 3), and check that the cluster's store and results equal the
-in-process ones (trajectories bit for bit; G and the modes to 1e-10 relative in norm). Cluster start-up is timed
-apart (it is paid once per command). Everything generated is deleted at the end.
+in-process ones (trajectories bit for bit, G to 1e-10 relative in norm; the modes' difference is printed).
+Cluster start-up is timed apart (it is paid once per command). Everything generated is deleted at the end.
 
 Usage: python bench/dask_workers.py --rows 4000000 --checkpoints 48 --dir /tmp/dask-bench [--workers 1,2]
 """
@@ -97,11 +97,15 @@ def main() -> None:
             for r0 in range(0, reference.n_rows, 1 << 20):
                 rows_ = slice(r0, min(r0 + (1 << 20), reference.n_rows))
                 assert np.array_equal(other.trajectories[rows_], reference.trajectories[rows_]), engine
-            for kind, name, key in (("gram", "full", "gram"), ("dmd", "default", "modes_real")):
+            # G (the pass's reduction) to 1e-10; the modes come from G through an eigenproblem whose conditioning
+            # amplifies G's rounding-level difference (reported, bounded loosely: a wrong pass is off by O(1))
+            for kind, name, key, bound in (("gram", "full", "gram", 1e-10), ("dmd", "default", "modes_real", 1e-4)):
                 a, b = other.results.get(kind, name)[key], reference.results.get(kind, name)[key]
-                assert np.linalg.norm(a.astype(np.float64) - b) <= 1e-10 * np.linalg.norm(b), (engine, key)
+                error = np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b)
+                print(f"{engine}: {key} relative difference {error:.1e}")
+                assert error <= bound, (engine, key, error)
         print(f"\nN={args.rows:,} x T={args.checkpoints} ({4 * args.rows * args.checkpoints / 1e9:.2f} GB float32); "
-              "cluster stores and results equal in-process (trajectories exactly, G and modes to 1e-10)")
+              "cluster stores equal in-process (trajectories exactly), G to 1e-10, modes as printed above)")
         print(f"{'engine':<12}{'start-up s':>12}{'ingest s':>10}{'DMD fit s':>11} (Gram pass + modes pass)"
               f"{'Gram pass, best of 3 s':>24}")
         for row in rows:
