@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import signal
 import sys
 import traceback
+
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from cmdtool.cluster import SCHEDULER_ENV_VAR
 from cmdtool.errors import CmdtoolError
 from cmdtool.progress import RichProgress
 from cmdtool.store import format as fmt
@@ -32,6 +36,37 @@ EpochsOption = typer.Option(None, "--epochs",
 ForceOutputOption = typer.Option(False, "--force", help="Also write into a non-empty folder that cmdtool did not "
                                  "write (files of the same names are replaced, nothing else is touched). Never "
                                  "lifts the rule against writing inside the store or a checkpoint folder.")
+
+SchedulerOption = typer.Option(
+    None, "--scheduler", envvar=SCHEDULER_ENV_VAR, metavar="ADDRESS",
+    help="Run the passes (ingest: the writes, by groups of chunk columns) on a Dask cluster: a scheduler "
+         "address (tcp://host:8786, as `dask scheduler` prints it) or local:N for N worker processes on this "
+         "machine. Results equal the in-process ones. Also set by "
+         f"${SCHEDULER_ENV_VAR}; default: in this process. Needs `pip install 'cmdtool[dask]'`; see docs/scale.md.")
+
+
+def with_scheduler(command):
+    """``command`` with the ``--scheduler`` option: its body runs inside :func:`cmdtool.cluster.on_cluster`, so
+    every pass it starts runs on that cluster (the library chooses the engine; the command does not know)."""
+    signature = inspect.signature(command)
+    params = list(signature.parameters.values())
+    at = next((k for k, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    scheduler = inspect.Parameter("scheduler", inspect.Parameter.KEYWORD_ONLY, default=SchedulerOption,
+                                  annotation=Optional[str])
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+              else p for p in params]
+
+    @functools.wraps(command)
+    def wrapper(*args, scheduler: Optional[str] = None, **kwargs):
+        from cmdtool.cluster import on_cluster
+
+        with on_cluster(scheduler):
+            return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params[:at] + [scheduler] + params[at:])
+    wrapper.__annotations__ = {**getattr(command, "__annotations__", {}), "scheduler": Optional[str]}
+    return wrapper
+
 
 # click's exception classes, found through typer's public BadParameter (typer vendors click in newer releases)
 _CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}

@@ -15,7 +15,8 @@ from rich.table import Table
 from cmdtool.errors import UsageError
 
 from ..analyzer_options import with_analyzer_options
-from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
+from ..common import (JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for,
+                      with_scheduler)
 
 PLOT_FORMATS = ("png", "pdf", "svg")
 
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
         if plot and not quiet:
             console.print(f"per-epoch error plot written to {plot}", highlight=False)
 
-    app.command("compare")(handle_errors(with_analyzer_options(compare_command, own_defaults=True)))
+    app.command("compare")(handle_errors(with_scheduler(with_analyzer_options(compare_command, own_defaults=True))))
 
 
 def _plot_format(path: str) -> str:

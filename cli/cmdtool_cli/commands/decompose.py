@@ -11,7 +11,8 @@ import typer
 from cmdtool.analyzers import analyzer_classes, get_analyzer
 
 from ..analyzer_options import with_analyzer_options
-from ..common import JsonOption, QuietOption, StoreOption, handle_errors, print_json, progress_for
+from ..common import (JsonOption, QuietOption, StoreOption, handle_errors, print_json, progress_for,
+                      with_scheduler)
 from ..render import print_blocks
 
 
@@ -53,4 +54,4 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(summaries if len(summaries) > 1 else summaries[0])
 
-    app.command("decompose")(handle_errors(with_analyzer_options(decompose)))
+    app.command("decompose")(handle_errors(with_scheduler(with_analyzer_options(decompose))))

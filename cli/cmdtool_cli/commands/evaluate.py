@@ -8,7 +8,7 @@ from rich.table import Table
 from cmdtool.evaluate import Evaluation, all_methods, evaluate as run_evaluation
 
 from ..common import EpochsOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, \
-    progress_for
+    progress_for, with_scheduler
 
 FnOption = typer.Option(..., "--fn", help="Metric function: package.module:function or path/to/file.py:function. "
                         "It takes a state dict (or, with --model-factory, a model) and returns a dict of "
@@ -25,6 +25,7 @@ SortModeOption = typer.Option("auto", "--sort-mode", help="auto (losses/errors a
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     @handle_errors
+    @with_scheduler
     def evaluate(
         fn: str = FnOption,
         model_factory: str = ModelFactoryOption,

@@ -11,12 +11,14 @@ from cmdtool.store import format as fmt
 from cmdtool.store.format import INGEST_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
 from cmdtool.units import format_bytes
 
-from ..common import JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for
+from ..common import (JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for,
+                      with_scheduler)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("ingest")
     @handle_errors
+    @with_scheduler
     def ingest(
         paths: list[Path] = typer.Argument(..., help="Checkpoint files and/or folders of checkpoints.",
                                            show_default=False),

@@ -14,7 +14,7 @@ from cmdtool.averages import BASELINES
 from cmdtool.errors import UsageError
 
 from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
-                      progress_for)
+                      progress_for, with_scheduler)
 
 DEFAULT_FOLDER = "reconstructed"
 FORMATS = ("pt", "safetensors")
@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("reconstruct")
     @handle_errors
+    @with_scheduler
     def reconstruct(
         epoch: list[int] = typer.Option(..., "--epoch", "-e", help="Epoch label to reconstruct (repeat for "
                                         "several)."),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from ..common import JsonOption, QuietOption, StoreOption, console, fail, handle_errors, print_json, progress_for
+from ..common import (JsonOption, QuietOption, StoreOption, console, fail, handle_errors, print_json, progress_for,
+                      with_scheduler)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("verify")
     @handle_errors
+    @with_scheduler
     def verify(store: str = StoreOption, quiet: bool = QuietOption, as_json: bool = JsonOption):
         """Check a whole store: decode every chunk (crc32c checksums) and look for missing chunks and unreadable results. Exit code 1 if anything is damaged."""  # noqa: E501
         from cmdtool.store import open_store

@@ -50,8 +50,9 @@ class OnlineReplay(Accumulator):
         import torch
 
         self.refs = torch.as_tensor(self.reference_trajectories, dtype=torch.float64, device=ctx.device)
-        if self.out is None:
-            self.out = np.empty((ctx.n_rows, len(self.steps)), dtype=np.float32)
+        self.returned = self.out is None  # the pass's own output, handed back by finish as numpy
+        if self.returned:
+            self.out = ctx.row_output(len(self.steps), dtype=np.float32)
 
     def update(self, block):
         import torch
@@ -75,3 +76,7 @@ class OnlineReplay(Accumulator):
             # the pass zeroed rows holding NaN/Inf; give back their stored values at these epochs
             value[~block.finite] = block.nonfinite_values[:, steps].double()
         self.out[start:stop] = value.float().cpu().numpy()
+
+    def finish(self):
+        if self.returned:
+            self.out = np.asarray(self.out[...])

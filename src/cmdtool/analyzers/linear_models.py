@@ -201,8 +201,9 @@ class ColumnsOfModel(Accumulator):
     def start(self, ctx):
         import torch
 
-        if self.out is None:
-            self.out = np.empty((ctx.n_rows,) + self.weights.shape[1:], dtype=np.float32)
+        self.returned = self.out is None  # the pass's own output, handed back by finish as numpy
+        if self.returned:
+            self.out = ctx.row_output(*self.weights.shape[1:], dtype=np.float32)
         self.weights_device = torch.as_tensor(self.weights, dtype=torch.float64, device=ctx.device)
 
     def update(self, block):
@@ -210,6 +211,10 @@ class ColumnsOfModel(Accumulator):
         if self.keep_nonfinite and block.nonfinite:
             value[~block.finite] = (block.nonfinite_values.double() @ self.weights_device).float()
         self.out[block.start:block.stop] = value.cpu().numpy()
+
+    def finish(self):
+        if self.returned:
+            self.out = np.asarray(self.out[...])
 
 
 def factor_model(terms, means=None, block_bytes: int = 32 * 1024**2) -> np.ndarray:

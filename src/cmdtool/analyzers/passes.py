@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,15 +37,28 @@ from ..progress import NullProgress
 DEFAULT_BLOCK_BYTES = 32 * 1024**2
 
 
+class MemoryOutputs:
+    """Per-row outputs of accumulators that return them rather than save them (modelled checkpoints, averages):
+    numpy arrays, where every block runs in this process. The Dask engine gives zarr arrays that its workers can
+    write instead (:class:`cmdtool.analyzers.dask_pass.ScratchOutputs`)."""
+
+    def create(self, shape: tuple, dtype, chunks: tuple):
+        return np.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class PassContext:
-    """What ``start`` is told about the pass: the store, the window's columns, the compute device and the rows of
-    every block but the last (per-row outputs are chunked by it)."""
+    """What ``start`` is told about the pass: the store, the window's columns, the compute device, the rows of
+    every block but the last (per-row outputs are chunked by it) and where returned per-row outputs live."""
 
     store: object
     columns: slice
     device: object
     block_rows: int
+    outputs: object = field(default_factory=MemoryOutputs)
 
     @property
     def n_rows(self) -> int:
@@ -58,6 +71,11 @@ class PassContext:
     def output_chunks(self, *tail: int) -> tuple:
         """Chunk shape of a per-row output array: one chunk per block, so that writers never share a chunk."""
         return (max(1, min(self.block_rows, self.n_rows)), *tail)
+
+    def row_output(self, *tail: int, dtype=np.float32):
+        """An ``(n_rows, *tail)`` array that ``update`` fills by row ranges and the caller reads after the pass
+        (``np.asarray(out[...])`` in ``finish``): numpy in process, a scratch zarr array on a cluster."""
+        return self.outputs.create((self.n_rows, *tail), np.dtype(dtype), self.output_chunks(*tail))
 
 
 class Block:
@@ -209,16 +227,38 @@ def pass_context(store, columns: slice | None, device, block_bytes: int = DEFAUL
 
 def stream(store, accumulators: list[Accumulator], columns: slice | None = None, device="auto",
            progress=None, description: str = "pass", block_bytes: int = DEFAULT_BLOCK_BYTES) -> PassStats:
-    """Run one pass over ``store`` feeding every accumulator (start, update per block, finish)."""
+    """Run one pass over ``store`` feeding every accumulator (start, update per block, finish).
+
+    The one engine switch: inside :func:`cmdtool.cluster.on_cluster` the blocks run as Dask tasks on the cluster
+    and their partials are tree-merged (:mod:`.dask_pass`); otherwise in this process. ``start`` and ``finish``
+    run here either way, so the staged result is created and committed by this process only.
+    """
+    from ..cluster import active_client
+
     progress = progress or NullProgress()
+    client = active_client()
     ctx = pass_context(store, columns, device, block_bytes)
-    for acc in accumulators:
-        acc.start(ctx)
-    started = time.perf_counter()
-    with compute_threads(), progress.task(description, total=store.n_rows, unit="rows") as task:
-        nonfinite = run_blocks(accumulators, iter_pass_blocks(store, ctx.columns, ctx.device, ctx.block_rows), task)
-    for acc in accumulators:
-        acc.finish()
+    if client is not None:
+        from .dask_pass import ScratchOutputs
+
+        ctx.outputs = ScratchOutputs(store)
+    try:
+        for acc in accumulators:
+            acc.start(ctx)
+        started = time.perf_counter()
+        with progress.task(description, total=store.n_rows, unit="rows") as task:
+            if client is None:
+                with compute_threads():
+                    nonfinite = run_blocks(accumulators,
+                                           iter_pass_blocks(store, ctx.columns, ctx.device, ctx.block_rows), task)
+            else:
+                from .dask_pass import run_pass
+
+                nonfinite = run_pass(client, store, accumulators, ctx, task, description)
+        for acc in accumulators:
+            acc.finish()
+    finally:
+        ctx.outputs.close()
     return PassStats(store.n_rows, nonfinite, time.perf_counter() - started, 4 * store.n_rows * ctx.n_cols)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cluster import active_client
 from ..errors import CheckpointError, UsageError
 from ..progress import NullProgress
 from ..store import format as fmt
@@ -399,6 +400,12 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
         # As wide as the budget allows, but no wider than this first batch needs (padding a chunk costs
         # compression time and disk); later appends add chunk columns of the same width.
         chunk_columns = BufferPlan.chunk_columns_for(n_rows, budget, len(new_sources))
+        client = active_client()
+        if client is not None:  # a group of chunk columns per worker (cluster_ingest)
+            from .cluster_ingest import chunk_columns_on_cluster
+
+            chunk_columns = chunk_columns_on_cluster(chunk_columns, len(new_sources),
+                                                     len(client.scheduler_info()["workers"]))
         with signals_deferred():  # a store created only in part would not open
             st = TrajectoryStore.create(store_path, layout, chunk_columns, codec=codec or fmt.DEFAULT_CODEC,
                                         chunk_rows=default_chunk_rows(chunk_columns, len(new_sources)),
@@ -431,6 +438,14 @@ def _check_options(st: TrajectoryStore, options: IngestOptions) -> None:
 
 def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress,
             strip_prefix: tuple[str, ...]) -> None:
+    client = active_client()
+    if client is not None and new_sources:  # on a Dask cluster: groups of chunk columns, committed here
+        from .cluster_ingest import stream_on_cluster
+
+        stream_on_cluster(client, st, new_sources, budget, report, progress, strip_prefix)
+        new_sources = []
+        if not replace:
+            return
     with one_torch_thread():  # the copies are memory-bound; more threads contend with the writer and hasher
         _stream_columns(st, new_sources, replace, budget, report, progress, strip_prefix)
 

@@ -41,29 +41,67 @@ class VerifyReport:
                            for d in self.damage]}
 
 
-def _check_array(store, name: str, arr, n_cols: int, report: VerifyReport, task) -> None:
-    if arr.ndim != 2 or n_cols == 0:
-        return
+def _check_rows(store, name: str, arr, rows: tuple[int, int], n_cols: int) -> tuple[int, list[Damage]]:
+    """Decode the chunks of ``arr`` in chunk rows ``rows`` and committed columns; (chunks checked, damage)."""
     chunk_rows, chunk_cols = arr.chunks
-    n_rows = arr.shape[0]
     folder = store.path / name / "c"
-    for r0 in range(0, n_rows, chunk_rows):
-        r1 = min(r0 + chunk_rows, n_rows)
+    checked, damage = 0, []
+    for r0 in range(rows[0], rows[1], chunk_rows):
+        r1 = min(r0 + chunk_rows, rows[1])
         for c0 in range(0, n_cols, chunk_cols):
             c1 = min(c0 + chunk_cols, n_cols)
-            report.chunks_checked += 1
+            checked += 1
             key = folder / str(r0 // chunk_rows) / str(c0 // chunk_cols)
             if not key.is_file():
-                report.damage.append(Damage(name, (r0, r1), (c0, c1), "missing"))
+                damage.append(Damage(name, (r0, r1), (c0, c1), "missing"))
                 continue
             try:
                 np.asarray(arr[r0:r1, c0:c1])
             except ValueError as exc:
                 problem = "checksum" if "checksum" in str(exc).lower() else f"unreadable ({exc})"
-                report.damage.append(Damage(name, (r0, r1), (c0, c1), problem))
+                damage.append(Damage(name, (r0, r1), (c0, c1), problem))
             except Exception as exc:  # noqa: BLE001 - any decode failure is damage
-                report.damage.append(Damage(name, (r0, r1), (c0, c1), f"unreadable ({type(exc).__name__})"))
+                damage.append(Damage(name, (r0, r1), (c0, c1), f"unreadable ({type(exc).__name__})"))
+    return checked, damage
+
+
+def _check_rows_on_worker(address: str, name: str, rows: tuple[int, int], n_cols: int):
+    """A Dask task of :func:`verify_store`: the worker opens the store by the client's address."""
+    from .store import open_store
+
+    store = open_store(address)
+    return _check_rows(store, name, store.group[name], rows, n_cols)
+
+
+# chunk rows per Dask task: about this many bytes of float32 decoded
+VERIFY_TASK_BYTES = 256 * 1024**2
+
+
+def _check_array(store, name: str, arr, n_cols: int, report: VerifyReport, task) -> None:
+    from ..cluster import active_client, store_address
+
+    if arr.ndim != 2 or n_cols == 0:
+        return
+    chunk_rows = arr.chunks[0]
+    n_rows = arr.shape[0]
+    client = active_client()
+    step = chunk_rows if client is None else \
+        chunk_rows * max(1, VERIFY_TASK_BYTES // (4 * chunk_rows * max(n_cols, 1)))
+    ranges = [(r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
+    if client is None:
+        outcomes = ((rows, _check_rows(store, name, arr, rows, n_cols)) for rows in ranges)
+    else:  # on a Dask cluster: groups of chunk rows checked by the workers
+        from distributed import as_completed
+
+        futures = {client.submit(_check_rows_on_worker, store_address(store), name, rows, n_cols, pure=False): rows
+                   for rows in ranges}
+        outcomes = ((futures[future], future.result()) for future in as_completed(futures))
+    damage = []
+    for (r0, r1), (checked, found) in outcomes:
+        report.chunks_checked += checked
+        damage.extend(found)
         task.advance(r1 - r0)
+    report.damage.extend(sorted(damage, key=lambda d: (d.rows, d.columns)))
 
 
 def _check_coordinates(store, report: VerifyReport) -> None:
