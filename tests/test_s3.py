@@ -216,3 +216,10 @@ def test_file_urls_are_local_stores(tmp_path):
     store = cmdtool.open_store(f"file://{tmp_path}/u.zarr")
     assert store.path == tmp_path / "u.zarr" and store_location(f"file://{tmp_path}") == tmp_path
     np.testing.assert_array_equal(store.read_columns(slice(0, 5)), values)
+
+
+def test_checkpoints_on_s3_are_refused_with_one_line(stores):
+    tmp, local, remote = stores
+    result = runner.invoke(app, ["ingest", f"s3://{BUCKET}/ck/", "--store", remote])
+    assert result.exit_code == 2 and "local or mounted folders only" in result.output, result.output
+    assert cmdtool.open_store(remote).n_checkpoints == 8

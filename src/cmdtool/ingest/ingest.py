@@ -35,7 +35,7 @@ from ..progress import NullProgress
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
 from ..store.lock import signals_deferred
-from ..store.location import RemotePath, store_location
+from ..store.location import RemotePath, refuse_remote_checkpoints, store_location
 from ..store.store import (TrajectoryStore, codec_of, default_chunk_rows, default_store_path, is_creatable, now_iso,
                            store_lock)
 from ..threads import one_torch_thread
@@ -249,6 +249,7 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
     docs/formats.md describes the layouts and the label rule."""
     if codec is not None and codec not in fmt.CODECS:
         raise UsageError(f"unknown codec {codec!r}: choose one of {', '.join(fmt.CODECS)}")
+    refuse_remote_checkpoints(paths)
     progress = progress or NullProgress()
     started = time.perf_counter()
     budget = parse_size(memory_budget)

@@ -28,6 +28,18 @@ def is_url(path) -> bool:
     return bool(match) and match.group(1).lower() not in ("file", "local")
 
 
+def refuse_remote_checkpoints(paths) -> None:
+    """Checkpoints are read from local (or mounted) paths only: a one-line error for ``s3://...`` inputs, which
+    a ``Path`` has already folded to ``s3:/...``."""
+    for path in paths:
+        text = os.fspath(path) if not isinstance(path, RemotePath) else path.url
+        match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/", text)
+        if match and match.group(1).lower() not in ("file", "local") and not Path(text).exists():
+            raise UsageError(f"{text}: checkpoints are read from local or mounted folders only; copy them first "
+                             f"(e.g. `aws s3 sync {match.group(1)}://{text[len(match.group(0)):].lstrip('/')} ck/`) "
+                             f"and ingest that folder (the store itself may be an {match.group(1)}:// URL)")
+
+
 def store_location(path: str | os.PathLike) -> "Path | RemotePath":
     """A plain path or ``file://`` URL as a :class:`Path`; any other fsspec URL as a :class:`RemotePath`."""
     if isinstance(path, (Path, RemotePath)):

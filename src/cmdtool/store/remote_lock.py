@@ -6,7 +6,7 @@ the other gets "in use". While the lock is held a background thread renews the e
 holder deletes the object when it is done. A holder killed with SIGKILL (or cut off from the network) leaves its
 lease behind, which blocks the store until it expires (``TTL`` = 120 s): then the next writer deletes it and takes
 the lock. Guarantee: mutual exclusion between writers whose lease renewals reach the store, on a backend with
-conditional create (AWS S3 since 2024, MinIO, moto, GCS); a writer stalled for longer than the TTL can lose its
+conditional create (``If-None-Match: *``: AWS S3 since 2024, moto); a writer stalled for longer than the TTL can lose its
 lock without knowing it (documented in docs/store.md).
 """
 
