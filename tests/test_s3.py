@@ -223,3 +223,15 @@ def test_checkpoints_on_s3_are_refused_with_one_line(stores):
     result = runner.invoke(app, ["ingest", f"s3://{BUCKET}/ck/", "--store", remote])
     assert result.exit_code == 2 and "local or mounted folders only" in result.output, result.output
     assert cmdtool.open_store(remote).n_checkpoints == 8
+
+
+def test_the_cli_starts_without_fsspec_or_s3fs():
+    import subprocess
+    import sys
+
+    code = ("import sys, cmdtool_cli.app\n"
+            "print([m for m in ('fsspec', 's3fs', 'torch', 'matplotlib') if m in sys.modules])\n"
+            "import cmdtool.store.store\n"  # zarr imports fsspec itself; s3fs only comes with an s3:// URL
+            "print('s3fs' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "False"]
