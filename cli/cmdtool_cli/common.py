@@ -27,7 +27,8 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 StoreOption = typer.Option(fmt.DEFAULT_STORE, "--store", "-s", envvar=fmt.STORE_ENV_VAR,
-                           help="Trajectory store to use (a folder). Also set by $CMDTOOL_STORE.",
+                           help="Trajectory store to use: a folder, or an fsspec URL such as s3://bucket/run.zarr "
+                                "(the s3 extra: docs/store.md). Also set by $CMDTOOL_STORE.",
                            show_default=True)
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bars or notes.")

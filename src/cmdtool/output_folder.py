@@ -56,8 +56,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def protected_folders(store) -> dict[Path, str]:
     """Folders cmdtool never writes into, with the reason: the store and where its checkpoints came from."""
-    protected = {Path(store.path).resolve(): f"the trajectory store {store.path}: cmdtool never writes output "
-                                             f"there"}
+    protected = {}
+    if isinstance(store.path, Path):  # a store on object storage (s3://) cannot hold a local output
+        protected[store.path.resolve()] = f"the trajectory store {store.path}: cmdtool never writes output there"
     source_note = "cmdtool never writes there (a later `cmdtool ingest` would take its output for checkpoints)"
     for record in store.time_axis:
         source = Path(record.source)

@@ -36,6 +36,7 @@ from ..progress import NullProgress
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
 from ..store.lock import signals_deferred
+from ..store.location import RemotePath, refuse_remote_checkpoints, store_location
 from ..store.store import (TrajectoryStore, codec_of, default_chunk_rows, default_store_path, is_creatable, now_iso,
                            store_lock)
 from ..threads import one_torch_thread
@@ -249,11 +250,14 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
     docs/formats.md describes the layouts and the label rule."""
     if codec is not None and codec not in fmt.CODECS:
         raise UsageError(f"unknown codec {codec!r}: choose one of {', '.join(fmt.CODECS)}")
+    refuse_remote_checkpoints(paths)
     progress = progress or NullProgress()
     started = time.perf_counter()
     budget = parse_size(memory_budget)
-    store_path = Path(store) if store is not None else default_store_path()
-    if store_path.exists() and not store_path.is_dir():
+    store_path = store_location(store) if store is not None else default_store_path()
+    local_store = isinstance(store_path, Path)
+    ignore = (store_path,) if local_store else ()  # checkpoints are never read from inside the store
+    if local_store and store_path.exists() and not store_path.is_dir():
         raise UsageError(f"store path {store_path} is a file, not a trajectory store")
     report = IngestReport(store=store_path)
 
@@ -265,8 +269,8 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
         if not is_creatable(store_path):
             raise UsageError(f"{store_path} exists and is not a trajectory store; choose another --store")
         st = None
-        created_dir = not store_path.exists()
-        discovery = discover(paths, label_pattern, ignore=(store_path,), skip=skip,  # check before creating
+        created_dir = not store_path.exists() if local_store else not any(store_path.iterdir())
+        discovery = discover(paths, label_pattern, ignore=ignore, skip=skip,  # check before creating
                              set_labels=set_labels)
         store_path.mkdir(parents=True, exist_ok=True)
         lock = store_lock(store_path, fmt.INGEST_LOCK)
@@ -276,7 +280,7 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
                 st = TrajectoryStore(store_path, mode="r+")
             if st is not None:  # existing store: discover under the lock, labels continue the store's
                 first_free = int(st.labels[-1]) + 1 if st.n_checkpoints else 0
-                discovery = discover(paths, label_pattern, first_free_label=first_free, ignore=(store_path,),
+                discovery = discover(paths, label_pattern, first_free_label=first_free, ignore=ignore,
                                      skip=skip, set_labels=set_labels)
             options = IngestOptions(tuple(include), tuple(exclude), buffers, label_pattern, tuple(strip_prefix))
             if st is not None and codec is not None and codec != codec_of(st.trajectories):
@@ -302,9 +306,14 @@ def committed_checkpoints(store_path: Path) -> int:
         return 0
 
 
-def _remove_whole(folder: Path) -> None:
+def _remove_whole(folder: Path | RemotePath) -> None:
     """Remove a folder this run created, all or nothing: renamed aside first, so that an interrupted removal
-    never leaves a half-deleted store that the next ingest would refuse."""
+    never leaves a half-deleted store that the next ingest would refuse. (On object storage, which has no
+    rename, its keys are deleted; what an interrupted deletion leaves is what a killed creation leaves, which
+    the next ingest overwrites.)"""
+    if isinstance(folder, RemotePath):
+        folder.remove_tree()
+        return
     doomed = folder.parent / f".{folder.name}.cmdtool-removing-{os.getpid()}"
     try:
         folder.rename(doomed)

@@ -24,6 +24,7 @@ from ..progress import NullProgress
 from ..units import parse_size
 from . import format as fmt
 from .lock import signals_deferred
+from .location import RemotePath
 from .store import TrajectoryStore, codec_of, create_column_arrays, default_chunk_rows, open_zarr_group
 
 STAGED_ARRAYS = (fmt.TRAJECTORIES, fmt.INTEGER_VALUES)
@@ -66,6 +67,9 @@ def rechunk(path=None, chunk_rows: int | None = None, chunk_columns: int | None 
     started = time.perf_counter()
     budget = parse_size(memory_budget)
     store = TrajectoryStore(path, mode="r+")
+    if isinstance(store.path, RemotePath):
+        raise UsageError(f"cannot rechunk {store.path} in place: object storage has no rename, so the swap of "
+                         f"the arrays could not be atomic; rechunk a local copy and upload it (docs/store.md)")
     with store.ingest_lock():
         store._open_group()  # re-read under the lock
         remove_staging(store)

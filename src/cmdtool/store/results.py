@@ -4,6 +4,8 @@ Each result is a zarr group written under ``results/<kind>/<name>@<id>``; the ``
 attribute maps ``<kind>/<name>`` to that folder. A result becomes visible only when the index is rewritten
 (one atomic file write) after every array is on disk, so a crash never exposes a half-written result;
 folders that no index entry names are leftovers of an interrupted run and are removed at the next commit.
+On an object store (S3) the same protocol holds without renames: the result is written under its fresh key and
+the index object (``results/zarr.json``, one PUT, atomic per object) is rewritten last.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zarr
 
 from ..errors import UsageError
 from . import format as fmt
+from .location import RemotePath
 from .store import compressors, now_iso, open_zarr_group, store_lock
 
 
@@ -106,7 +109,7 @@ class ResultWriter:
         return self.catalog._publish(self)
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree(self.path)
 
     def __enter__(self):
         return self
@@ -164,7 +167,7 @@ class ResultsCatalog:
             folder = index.pop(f"{kind}/{name}", None)
             self._write_index(index)
             if folder:
-                shutil.rmtree(self.root / folder, ignore_errors=True)
+                remove_tree(self.root / folder)
 
     def _write_index(self, index: dict) -> None:
         group = open_zarr_group(self.root, "a")
@@ -177,7 +180,7 @@ class ResultsCatalog:
             index[f"{writer.kind}/{writer.name}"] = writer.folder
             self._write_index(index)
             if replaced:
-                shutil.rmtree(self.root / replaced, ignore_errors=True)
+                remove_tree(self.root / replaced)
             self._collect_garbage(index)
         return self.get(writer.kind, writer.name)
 
@@ -191,13 +194,29 @@ class ResultsCatalog:
             for folder in kind_dir.iterdir():
                 rel = f"{kind_dir.name}/{folder.name}"
                 if folder.is_dir() and "@" in folder.name and rel not in live and not _recent(folder):
-                    shutil.rmtree(folder, ignore_errors=True)
+                    remove_tree(folder)
 
 
-def _recent(folder: Path, seconds: float = 3600) -> bool:
+def remove_tree(folder: Path | RemotePath) -> None:
+    if isinstance(folder, RemotePath):
+        folder.remove_tree()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _recent(folder: Path | RemotePath, seconds: float = 3600) -> bool:
+    """Whether ``folder`` was written in the last ``seconds`` (on an object store: its group object's time; an
+    object store's "folder" has none)."""
     import time
 
     try:
+        if isinstance(folder, RemotePath):
+            info = (folder / "zarr.json").stat()
+            modified = info.get("LastModified") or info.get("mtime") or info.get("updated")
+            if modified is None:
+                return True  # unknown age: keep it
+            stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+            return time.time() - stamp < seconds
         return time.time() - os.path.getmtime(folder) < seconds
-    except OSError:
-        return False
+    except (OSError, ValueError, TypeError):
+        return not isinstance(folder, Path)

@@ -5,8 +5,10 @@ truth; zarr writes it atomically (temporary file + rename). ``trajectories`` may
 axis lists: columns beyond ``len(time_axis)`` are uncommitted scratch that the next writer removes. Readers
 snapshot the time axis when the store is opened, so they see the old T or the new T, never a mix.
 
-Every path-to-zarr step goes through :func:`zarr_store` / :func:`open_zarr_group`, so that other storage
-(fsspec URLs) is one change here.
+Every path-to-zarr step goes through :func:`zarr_store` / :func:`open_zarr_group`: a local folder is a zarr
+``LocalStore``, an fsspec URL (``s3://bucket/run.zarr``) a zarr ``FsspecStore`` (docs/store.md, "Stores on shared or
+object storage"). On an object store every zarr.json is one object, written whole by one PUT, so the commit points
+above (the root attribute, the results index) stay atomic there; what needs a rename (rechunk) is refused.
 """
 
 from __future__ import annotations
@@ -27,16 +29,24 @@ from zarr.storage import LocalStore
 from ..errors import CorruptionError, StoreError, UsageError
 from . import format as fmt
 from .layout import Layout, TimeRecord
+from .location import RemotePath, is_url, store_location
 from .lock import file_lock
 
 
-def default_store_path() -> Path:
-    return Path(os.environ.get(fmt.STORE_ENV_VAR) or fmt.DEFAULT_STORE)
+def default_store_path() -> Path | RemotePath:
+    return store_location(os.environ.get(fmt.STORE_ENV_VAR) or fmt.DEFAULT_STORE)
 
 
-def zarr_store(path: str | os.PathLike, read_only: bool = False) -> LocalStore:
-    """The zarr storage object for a folder (the one place that maps a store path to zarr storage)."""
-    return LocalStore(Path(path), read_only=read_only)
+def zarr_store(path: str | os.PathLike | RemotePath, read_only: bool = False):
+    """The zarr storage object for a folder or fsspec URL (the one place that maps a store path to zarr storage:
+    a Dask worker given the same string opens the same storage)."""
+    location = store_location(path)
+    if isinstance(location, RemotePath):
+        from zarr.storage import FsspecStore
+
+        location.fs  # a one-line error if the protocol's package is missing
+        return FsspecStore.from_url(location.url, read_only=read_only)
+    return LocalStore(location, read_only=read_only)
 
 
 def open_zarr_group(path: str | os.PathLike, mode: str = "r", attributes: dict | None = None) -> zarr.Group:
@@ -85,8 +95,12 @@ def lock_path(store_path: Path, name: str) -> Path:
     return target
 
 
-def store_lock(store_path: Path, name: str, wait: float = 0.0):
+def store_lock(store_path: Path | RemotePath, name: str, wait: float = 0.0):
     what = f"store {store_path}" if name == fmt.INGEST_LOCK else f"results of {store_path}"
+    if isinstance(store_path, RemotePath):
+        from .remote_lock import lease_lock
+
+        return lease_lock(store_path / fmt.LOCKS / name / "lease.json", what, wait=wait)
     return file_lock(lock_path(store_path, name), what, wait=wait)
 
 
@@ -116,8 +130,8 @@ class TrajectoryStore:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, mode: str = "r"):
-        self.path = Path(path) if path is not None else default_store_path()
-        if self.path.exists() and not self.path.is_dir():
+        self.path = store_location(path) if path is not None else default_store_path()
+        if isinstance(self.path, Path) and self.path.exists() and not self.path.is_dir():
             raise UsageError(f"store path {self.path} is a file, not a trajectory store")
         if not (self.path / "zarr.json").is_file():
             raise UsageError(f"no trajectory store at {self.path}: create one with `cmdtool ingest CHECKPOINTS`")
@@ -126,12 +140,17 @@ class TrajectoryStore:
         if mode != "r" and self.format_version < fmt.FORMAT_VERSION:
             from .migrate import migrate
 
+            if isinstance(self.path, RemotePath):
+                raise UsageError(f"store {self.path} has format version {self.format_version}; migrate a local "
+                                 f"copy with `cmdtool migrate` and upload it (no in-place migration on object "
+                                 f"storage)")
+
             migrate(self)  # a writer upgrades an older store first (docs/store.md, "Format versions")
 
     def _open_group(self) -> None:
         self._arrays: dict[str, zarr.Array] = {}  # opened once: a read would otherwise re-parse the metadata
         self._generation = None
-        if self.mode != "r":
+        if self.mode != "r" and isinstance(self.path, Path):  # no rechunk swap on object storage (refused there)
             from .rechunk import recover_swap
 
             recover_swap(self.path)
@@ -200,13 +219,16 @@ class TrajectoryStore:
                 from .rechunk import STAGED_ARRAYS, _staging_complete
 
                 staged = self.path / fmt.STAGING
-                if name not in STAGED_ARRAYS or not _staging_complete(staged):
+                if isinstance(self.path, RemotePath) or name not in STAGED_ARRAYS or not _staging_complete(staged):
                     raise
                 self._arrays[name] = _writable(open_zarr_group(staged, "r")[name])
         return self._arrays[name]
 
     def _array_generation(self) -> int | None:
-        """Identity of the ``trajectories`` folder: a rechunk swaps in another one (chunk files of another grid)."""
+        """Identity of the ``trajectories`` folder: a rechunk swaps in another one (chunk files of another grid).
+        Object stores are never rechunked in place (refused), so their identity is constant."""
+        if isinstance(self.path, RemotePath):
+            return None
         try:
             return os.stat(self.path / fmt.TRAJECTORIES).st_ino
         except OSError:
@@ -391,7 +413,7 @@ class TrajectoryStore:
 
         The arrays are written first and the root group's metadata (with the ``cmdtool`` attribute) last, in one
         file: a store killed while being created has no root metadata and is created again by the next run."""
-        path = Path(path)
+        path = store_location(path)
         if not is_creatable(path):
             raise UsageError(f"{path} exists and is not a trajectory store; choose another --store")
         n_rows = layout.n_rows
@@ -426,9 +448,13 @@ _CREATION_ENTRIES = {fmt.LOCKS, fmt.TRAJECTORIES, fmt.INTEGER_VALUES, fmt.EPOCH,
                      fmt.RESULTS, *fmt.V1_LOCK_FILES}
 
 
-def is_creatable(path: Path) -> bool:
+def is_creatable(path: Path | RemotePath) -> bool:
     """Whether a new store may be created at ``path``: absent, empty, or holding only what an interrupted
     creation by cmdtool leaves (never a folder with anything else in it)."""
+    if isinstance(path, RemotePath):
+        if path.is_file():  # an object of that very name
+            return False
+        return not (path / "zarr.json").exists() and all(p.name in _CREATION_ENTRIES for p in path.iterdir())
     if not path.exists():
         return True
     return path.is_dir() and not (path / "zarr.json").exists() and \

@@ -8,7 +8,9 @@ from pathlib import Path
 from . import format as fmt
 
 
-def folder_bytes(path: Path) -> int:
+def folder_bytes(path) -> int:
+    if hasattr(path, "size_of_tree"):  # a RemotePath (object storage)
+        return path.size_of_tree()
     total = 0
     for root, _, files in os.walk(path):
         for name in files:

@@ -1,0 +1,171 @@
+"""Where a store lives: a local folder (a :class:`pathlib.Path`, as always) or an fsspec URL (``s3://bucket/run.zarr``,
+``gs://...``) as a :class:`RemotePath`.
+
+:class:`RemotePath` offers the few ``pathlib`` operations the store code uses (``/``, ``name``, ``exists``,
+``is_file``, ``iterdir``, ...) over an fsspec filesystem, so that the store, its results and ingest read the same
+for both. fsspec and the filesystem's package (s3fs for ``s3://``) are imported only when a URL is used
+(``pip install 'cmdtool[s3]'``). Credentials and endpoints come from the usual places: the AWS environment
+variables / ``~/.aws`` for S3, fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL``, ``~/.config/fsspec``) for any
+protocol (docs/store.md, "Stores on shared or object storage").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import UsageError
+
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+
+
+def is_url(path) -> bool:
+    """Whether ``path`` is a URL of another filesystem than the local one (``file://`` is local)."""
+    if isinstance(path, RemotePath):
+        return True
+    match = _URL.match(str(path)) if isinstance(path, str) else None
+    return bool(match) and match.group(1).lower() not in ("file", "local")
+
+
+def refuse_remote_checkpoints(paths) -> None:
+    """Checkpoints are read from local (or mounted) paths only: a one-line error for ``s3://...`` inputs, which
+    a ``Path`` has already folded to ``s3:/...``."""
+    for path in paths:
+        text = os.fspath(path) if not isinstance(path, RemotePath) else path.url
+        match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/", text)
+        if match and match.group(1).lower() not in ("file", "local") and not Path(text).exists():
+            raise UsageError(f"{text}: checkpoints are read from local or mounted folders only; copy them first "
+                             f"(e.g. `aws s3 sync {match.group(1)}://{text[len(match.group(0)):].lstrip('/')} ck/`) "
+                             f"and ingest that folder (the store itself may be an {match.group(1)}:// URL)")
+
+
+def store_location(path: str | os.PathLike) -> "Path | RemotePath":
+    """A plain path or ``file://`` URL as a :class:`Path`; any other fsspec URL as a :class:`RemotePath`."""
+    if isinstance(path, (Path, RemotePath)):
+        return path
+    text = os.fspath(path)
+    match = _URL.match(text)
+    if not match:
+        return Path(text)
+    protocol, rest = match.group(1).lower(), match.group(2)
+    if protocol in ("file", "local"):
+        return Path("/" + rest.lstrip("/"))
+    return RemotePath(protocol, rest.rstrip("/"))
+
+
+def filesystem(protocol: str):
+    """The fsspec filesystem of ``protocol`` (one cached instance per protocol and configuration)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise UsageError(f"{protocol}:// paths need fsspec: pip install 'cmdtool[s3]'") from None
+    try:
+        return fsspec.filesystem(protocol)
+    except (ImportError, ValueError) as exc:
+        hint = "pip install 'cmdtool[s3]'" if protocol in ("s3", "s3a") else f"install fsspec's {protocol} backend"
+        raise UsageError(f"cannot open {protocol}:// paths ({exc}); {hint}") from None
+
+
+class RemotePath:
+    """A path on an fsspec filesystem, with the pathlib operations the store uses. Object stores have no real
+    folders: a "folder" exists when some key lies under it, and :meth:`mkdir` does nothing."""
+
+    __slots__ = ("protocol", "key")
+
+    def __init__(self, protocol: str, key: str):
+        self.protocol, self.key = protocol, key.rstrip("/")
+
+    @property
+    def fs(self):
+        return filesystem(self.protocol)
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.key}"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and (self.protocol, self.key) == (other.protocol, other.key)
+
+    def __hash__(self) -> int:
+        return hash((self.protocol, self.key))
+
+    def __truediv__(self, part) -> "RemotePath":
+        return RemotePath(self.protocol, f"{self.key}/{str(part).strip('/')}")
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "RemotePath":
+        return RemotePath(self.protocol, self.key.rsplit("/", 1)[0]) if "/" in self.key else self
+
+    def with_suffix(self, suffix: str) -> "RemotePath":
+        stem = self.name.rsplit(".", 1)[0] if "." in self.name else self.name
+        return self.parent / (stem + suffix)
+
+    @property
+    def suffix(self) -> str:
+        return "." + self.name.rsplit(".", 1)[1] if "." in self.name else ""
+
+    def resolve(self) -> "RemotePath":
+        return self
+
+    def _refresh(self) -> None:
+        self.fs.invalidate_cache(self.key)
+
+    def exists(self) -> bool:
+        self._refresh()
+        return bool(self.fs.exists(self.key))
+
+    def is_file(self) -> bool:
+        self._refresh()
+        return bool(self.fs.isfile(self.key))
+
+    def is_dir(self) -> bool:
+        self._refresh()
+        return bool(self.fs.isdir(self.key))
+
+    def iterdir(self):
+        self._refresh()
+        try:
+            entries = self.fs.ls(self.key, detail=False)
+        except FileNotFoundError:
+            return iter(())
+        return iter(RemotePath(self.protocol, e) for e in entries if e.rstrip("/") != self.key)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Object stores create "folders" with the first key under them; nothing to do."""
+
+    def stat(self):
+        info = self.fs.info(self.key)
+        return info
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.key)
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def open(self, mode: str = "rb", **kwargs):
+        return self.fs.open(self.key, mode, **kwargs)
+
+    def remove_tree(self) -> None:
+        try:
+            self.fs.rm(self.key, recursive=True)
+        except FileNotFoundError:
+            pass
+        self._refresh()
+
+    def size_of_tree(self) -> int:
+        try:
+            return int(self.fs.du(self.key, total=True))
+        except FileNotFoundError:
+            return 0
