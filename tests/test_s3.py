@@ -235,3 +235,19 @@ def test_the_cli_starts_without_fsspec_or_s3fs():
             "print('s3fs' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "False"]
+
+
+def test_a_dask_cluster_runs_the_passes_on_an_s3_store(stores, s3):
+    """Both halves of #16 together: workers open the S3 store by its URL (credentials and endpoint from the
+    environment they inherit) and the result equals the in-process one on the local store."""
+    pytest.importorskip("distributed")
+    tmp, local, remote = stores
+    for store, extra in ((local, ()), (remote, ("--scheduler", "local:2"))):
+        result = runner.invoke(app, ["decompose", "-m", "pca", "--dims", "3", "--name", "cluster", "--store", store,
+                                     "--quiet", "--json", *extra])
+        assert result.exit_code == 0, result.output
+    a = cmdtool.open_store(local).results.get("pca", "cluster")
+    b = cmdtool.open_store(remote).results.get("pca", "cluster")
+    assert a.keys() == b.keys()
+    for key in a.keys():
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-10, atol=1e-12, err_msg=key)
