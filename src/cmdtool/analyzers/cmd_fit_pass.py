@@ -10,6 +10,7 @@ import numpy as np
 
 from .cmd_math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, centre_rows_, closed_form_fit,
                        correlate, fit_block, pin_reference_rows)
+from .host_float64 import matmul, to_float64_
 from .passes import Accumulator, add_reductions
 
 
@@ -95,8 +96,7 @@ class FitPass(Accumulator):
 
         start, stop, finite = block.start, block.stop, block.finite
         # a float64 copy of the block in a buffer reused across blocks: centred in place below
-        x = self._scratch("centred", block.values.shape, torch.float64, block.values.device)
-        x.copy_(block.values)
+        x = to_float64_(self._scratch("centred", block.values.shape, torch.float64, block.values.device), block.values)
         n_cols = x.shape[1]
         layer = torch.as_tensor(self.layers.of(start, stop), device=x.device)
         modelled = self.layer_modelled[layer] & finite
@@ -123,12 +123,12 @@ class FitPass(Accumulator):
         weights.scatter_(0, mode[None, :], a[None, :])
         weights[self.n_modes] = delta
         weights[self.n_modes + 1] = mean  # rows with NaN/Inf arrive zeroed: their mean is 0
-        projections = weights @ x  # (M+2, T): P_m, Σ δ_i (w_i−w̄_i), Σ w̄_i (w_i−w̄_i)
+        projections = matmul(weights, x)  # (M+2, T): P_m, Σ δ_i (w_i−w̄_i), Σ w̄_i (w_i−w̄_i)
         if self.online is not None:
             self._update_online(start, stop, x, mean, modelled, finite)
         x.square_()
         masks = torch.stack([modelled, finite]).to(torch.float64)
-        squares = masks @ x  # (2, T): Σ (w−w̄)² over modelled rows, and over all finite rows
+        squares = matmul(masks, x)  # (2, T): Σ (w−w̄)² over modelled rows, and over all finite rows
         centred_refs = refs.centred
         sum_a_sq = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * a)
         sum_a_delta = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * delta)
