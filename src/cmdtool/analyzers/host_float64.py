@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
-# rows of one float64 chunk: 2048 x 150 x 8 B = 2.4 MB stays in cache between the conversion and the products
-CHUNK_ROWS = 2048
+# bytes of one float64 chunk (2048 rows at T = 150): it stays in cache between the conversion and the products,
+# and the per-row temporaries of a chunk (CMD's R x M correlations) stay small whatever the block's row count
+CHUNK_BYTES = 2048 * 150 * 8
+
+
+def chunk_rows(n_cols: int) -> int:
+    """Rows of one float64 chunk of ``n_cols`` columns."""
+    return max(256, CHUNK_BYTES // (8 * max(n_cols, 1)))
 
 
 def on_cpu(tensor) -> bool:

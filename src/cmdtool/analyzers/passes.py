@@ -31,7 +31,7 @@ import numpy as np
 
 from ..device import compute_threads, resolve_device
 from ..progress import NullProgress
-from .host_float64 import CHUNK_ROWS, on_cpu, to_float64_
+from .host_float64 import chunk_rows, on_cpu, to_float64_
 
 # float32 bytes of W per block: 4 blocks in flight (read-ahead of 2) plus a float64 copy stay well under 1 GB,
 # whatever N is, and a block still spans several chunks for zarr's parallel decoding
@@ -112,14 +112,14 @@ class Block:
     def on_cpu(self) -> bool:
         return on_cpu(self.values)
 
-    def float64_chunks(self, chunk_rows: int = CHUNK_ROWS):
+    def float64_chunks(self):
         """``(r0, r1, x)`` for consecutive row chunks of a CPU block: ``x`` is rows ``r0:r1`` (block-relative) as a
         float64 numpy array, converted into one buffer reused by every chunk and accumulator (overwritten by the
         next chunk: use it before asking for the next one; accumulators may change it in place)."""
         import torch
 
         values = self.values.numpy()
-        rows = min(chunk_rows, max(self.rows, 1))
+        rows = min(chunk_rows(values.shape[1]), max(self.rows, 1))
         if self._buffers is None:
             buffer = np.empty((rows, values.shape[1]))
         else:
