@@ -123,6 +123,41 @@ def test_two_merged_halves_equal_one_stream(store, name):
         np.testing.assert_allclose(halves[key], whole[key], rtol=1e-12, atol=0, err_msg=key)
 
 
+@pytest.mark.parametrize("name", ["gram", "cmd_fit_pass", "pca_directions", "dmd_modes", "kwm_masks",
+                                  "reconstruction", "ema_swa"])
+def test_cpu_numpy_path_equals_the_torch_path(store, name, monkeypatch):
+    """On the CPU the accumulators do their float64 work in numpy chunks (host_float64); forced onto the torch
+    path (the one CUDA runs) they give the same reductions to float64 summation order and the same outputs.
+    Chunks of 100 rows split every 256-row block unevenly, so the chunk boundaries are exercised."""
+    import cmdtool.analyzers.host_float64 as host_float64
+    import cmdtool.analyzers.passes as passes
+
+    monkeypatch.setattr(host_float64, "CHUNK_BYTES", 100 * 8 * N_COLS)
+    window = slice(0, N_COLS)
+    results = []
+    for torch_path in (False, True):
+        if torch_path:
+            monkeypatch.setattr(host_float64, "on_cpu", lambda tensor: False)
+            monkeypatch.setattr(passes, "on_cpu", lambda tensor: False)
+        writer = store.results.writer("test", f"{name}-path-{torch_path}")
+        acc = _factories(store, writer)[name]()
+        ctx = pass_context(store, window, "cpu", BLOCK_BYTES)
+        acc.start(ctx)
+        run_blocks([acc], iter_pass_blocks(store, window, ctx.device, ctx.block_rows))
+        acc.finish()
+        results.append(_state(acc))
+        writer.discard()
+    host, torch_path = results
+    assert host.keys() == torch_path.keys() and host
+    for key in host:
+        # float32 outputs computed from float64 values that differ in the last bits may round one ulp apart; a
+        # reference row's squared error is 0 up to cancellation (1e-15 against entries of order 1)
+        rtol = 1e-12 if host[key].dtype == np.float64 else 1e-6
+        finite = np.abs(torch_path[key][np.isfinite(torch_path[key])])  # EMA/SWA keep stored NaN/Inf rows
+        scale = float(finite.max()) if finite.size else 0.0
+        np.testing.assert_allclose(host[key], torch_path[key], rtol=rtol, atol=1e-12 * scale, err_msg=key)
+
+
 def test_merge_adds_up_the_reductions(store):
     """The merged Gram equals the dense WᵀW of the finite rows (merge is a real sum, not a copy of one half)."""
     W = store.read_columns(slice(0, N_COLS)).astype(np.float64)

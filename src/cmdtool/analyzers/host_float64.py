@@ -21,7 +21,7 @@ CHUNK_BYTES = 2048 * 150 * 8
 
 def chunk_rows(n_cols: int) -> int:
     """Rows of one float64 chunk of ``n_cols`` columns."""
-    return max(256, CHUNK_BYTES // (8 * max(n_cols, 1)))
+    return max(64, CHUNK_BYTES // (8 * max(n_cols, 1)))
 
 
 def on_cpu(tensor) -> bool:
