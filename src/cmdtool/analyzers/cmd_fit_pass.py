@@ -153,8 +153,10 @@ class FitPass(Accumulator):
         masks = torch.stack([modelled, finite]).to(torch.float64)
         squares = matmul(masks, x)  # (2, T): Σ (w−w̄)² over modelled rows, and over all finite rows
         centred_refs = refs.centred
-        sum_a_sq = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * a)
-        sum_a_delta = torch.zeros(self.n_modes, dtype=torch.float64, device=x.device).index_add_(0, mode, a * delta)
+        # sums by mode and by layer as weighted bincounts: index_add_ took 15% of the CPU fit pass (0.56 of 3.8 s
+        # profiled), bincount a fraction of it
+        sum_a_sq = torch.bincount(mode, weights=a * a, minlength=self.n_modes)
+        sum_a_delta = torch.bincount(mode, weights=a * delta, minlength=self.n_modes)
         column_sq_error = (squares[0] - 2 * (centred_refs * projections[:self.n_modes]).sum(dim=0)
                            + (sum_a_sq[:, None] * centred_refs * centred_refs).sum(dim=0)
                            + 2 * projections[self.n_modes]
@@ -164,9 +166,10 @@ class FitPass(Accumulator):
         self.column_sq_norm += squares[1] + 2 * projections[self.n_modes + 1] + (mean * mean).sum()
         self.sq_motion += motion.sum()
         row_sq_norm = motion + n_cols * mean * mean
-        self.layer_sq_error.index_add_(0, layer, row_sq_error)
-        self.layer_sq_norm.index_add_(0, layer, row_sq_norm)
-        self.layer_sq_motion.index_add_(0, layer, motion)
+        n_layers = self.layers.n_layers
+        self.layer_sq_error += torch.bincount(layer, weights=row_sq_error, minlength=n_layers)
+        self.layer_sq_norm += torch.bincount(layer, weights=row_sq_norm, minlength=n_layers)
+        self.layer_sq_motion += torch.bincount(layer, weights=motion, minlength=n_layers)
         self.layer_mode_counts += torch.bincount((layer * self.n_modes + mode)[modelled],
                                                  minlength=self.layer_mode_counts.numel())
         kept_code = torch.where(finite, MODE_KEPT, MODE_NONFINITE)
