@@ -95,32 +95,61 @@ def _state(acc) -> dict:
     return out
 
 
+def _pass_state(store, name: str, tag: str, split: bool = False) -> dict:
+    """One CPU pass of accumulator ``name`` over the store (with ``split``: two partials that see the first 5 and
+    the other blocks, then merged); its :func:`_state`."""
+    window = slice(0, N_COLS)
+    writer = store.results.writer("test", tag)
+    acc = _factories(store, writer)[name]()
+    ctx = pass_context(store, window, "cpu", BLOCK_BYTES)
+    acc.start(ctx)
+    blocks = iter_pass_blocks(store, window, ctx.device, ctx.block_rows)
+    if split:
+        first, second = acc.partial(), acc.partial()
+        blocks = list(blocks)
+        run_blocks([first], blocks[:5])
+        run_blocks([second], blocks[5:])
+        acc = merged([first, second])
+    else:
+        run_blocks([acc], blocks)
+    acc.finish()
+    state = _state(acc)
+    writer.discard()
+    return state
+
+
 @pytest.mark.parametrize("name", ["gram", "row_gather", "cmd_fit_pass", "pca_directions", "dmd_modes", "kwm_masks",
                                   "reconstruction", "ema_swa", "online_replay"])
 def test_two_merged_halves_equal_one_stream(store, name):
-    window = slice(0, N_COLS)
-    results = []
-    for split in (False, True):
-        writer = store.results.writer("test", f"{name}-{split}")
-        acc = _factories(store, writer)[name]()
-        ctx = pass_context(store, window, "cpu", BLOCK_BYTES)
-        acc.start(ctx)
-        blocks = iter_pass_blocks(store, window, ctx.device, ctx.block_rows)
-        if split:
-            first, second = acc.partial(), acc.partial()
-            blocks = list(blocks)
-            run_blocks([first], blocks[:5])
-            run_blocks([second], blocks[5:])
-            acc = merged([first, second])
-        else:
-            run_blocks([acc], blocks)
-        acc.finish()
-        results.append(_state(acc))
-        writer.discard()
+    results = [_pass_state(store, name, f"{name}-{split}", split) for split in (False, True)]
     whole, halves = results
     assert whole.keys() == halves.keys() and whole
     for key in whole:
         np.testing.assert_allclose(halves[key], whole[key], rtol=1e-12, atol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["gram", "cmd_fit_pass", "pca_directions", "dmd_modes", "kwm_masks",
+                                  "reconstruction", "ema_swa"])
+def test_cpu_numpy_path_equals_the_torch_path(store, name, monkeypatch):
+    """On the CPU the accumulators do their float64 work in numpy chunks (host_float64); forced onto the torch
+    path (the one CUDA runs) they give the same reductions to float64 summation order and the same outputs.
+    Chunks of 100 rows split every 256-row block unevenly, so the chunk boundaries are exercised."""
+    import cmdtool.analyzers.host_float64 as host_float64
+    import cmdtool.analyzers.passes as passes
+
+    monkeypatch.setattr(host_float64, "CHUNK_BYTES", 100 * 8 * N_COLS)
+    host = _pass_state(store, name, f"{name}-numpy")
+    monkeypatch.setattr(host_float64, "on_cpu", lambda tensor: False)
+    monkeypatch.setattr(passes, "on_cpu", lambda tensor: False)
+    torch_path = _pass_state(store, name, f"{name}-torch")
+    assert host.keys() == torch_path.keys() and host
+    for key in host:
+        # float32 outputs computed from float64 values that differ in the last bits may round one ulp apart; a
+        # reference row's squared error is 0 up to cancellation (1e-15 against entries of order 1)
+        rtol = 1e-12 if host[key].dtype == np.float64 else 1e-6
+        finite = np.abs(torch_path[key][np.isfinite(torch_path[key])])  # EMA/SWA keep stored NaN/Inf rows
+        scale = float(finite.max()) if finite.size else 0.0
+        np.testing.assert_allclose(host[key], torch_path[key], rtol=rtol, atol=1e-12 * scale, err_msg=key)
 
 
 def test_merge_adds_up_the_reductions(store):

@@ -37,23 +37,29 @@ def available_cores() -> int:
 
 
 class compute_threads:
-    """Context manager: torch's intra-op threads for a streaming pass, one core left to the read-ahead (the
-    reader thread and zarr's decompression), and never more than torch was set to use.
+    """Context manager: torch's intra-op threads *and* numpy's BLAS threads for a streaming pass, one core left to
+    the read-ahead (the reader thread and zarr's decompression), and never more than torch was set to use.
 
     Two threads on two cores that the reader also needs make every torch call wait for a descheduled worker:
     on the shared 2-core development machine main's passes spent 2-3x the CPU seconds of these
-    (docs/performance.md, "Analyses side by side").
+    (docs/performance.md, "Analyses side by side"). The CPU passes do their float64 products in numpy
+    (:mod:`cmdtool.analyzers.host_float64`), whose OpenBLAS would otherwise start one thread per core for every
+    2048-row product: a chunked Gram of 262,144 x 150 took 9 s that way on the loaded machine instead of 0.25 s.
     """
 
     def __enter__(self):
         import torch
+        from threadpoolctl import threadpool_limits
 
         self.before = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(self.before, available_cores() - 1)))
+        threads = max(1, min(self.before, available_cores() - 1))
+        torch.set_num_threads(threads)
+        self.blas = threadpool_limits(limits=threads, user_api="blas")
         return self
 
     def __exit__(self, *exc):
         import torch
 
+        self.blas.restore_original_limits()
         torch.set_num_threads(self.before)
         return False

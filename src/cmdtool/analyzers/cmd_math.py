@@ -223,7 +223,9 @@ def correlate(centred, sq_norm, refs: ReferenceSet):
     """
     import torch
 
-    cross = centred @ refs.centred.T
+    from .host_float64 import matmul
+
+    cross = matmul(centred, refs.centred.T)
     denom = sq_norm.sqrt()[:, None] * refs.norm[None, :]
     corr = torch.where(denom > 0, cross.abs() / torch.where(denom > 0, denom, 1.0), 0.0)
     return corr, cross

@@ -73,11 +73,17 @@ class KWMMasks(Accumulator):
 
     def update(self, block):
         start, stop = block.start, block.stop
-        block64 = block.float64()
-        score = (block64 @ self.real).hypot(block64 @ self.imag)       # S_{i',j}, (rows, s)
         # rows with NaN/Inf were zeroed by the pass; they are not "quiet", so they stay in KGA
-        masked = (score < self.threshold).all(dim=1) & block.finite
-        masked_np = masked.cpu().numpy()
+        if block.on_cpu:  # numpy on cache-sized float64 chunks (host_float64)
+            real, imag, finite = self.real.numpy(), self.imag.numpy(), block.finite.numpy()
+            masked_np = np.empty(block.rows, dtype=bool)
+            for r0, r1, x in block.float64_chunks():
+                score = np.hypot(x @ real, x @ imag)                       # S_{i',j}, (rows, s)
+                masked_np[r0:r1] = (score < self.threshold).all(axis=1) & finite[r0:r1]
+        else:
+            block64 = block.float64()
+            score = (block64 @ self.real).hypot(block64 @ self.imag)
+            masked_np = ((score < self.threshold).all(dim=1) & block.finite).cpu().numpy()
         self.mask[start:stop] = (~masked_np).astype(np.uint8)
         # masked count per tensor without an N-long layer array: split the block at tensor boundaries
         bounds = np.concatenate([[start], self.tensor_stops[(self.tensor_stops > start) & (self.tensor_stops < stop)],

@@ -176,6 +176,9 @@ class RowProjection(Accumulator):
     def update(self, block):
         import torch
 
+        if block.on_cpu:
+            self._update_host(block)
+            return
         block64 = block.float64()
         if self.centre:
             mean = block64.mean(dim=1, keepdim=True)
@@ -184,6 +187,24 @@ class RowProjection(Accumulator):
             self.means[block.start:block.stop] = mean[:, 0].float().cpu().numpy()
         for part, matrix in self.device_matrices.items():
             self.arrays[part][block.start:block.stop] = (block64 @ matrix).float().cpu().numpy()
+
+    def _update_host(self, block):
+        """The CPU path: numpy on cache-sized float64 chunks (host_float64), outputs written once per block."""
+        rows = slice(block.start, block.stop)
+        outputs = {part: np.empty((block.rows, matrix.shape[1]), dtype=np.float32)
+                   for part, matrix in self.device_matrices.items()}
+        means = np.empty(block.rows, dtype=np.float32) if self.centre else None
+        for r0, r1, x in block.float64_chunks():
+            if self.centre:
+                mean = x.mean(axis=1, keepdims=True)
+                x -= mean
+                means[r0:r1] = mean[:, 0]
+            for part, matrix in self.device_matrices.items():
+                outputs[part][r0:r1] = x @ matrix.numpy()
+        if self.centre:
+            self.means[rows] = means
+        for part, values in outputs.items():
+            self.arrays[part][rows] = values
 
 
 class ColumnsOfModel(Accumulator):
@@ -207,10 +228,17 @@ class ColumnsOfModel(Accumulator):
         self.weights_device = torch.as_tensor(self.weights, dtype=torch.float64, device=ctx.device)
 
     def update(self, block):
-        value = (block.float64() @ self.weights_device).float()
+        if block.on_cpu:  # numpy on cache-sized float64 chunks (host_float64)
+            weights = self.weights_device.numpy()
+            value = np.empty((block.rows,) + weights.shape[1:], dtype=np.float32)
+            for r0, r1, x in block.float64_chunks():
+                value[r0:r1] = x @ weights
+        else:
+            value = (block.float64() @ self.weights_device).float().cpu().numpy()
         if self.keep_nonfinite and block.nonfinite:
-            value[~block.finite] = (block.nonfinite_values.double() @ self.weights_device).float()
-        self.out[block.start:block.stop] = value.cpu().numpy()
+            value[~block.finite.cpu().numpy()] = (block.nonfinite_values.double() @ self.weights_device).float() \
+                .cpu().numpy()
+        self.out[block.start:block.stop] = value
 
     def finish(self):
         if self.returned:

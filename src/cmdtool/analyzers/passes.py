@@ -31,6 +31,7 @@ import numpy as np
 
 from ..device import compute_threads, resolve_device
 from ..progress import NullProgress
+from .host_float64 import chunk_rows, on_cpu, to_float64_
 
 # float32 bytes of W per block: 4 blocks in flight (read-ahead of 2) plus a float64 copy stay well under 1 GB,
 # whatever N is, and a block still spans several chunks for zarr's parallel decoding
@@ -84,7 +85,9 @@ class Block:
     ``values`` is float32 on the compute device (rows with NaN/Inf zeroed), ``finite`` flags the rows without
     NaN/Inf and ``nonfinite_values`` keeps those rows as stored (what a reconstruction that gives back the stored
     values needs). :meth:`float64` is one float64 copy shared by the accumulators of the pass (read only), written into
-    a buffer that the pass reuses from block to block instead of allocating (and page-faulting) a new one.
+    a buffer that the pass reuses from block to block instead of allocating (and page-faulting) a new one; on the
+    CPU, accumulators read :meth:`float64_chunks` instead (numpy, cache-sized chunks: see
+    :mod:`~cmdtool.analyzers.host_float64`), so that no whole float64 copy of the block is made.
     """
 
     __slots__ = ("start", "stop", "values", "finite", "nonfinite", "nonfinite_values", "_buffers", "_float64")
@@ -120,8 +123,31 @@ class Block:
                 self._float64 = self.values.to(torch.float64)
             else:
                 self._float64 = self._buffers.get("float64", self.values.shape, torch.float64, self.values.device)
-                self._float64.copy_(self.values)
+                to_float64_(self._float64, self.values)
         return self._float64
+
+    @property
+    def on_cpu(self) -> bool:
+        return on_cpu(self.values)
+
+    def float64_chunks(self):
+        """``(r0, r1, x)`` for consecutive row chunks of a CPU block: ``x`` is rows ``r0:r1`` (block-relative) as a
+        float64 numpy array, converted into one buffer reused by every chunk and accumulator (overwritten by the
+        next chunk: use it before asking for the next one; accumulators may change it in place)."""
+        import torch
+
+        values = self.values.numpy()
+        rows = min(chunk_rows(values.shape[1]), max(self.rows, 1))
+        if self._buffers is None:
+            buffer = np.empty((rows, values.shape[1]))
+        else:
+            buffer = self._buffers.get("float64_chunk", (rows, values.shape[1]), torch.float64, self.values.device)
+            buffer = buffer.numpy()
+        for r0 in range(0, self.rows, rows):
+            r1 = min(r0 + rows, self.rows)
+            chunk = buffer[:r1 - r0]
+            np.copyto(chunk, values[r0:r1])
+            yield r0, r1, chunk
 
 
 class BlockBuffers:
@@ -267,7 +293,8 @@ class GramAccumulator(Accumulator):
 
     The block product is float64: a float32 product with float64 accumulation changes the DMD/PCA errors that
     follow from G by up to 1.8e-4 relative on the benchmark data (bench/gram_precision.py, docs/performance.md),
-    because those errors are small differences of G's entries.
+    because those errors are small differences of G's entries. On the CPU it is numpy's syrk on cache-sized
+    float64 chunks (:mod:`~cmdtool.analyzers.host_float64`), accumulated into the float64 tensors' memory.
     """
 
     def start(self, ctx):
@@ -279,9 +306,15 @@ class GramAccumulator(Accumulator):
         self.rows = 0
 
     def update(self, block):
-        x = block.float64()
-        self.gram.addmm_(x.T, x)
-        self.column_sums += x.sum(dim=0)
+        if block.on_cpu:
+            gram, column_sums = self.gram.numpy(), self.column_sums.numpy()  # views: += updates the tensors
+            for _, _, x in block.float64_chunks():
+                gram += x.T @ x  # numpy sees Xᵀ X of one buffer and calls syrk
+                column_sums += x.sum(axis=0)
+        else:
+            x = block.float64()
+            self.gram.addmm_(x.T, x)
+            self.column_sums += x.sum(dim=0)
         self.rows += block.rows - block.nonfinite
 
     def merge(self, other):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from typing import Callable, Iterator
@@ -9,6 +10,31 @@ from typing import Callable, Iterator
 import numpy as np
 
 _DONE = object()
+
+# glibc's malloc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which the
+# blocks come from the heap; blocks allocated by the reader thread and freed by the consumer then fragment it, and
+# the peak RSS of a pass grew with N: +16 MB for the bare read of 3M x 6 rows against 250k (2 MiB blocks), +26 MB
+# for a Gram pass, +115 MB from 4M to 16M x 10 rows at 128 MiB blocks (bench/scale.py). A fixed threshold (which
+# also turns the dynamic one off) keeps every large buffer in its own mapping, returned to the system when freed:
+# the same runs grew by 2.4 and 2.6 MB. See docs/performance.md, "Peak memory in N".
+MMAP_THRESHOLD_BYTES = 1024**2
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+
+
+@functools.cache
+def fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD_BYTES` for this process (once); False where the C
+    library is not glibc (nothing to do: other allocators do not carry this dynamic threshold)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 def _to_device(block: np.ndarray, device, dtype):
@@ -32,6 +58,7 @@ def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, col
     """
     from .store import RowBlock
 
+    fix_mmap_threshold()
     starts = list(range(rows.start, rows.stop, block_rows))
     if prefetch <= 0:
         for start in starts:
