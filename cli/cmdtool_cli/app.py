@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from .commands import register_all
-from .common import OneLineErrors, state
+from .commands import LazyCommands
+from .common import state
 
 app = typer.Typer(
     name="cmdtool",
-    cls=OneLineErrors,
+    cls=LazyCommands,  # commands are imported when used: fast start-up (commands/__init__.py)
     help="Analyse neural-network training dynamics from saved checkpoints.\n\n"
          "Typical run: `cmdtool ingest ckpts/` (checkpoints -> ./cmdtool.zarr), then `cmdtool decompose --modes 10`, "
          "`cmdtool reconstruct --epoch 150`, `cmdtool compare dmd cmd`.",
@@ -23,9 +23,6 @@ app = typer.Typer(
 @app.callback()
 def _global(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")):
     state["debug"] = debug
-
-
-register_all(app)
 
 
 def main() -> None:

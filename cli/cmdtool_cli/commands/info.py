@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from cmdtool.store.format import FORMAT_VERSION
-from cmdtool.store.summary import summarize
+from cmdtool.store.summary import summarize_store
 from cmdtool.units import format_bytes
 
 from ..common import JsonOption, StoreOption, console, handle_errors, print_json
@@ -20,9 +20,7 @@ def register(app: typer.Typer) -> None:
         """Summarise a store: parameters, tensors, checkpoints, sizes, NaN/Inf counts and saved analyses.
         Tied tensors (one storage under two names, e.g. an output layer tied to the embedding) are listed and
         counted once, with the alias noted."""
-        from cmdtool.store import open_store  # zarr: imported only when a command needs it
-
-        summary = summarize(open_store(store))
+        summary = summarize_store(store)  # a local store: from its metadata documents, without importing zarr
         if as_json:
             print_json(summary)
             return

@@ -40,6 +40,13 @@ def refuse_remote_checkpoints(paths) -> None:
                              f"and ingest that folder (the store itself may be an {match.group(1)}:// URL)")
 
 
+def default_store_path() -> "Path | RemotePath":
+    """``$CMDTOOL_STORE``, else ./cmdtool.zarr."""
+    from . import format as fmt
+
+    return store_location(os.environ.get(fmt.STORE_ENV_VAR) or fmt.DEFAULT_STORE)
+
+
 def store_location(path: str | os.PathLike) -> "Path | RemotePath":
     """A plain path or ``file://`` URL as a :class:`Path`; any other fsspec URL as a :class:`RemotePath`."""
     if isinstance(path, (Path, RemotePath)):

@@ -10,7 +10,6 @@ the index object (``results/zarr.json``, one PUT, atomic per object) is rewritte
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -22,6 +21,7 @@ import zarr
 from ..errors import UsageError
 from . import format as fmt
 from .location import RemotePath
+from .metadata import results_index
 from .store import compressors, now_iso, open_zarr_group, store_lock
 
 
@@ -126,10 +126,7 @@ class ResultsCatalog:
         self.root = store.path / fmt.RESULTS
 
     def _index(self) -> dict:
-        path = self.root / "zarr.json"
-        if not path.is_file():
-            return {}
-        return json.loads(path.read_text()).get("attributes", {}).get("index", {})
+        return results_index(self.root)
 
     def list(self, kind: str | None = None) -> list[tuple[str, str]]:
         """(kind, name) of every committed result, optionally of one kind."""

@@ -29,12 +29,9 @@ from zarr.storage import LocalStore
 from ..errors import CorruptionError, StoreError, UsageError
 from . import format as fmt
 from .layout import Layout, TimeRecord
-from .location import RemotePath, is_url, store_location
+from .location import RemotePath, default_store_path, store_location
 from .lock import file_lock
-
-
-def default_store_path() -> Path | RemotePath:
-    return store_location(os.environ.get(fmt.STORE_ENV_VAR) or fmt.DEFAULT_STORE)
+from .metadata import check_store_folder, store_attributes
 
 
 def zarr_store(path: str | os.PathLike | RemotePath, read_only: bool = False):
@@ -131,10 +128,7 @@ class TrajectoryStore:
 
     def __init__(self, path: str | os.PathLike | None = None, mode: str = "r"):
         self.path = store_location(path) if path is not None else default_store_path()
-        if isinstance(self.path, Path) and self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"store path {self.path} is a file, not a trajectory store")
-        if not (self.path / "zarr.json").is_file():
-            raise UsageError(f"no trajectory store at {self.path}: create one with `cmdtool ingest CHECKPOINTS`")
+        check_store_folder(self.path)
         self.mode = mode
         self._open_group()
         if mode != "r" and self.format_version < fmt.FORMAT_VERSION:
@@ -162,13 +156,7 @@ class TrajectoryStore:
 
     # ----------------------------------------------------------------- metadata
     def _load_attrs(self) -> None:
-        meta = self.group.attrs.get(fmt.ATTRS_KEY)
-        if not isinstance(meta, dict):
-            raise StoreError(f"{self.path} is a zarr group but not a cmdtool trajectory store")
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > fmt.FORMAT_VERSION:
-            raise StoreError(f"store {self.path} has format version {version}, newer than this cmdtool "
-                             f"supports ({fmt.FORMAT_VERSION}); upgrade cmdtool to read it")
+        meta = store_attributes(self.path, self.group.attrs)
         self.meta = meta
         self.layout = Layout.from_json(meta["layout"])
         self.time_axis = [TimeRecord.from_json(r) for r in meta["time_axis"]]

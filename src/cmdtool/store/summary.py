@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from . import format as fmt
+from .metadata import StoreMetadata, store_metadata
 
 
 def folder_bytes(path) -> int:
@@ -21,6 +21,25 @@ def folder_bytes(path) -> int:
     return total
 
 
+def summarize_store(path=None) -> dict:
+    """:func:`summarize` of the store at ``path`` (default: ``$CMDTOOL_STORE`` or ./cmdtool.zarr), read from its
+    metadata documents alone (no zarr import: a fast ``cmdtool info``)."""
+    return summarize(store_metadata(path))
+
+
+def _analyses(store) -> list[tuple[str, str, dict]]:
+    if isinstance(store, StoreMetadata):
+        return store.analyses()
+    out = []
+    for kind, name in store.results.list():
+        try:
+            attrs = store.results.get(kind, name).attrs
+        except Exception:  # noqa: BLE001 - a damaged result is listed, not fatal
+            attrs = {}
+        out.append((kind, name, attrs))
+    return out
+
+
 def summarize(store) -> dict:
     layout, axis = store.layout, store.time_axis
     n_rows, n_cols = store.n_rows, store.n_checkpoints
@@ -34,12 +53,7 @@ def summarize(store) -> dict:
                         **({"tied_to": entry.tied_to} if entry.role == "tied" else {})})
     dtypes = sorted({e.dtype for e in layout.trajectory_entries})
     results = []
-    for kind, name in store.results.list():
-        try:
-            res = store.results.get(kind, name)
-            attrs = res.attrs
-        except Exception:  # noqa: BLE001 - a damaged result is listed, not fatal
-            attrs = {}
+    for kind, name, attrs in _analyses(store):
         results.append({"method": kind, "name": name, "created_at": attrs.get("created_at"),
                         "store_revision": attrs.get("store_revision"),
                         "stale": attrs.get("store_revision") not in (None, store.revision)})
