@@ -52,7 +52,37 @@ def _document(path) -> dict:
         raise StoreError(f"cannot open store {path}: {exc}") from None
 
 
-class StoreMetadata:
+class StoreAttributes:
+    """What a store's ``meta``, ``layout`` and ``time_axis`` say, for :class:`StoreMetadata` and
+    :class:`~cmdtool.store.store.TrajectoryStore` alike."""
+
+    meta: dict
+    layout: Layout
+    time_axis: list[TimeRecord]
+
+    @property
+    def format_version(self) -> int:
+        return int(self.meta["format_version"])
+
+    @property
+    def revision(self) -> int:
+        """Increases with every committed change of the trajectories (results record the one they saw)."""
+        return int(self.meta["revision"])
+
+    @property
+    def n_rows(self) -> int:
+        return self.layout.n_rows
+
+    @property
+    def n_checkpoints(self) -> int:
+        return len(self.time_axis)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.n_checkpoints)
+
+
+class StoreMetadata(StoreAttributes):
     """What a store says about itself, without opening its arrays: the same ``path``, ``meta``,
     ``layout``, ``time_axis``, ``revision``, ``n_rows``, ``n_checkpoints``, ``chunk_shape`` and ``codec`` as
     a read-only :class:`~cmdtool.store.store.TrajectoryStore`, and ``analyses()``.
@@ -76,22 +106,6 @@ class StoreMetadata:
         if not (path / fmt.TRAJECTORIES / "zarr.json").is_file():
             return None  # mid-rechunk: the store's reader knows where the complete copy is
         return cls(path, _document(path), _document(path / fmt.TRAJECTORIES))
-
-    @property
-    def format_version(self) -> int:
-        return int(self.meta["format_version"])
-
-    @property
-    def revision(self) -> int:
-        return int(self.meta["revision"])
-
-    @property
-    def n_rows(self) -> int:
-        return self.layout.n_rows
-
-    @property
-    def n_checkpoints(self) -> int:
-        return len(self.time_axis)
 
     def analyses(self) -> list[tuple[str, str, dict]]:
         """(kind, name, attributes) of every committed result; a result whose document cannot be read has

@@ -31,7 +31,7 @@ from . import format as fmt
 from .layout import Layout, TimeRecord
 from .location import RemotePath, default_store_path, store_location
 from .lock import file_lock
-from .metadata import check_store_folder, store_attributes
+from .metadata import StoreAttributes, check_store_folder, store_attributes
 
 
 def zarr_store(path: str | os.PathLike | RemotePath, read_only: bool = False):
@@ -116,7 +116,7 @@ def open_store(path: str | os.PathLike | None = None, mode: str = "r") -> "Traje
     return TrajectoryStore(path, mode=mode)
 
 
-class TrajectoryStore:
+class TrajectoryStore(StoreAttributes):
     """A trajectory store on disk. See ``docs/store.md`` for the format.
 
     Attributes
@@ -162,10 +162,6 @@ class TrajectoryStore:
         self.time_axis = [TimeRecord.from_json(r) for r in meta["time_axis"]]
 
     @property
-    def format_version(self) -> int:
-        return int(self.meta["format_version"])
-
-    @property
     def chunk_shape(self) -> tuple[int, int]:
         """``(R, Tc)`` of ``trajectories``, read from the array itself (a rechunk changes it)."""
         return tuple(int(c) for c in self.trajectories.chunks)
@@ -173,23 +169,6 @@ class TrajectoryStore:
     @property
     def codec(self) -> str:
         return codec_of(self.trajectories)
-
-    @property
-    def revision(self) -> int:
-        """Increases with every committed change of the trajectories (results record the one they saw)."""
-        return int(self.meta["revision"])
-
-    @property
-    def n_rows(self) -> int:
-        return self.layout.n_rows
-
-    @property
-    def n_checkpoints(self) -> int:
-        return len(self.time_axis)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n_rows, self.n_checkpoints)
 
     @property
     def labels(self) -> np.ndarray:
