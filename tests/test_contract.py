@@ -246,7 +246,7 @@ def test_rooms_import_only_downwards(room):
 @pytest.mark.parametrize("args, allowed", [
     (["--help"], set()),
     (["info"], set()),             # from the store's metadata documents (store/metadata.py)
-    (["verify", "-q"], {"numpy"}),  # chunk files decoded with numcodecs (store/chunk_check.py)
+    (["verify", "-q"], {"numpy"}),  # chunk files decoded with numcodecs (store/chunk_files.py)
 ])
 def test_startup_imports_only_what_the_command_needs(store, args, allowed):
     """`cmdtool --help`, `info` and `verify` start fast (issue #11): torch takes ~1 s to import, zarr ~0.5 s,

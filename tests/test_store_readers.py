@@ -10,7 +10,7 @@ import zarr
 
 import cmdtool
 from cmdtool.analyzers import get_analyzer
-from cmdtool.store.chunk_check import ArrayDocument, ChunkDamage, is_array
+from cmdtool.store.chunk_files import ArrayDocument, ChunkDamage, is_array
 from cmdtool.store.metadata import StoreMetadata
 from cmdtool.store.summary import summarize, summarize_store
 from cmdtool.store.verify import verify_store
@@ -91,3 +91,63 @@ def test_verify_of_the_metadata_view_finds_a_damaged_result(analysed, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 0xFF]))
     report = verify_store(StoreMetadata.read(copy))
     assert [(d.array, d.problem) for d in report.damage] == [("results/dmd/default", "checksum")]
+
+
+@pytest.mark.parametrize("chunk_columns, target_chunk_bytes", [(None, 64 * 1024), (3, 16 * 1024), (7, 4096)])
+def test_direct_reads_equal_zarr_for_any_region(tmp_path, chunk_columns, target_chunk_bytes):
+    """The store reads its local chunk files itself (store.py ``_read`` -> ``read_region``): every region, aligned
+    or not, with chunks narrower than T or spanning it, equals zarr's reading of the same array."""
+    from cmdtool.store import from_array
+
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(5003, 20)).astype(np.float32)
+    store = from_array(tmp_path / "s.zarr", values, chunk_columns=chunk_columns, target_chunk_bytes=target_chunk_bytes)
+    store = cmdtool.open_store(store.path)
+    store.trajectories
+    assert store._trajectory_files is not None  # the direct path is the one under test
+    chunk_rows = store.chunk_shape[0]
+    regions = [(slice(0, 5003), slice(0, 20)), (slice(chunk_rows, 3 * chunk_rows), slice(0, 20)),
+               (slice(17, 4999), slice(2, 19)), (slice(5002, 5003), slice(19, 20))]
+    regions += [(slice(int(a), int(a) + int(n)), slice(int(c), int(c) + int(k)))
+                for a, n, c, k in zip(rng.integers(0, 4000, 8), rng.integers(1, 1000, 8), rng.integers(0, 10, 8),
+                                      rng.integers(1, 10, 8))]
+    for rows, columns in regions:
+        np.testing.assert_array_equal(store._read(rows, columns), values[rows, columns])
+    blocks = np.concatenate([block.data for block in store.iter_blocks(block_rows=777)])
+    np.testing.assert_array_equal(blocks, values)
+
+
+def test_direct_reads_from_threads_at_once(tmp_path):
+    """Each thread has its own read buffers: concurrent reads (a Dask worker's threads) do not mix chunks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cmdtool.store import from_array
+
+    values = np.random.default_rng(2).normal(size=(20000, 12)).astype(np.float32)
+    store = from_array(tmp_path / "s.zarr", values, target_chunk_bytes=32 * 1024)
+    store = cmdtool.open_store(store.path)
+    starts = list(range(0, 20000, 500)) * 3
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda r: store._read(slice(r, r + 500), slice(0, 12)), starts))
+    for start, block in zip(starts, got):
+        np.testing.assert_array_equal(block, values[start:start + 500])
+
+
+def test_a_missing_chunk_fails_the_read_instead_of_reading_zeros(analysed, tmp_path):
+    import shutil
+
+    from cmdtool.errors import CorruptionError
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(analysed.path, copy)
+    (copy / "trajectories" / "c" / "0" / "0").unlink()
+    with pytest.raises(CorruptionError, match=r"'trajectories' in rows 0\.\.\d+, columns 0\.\.6 is missing"):
+        list(cmdtool.open_store(copy).iter_blocks())
+
+
+def test_direct_reads_of_both_codecs_equal_zarr(analysed):
+    """lz4 chunks are decompressed into the result, uncompressed ones (``--codec none``) copied: both as zarr."""
+    store = cmdtool.open_store(analysed.path)
+    expected = np.asarray(zarr.open_array(str(store.path / "trajectories"), mode="r")[:, :store.n_checkpoints])
+    np.testing.assert_array_equal(np.concatenate([b.data for b in store.iter_blocks()]), expected)
+    np.testing.assert_array_equal(store.read_column(3), expected[:, 3])

@@ -1,6 +1,6 @@
 """Whole-store integrity check (`cmdtool verify`): every chunk's checksum, and no chunk missing.
 
-Chunk files are read and decoded as they are on disk (:mod:`~cmdtool.store.chunk_check`, no zarr): a damaged chunk
+Chunk files are read and decoded as they are on disk (:mod:`~cmdtool.store.chunk_files`, no zarr): a damaged chunk
 fails its crc32c checksum, and a deleted one is missing (zarr would read it as the fill value, zeros, without
 complaint).
 """
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..progress import NullProgress
 from . import format as fmt
-from .chunk_check import ArrayDocument, ChunkDamage, is_array
+from .chunk_files import ArrayDocument, ChunkDamage, is_array
 
 
 @dataclass
