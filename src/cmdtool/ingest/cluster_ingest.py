@@ -57,7 +57,6 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
     slab_rows = int(min(n_rows, max(chunk_rows, (budget // (8 * width)) // chunk_rows * chunk_rows)))
     values = np.empty((width, slab_rows), dtype=np.float32)
     nonfinite = [0] * width
-    trajectories = st.trajectories
     with one_torch_thread(), contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as hasher:
         digests = [hasher.submit(file_digest, source.files) for source in sources]  # overlaps the copies
         checkpoints = [stack.enter_context(OpenCheckpoint(source, strip_prefix)) for source in sources]
@@ -66,7 +65,7 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
             for k, checkpoint in enumerate(checkpoints):
                 _fill_rows(checkpoint, entries, values[k, :stop - start], start)
                 nonfinite[k] += count_nonfinite(values[k, :stop - start])
-            trajectories[start:stop, first_column:stop_column] = np.ascontiguousarray(values[:, :stop - start].T)
+            st.write_region(slice(start, stop), slice(first_column, stop_column), values[:, :stop - start].T)
         if layout.n_integer_rows:
             integers = np.empty((width, layout.n_integer_rows), dtype=np.int64)
             for k, checkpoint in enumerate(checkpoints):

@@ -480,14 +480,15 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
         if trajectories.shape[1] < first_column + n_columns:
             with signals_deferred():
                 st.resize_columns(first_column + n_columns)
-        # Write a few chunk rows at a time from a contiguous transposed copy: zarr would otherwise copy the
-        # whole (strided) buffer at once, doubling the memory the budget allows. An interrupt lands between
-        # two writes (columns past the committed ones are scratch until the commit).
+        # A few chunk rows at a time (on object storage zarr copies each group contiguously first, and a
+        # whole buffer at once would double the memory the budget allows; locally each chunk is assembled
+        # from the transposed view in a reused buffer). An interrupt lands between two writes (columns past
+        # the committed ones are scratch until the commit).
         for row in range(start, stop, write_rows):
             row_stop = min(row + write_rows, stop)
-            block = np.ascontiguousarray(buffer[:n_columns, row - start:row_stop - start].T)
             with signals_deferred():
-                trajectories[row:row_stop, first_column:first_column + n_columns] = block
+                st.write_region(slice(row, row_stop), slice(first_column, first_column + n_columns),
+                                buffer[:n_columns, row - start:row_stop - start].T)
 
     def write_and_commit(k: int, first_column: int, records: list[TimeRecord], values_written: bool) -> None:
         """Buffer ``k``'s columns into the store, then the commit that publishes them (runs in the writer

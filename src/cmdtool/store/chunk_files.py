@@ -10,16 +10,26 @@ missing file is missing, not the fill value. A codec outside these is reported, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import threading
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
 
-_SCRATCH = threading.local()  # per-thread reusable buffers of read_region
+_SCRATCH = threading.local()  # per-thread reusable buffers of read_region and write_region
+WRITE_THREADS = 2  # chunks encoded at once by write_region
+
+
+@functools.cache
+def _writer_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="cmdtool-chunk-writer")
 
 
 class ChunkDamage(Exception):
@@ -48,6 +58,7 @@ class ArrayDocument:
     chunk_shape: tuple[int, ...]
     data_type: str
     codecs: list[dict]
+    fill_value: object = 0
 
     @classmethod
     def read(cls, folder) -> ArrayDocument:
@@ -58,7 +69,7 @@ class ArrayDocument:
                 or encoding.get("configuration", {}).get("separator", "/") != "/":
             raise ChunkDamage(f"unreadable (chunk layout {grid.get('name')}/{encoding} is not cmdtool's)")
         return cls(folder, tuple(document["shape"]), tuple(grid["configuration"]["chunk_shape"]),
-                   str(document["data_type"]), document["codecs"])
+                   str(document["data_type"]), document["codecs"], document.get("fill_value", 0))
 
     def chunk_file(self, index: tuple[int, ...]):
         """The file of chunk ``index`` (zarr v3 default key encoding: ``c/i/j``)."""
@@ -88,7 +99,7 @@ class ArrayDocument:
         # takes arrays, not memoryviews)
         data = np.frombuffer(data, dtype=np.uint8)
         for codec in reversed(self.codecs):  # bytes->bytes codecs first, then the array->bytes one
-            name, config = codec["name"], codec.get("configuration", {})
+            name = codec["name"]
             if name == "crc32c":
                 import google_crc32c
 
@@ -109,8 +120,7 @@ class ArrayDocument:
 
                 data = np.frombuffer(Zstd().decode(data), dtype=np.uint8)
             elif name == "bytes" and self.data_type != "string":  # zarr v3 numeric names are numpy's
-                dtype = np.dtype(self.data_type).newbyteorder("<" if config.get("endian", "little") == "little"
-                                                              else ">")
+                dtype = np.dtype(self.data_type).newbyteorder(self._byte_order)
                 if into is not None:  # not decoded into it yet (no blosc): one copy, as asked
                     into[:len(data)] = data
                     data = into
@@ -164,11 +174,79 @@ class ArrayDocument:
                         chunk[r0 - i * chunk_rows:r1 - i * chunk_rows, c0 - j * chunk_cols:c1 - j * chunk_cols]
         return out
 
+    def write_region(self, rows: slice, columns: slice, values: np.ndarray, shape: tuple[int, int]) -> None:
+        """``array[rows, columns] = values`` for a 2-D numeric array in a local folder whose current shape is
+        ``shape`` (it grows as columns are appended). ``values`` may be a strided view (a transposed buffer):
+        each chunk is assembled in a reused buffer, encoded (:meth:`encode`) and written to a temporary file
+        renamed over the chunk's, so a reader sees the old chunk or the new one; chunks are encoded on
+        :data:`WRITE_THREADS` threads (blosc, the checksum and the file write release the GIL), as zarr does. A
+        chunk the region covers only in part is read, updated and rewritten; the padding of an edge chunk holds
+        the fill value, as zarr's."""
+        chunk_rows, chunk_cols = self.chunk_shape
+        tasks = [(i, j) for i in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows))
+                 for j in range(columns.start // chunk_cols, -(-columns.stop // chunk_cols))]
+
+        def write_chunk(index: tuple[int, int]) -> None:
+            i, j = index
+            top, left = i * chunk_rows, j * chunk_cols
+            r0, r1 = max(rows.start, top), min(rows.stop, top + chunk_rows)
+            c0, c1 = max(columns.start, left), min(columns.stop, left + chunk_cols)
+            dtype = np.dtype(self.data_type)
+            chunk = self._scratch("assemble", chunk_rows * chunk_cols * dtype.itemsize).view(dtype) \
+                .reshape(self.chunk_shape)
+            whole = r0 == top and r1 >= min(top + chunk_rows, shape[0]) and \
+                c0 == left and c1 >= min(left + chunk_cols, shape[1])
+            old = None if whole else self.read_chunk(index)
+            if old is not None:
+                chunk[...] = old
+            elif r1 - r0 < chunk_rows or c1 - c0 < chunk_cols:  # the padding of an edge chunk, or unwritten
+                chunk.fill(self.fill_value)
+            chunk[r0 - top:r1 - top, c0 - left:c1 - left] = \
+                values[r0 - rows.start:r1 - rows.start, c0 - columns.start:c1 - columns.start]
+            _write_atomically(self.chunk_file(index), self.encode(chunk))
+
+        if len(tasks) == 1 or WRITE_THREADS == 1:
+            for index in tasks:
+                write_chunk(index)
+            return
+        for _ in _writer_pool().map(write_chunk, tasks):
+            pass
+
+    def encode(self, chunk: np.ndarray) -> list[np.ndarray]:
+        """A full chunk's file bytes in this array's numeric codec chain, as consecutive parts (uint8 arrays;
+        the checksum apart, to save copying the data to append 4 bytes)."""
+        data = np.ascontiguousarray(chunk, dtype=np.dtype(self.data_type).newbyteorder(self._byte_order)) \
+            .reshape(-1).view(np.uint8)
+        for codec in self.codecs[1:]:  # the first is ``bytes``: the array's values in order
+            name, config = codec["name"], codec.get("configuration", {})
+            if name == "blosc":
+                from numcodecs import blosc
+
+                shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[config.get("shuffle", "shuffle")]
+                data = np.frombuffer(blosc.compress(data, config.get("cname", "lz4").encode(),
+                                                    int(config.get("clevel", 5)), shuffle,
+                                                    int(config.get("blocksize", 0)),
+                                                    typesize=int(config.get("typesize", data.itemsize))),
+                                     dtype=np.uint8)
+            elif name == "crc32c":
+                import google_crc32c
+
+                # a new array, not a copy of data with 4 bytes more: encode returns the parts
+                return [data, np.array([google_crc32c.value(data)], dtype="<u4").view(np.uint8)]
+            else:
+                raise ChunkDamage(f"unreadable (codec {name!r} is not one cmdtool writes numbers with)")
+        return [data]
+
     @property
-    def _native_order(self) -> bool:
+    def _byte_order(self) -> str:
+        """numpy's byte-order character of the ``bytes`` codec's ``endian``."""
         endian = next((c.get("configuration", {}).get("endian", "little") for c in self.codecs
                        if c["name"] == "bytes"), "little")
-        return endian == sys.byteorder
+        return "<" if endian == "little" else ">"
+
+    @property
+    def _native_order(self) -> bool:
+        return self._byte_order == ("<" if sys.byteorder == "little" else ">")
 
     def _scratch(self, name: str, size: int) -> np.ndarray:
         """A uint8 buffer of ``size`` bytes, kept per thread and grown when needed."""
@@ -201,3 +279,17 @@ class ArrayDocument:
         except (FileNotFoundError, IsADirectoryError):
             return None
         return self.decode(data)
+
+
+def _write_atomically(path, parts: list[np.ndarray]) -> None:
+    """``parts`` into the file ``path`` through a temporary file renamed over it (as zarr's local store does)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(partial, "wb") as file:
+            for part in parts:
+                file.write(part)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

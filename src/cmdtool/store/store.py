@@ -276,6 +276,15 @@ class TrajectoryStore(StoreAttributes):
                 raise self._damaged(rows, cols, "failed its checksum (the file is damaged)") from None
             raise
 
+    def write_region(self, rows: slice, cols: slice, values: np.ndarray) -> None:
+        """``trajectories[rows, cols] = values`` (``values`` may be a strided view): the chunk files written
+        directly for a local store (chunk_files.py), through zarr on object storage."""
+        array = self.trajectories
+        if self._trajectory_files is not None:
+            self._trajectory_files.write_region(rows, cols, values, array.shape)
+        else:
+            array[rows, cols] = np.ascontiguousarray(values)
+
     def _damaged(self, rows: slice, cols: slice, problem: str) -> CorruptionError:
         return CorruptionError(
             f"store {self.path}: a chunk of '{fmt.TRAJECTORIES}' in rows {rows.start}..{rows.stop - 1}, "
