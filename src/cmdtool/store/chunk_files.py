@@ -174,15 +174,18 @@ class ArrayDocument:
                         chunk[r0 - i * chunk_rows:r1 - i * chunk_rows, c0 - j * chunk_cols:c1 - j * chunk_cols]
         return out
 
-    def write_region(self, rows: slice, columns: slice, values: np.ndarray, shape: tuple[int, int]) -> None:
+    def write_region(self, rows: slice, columns: slice, values: np.ndarray, shape: tuple[int, int],
+                     chunk_shape: tuple[int, int] | None = None) -> None:
         """``array[rows, columns] = values`` for a 2-D numeric array in a local folder whose current shape is
         ``shape`` (it grows as columns are appended). ``values`` may be a strided view (a transposed buffer):
         each chunk is assembled in a reused buffer, encoded (:meth:`encode`) and written to a temporary file
         renamed over the chunk's, so a reader sees the old chunk or the new one; chunks are encoded on
         :data:`WRITE_THREADS` threads (blosc, the checksum and the file write release the GIL), as zarr does. A
         chunk the region covers only in part is read, updated and rewritten; the padding of an edge chunk holds
-        the fill value, as zarr's."""
-        chunk_rows, chunk_cols = self.chunk_shape
+        the fill value, as zarr's. ``chunk_shape``: the 2-D shape of a 1-D array's chunks, ``(rows, 1)`` (the
+        same bytes in C order)."""
+        chunk_shape = tuple(chunk_shape or self.chunk_shape)
+        chunk_rows, chunk_cols = chunk_shape
         tasks = [(i, j) for i in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows))
                  for j in range(columns.start // chunk_cols, -(-columns.stop // chunk_cols))]
 
@@ -193,17 +196,18 @@ class ArrayDocument:
             c0, c1 = max(columns.start, left), min(columns.stop, left + chunk_cols)
             dtype = np.dtype(self.data_type)
             chunk = self._scratch("assemble", chunk_rows * chunk_cols * dtype.itemsize).view(dtype) \
-                .reshape(self.chunk_shape)
+                .reshape(chunk_shape)
             whole = r0 == top and r1 >= min(top + chunk_rows, shape[0]) and \
                 c0 == left and c1 >= min(left + chunk_cols, shape[1])
-            old = None if whole else self.read_chunk(index)
+            key = index[:len(self.chunk_shape)]  # a 1-D array's chunk i is file c/i
+            old = None if whole else self.read_chunk(key)
             if old is not None:
-                chunk[...] = old
+                chunk[...] = old.reshape(chunk_shape)
             elif r1 - r0 < chunk_rows or c1 - c0 < chunk_cols:  # the padding of an edge chunk, or unwritten
                 chunk.fill(self.fill_value)
             chunk[r0 - top:r1 - top, c0 - left:c1 - left] = \
                 values[r0 - rows.start:r1 - rows.start, c0 - columns.start:c1 - columns.start]
-            _write_atomically(self.chunk_file(index), self.encode(chunk))
+            _write_atomically(self.chunk_file(key), self.encode(chunk))
 
         if len(tasks) == 1 or WRITE_THREADS == 1:
             for index in tasks:

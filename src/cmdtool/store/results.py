@@ -20,6 +20,7 @@ import zarr
 
 from ..errors import UsageError
 from . import format as fmt
+from .chunk_files import ArrayDocument
 from .location import RemotePath
 from .metadata import results_index
 from .store import compressors, now_iso, open_zarr_group, store_lock
@@ -82,16 +83,20 @@ class ResultWriter:
         self.group = open_zarr_group(self.path, "a")
         self.attrs: dict = {}
 
-    def create(self, key: str, shape, dtype, chunks=None, compress: bool = True) -> zarr.Array:
+    def create(self, key: str, shape, dtype, chunks=None, compress: bool = True):
         """An empty array to fill block by block (large per-row outputs). ``compress=False`` keeps only the
         crc32c checksum: dense float projections (PCA directions, DMD modes) shrink by ~10% under LZ4 at twice
-        the cost of writing them."""
+        the cost of writing them. In a local store, writes of row ranges go to the chunk files directly
+        (:class:`RowRangeWrites`)."""
         if chunks is None:
             rows = max(1, min(int(shape[0]) if shape else 1, (4 * 1024**2) // max(np.dtype(dtype).itemsize, 1)))
             chunks = (rows,) + tuple(shape[1:])
-        return self.group.create_array(key, shape=tuple(shape), dtype=dtype, chunks=chunks,
-                                       compressors=compressors() if compress else compressors()[-1:],
-                                       fill_value=0, config={"write_empty_chunks": True})
+        array = self.group.create_array(key, shape=tuple(shape), dtype=dtype, chunks=chunks,
+                                        compressors=compressors() if compress else compressors()[-1:],
+                                        fill_value=0, config={"write_empty_chunks": True})
+        if isinstance(self.path, RemotePath) or len(shape) not in (1, 2):
+            return array
+        return RowRangeWrites(array, ArrayDocument.read(self.path / key))
 
     def put(self, key: str, value) -> None:
         value = np.asarray(value)
@@ -118,6 +123,44 @@ class ResultWriter:
         if exc_type is not None:
             self.discard()
         return False
+
+
+class RowRangeWrites:
+    """A staged result array whose row-range writes (``out[start:stop] = values``, what a pass's accumulators
+    do once per block) encode and write its chunk files directly (:mod:`~cmdtool.store.chunk_files`); anything
+    else is the zarr array's. Through zarr, writing per-row outputs cost PCA's directions pass about as much as
+    its reads, and the pass's peak RSS grew with N (docs/performance.md, "Round 3")."""
+
+    def __init__(self, array: zarr.Array, document: ArrayDocument):
+        self.array, self.document = array, document
+
+    def __setitem__(self, key, values) -> None:
+        if not (isinstance(key, slice) and key.step in (None, 1)):
+            self.array[key] = values
+            return
+        start, stop, _ = key.indices(self.array.shape[0])
+        values = np.asarray(values, dtype=self.array.dtype)
+        if self.array.ndim == 1:
+            self.document.write_region(slice(start, stop), slice(0, 1), values.reshape(-1, 1),
+                                       (self.array.shape[0], 1), chunk_shape=(self.document.chunk_shape[0], 1))
+        else:
+            self.document.write_region(slice(start, stop), slice(0, self.array.shape[1]),
+                                       np.broadcast_to(values, (stop - start, self.array.shape[1])),
+                                       self.array.shape)
+
+    def __getitem__(self, key):
+        return self.array[key]
+
+    def __getattr__(self, name):
+        if name in ("array", "document") or name.startswith("__"):  # not set yet (unpickling), or protocol
+            raise AttributeError(name)
+        return getattr(self.array, name)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.array[...], dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.array)
 
 
 class ResultsCatalog:
