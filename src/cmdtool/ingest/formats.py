@@ -71,6 +71,8 @@ class CheckpointSource:
     folder: Path | None = None  # the checkpoint folder, when the checkpoint is one (checkpoint-N/, global_stepN/)
     label_text: str = ""        # what labels are read from: the path relative to the folder the user named
     named: bool = False         # the user named this checkpoint itself (not a folder holding it)
+    origin: str = ""            # the URL a checkpoint staged from object storage was listed at (ingest/remote.py)
+    folder_origin: str = ""     # the URL of its checkpoint folder, if any
 
     @property
     def size(self) -> int:

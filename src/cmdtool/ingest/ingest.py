@@ -31,18 +31,19 @@ import numpy as np
 import torch
 
 from ..cluster import active_client
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, CmdtoolError, UsageError
 from ..progress import NullProgress
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
 from ..store.lock import signals_deferred
-from ..store.location import RemotePath, refuse_remote_checkpoints, store_location
+from ..store.location import RemotePath, is_url, storage_error, store_location
 from ..store.store import (TrajectoryStore, codec_of, default_chunk_rows, default_store_path, is_creatable, now_iso,
                            store_lock)
 from ..threads import one_torch_thread
 from ..units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
+from .remote import CheckpointStaging, checkpoint_url
 
 DEFAULT_MEMORY_BUDGET = fmt.INGEST_MEMORY_BUDGET
 
@@ -247,14 +248,39 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
     ``skip``: globs of files/folders to leave out; ``set_labels``: {path: label} for checkpoints whose name has
     no label (taken too); ``strip_prefix``: prefixes removed from tensor names where present (``module.``).
     ``codec``: the chunk codec of a new store (``lz4`` or ``none``; default :data:`fmt.DEFAULT_CODEC`).
-    docs/formats.md describes the layouts and the label rule."""
+    docs/formats.md describes the layouts and the label rule. A path may be an fsspec URL (``s3://bucket/ckpts/``):
+    its checkpoints are downloaded one (or two) at a time into a staging folder beside the store (or in $TMPDIR)
+    and the time records name the URLs (:mod:`cmdtool.ingest.remote`)."""
     if codec is not None and codec not in fmt.CODECS:
         raise UsageError(f"unknown codec {codec!r}: choose one of {', '.join(fmt.CODECS)}")
-    refuse_remote_checkpoints(paths)
+    store_path = store_location(store) if store is not None else default_store_path()
+    urls = [url for url in map(checkpoint_url, paths) if url]
+    if urls and active_client() is not None:
+        # workers would each need the staging folder; they read checkpoints from paths they all see
+        raise UsageError(f"{urls[0]}: checkpoints on object storage are ingested in this process only; drop "
+                         f"--scheduler (or copy them to a folder every worker mounts)")
+    staging = CheckpointStaging(paths, store_path.parent if isinstance(store_path, Path) else None)
+    try:
+        with staging:
+            return _ingest(staging, store_path, label_pattern=label_pattern, include=include, exclude=exclude,
+                           buffers=buffers, memory_budget=memory_budget, force=force, progress=progress,
+                           skip=skip, set_labels=staging.translate_labels(set_labels),
+                           strip_prefix=strip_prefix, codec=codec)
+    except CmdtoolError as exc:
+        raise staging.translate(exc)
+    except Exception as exc:  # noqa: BLE001 - no credentials, access denied, no bucket: one line
+        error = storage_error(exc, str(store_path) if is_url(store_path) else "")
+        if error is None:
+            raise
+        raise error from None
+
+
+def _ingest(staging: CheckpointStaging, store_path, *, label_pattern, include, exclude, buffers, memory_budget,
+            force, progress, skip, set_labels, strip_prefix, codec) -> IngestReport:
+    paths = staging.paths
     progress = progress or NullProgress()
     started = time.perf_counter()
     budget = parse_size(memory_budget)
-    store_path = store_location(store) if store is not None else default_store_path()
     local_store = isinstance(store_path, Path)
     ignore = (store_path,) if local_store else ()  # checkpoints are never read from inside the store
     if local_store and store_path.exists() and not store_path.is_dir():
@@ -272,6 +298,7 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
         created_dir = not store_path.exists() if local_store else not any(store_path.iterdir())
         discovery = discover(paths, label_pattern, ignore=ignore, skip=skip,  # check before creating
                              set_labels=set_labels)
+        staging.name_origins(discovery.sources)
         store_path.mkdir(parents=True, exist_ok=True)
         lock = store_lock(store_path, fmt.INGEST_LOCK)
     try:
@@ -282,12 +309,13 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
                 first_free = int(st.labels[-1]) + 1 if st.n_checkpoints else 0
                 discovery = discover(paths, label_pattern, first_free_label=first_free, ignore=ignore,
                                      skip=skip, set_labels=set_labels)
+                staging.name_origins(discovery.sources)
             options = IngestOptions(tuple(include), tuple(exclude), buffers, label_pattern, tuple(strip_prefix))
             if st is not None and codec is not None and codec != codec_of(st.trajectories):
                 raise UsageError(f"store {store_path} is written with codec {codec_of(st.trajectories)}; appending "
                                  f"keeps it (change it with `cmdtool rechunk --codec {codec}`)")
             return _ingest_locked(discovery, st, store_path, report, options, budget, force, progress, started,
-                                  codec)
+                                  codec, staging)
     except BaseException as exc:
         # A first ingest that fails before its first commit leaves no store behind. Committed checkpoints are
         # never deleted, and an interrupt (SIGINT, SIGTERM) leaves exactly what a SIGKILL at that moment would:
@@ -345,6 +373,10 @@ def store_strip_prefixes(store) -> tuple[str, ...]:
 def open_recorded_source(store, column: int) -> OpenCheckpoint:
     """The source checkpoint of a store column, opened as ingest read it (same layout rules and prefixes)."""
     record = store.time_axis[column]
+    if is_url(record.source):
+        raise CheckpointError(f"tensors left out of the store must be copied from the source checkpoint of epoch "
+                              f"{record.label}, {record.source}, which is on object storage: download it and "
+                              f"reconstruct from a store ingested from the local copy (not supported yet)")
     path = Path(record.source)
     if not path.exists():
         raise CheckpointError(f"tensors left out of the store must be copied from the source checkpoint of epoch "
@@ -353,7 +385,8 @@ def open_recorded_source(store, column: int) -> OpenCheckpoint:
 
 
 def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, budget, force, progress,
-                   started, codec: str | None = None) -> IngestReport:
+                   started, codec: str | None = None, staging: CheckpointStaging | None = None) -> IngestReport:
+    staging = staging or CheckpointStaging(())
     report.skipped = discovery.skipped
     for note in discovery.skipped:
         progress.note(note)
@@ -374,7 +407,9 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
             if source.size == record.size and source.mtime == record.mtime:
                 report.unchanged.append(source.label)
                 continue
-            if file_digest(source.files, record.digest.partition(":")[0] or fmt.DIGEST) == record.digest:
+            with staging.local(source):  # a remote checkpoint whose size or mtime differ: its bytes decide
+                same = file_digest(source.files, record.digest.partition(":")[0] or fmt.DIGEST) == record.digest
+            if same:
                 report.unchanged.append(source.label)
                 continue
             if not force:
@@ -395,9 +430,14 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
 
     # ---- preflight: open every checkpoint (metadata only) before writing anything
     layout = st.layout if st is not None else None
+    # (a remote checkpoint is checked when it is downloaded to be read, except the first of a new store, which
+    # sets the layout: downloading each twice would double the transfer)
     with progress.task("checking", total=len(todo), unit="ckpt") as task:
         for source in todo:
-            with OpenCheckpoint(source, options.strip_prefix) as checkpoint:
+            if staging.is_remote(source) and layout is not None:
+                task.advance(1)
+                continue
+            with staging.local(source, keep=True), OpenCheckpoint(source, options.strip_prefix) as checkpoint:
                 infos = checkpoint.infos()
                 if layout is None:
                     layout = build_layout(infos, source, options.include, options.exclude, options.buffers)
@@ -422,7 +462,7 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
         report.created = True
     original_meta = dict(st.meta)
     try:
-        _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix)
+        _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix, staging)
     except Exception:
         # A failure mid-stream (not a kill): publish the time axis as it was, so the store reads as before.
         st.restore(original_meta)
@@ -446,7 +486,7 @@ def _check_options(st: TrajectoryStore, options: IngestOptions) -> None:
 
 
 def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress,
-            strip_prefix: tuple[str, ...]) -> None:
+            strip_prefix: tuple[str, ...], staging: CheckpointStaging) -> None:
     client = active_client()
     if client is not None and new_sources:  # on a Dask cluster: groups of chunk columns, committed here
         from .cluster_ingest import stream_on_cluster
@@ -456,11 +496,11 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
         if not replace:
             return
     with one_torch_thread():  # the copies are memory-bound; more threads contend with the writer and hasher
-        _stream_columns(st, new_sources, replace, budget, report, progress, strip_prefix)
+        _stream_columns(st, new_sources, replace, budget, report, progress, strip_prefix, staging)
 
 
 def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, report: IngestReport, progress,
-                    strip_prefix: tuple[str, ...]) -> None:
+                    strip_prefix: tuple[str, ...], staging: CheckpointStaging) -> None:
     layout = st.layout
     entries = layout.trajectory_entries
     n_rows, n_int = layout.n_rows, layout.n_integer_rows
@@ -508,6 +548,8 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
         ``target_column`` as soon as it is filled. Returns the NaN/Inf count."""
         nonfinite = 0
         with OpenCheckpoint(source, strip_prefix) as checkpoint:
+            if staging.is_remote(source):  # not opened by the preflight (see _ingest_locked)
+                check_layout(layout, checkpoint.infos(), source)
             for start, stop in plan.slabs:
                 values = buffers[k][slot, :stop - start]
                 _fill_rows(checkpoint, entries, values, start)
@@ -524,7 +566,9 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
             progress.task("ingesting", total=total, unit="ckpt") as task:
         in_flight = [None] * plan.buffers  # the write of each buffer still running
         k, column, pending = 0, len(time_axis), []
-        for source in new_sources:
+        # a remote checkpoint is downloaded just before it is read (the next one meanwhile) and its local copy
+        # dropped once read and hashed, when the loop asks for the next: the staging folder holds two at most
+        for source in staging.each_local(new_sources):
             digest = hasher.submit(file_digest, source.files)
             if not pending and in_flight[k] is not None:
                 in_flight[k].result()  # this buffer is free once its previous write is done
@@ -549,7 +593,9 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
         for future in in_flight:
             if future is not None:
                 future.result()
-        for col, source in replace:
+        columns_of = {id(source): col for col, source in replace}
+        for source in staging.each_local([source for _, source in replace]):
+            col = columns_of[id(source)]
             digest = hasher.submit(file_digest, source.files)
             # a replaced column is committed data: its writes and the commit go together, uninterrupted
             with signals_deferred():
@@ -567,9 +613,9 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
 
 
 def _record(source: CheckpointSource, digest: str, nonfinite: int) -> TimeRecord:
-    extra = {"folder": str(source.folder.resolve())} if source.folder is not None else {}
-    return TimeRecord(label=int(source.label), source=str(source.path.resolve()), size=source.size,
-                      mtime=source.mtime, digest=digest, ingested_at=now_iso(), nonfinite=nonfinite, extra=extra)
+    extra = {"folder": source.folder_origin or str(source.folder.resolve())} if source.folder is not None else {}
+    return TimeRecord(label=int(source.label), source=source.origin or str(source.path.resolve()),
+                      size=source.size, mtime=source.mtime, digest=digest, ingested_at=now_iso(), nonfinite=nonfinite, extra=extra)
 
 
 def _account(report: IngestReport, record: TimeRecord, source: CheckpointSource) -> None:

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import CmdtoolError, UsageError
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 
@@ -28,16 +28,43 @@ def is_url(path) -> bool:
     return bool(match) and match.group(1).lower() not in ("file", "local")
 
 
-def refuse_remote_checkpoints(paths) -> None:
-    """Checkpoints are read from local (or mounted) paths only: a one-line error for ``s3://...`` inputs, which
-    a ``Path`` has already folded to ``s3:/...``."""
-    for path in paths:
-        text = os.fspath(path) if not isinstance(path, RemotePath) else path.url
-        match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/", text)
-        if match and match.group(1).lower() not in ("file", "local") and not Path(text).exists():
-            raise UsageError(f"{text}: checkpoints are read from local or mounted folders only; copy them first "
-                             f"(e.g. `aws s3 sync {match.group(1)}://{text[len(match.group(0)):].lstrip('/')} ck/`) "
-                             f"and ingest that folder (the store itself may be an {match.group(1)}:// URL)")
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                   "NoAuthTokenError", "DefaultCredentialsError", "RefreshError")
+_DENIED_CODES = ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                 "AllAccessDisabled", "ExpiredToken", "InvalidToken")
+
+
+def storage_error(exc: BaseException, where: str = "") -> CmdtoolError | None:
+    """The one-line error for a failure of object storage that the user must fix (no credentials, access
+    denied, no such bucket), or None for any other exception. Recognised by name and code, so that neither
+    botocore nor google-auth need be imported: missing credentials and a missing bucket are misuse (exit 2),
+    a refused access a failure (exit 1)."""
+    at = f"{where}: " if where else ""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 5:  # s3fs re-raises botocore's errors as OSErrors "from" them
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for error in chain:
+        name = type(error).__name__
+        if name in _NO_CREDENTIALS:
+            return UsageError(f"{at}no credentials for object storage ({_first_line(error)}); set "
+                              f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (S3), or your provider's "
+                              f"usual credentials, and try again")
+        code = str(getattr(error, "response", {}).get("Error", {}).get("Code", "")) \
+            if name == "ClientError" else ""
+        if code in ("NoSuchBucket",):
+            return UsageError(f"{at}no such bucket ({_first_line(error)})")
+        if isinstance(error, PermissionError) or code in _DENIED_CODES:
+            return CmdtoolError(f"{at}access denied by the object store ({_first_line(error)}); check the "
+                                f"credentials and the bucket's policy")
+        if isinstance(error, FileNotFoundError) and "bucket" in str(error).lower():
+            return UsageError(f"{at}no such bucket ({_first_line(error)})")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 def default_store_path() -> "Path | RemotePath":
