@@ -216,6 +216,48 @@ def test_scheduler_specs():
         parse_scheduler("not a scheduler")
 
 
+def test_scheduler_timeout_from_the_environment(monkeypatch):
+    from cmdtool.cluster import SCHEDULER_TIMEOUT_ENV_VAR, connect_timeout_from_env
+
+    monkeypatch.delenv(SCHEDULER_TIMEOUT_ENV_VAR, raising=False)
+    assert connect_timeout_from_env() == 30.0
+    monkeypatch.setenv(SCHEDULER_TIMEOUT_ENV_VAR, " 2.5 ")
+    assert connect_timeout_from_env() == 2.5
+    for bad in ("soon", "0", "-1", "inf", "nan"):
+        monkeypatch.setenv(SCHEDULER_TIMEOUT_ENV_VAR, bad)
+        with pytest.raises(UsageError, match="CMDTOOL_SCHEDULER_TIMEOUT"):
+            connect_timeout_from_env()
+
+
+def test_an_unreachable_scheduler_fails_in_one_line_within_the_timeout(tmp_path, monkeypatch):
+    """$CMDTOOL_SCHEDULER_TIMEOUT bounds the wait for a scheduler that is not there (a closed port)."""
+    import socket
+    import time
+
+    from typer.testing import CliRunner
+
+    from cmdtool.cluster import on_cluster
+    from cmdtool_cli.app import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"  # closed once the block ends: nothing listens
+    monkeypatch.setenv("CMDTOOL_SCHEDULER_TIMEOUT", "1.5")
+    started = time.perf_counter()
+    with pytest.raises(ClusterError, match="cannot reach the Dask scheduler"):
+        with on_cluster(address):
+            pass
+    assert time.perf_counter() - started < 10  # not the default 30 s
+    result = CliRunner().invoke(app, ["decompose", "-m", "pca", "-q", "--scheduler", address,
+                                      "--store", str(tmp_path / "none.zarr")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "cannot reach the Dask scheduler" in result.output
+    monkeypatch.setenv("CMDTOOL_SCHEDULER_TIMEOUT", "soon")
+    result = CliRunner().invoke(app, ["decompose", "-m", "pca", "-q", "--scheduler", address,
+                                      "--store", str(tmp_path / "none.zarr")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_cli_decompose_and_reconstruct_on_a_scheduler_address(client, store, tmp_path):
     """`--scheduler ADDRESS` and $CMDTOOL_SCHEDULER reach the passes; results equal the in-process ones."""
     address = client.scheduler.address

@@ -17,6 +17,8 @@ import re
 from .errors import CmdtoolError, UsageError
 
 SCHEDULER_ENV_VAR = "CMDTOOL_SCHEDULER"
+SCHEDULER_TIMEOUT_ENV_VAR = "CMDTOOL_SCHEDULER_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 30.0
 
 _client: contextvars.ContextVar = contextvars.ContextVar("cmdtool_dask_client", default=None)
 
@@ -47,6 +49,21 @@ def parse_scheduler(spec: str | None) -> tuple[str, int | str] | None:
     return ("address", spec)
 
 
+def connect_timeout_from_env() -> float:
+    """Seconds to wait for a scheduler: ``$CMDTOOL_SCHEDULER_TIMEOUT``, else 30."""
+    text = os.environ.get(SCHEDULER_TIMEOUT_ENV_VAR, "").strip()
+    if not text:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"${SCHEDULER_TIMEOUT_ENV_VAR}={text!r}: give the seconds to wait for the Dask scheduler "
+                         f"as a positive number (default {DEFAULT_CONNECT_TIMEOUT:g})")
+    return seconds
+
+
 def _import_distributed():
     try:
         import distributed
@@ -56,9 +73,10 @@ def _import_distributed():
 
 
 @contextlib.contextmanager
-def on_cluster(spec: str | None, connect_timeout: float = 30.0):
+def on_cluster(spec: str | None, connect_timeout: float | None = None):
     """Run the passes (and ingest) started inside the block on the cluster ``spec`` (see :func:`parse_scheduler`);
     ``None`` runs them in process. A ``local:N`` cluster is started for the block and closed after it.
+    ``connect_timeout``: seconds to wait for a scheduler address (default ``$CMDTOOL_SCHEDULER_TIMEOUT``, else 30).
 
     One worker thread per worker process: a task's float64 block arithmetic is already as wide as the block, and
     N processes side by side do not contend for the GIL or for the zarr decoder.
@@ -67,6 +85,8 @@ def on_cluster(spec: str | None, connect_timeout: float = 30.0):
     if parsed is None:
         yield None
         return
+    if connect_timeout is None:
+        connect_timeout = connect_timeout_from_env()
     distributed = _import_distributed()
     kind, value = parsed
     with contextlib.ExitStack() as stack:
@@ -110,5 +130,5 @@ def killed_worker_error(exc: BaseException, what: str, kept: str = "nothing was 
                         f"scheduler retries (distributed.scheduler.allowed-failures); {kept}")
 
 
-__all__ = ["SCHEDULER_ENV_VAR", "ClusterError", "active_client", "killed_worker_error", "on_cluster",
+__all__ = ["SCHEDULER_ENV_VAR", "SCHEDULER_TIMEOUT_ENV_VAR", "ClusterError", "connect_timeout_from_env", "active_client", "killed_worker_error", "on_cluster",
            "parse_scheduler", "store_address", "using_client"]
