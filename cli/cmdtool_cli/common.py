@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from cmdtool.cluster import SCHEDULER_ENV_VAR
 from cmdtool.errors import CmdtoolError
+from cmdtool.store.location import storage_error
 from cmdtool.progress import RichProgress
 from cmdtool.store import format as fmt
 
@@ -134,10 +135,16 @@ def handle_errors(func):
         except OSError as exc:
             if state["debug"]:
                 raise
+            error = storage_error(exc)
+            if error is not None:  # object storage: no credentials, access denied, no bucket
+                fail(error_text(error), error.exit_code)
             fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), 1)
         except Exception as exc:  # noqa: BLE001
             if state["debug"]:
                 raise
+            error = storage_error(exc)
+            if error is not None:
+                fail(error_text(error), error.exit_code)
             fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", 1)
         finally:
             if previous_term is not None:
