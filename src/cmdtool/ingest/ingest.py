@@ -298,7 +298,7 @@ def _ingest(staging: CheckpointStaging, store_path, *, label_pattern, include, e
         created_dir = not store_path.exists() if local_store else not any(store_path.iterdir())
         discovery = discover(paths, label_pattern, ignore=ignore, skip=skip,  # check before creating
                              set_labels=set_labels)
-        staging.name_origins(discovery.sources)
+        staging.name_origins(discovery)
         store_path.mkdir(parents=True, exist_ok=True)
         lock = store_lock(store_path, fmt.INGEST_LOCK)
     try:
@@ -309,7 +309,7 @@ def _ingest(staging: CheckpointStaging, store_path, *, label_pattern, include, e
                 first_free = int(st.labels[-1]) + 1 if st.n_checkpoints else 0
                 discovery = discover(paths, label_pattern, first_free_label=first_free, ignore=ignore,
                                      skip=skip, set_labels=set_labels)
-                staging.name_origins(discovery.sources)
+                staging.name_origins(discovery)
             options = IngestOptions(tuple(include), tuple(exclude), buffers, label_pattern, tuple(strip_prefix))
             if st is not None and codec is not None and codec != codec_of(st.trajectories):
                 raise UsageError(f"store {store_path} is written with codec {codec_of(st.trajectories)}; appending "

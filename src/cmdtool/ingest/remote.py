@@ -128,10 +128,11 @@ class CheckpointStaging:
             info = fs.info(key)
             entries = {key: info} if info.get("type") != "directory" else fs.find(key, detail=True)
         except FileNotFoundError:
-            bucket = key.split("/", 1)[0]
-            with contextlib.suppress(Exception):
-                if not fs.exists(bucket):
-                    raise UsageError(f"{url}: bucket {protocol}://{bucket} does not exist") from None
+            bucket, bucket_exists = key.split("/", 1)[0], True
+            with contextlib.suppress(Exception):  # the finer message is a nicety; the error stands anyway
+                bucket_exists = fs.exists(bucket)
+            if not bucket_exists:
+                raise UsageError(f"{url}: bucket {protocol}://{bucket} does not exist") from None
             raise UsageError(f"{url}: no such file or folder") from None
         except Exception as exc:  # noqa: BLE001 - credentials, permissions: one line
             error = storage_error(exc, url)
@@ -206,9 +207,11 @@ class CheckpointStaging:
                 return local_root / url[len(root_url) + 1:].rstrip("/")
         return None
 
-    def name_origins(self, sources: list[CheckpointSource]) -> None:
-        """Set each remote source's ``origin`` (and ``folder_origin``): the URLs its time record names."""
-        for source in sources:
+    def name_origins(self, discovery) -> None:
+        """Set each remote source's ``origin`` (and ``folder_origin``): the URLs its time record names; the
+        discovery's notes name URLs too."""
+        discovery.skipped = [self.in_urls(note) for note in discovery.skipped]
+        for source in discovery.sources:
             source.origin = self.url_of(source.path) or ""
             source.folder_origin = (self.url_of(source.folder) or "") if source.folder is not None else ""
 
@@ -266,13 +269,15 @@ class CheckpointStaging:
 
     def translate(self, exc: CmdtoolError) -> CmdtoolError:
         """The error's message with skeleton paths written as the URLs they stand for."""
-        if not self._roots or not exc.args or not isinstance(exc.args[0], str):
-            return exc
-        text = exc.args[0]
+        if self._roots and exc.args and isinstance(exc.args[0], str):
+            exc.args = (self.in_urls(exc.args[0]),) + exc.args[1:]
+        return exc
+
+    def in_urls(self, text: str) -> str:
+        """``text`` with skeleton paths written as the URLs they stand for."""
         for local_root, url in self._roots:
             text = text.replace(str(local_root), url)
-        exc.args = (text,) + exc.args[1:]
-        return exc
+        return text
 
     def translate_labels(self, set_labels: dict | None) -> dict | None:
         """``--set-label URL=N`` keys as the skeleton paths discovery sees."""
