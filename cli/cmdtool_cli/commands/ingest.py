@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     @with_scheduler
     def ingest(
-        paths: list[Path] = typer.Argument(..., help="Checkpoint files and/or folders of checkpoints.",
+        paths: list[Path] = typer.Argument(..., help="Checkpoint files and/or folders of checkpoints, local or "
+                                           "fsspec URLs (s3://bucket/ckpts/, downloaded one or two at a time).",
                                            show_default=False),
         store: str = StoreOption,
         label_pattern: str = typer.Option(
