@@ -130,5 +130,5 @@ def killed_worker_error(exc: BaseException, what: str, kept: str = "nothing was 
                         f"scheduler retries (distributed.scheduler.allowed-failures); {kept}")
 
 
-__all__ = ["SCHEDULER_ENV_VAR", "SCHEDULER_TIMEOUT_ENV_VAR", "ClusterError", "connect_timeout_from_env", "active_client", "killed_worker_error", "on_cluster",
-           "parse_scheduler", "store_address", "using_client"]
+__all__ = ["SCHEDULER_ENV_VAR", "SCHEDULER_TIMEOUT_ENV_VAR", "ClusterError", "active_client",
+           "connect_timeout_from_env", "killed_worker_error", "on_cluster", "parse_scheduler", "store_address", "using_client"]

@@ -615,7 +615,8 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
 def _record(source: CheckpointSource, digest: str, nonfinite: int) -> TimeRecord:
     extra = {"folder": source.folder_origin or str(source.folder.resolve())} if source.folder is not None else {}
     return TimeRecord(label=int(source.label), source=source.origin or str(source.path.resolve()),
-                      size=source.size, mtime=source.mtime, digest=digest, ingested_at=now_iso(), nonfinite=nonfinite, extra=extra)
+                      size=source.size, mtime=source.mtime, digest=digest, ingested_at=now_iso(),
+                      nonfinite=nonfinite, extra=extra)
 
 
 def _account(report: IngestReport, record: TimeRecord, source: CheckpointSource) -> None:
