@@ -131,4 +131,5 @@ def killed_worker_error(exc: BaseException, what: str, kept: str = "nothing was 
 
 
 __all__ = ["SCHEDULER_ENV_VAR", "SCHEDULER_TIMEOUT_ENV_VAR", "ClusterError", "active_client",
-           "connect_timeout_from_env", "killed_worker_error", "on_cluster", "parse_scheduler", "store_address", "using_client"]
+           "connect_timeout_from_env", "killed_worker_error", "on_cluster", "parse_scheduler", "store_address",
+           "using_client"]
