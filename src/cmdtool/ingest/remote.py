@@ -146,7 +146,7 @@ class CheckpointStaging:
         local_root = self.root / str(len(self._roots)) / name
         self._roots.append((local_root, url))
         for entry_key, entry in sorted(entries.items()):
-            if entry.get("type") == "directory":
+            if entry.get("type") == "directory" or entry_key.endswith("/"):  # folder marker objects
                 continue
             relative = entry_key[len(key):].lstrip("/")
             local = local_root / relative if relative else local_root
