@@ -447,6 +447,8 @@ def test_access_denied_is_one_line(stores, tmp_path, monkeypatch):
     error = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
     assert storage_error(error, "s3://b/k").exit_code == 1
     assert storage_error(ValueError("other")) is None
+    # a local file's permission error is the file system's, not the object store's
+    assert storage_error(PermissionError(13, "Permission denied", str(tmp_path / "x"))) is None
 
 
 def test_the_cli_starts_without_fsspec_or_s3fs():

@@ -54,7 +54,8 @@ def storage_error(exc: BaseException, where: str = "") -> CmdtoolError | None:
             if name == "ClientError" else ""
         if code in ("NoSuchBucket",):
             return UsageError(f"{at}no such bucket ({_first_line(error)})")
-        if isinstance(error, PermissionError) or code in _DENIED_CODES:
+        # s3fs raises a 403 as a PermissionError without a file name; a local one always names its file
+        if (isinstance(error, PermissionError) and error.filename is None) or code in _DENIED_CODES:
             return CmdtoolError(f"{at}access denied by the object store ({_first_line(error)}); check the "
                                 f"credentials and the bucket's policy")
         if isinstance(error, FileNotFoundError) and "bucket" in str(error).lower():
