@@ -246,3 +246,18 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         assert labels == reference[0] == list(range(1, 41))
         np.testing.assert_array_equal(values, reference[1])
         assert hashes == reference[2]
+
+
+def test_narrow_chunks_of_a_first_ingest_keep_blocks_small_after_appends(tmp_path, monkeypatch):
+    """A store whose first ingest brings 3 checkpoints of a model too big for more than one chunk column (Tc = 1)
+    gets chunk rows sized for fmt.PLANNED_CHECKPOINTS columns, not for 3: a row block is whole chunk rows over
+    every column, so rows sized for 3 would make the smallest block 50x the read block once 150 are appended."""
+    monkeypatch.setattr(fmt, "READ_BLOCK_BYTES", 4 * fmt.PLANNED_CHECKPOINTS * 1000)  # rows capped at 1,000
+    states = [{"w": torch.randn(20_000)} for _ in range(3)]
+    (tmp_path / "ck").mkdir()
+    for epoch, state in enumerate(states, 1):
+        torch.save(state, tmp_path / "ck" / f"epoch_{epoch}.pt")
+    cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr", memory_budget=8 * 20_000)
+    store = cmdtool.open_store(tmp_path / "s.zarr")
+    assert store.chunk_shape == (1000, 1), store.chunk_shape
+    np.testing.assert_array_equal(read_all(store), dense_from_states(states))

@@ -457,7 +457,8 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
                                                      len(client.scheduler_info()["workers"]))
         with signals_deferred():  # a store created only in part would not open
             st = TrajectoryStore.create(store_path, layout, chunk_columns, codec=codec or fmt.DEFAULT_CODEC,
-                                        chunk_rows=default_chunk_rows(chunk_columns, len(new_sources)),
+                                        chunk_rows=default_chunk_rows(
+                                            chunk_columns, max(len(new_sources), fmt.PLANNED_CHECKPOINTS)),
                                         extra={"ingest_options": options.to_json()})
         report.created = True
     original_meta = dict(st.meta)

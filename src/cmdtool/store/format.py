@@ -33,6 +33,11 @@ INGEST_MEMORY_BUDGET = "1GiB"    # default buffer of checkpoints written togethe
 # The row blocks the analyses read (TrajectoryStore.default_block_rows): chunk rows are capped so that a block of
 # whole chunk rows over every column stays about this size.
 READ_BLOCK_BYTES = 128 * 1024**2
+# Checkpoints a new store's chunk rows are sized for when its first ingest brings fewer: a block spans every
+# column and is whole chunk rows, so a ViT-B store's rows sized for its first 30 of 90 checkpoints made the
+# smallest block 3x the read block (403 MB), and for 1 of 150 (ingesting during training) 9x (docs/performance.md,
+# "Round 3"). Stores with wide chunks (smaller models) are not affected: their rows are capped lower anyway.
+PLANNED_CHECKPOINTS = 150
 DIGEST = "xxh3_128"  # content hash of every ingested file (docs/performance.md, "Ingest": measured against sha256)
 # Codecs a store can be written with (`--codec`): both keep the crc32c checksum of every chunk.
 CODECS = ("lz4", "none")
