@@ -70,7 +70,7 @@ def run(engine: str, ckpts: Path, store: Path) -> dict:
     return {"engine": engine, "startup_s": round(up, 2), "ingest_s": round(ingest_s, 2),
             "gram_s": round(float(fit["gram_seconds"]), 2), "gram_best_of_3_s": round(min(gram_runs), 2),
             "modes_s": round(float(fit["pass_seconds"]), 2), "dmd_fit_s": round(float(fit["fit_seconds"]), 2),
-            "chunks": list(st.chunk_shape)}
+            "chunks": list(st.chunk_shape), "relative_error": float(dmd.metrics_["relative_error"])}
 
 
 def main() -> None:
@@ -97,15 +97,23 @@ def main() -> None:
             for r0 in range(0, reference.n_rows, 1 << 20):
                 rows_ = slice(r0, min(r0 + (1 << 20), reference.n_rows))
                 assert np.array_equal(other.trajectories[rows_], reference.trajectories[rows_]), engine
-            # G (the pass's reduction) to 1e-10; the modes come from G through an eigenproblem whose conditioning
-            # amplifies G's rounding-level difference (reported, bounded loosely: a wrong pass is off by O(1))
-            for kind, name, key, bound in (("gram", "full", "gram", 1e-10), ("dmd", "default", "modes_real", 1e-4)):
-                a, b = other.results.get(kind, name)[key], reference.results.get(kind, name)[key]
-                error = np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b)
-                print(f"{engine}: {key} relative difference {error:.1e}")
-                assert error <= bound, (engine, key, error)
+            # G (the pass's reduction) to 1e-10. The modes come from G through an eigenproblem: where eigenvalues
+            # (nearly) coincide, a rounding-level difference in G picks another basis of the same eigenspace, so
+            # the modes are reported, not asserted; the model's error, which does not depend on that basis, is.
+            a, b = other.results.get("gram", "full")["gram"], reference.results.get("gram", "full")["gram"]
+            error = np.linalg.norm(a - b) / np.linalg.norm(b)
+            print(f"{engine}: gram relative difference {error:.1e}")
+            assert error <= 1e-10, (engine, "gram", error)
+            a = other.results.get("dmd", "default")["modes_real"].astype(np.float64)
+            b = reference.results.get("dmd", "default")["modes_real"]
+            print(f"{engine}: modes_real relative difference {np.linalg.norm(a - b) / np.linalg.norm(b):.1e}")
+            row, base = rows[engines.index(engine)], rows[0]
+            error = abs(row["relative_error"] - base["relative_error"]) / base["relative_error"]
+            print(f"{engine}: DMD relative error {row['relative_error']:.9f}, in process {base['relative_error']:.9f}")
+            assert error <= 1e-6, (engine, "relative_error", error)
         print(f"\nN={args.rows:,} x T={args.checkpoints} ({4 * args.rows * args.checkpoints / 1e9:.2f} GB float32); "
-              "cluster stores equal in-process (trajectories exactly), G to 1e-10, modes as printed above)")
+              "cluster stores equal in-process (trajectories exactly), G to 1e-10, DMD errors to 1e-6; modes as "
+              "printed above)")
         print(f"{'engine':<12}{'start-up s':>12}{'ingest s':>10}{'DMD fit s':>11} (Gram pass + modes pass)"
               f"{'Gram pass, best of 3 s':>24}")
         for row in rows:

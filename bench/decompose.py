@@ -49,7 +49,7 @@ def build_store(path: Path, rows: int, cols: int, modes: int, noise: float, seed
                                    offset, int(size)))
         offset += int(size)
     store = TrajectoryStore.create(path, Layout(entries), chunk_columns=cols)
-    store.trajectories.resize((rows, cols))
+    store.resize_columns(cols)  # trajectories and the epoch coordinate (what verify and xarray check)
     t = np.linspace(0, 1, cols)
     curves = np.stack([np.sin((m + 1) * 2.1 * t + m) + (m + 1) * t ** ((m % 3) + 1) for m in range(modes)])
     step = store.chunk_shape[0] * 8
@@ -63,6 +63,7 @@ def build_store(path: Path, rows: int, cols: int, modes: int, noise: float, seed
         store.trajectories[r0:r1, :] = block.astype(np.float32)
     axis = [TimeRecord(label=i + 1, source="<synthetic>", size=4 * rows, mtime=0.0, digest="",
                        ingested_at=now_iso()) for i in range(cols)]
+    store.write_labels(0, [record.label for record in axis])
     store.commit(axis)
 
 

@@ -198,7 +198,7 @@ class TrajectoryStore(StoreAttributes):
         return self._arrays[name]
 
     def _chunk_files(self, folder) -> ArrayDocument | None:
-        """The array's chunk files read directly (a quarter of zarr's CPU time per block: chunk_files.py) for a
+        """The array's chunk files read directly (about half of zarr's CPU time per block: chunk_files.py) for a
         local store in cmdtool's codecs; None (read through zarr) on object storage, where zarr's concurrent
         requests matter more than the decoding."""
         if isinstance(self.path, RemotePath):
