@@ -359,20 +359,6 @@ def test_interrupted_ingest_keeps_every_commit_and_resumes(tmp_path, signame):
         assert verify_store(cmdtool.open_store(path)).ok
 
 
-# The same, each checkpoint held back 5 ms (its content hash, which the ingest loop waits for): 400 small
-# checkpoints otherwise ingest faster than the test can see 20 commits and send the signal.
-SLOW_INTERRUPT_SCRIPT = """
-import sys, time
-import cmdtool.ingest.ingest
-ingest_module = sys.modules["cmdtool.ingest.ingest"]  # the module (the package's name `ingest` is the function)
-digest = ingest_module.file_digest
-def slow_digest(*args, **kwargs):
-    time.sleep(0.005)
-    return digest(*args, **kwargs)
-ingest_module.file_digest = slow_digest
-""" + INTERRUPT_SCRIPT
-
-
 def test_interrupt_message_is_one_line_without_asyncio_noise(tmp_path):
     """The CLI's own stderr on SIGINT: the one line, no traceback, no "Task was destroyed"."""
     import subprocess
@@ -380,7 +366,7 @@ def test_interrupt_message_is_one_line_without_asyncio_noise(tmp_path):
 
     write_checkpoints(tmp_path / "ck", n_epochs=400, model=torch.nn.Linear(128, 128))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_INTERRUPT_SCRIPT, tmp_path / "ck", tmp_path / "s.zarr",
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, tmp_path / "ck", tmp_path / "s.zarr",
                              str(2 * 16512 * 4)], env=env, text=True, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     from test_ingest import committed_checkpoints
