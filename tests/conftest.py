@@ -78,7 +78,16 @@ def random_store(tmp_path):
     return store, W
 
 
-def spawn_waiting_child(script: str, *args):
+def interruptible_by_sigint() -> None:
+    """``preexec_fn`` of a child that tests send SIGINT to: Ctrl-C's default disposition, as in a terminal. A
+    test run started in the background of a non-interactive shell (``make test &``) inherits SIGINT ignored,
+    and Python then installs no KeyboardInterrupt handler in the child: the signal would be lost."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def spawn_waiting_child(script: str, *args, **popen_options):
     """Run ``script`` (python source) in a child that has done its imports, prints "ready" and then waits for a
     line on stdin before the work to be killed: kill points then land in the work, not in the imports.
     Start several at once so that their imports overlap."""
@@ -88,7 +97,8 @@ def spawn_waiting_child(script: str, *args):
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=interruptible_by_sigint,
+                            **popen_options)
 
 
 def release(proc) -> None:

@@ -362,18 +362,15 @@ def test_interrupted_ingest_keeps_every_commit_and_resumes(tmp_path, signame):
 def test_interrupt_message_is_one_line_without_asyncio_noise(tmp_path):
     """The CLI's own stderr on SIGINT: the one line, no traceback, no "Task was destroyed"."""
     import subprocess
-    import sys
+
+    from conftest import release, spawn_waiting_child
 
     write_checkpoints(tmp_path / "ck", n_epochs=400, model=torch.nn.Linear(128, 128))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, tmp_path / "ck", tmp_path / "s.zarr",
-                             str(2 * 16512 * 4)], env=env, text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn_waiting_child(INTERRUPT_SCRIPT, tmp_path / "ck", tmp_path / "s.zarr", 2 * 16512 * 4,
+                               stderr=subprocess.PIPE)
     from test_ingest import committed_checkpoints
 
-    assert proc.stdout.readline().strip() == "ready"
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
+    release(proc)
     while committed_checkpoints(tmp_path / "s.zarr") < 20 and proc.poll() is None:
         time.sleep(0.001)
     proc.send_signal(signal.SIGINT)
