@@ -49,12 +49,22 @@ def _to_device(block: np.ndarray, device, dtype):
     return tensor.to(dtype) if dtype is not None else tensor
 
 
+# Bytes a reader may hold ahead of the consumer (at least one block): a store whose chunk rows are tall (a big
+# model: 114 MB blocks at ResNet-18 size) then reads one block ahead, not two (docs/performance.md, "Round 3").
+READ_AHEAD_BYTES = 128 * 1024**2
+
+
 def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, columns: slice, block_rows: int,
                     device=None, dtype=None, prefetch: int = 2) -> Iterator:
     """Yield :class:`~cmdtool.store.store.RowBlock` objects for ``rows`` in steps of ``block_rows``.
 
-    A producer thread reads (and decompresses) up to ``prefetch`` blocks ahead; errors raised there are
-    re-raised in the consumer. Stopping the iteration early stops the producer.
+    A producer thread reads (and decompresses) up to ``prefetch`` blocks ahead, fewer where they would hold more
+    than :data:`READ_AHEAD_BYTES` (one at least); errors raised there are re-raised in the consumer. Stopping the
+    iteration early stops the producer.
+
+    Memory: the consumer's block plus the blocks read ahead, counted from the moment a read starts. (A queue of
+    ``prefetch`` alone let the producer hold one more finished block while waiting for room, and the consumer's
+    previous block lived on while it waited for the next: 5 blocks alive for ``prefetch=2``.)
     """
     from .store import RowBlock
 
@@ -67,22 +77,24 @@ def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, col
             yield RowBlock(start, stop, data if device is None else _to_device(data, device, dtype))
         return
 
-    buffer: queue.Queue = queue.Queue(maxsize=prefetch)
+    block_bytes = 4 * block_rows * max(columns.stop - columns.start, 1)
+    prefetch = max(1, min(prefetch, READ_AHEAD_BYTES // block_bytes))
+    # blocks alive at once: the consumer's and those read ahead; a slot is taken before a read starts and given
+    # back when the consumer asks for the block after the one it holds
+    slots = threading.Semaphore(prefetch + 1)
+    buffer: queue.Queue = queue.Queue()
     stop_event = threading.Event()
 
     def produce():
         try:
             for start in starts:
-                stop = min(start + block_rows, rows.stop)
-                item = (start, stop, read(slice(start, stop), columns))
-                while not stop_event.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                while not slots.acquire(timeout=0.1):
+                    if stop_event.is_set():
+                        return
                 if stop_event.is_set():
                     return
+                stop = min(start + block_rows, rows.stop)
+                buffer.put((start, stop, read(slice(start, stop), columns)))
             buffer.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             buffer.put(exc)
@@ -90,20 +102,23 @@ def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, col
     thread = threading.Thread(target=produce, name="cmdtool-block-reader", daemon=True)
     thread.start()
     try:
+        first = True
         while True:
+            if not first:
+                slots.release()  # the consumer is done with its block: the next read may start
+            first = False
             item = buffer.get()
             if item is _DONE:
                 break
             if isinstance(item, BaseException):
                 raise item
             start, stop, data = item
-            yield RowBlock(start, stop, data if device is None else _to_device(data, device, dtype))
+            item = None  # the block lives in the consumer's hands only
+            block = RowBlock(start, stop, data if device is None else _to_device(data, device, dtype))
+            data = None
+            yield block
+            block = None
     finally:
         stop_event.set()
-        # drain so a producer blocked on put() sees the event
-        while thread.is_alive():
-            try:
-                buffer.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        slots.release()  # a producer waiting for a slot sees the event
         thread.join()
