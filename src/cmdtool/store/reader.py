@@ -63,8 +63,8 @@ def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, col
     iteration early stops the producer.
 
     Memory: the consumer's block plus the blocks read ahead, counted from the moment a read starts. (A queue of
-    ``prefetch`` alone let the producer hold one more finished block while waiting for room, and the consumer's
-    previous block lived on while it waited for the next: 5 blocks alive for ``prefetch=2``.)
+    ``prefetch`` alone bounded only the finished blocks waiting in it: memray found 5 blocks alive in a CMD pass
+    with ``prefetch=2``.)
     """
     from .store import RowBlock
 
