@@ -52,3 +52,10 @@ class ParameterError(UsageError):
 
 class NotFittedError(UsageError):
     """A fitted model's result was asked of an analyzer that was not fitted (or whose fit failed)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for one-line errors that
+    quote what a library said."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 # ".pth.tar": torchvision-reference / timm / pytorch-examples checkpoints (plain torch.save zips despite the name)
 TORCH_SUFFIXES = (".pth.tar", ".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -136,7 +136,7 @@ class OpenCheckpoint:
             handle = safe_open(str(path), framework="pt", device="cpu")
             keys = list(handle.keys())
         except Exception as exc:  # SafetensorError, OSError, ...
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
         self._handles.append(handle)
         for key in keys:
             self._parts.append((key, (handle, key)))
@@ -180,7 +180,7 @@ class OpenCheckpoint:
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except Exception as exc:
-            raise CheckpointError(f"{index_path}: not a valid shard index ({_first_line(exc)})") from None
+            raise CheckpointError(f"{index_path}: not a valid shard index ({first_line(exc)})") from None
         root = folder.resolve()
         shards: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
@@ -272,7 +272,7 @@ class OpenCheckpoint:
                 return handle.get_tensor(key)
             except Exception as exc:
                 raise CheckpointError(f"{self.source.path}: cannot read tensor {name!r} "
-                                      f"({_first_line(exc)})") from None
+                                      f"({first_line(exc)})") from None
         return part
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -398,11 +398,6 @@ def _safetensors_dtype(code: str, path: Path, key: str) -> torch.dtype:
     return _SAFETENSORS_DTYPES[code]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def load_torch_file(path: Path):
     """``torch.load`` with ``weights_only=True`` (never runs pickled code) and the :data:`SAFE_GLOBALS`
     allow-list, memory-mapped when possible."""
@@ -422,10 +417,10 @@ def load_torch_file(path: Path):
             raise CheckpointError(
                 f"{path}: refused: unpickling it needs {what}, which could run code (nothing was executed); "
                 f"{SAFE_RESAVE}") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(exc)})") from None
     except Exception as exc:  # truncated zip, random bytes, legacy-format garbage...
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or damaged "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
 
 
 def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
@@ -500,7 +495,7 @@ def shard_files(folder: Path) -> list[Path]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         names = list(dict.fromkeys(weight_map.values()))
     except Exception as exc:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({_first_line(exc)})") from None
+        raise CheckpointError(f"{index_path}: not a valid shard index ({first_line(exc)})") from None
     files = [index_path]
     for name in names:
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
@@ -545,7 +540,7 @@ class _DcpFolder:
                 self.metadata = _DcpMetadataUnpickler(handle).load()
             entries = self.metadata.state_dict_metadata
         except Exception as exc:  # noqa: BLE001 - damaged, foreign or refused metadata
-            raise CheckpointError(f"{folder / DCP_METADATA}: not readable DCP metadata ({_first_line(exc)}); "
+            raise CheckpointError(f"{folder / DCP_METADATA}: not readable DCP metadata ({first_line(exc)}); "
                                   f"refused") from None
         for info in (self.metadata.storage_data or {}).values():
             relative = Path(str(getattr(info, "relative_path", "")))
@@ -583,7 +578,7 @@ class _DcpFolder:
                     warnings.simplefilter("ignore")  # "no process group: loading in one process" is the point
                     dcp.load(wanted, storage_reader=reader, no_dist=True)
             except Exception as exc:  # noqa: BLE001 - missing or damaged .distcp files
-                raise CheckpointError(f"{self.folder}: cannot read the DCP checkpoint ({_first_line(exc)})") from None
+                raise CheckpointError(f"{self.folder}: cannot read the DCP checkpoint ({first_line(exc)})") from None
             self._loaded = wanted
         return self._loaded[fqn]
 

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import CmdtoolError, UsageError
+from ..errors import CmdtoolError, UsageError, first_line
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 
@@ -47,25 +47,20 @@ def storage_error(exc: BaseException, where: str = "") -> CmdtoolError | None:
     for error in chain:
         name = type(error).__name__
         if name in _NO_CREDENTIALS:
-            return UsageError(f"{at}no credentials for object storage ({_first_line(error)}); set "
+            return UsageError(f"{at}no credentials for object storage ({first_line(error)}); set "
                               f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (S3), or your provider's "
                               f"usual credentials, and try again")
         code = str(getattr(error, "response", {}).get("Error", {}).get("Code", "")) \
             if name == "ClientError" else ""
         if code in ("NoSuchBucket",):
-            return UsageError(f"{at}no such bucket ({_first_line(error)})")
+            return UsageError(f"{at}no such bucket ({first_line(error)})")
         # s3fs raises a 403 as a PermissionError without a file name; a local one always names its file
         if (isinstance(error, PermissionError) and error.filename is None) or code in _DENIED_CODES:
-            return CmdtoolError(f"{at}access denied by the object store ({_first_line(error)}); check the "
+            return CmdtoolError(f"{at}access denied by the object store ({first_line(error)}); check the "
                                 f"credentials and the bucket's policy")
         if isinstance(error, FileNotFoundError) and "bucket" in str(error).lower():
-            return UsageError(f"{at}no such bucket ({_first_line(error)})")
+            return UsageError(f"{at}no such bucket ({first_line(error)})")
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def default_store_path() -> "Path | RemotePath":
