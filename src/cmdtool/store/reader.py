@@ -102,11 +102,7 @@ def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, col
     thread = threading.Thread(target=produce, name="cmdtool-block-reader", daemon=True)
     thread.start()
     try:
-        first = True
         while True:
-            if not first:
-                slots.release()  # the consumer is done with its block: the next read may start
-            first = False
             item = buffer.get()
             if item is _DONE:
                 break
@@ -118,6 +114,7 @@ def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, col
             data = None
             yield block
             block = None
+            slots.release()  # the consumer asks for the next block, done with this one: the next read may start
     finally:
         stop_event.set()
         slots.release()  # a producer waiting for a slot sees the event
