@@ -30,9 +30,11 @@ STAGING = "staging"
 TARGET_CHUNK_BYTES = 8 * 1024**2
 MAX_CHUNK_COLUMNS = 256
 INGEST_MEMORY_BUDGET = "1GiB"    # default buffer of checkpoints written together (`ingest --memory-budget`; rechunk's)
-# The row blocks the analyses read (TrajectoryStore.default_block_rows): chunk rows are capped so that a block of
-# whole chunk rows over every column stays about this size.
-READ_BLOCK_BYTES = 128 * 1024**2
+# The row blocks the analyses read (passes.DEFAULT_BLOCK_BYTES): chunk rows are capped so that a block of whole
+# chunk rows over every column stays about this size. At 128 MiB, stores of large models (narrow chunks, tall
+# rows) had 114-134 MB blocks where a 1M-parameter store had 17 MB ones, and the analyses' peaks followed
+# (docs/performance.md, "Scale"); the cost is smaller chunk files for narrow chunks (224 KB at Tc = 1).
+READ_BLOCK_BYTES = 32 * 1024**2
 # Checkpoints a new store's chunk rows are sized for when its first ingest brings fewer: a block spans every
 # column and is whole chunk rows, so a ViT-B store's rows sized for its first 30 of 90 checkpoints made the
 # smallest block 3x the read block (403 MB), and for 1 of 150 (ingesting during training) 9x (docs/performance.md,
