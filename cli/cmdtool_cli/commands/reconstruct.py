@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         --format safetensors --out ckpts_cmd/`, `cmdtool reconstruct -e 150 -m dmd`, `cmdtool reconstruct -e 150
         -m swa --swa-fraction 0.2`.
         """
-        from cmdtool.ingest.checkpoints import build_state_dict, write_state_dict
+        from cmdtool.ingest.checkpoints import write_modelled_checkpoint
         from cmdtool.ingest.formats import safetensors_metadata
         from cmdtool.output_folder import OutputFolder, check_output_file
         from cmdtool.store import open_store
@@ -80,10 +80,10 @@ def register(app: typer.Typer) -> None:
                 OutputFolder(paths[0][0].parent, "reconstruct", force=force, store=st) as target:
             for column, (path, chosen) in zip(columns, paths):
                 started = time.perf_counter()
-                vector, described, model_variant = next(vectors)
+                blocks, described, model_variant = next(vectors)
                 source = Path(st.time_axis[column].source)
                 metadata = safetensors_metadata(source) if chosen == "safetensors" else None
-                write_state_dict(build_state_dict(st, vector, column), target / path.name, chosen, metadata=metadata)
+                write_modelled_checkpoint(st, column, blocks, target / path.name, chosen, metadata=metadata)
                 record = {"epoch": int(st.labels[column]), "method": model, "variant": model_variant,
                           "path": str(path), "format": chosen, "source": st.time_axis[column].source,
                           "seconds": round(time.perf_counter() - started, 3)}
@@ -109,21 +109,22 @@ def _model_name(method: str, variant: str | None) -> str:
 
 
 def _modelled(st, model: str, columns: list[int], name: str):
-    """(vector, description, variant) of each column from the saved result ``name`` of the model's analyzer."""
+    """(row blocks, description, variant) of each column from the saved result ``name`` of the model's analyzer
+    (blocks: :meth:`~cmdtool.analyzers.base.Analyzer.reconstruction_blocks`, evaluated as they are written)."""
     from cmdtool.analyzers import load_reconstruction
 
     analyzer, reconstruction = load_reconstruction(st, model, name)
     size = " ".join(f"{k}={v}" for k, v in analyzer.model_size().items())
     described = reconstruction.label + (f", {size}" if size else "")
     for column in columns:
-        yield (analyzer.reconstruct_epoch(st, column, **reconstruction.options), described,
+        yield (analyzer.reconstruction_blocks(st, [column], **reconstruction.options), described,
                reconstruction.options.get("variant"))
 
 
 def _averages(st, model: str, columns: list[int], ema_beta: float, swa_fraction: float, epochs: str | None,
               progress):
-    """(vector, description, None) of each column's EMA or SWA over the window, in the asked order (one stream
-    computes them all)."""
+    """(row blocks, description, None) of each column's EMA or SWA over the window, in the asked order (one stream
+    computes them all, whole N-vectors)."""
     from cmdtool.averages import check_ema_beta, iter_averages, swa_length
 
     window = st.resolve_epochs(epochs)
@@ -142,7 +143,7 @@ def _averages(st, model: str, columns: list[int], ema_beta: float, swa_fraction:
              iter_averages(st, window, columns, [model], beta, swa_len, progress=progress, description=model.upper())}
     described = f"EMA, beta {beta}" if model == "ema" else f"SWA of the last {swa_len} checkpoints"
     for column in columns:
-        yield found[column], described, None
+        yield [(slice(0, st.n_rows), found[column])], described, None
 
 
 def _output_paths(out: Path | None, st, columns, prefix: str, fmt: str | None):

@@ -419,7 +419,30 @@ class Analyzer(Estimator):
         steps = [self.window_position(store, c) for c in columns]
         return self._reconstruct(store, columns, steps, **options)
 
+    def reconstruction_blocks(self, store, columns, block_rows: int = 1 << 18, **options):
+        """The modelled checkpoints of :meth:`reconstruct_epochs` as consecutive row blocks: yields
+        ``(rows, values)`` with ``rows`` a slice of store rows and ``values`` its (len, k) float32 part.
+
+        Models kept per row (CMD's mode, A, B; saved DMD/PCA/POD factors) are evaluated block by block, so a
+        writer that streams (``reconstruct`` to safetensors) holds one block, whatever N is. Others (a pass over
+        the store, e.g. online CMD's replay) compute the whole (N, k) output first and hand out slices of it.
+        """
+        self._check_fitted()
+        columns = [int(c) for c in columns]
+        steps = [self.window_position(store, c) for c in columns]
+        whole = None if self._reconstructs_rows(**options) else self._reconstruct(store, columns, steps, **options)
+        for r0 in range(0, store.n_rows, block_rows):
+            rows = slice(r0, min(r0 + block_rows, store.n_rows))
+            yield rows, whole[rows] if whole is not None else \
+                self._reconstruct(store, columns, steps, rows=rows, **options)
+
+    def _reconstructs_rows(self, **options) -> bool:
+        """Whether :meth:`_reconstruct` evaluates any range of rows on its own (``rows=``)."""
+        return False
+
     def _reconstruct(self, store, columns: list[int], steps: list[int], **options) -> np.ndarray:
+        """The (N, k) float32 models of ``columns`` (``steps``: their positions in the window); subclasses that
+        say :meth:`_reconstructs_rows` also take ``rows=slice`` and return only those rows."""
         raise NotImplementedError(f"{type(self).__name__} gives no reconstruction")
 
     # ------------------------------------------------------------------ summaries

@@ -280,7 +280,11 @@ class PosthocCMD(Analyzer):
     def has_online(self) -> bool:
         return getattr(self, "online_mode_", None) is not None
 
-    def _reconstruct(self, store, columns, steps, variant: str = "posthoc", block_rows: int = 1 << 20) -> np.ndarray:
+    def _reconstructs_rows(self, variant: str = "posthoc", **options) -> bool:
+        return variant == "posthoc"   # the online variant replays a pass over the store
+
+    def _reconstruct(self, store, columns, steps, variant: str = "posthoc", block_rows: int = 1 << 20,
+                     rows: slice | None = None) -> np.ndarray:
         """The modelled N-vectors w_i(t) = a_i r_{mode_i}(t) + b_i (Eq. 7) of several checkpoints, (N, k) float32.
 
         Post-hoc: the per-row outputs (mode, A, B) are read once for all k epochs. ``variant="online"`` gives
@@ -293,7 +297,7 @@ class PosthocCMD(Analyzer):
 
         if variant == "posthoc":
             return affine_model(store, self.mode_, self.A_, self.B_, self.reference_trajectories_, columns, steps,
-                                block_rows)
+                                block_rows, rows=rows)
         if variant != "online":
             raise UsageError(f"unknown variant {variant!r}: choose posthoc or online")
         if not self.has_online:

@@ -12,23 +12,27 @@ from .cmd_math import affine_from_sums, pin_reference_rows
 from .passes import Accumulator
 
 
-def affine_model(store, modes, A, B, reference_trajectories, columns, steps, block_rows: int = 1 << 20) -> np.ndarray:
-    """Eq. 7 at several epochs, (N, k) float32: a_i r_{mode_i}(t) + b_i read in row blocks (``modes``, ``A``, ``B``
-    lazy N-long arrays; ``steps`` the epochs' positions in the references); rows CMD does not model (mode < 0)
-    keep their stored values."""
+def affine_model(store, modes, A, B, reference_trajectories, columns, steps, block_rows: int = 1 << 20,
+                 rows: slice | None = None) -> np.ndarray:
+    """Eq. 7 at several epochs, (rows, k) float32: a_i r_{mode_i}(t) + b_i read in row blocks (``modes``, ``A``,
+    ``B`` lazy N-long arrays; ``steps`` the epochs' positions in the references; ``rows`` a range of store rows,
+    default all); rows CMD does not model (mode < 0) keep their stored values."""
     reference_values = np.asarray(reference_trajectories)[:, steps].astype(np.float64)   # M × k
-    first = min(columns)
-    out = np.empty((store.n_rows, len(columns)), dtype=np.float32)
-    for r0 in range(0, store.n_rows, block_rows):
-        r1 = min(r0 + block_rows, store.n_rows)
+    rows = rows if rows is not None else slice(0, store.n_rows)
+    out = np.empty((rows.stop - rows.start, len(columns)), dtype=np.float32)
+    for r0 in range(rows.start, rows.stop, block_rows):
+        r1 = min(r0 + block_rows, rows.stop)
         mode = np.asarray(modes[r0:r1]).astype(np.int64)
         value = (A[r0:r1].astype(np.float64)[:, None] * reference_values[np.maximum(mode, 0)]
                  + B[r0:r1].astype(np.float64)[:, None])
         kept = np.flatnonzero(mode < 0)
         if kept.size:
-            stored = store.trajectories[r0:r1, first:max(columns) + 1]
-            value[kept] = stored[kept][:, [c - first for c in columns]]
-        out[r0:r1] = value
+            # only the rows between the first and last kept one, only the asked columns: BatchNorm statistics
+            # are a few rows here and there, and a whole block over the columns' span was 100s of MB
+            span = slice(r0 + int(kept[0]), r0 + int(kept[-1]) + 1)
+            stored = np.concatenate([store.read_region(span, slice(c, c + 1)) for c in columns], axis=1)
+            value[kept] = stored[kept - int(kept[0])]
+        out[r0 - rows.start:r1 - rows.start] = value
     return out
 
 

@@ -236,13 +236,16 @@ class DMD(GramModel):
         steps = np.arange(self.reconstruction_matrix_.shape[0]) if steps is None else np.asarray(steps)
         return self.amplitudes_[:, None] * self.eigenvalues_[:, None] ** steps[None, :]
 
-    def _reconstruct(self, store, columns, steps, progress=None) -> np.ndarray:
+    def _reconstruct(self, store, columns, steps, progress=None, rows: slice | None = None) -> np.ndarray:
         """Several modelled checkpoints, Re Φ (λᵗ ∘ b) for every t: saved modes are read once, not per epoch;
         without them one pass over the window gives W K."""
-        if self.result_ is None or self.modes_real_ is None:
-            return super()._reconstruct(store, columns, steps, progress)
+        if not self._reconstructs_rows():
+            return super()._reconstruct(store, columns, steps, progress, rows=rows)
         weights = self.dynamics(steps)   # r × k
-        return factor_model([(self.modes_real_, weights.real), (self.modes_imag_, -weights.imag)])
+        return factor_model([(self.modes_real_, weights.real), (self.modes_imag_, -weights.imag)], rows=rows)
+
+    def _reconstructs_rows(self, **options) -> bool:
+        return self.result_ is not None and self.modes_real_ is not None
 
     @classmethod
     def options_for_budget(cls, budget_floats: int, n_rows: int, n_cols: int) -> dict:

@@ -245,21 +245,24 @@ class ColumnsOfModel(Accumulator):
             self.out = np.asarray(self.out[...])
 
 
-def factor_model(terms, means=None, block_bytes: int = 32 * 1024**2) -> np.ndarray:
+def factor_model(terms, means=None, block_bytes: int = 32 * 1024**2, rows: slice | None = None) -> np.ndarray:
     """Several modelled checkpoints from stored per-row factors, read once in row blocks:
     ``means + Σ factors @ weights`` over ``terms = [(factors, weights), ...]`` (factors N×d lazy arrays, weights
-    d×k float64, ``means`` an optional N-long lazy array); N×k float32."""
+    d×k float64, ``means`` an optional N-long lazy array); (rows, k) float32 for the store rows ``rows``
+    (default all N)."""
     n_rows, k = terms[0][0].shape[0], terms[0][1].shape[1]
+    rows = rows if rows is not None else slice(0, n_rows)
     width = max(terms[0][0].shape[1], k, 1)
-    out = np.empty((n_rows, k), dtype=np.float32)
+    out = np.empty((rows.stop - rows.start, k), dtype=np.float32)
     step = max(1, block_bytes // (8 * width))
-    for r0 in range(0, n_rows, step):
-        rows = slice(r0, min(r0 + step, n_rows))
+    for r0 in range(rows.start, rows.stop, step):
+        block = slice(r0, min(r0 + step, rows.stop))
         value = None
         for factors, weights in terms:
-            part = factors[rows].astype(np.float64) @ weights
+            part = factors[block].astype(np.float64) @ weights
             value = part if value is None else value + part
-        out[rows] = value if means is None else means[rows].astype(np.float64)[:, None] + value
+        out[block.start - rows.start:block.stop - rows.start] = \
+            value if means is None else means[block].astype(np.float64)[:, None] + value
     return out
 
 
@@ -283,8 +286,9 @@ class GramModel(Analyzer):
         metrics["nonfinite_rows"] = self.nonfinite_rows_
         return metrics
 
-    def _reconstruct(self, store, columns, steps, progress=None) -> np.ndarray:
-        """ŵ_t for several t at once: one pass computes W_window K[:, ts] (instead of one pass per epoch)."""
+    def _reconstruct(self, store, columns, steps, progress=None, rows: slice | None = None) -> np.ndarray:
+        """ŵ_t for several t at once: one pass computes W_window K[:, ts] (instead of one pass per epoch).
+        ``rows`` slices the pass's whole output (:meth:`reconstruction_blocks` asks for all rows at once)."""
         acc = ColumnsOfModel(np.asarray(self.reconstruction_matrix_)[:, steps])
         stream(store, [acc], self.window_, self.device, progress, "reconstruct")
-        return acc.out
+        return acc.out if rows is None else acc.out[rows]

@@ -115,11 +115,14 @@ class PCA(GramModel):
         self.dims_ = int(self.dims_)
 
     # ------------------------------------------------------------------ use
-    def _reconstruct(self, store, columns, steps, progress=None) -> np.ndarray:
+    def _reconstruct(self, store, columns, steps, progress=None, rows: slice | None = None) -> np.ndarray:
         """Several modelled checkpoints, mean + directions · coordinates_t: the directions are read once."""
-        if self.result_ is None:
-            return super()._reconstruct(store, columns, steps, progress)
-        return factor_model([(self.directions_, self.coordinates_[steps].T)], self.means_)   # weights d × k
+        if not self._reconstructs_rows():
+            return super()._reconstruct(store, columns, steps, progress, rows=rows)
+        return factor_model([(self.directions_, self.coordinates_[steps].T)], self.means_, rows=rows)  # d × k
+
+    def _reconstructs_rows(self, **options) -> bool:
+        return self.result_ is not None
 
     @classmethod
     def options_for_budget(cls, budget_floats: int, n_rows: int, n_cols: int) -> dict:

@@ -156,11 +156,14 @@ class POD(GramModel):
     def _loaded(self, result) -> None:
         self.rank_, self.rank_requested_ = int(self.rank_), int(self.rank_requested_)
 
-    def _reconstruct(self, store, columns, steps, progress=None) -> np.ndarray:
+    def _reconstruct(self, store, columns, steps, progress=None, rows: slice | None = None) -> np.ndarray:
         """Several modelled checkpoints U_r C[t]: the saved modes are read once (one pass over W before saving)."""
-        if self.result_ is None:
-            return super()._reconstruct(store, columns, steps, progress)
-        return factor_model([(self.modes_, self.coefficients_[steps].T)])
+        if not self._reconstructs_rows():
+            return super()._reconstruct(store, columns, steps, progress, rows=rows)
+        return factor_model([(self.modes_, self.coefficients_[steps].T)], rows=rows)
+
+    def _reconstructs_rows(self, **options) -> bool:
+        return self.result_ is not None
 
     @classmethod
     def options_for_budget(cls, budget_floats: int, n_rows: int, n_cols: int) -> dict:

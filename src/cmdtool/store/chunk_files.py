@@ -140,7 +140,8 @@ class ArrayDocument:
                                                   for c in self.codecs)
 
     def read_region(self, rows: slice, columns: slice) -> np.ndarray:
-        """``array[rows, columns]`` of a 2-D numeric array in a local folder, decoded chunk by chunk;
+        """``array[rows, columns]`` of a 2-D numeric array in a local folder (a 1-D one reads as one column),
+        decoded chunk by chunk;
         :class:`ChunkDamage` names the first chunk that is missing or damaged (``problem``, and ``index``).
 
         No allocation per chunk: files are read into a buffer reused by this thread, and a chunk whose rows and
@@ -148,7 +149,8 @@ class ArrayDocument:
         is decompressed straight into the result. Per-chunk buffers would otherwise each be a fresh mapping
         (the reader fixes glibc's mmap threshold, reader.py), page-faulted in and out again: that doubled the
         time of a bare read."""
-        chunk_rows, chunk_cols = self.chunk_shape
+        one_dimensional = len(self.chunk_shape) == 1
+        chunk_rows, chunk_cols = (self.chunk_shape[0], 1) if one_dimensional else self.chunk_shape
         itemsize = np.dtype(self.data_type).itemsize
         chunk_bytes = chunk_rows * chunk_cols * itemsize
         out = np.empty((rows.stop - rows.start, columns.stop - columns.start), dtype=self.data_type)
@@ -161,13 +163,14 @@ class ArrayDocument:
                 in_place = in_place_ok and r1 - r0 == chunk_rows
                 target = out[r0 - rows.start:r1 - rows.start].reshape(-1).view(np.uint8) if in_place \
                     else self._scratch("chunk", chunk_bytes)
+                index = (i,) if one_dimensional else (i, j)
                 try:
-                    data = self._read_file(self.chunk_file((i, j)))
+                    data = self._read_file(self.chunk_file(index))
                     if data is None:
                         raise ChunkDamage("missing")
-                    chunk = self.decode(data, into=target)
+                    chunk = self.decode(data, into=target).reshape(chunk_rows, chunk_cols)
                 except ChunkDamage as exc:
-                    exc.index = (i, j)
+                    exc.index = index
                     raise
                 if not in_place:
                     out[r0 - rows.start:r1 - rows.start, c0 - columns.start:c1 - columns.start] = \

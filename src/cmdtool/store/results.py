@@ -46,15 +46,23 @@ def jsonable(value):
 class Result:
     """A committed result: named arrays (read lazily) and its json attributes."""
 
-    def __init__(self, kind: str, name: str, group: zarr.Group):
+    def __init__(self, kind: str, name: str, group: zarr.Group, folder=None):
         self.kind, self.name, self.group = kind, name, group
+        self.folder = folder   # a local folder: row ranges of its arrays are read from the chunk files directly
         self.attrs = dict(group.attrs)
 
     def __contains__(self, key: str) -> bool:
         return key in self.group
 
-    def array(self, key: str) -> zarr.Array:
-        return self.group[key]
+    def array(self, key: str):
+        """The array ``key``, read lazily: a zarr array, whose row ranges a local result reads from the chunk
+        files directly (:class:`RowRanges`; through zarr, reconstructing a 20M-row CMD model in blocks grew the
+        peak by 90 MB of zarr's buffers, not the 30 MB the blocks need)."""
+        array = self.group[key]
+        if self.folder is None or array.ndim not in (1, 2):
+            return array
+        document = ArrayDocument.read(self.folder / key)
+        return RowRanges(array, document) if document.numeric else array
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.group[key][...]
@@ -87,7 +95,7 @@ class ResultWriter:
         """An empty array to fill block by block (large per-row outputs). ``compress=False`` keeps only the
         crc32c checksum: dense float projections (PCA directions, DMD modes) shrink by ~10% under LZ4 at twice
         the cost of writing them. In a local store, writes of row ranges go to the chunk files directly
-        (:class:`RowRangeWrites`)."""
+        (:class:`RowRanges`)."""
         if chunks is None:
             rows = max(1, min(int(shape[0]) if shape else 1, (4 * 1024**2) // max(np.dtype(dtype).itemsize, 1)))
             chunks = (rows,) + tuple(shape[1:])
@@ -96,7 +104,7 @@ class ResultWriter:
                                         fill_value=0, config={"write_empty_chunks": True})
         if isinstance(self.path, RemotePath) or len(shape) not in (1, 2):
             return array
-        return RowRangeWrites(array, ArrayDocument.read(self.path / key))
+        return RowRanges(array, ArrayDocument.read(self.path / key))
 
     def put(self, key: str, value) -> None:
         value = np.asarray(value)
@@ -125,11 +133,12 @@ class ResultWriter:
         return False
 
 
-class RowRangeWrites:
-    """A staged result array whose row-range writes (``out[start:stop] = values``, what a pass's accumulators
-    do once per block) encode and write its chunk files directly (:mod:`~cmdtool.store.chunk_files`); anything
-    else is the zarr array's. Through zarr, writing per-row outputs cost PCA's directions pass about as much as
-    its reads, and the pass's peak RSS grew with N (docs/performance.md, "Round 3")."""
+class RowRanges:
+    """A result array in a local folder whose row ranges (``out[start:stop]``, what passes and reconstructions
+    do once per block) are read, and written (``out[start:stop] = values``), from and to its chunk files
+    directly (:mod:`~cmdtool.store.chunk_files`); anything else is the zarr array's. Through zarr, writing
+    per-row outputs cost PCA's directions pass about as much as its reads, and the pass's peak RSS grew with N
+    (docs/performance.md, "Round 3")."""
 
     def __init__(self, array: zarr.Array, document: ArrayDocument):
         self.array, self.document = array, document
@@ -149,7 +158,14 @@ class RowRangeWrites:
                                        self.array.shape)
 
     def __getitem__(self, key):
-        return self.array[key]
+        if not (isinstance(key, slice) and key.step in (None, 1)):
+            return self.array[key]
+        start, stop, _ = key.indices(self.array.shape[0])
+        if stop <= start:
+            return self.array[key]
+        if self.array.ndim == 1:
+            return self.document.read_region(slice(start, stop), slice(0, 1))[:, 0]
+        return self.document.read_region(slice(start, stop), slice(0, self.array.shape[1]))
 
     def __getattr__(self, name):
         if name in ("array", "document") or name.startswith("__"):  # not set yet (unpickling), or protocol
@@ -185,7 +201,7 @@ class ResultsCatalog:
             have = ", ".join(n for k, n in self.list(kind)) or "none"
             raise UsageError(f"no {kind} result named {name!r} in {self.store.path} (present: {have})")
         group = open_zarr_group(self.root / folder, "r")
-        return Result(kind, name, group)
+        return Result(kind, name, group, None if isinstance(self.root, RemotePath) else self.root / folder)
 
     def writer(self, kind: str, name: str) -> ResultWriter:
         if self.store.mode == "r":

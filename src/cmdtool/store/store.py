@@ -336,6 +336,10 @@ class TrajectoryStore(StoreAttributes):
             out[order[sel]] = block[sorted_idx[sel] - r0]
         return out
 
+    def read_region(self, rows: slice, columns: slice) -> np.ndarray:
+        """``W[rows, columns]`` as a float32 array (memory: its size; callers size it)."""
+        return self._read(rows, columns)
+
     def read_columns(self, columns: slice) -> np.ndarray:
         """All N values of consecutive checkpoints, (N, k) float32 (memory N·k: callers size k)."""
         return self._read(slice(0, self.n_rows), columns)
