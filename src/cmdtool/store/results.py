@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..errors import UsageError
+from ..errors import CorruptionError, UsageError
 from . import format as fmt
-from .chunk_files import ArrayDocument
+from .chunk_files import ArrayDocument, ChunkDamage
 from .location import RemotePath
 from .metadata import results_index
 from .store import compressors, now_iso, open_zarr_group, store_lock
@@ -163,9 +163,17 @@ class RowRanges:
         start, stop, _ = key.indices(self.array.shape[0])
         if stop <= start:
             return self.array[key]
-        if self.array.ndim == 1:
-            return self.document.read_region(slice(start, stop), slice(0, 1))[:, 0]
-        return self.document.read_region(slice(start, stop), slice(0, self.array.shape[1]))
+        try:
+            if self.array.ndim == 1:
+                return self.document.read_region(slice(start, stop), slice(0, 1))[:, 0]
+            return self.document.read_region(slice(start, stop), slice(0, self.array.shape[1]))
+        except ChunkDamage as exc:
+            if exc.problem == "missing":  # a chunk zarr left unwritten (all fill values, older results): zarr's
+                return self.array[key]
+            problem = "failed its checksum (the file is damaged)" if exc.problem == "checksum" else \
+                f"is {exc.problem}"
+            raise CorruptionError(f"result array {self.document.folder}: chunk {exc.index} {problem}; run "
+                                  "`cmdtool verify` for the full list") from None
 
     def __getattr__(self, name):
         if name in ("array", "document") or name.startswith("__"):  # not set yet (unpickling), or protocol
