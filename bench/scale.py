@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -261,6 +262,11 @@ def run_size(name: str, args) -> dict:
             acc["peak_rss_mb"] = max(acc["peak_rss_mb"], r["peak_rss_mb"])
         if groups > 1 or not args.keep:
             shutil.rmtree(ckpts)  # the store holds the values now; reconstruct needs no source file
+    # the store ingest wrote is still being written back from the page cache; a read timed meanwhile competes
+    # with that write-back (the 40M read took 109 s right after ingest, a whole CMD pass 65 s)
+    started = time.perf_counter()
+    os.sync()
+    print(f"  sync after ingest: {time.perf_counter() - started:.1f} s (not timed)", flush=True)
     for step in STEPS[2:]:
         results[step] = measure(step_code(step, store, ckpts, args.format, args.budget, args.codec, work),
                                 args.device)
