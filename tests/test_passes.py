@@ -17,8 +17,8 @@ from cmdtool.analyzers.cmd_fit_pass import FitPass
 from cmdtool.analyzers.cmd_replay import OnlineReplay
 from cmdtool.analyzers.kga import KWMMasks
 from cmdtool.analyzers.linear_models import ColumnsOfModel, RowProjection
-from cmdtool.analyzers.passes import (GramAccumulator, RowGather, iter_pass_blocks, merged, pass_context,
-                                      run_blocks)
+from cmdtool.analyzers.passes import (Accumulator, GramAccumulator, RowGather, iter_pass_blocks, merged,
+                                      pass_context, run_blocks, run_blocks_side_by_side, stream)
 from cmdtool.averages import average_weights
 from cmdtool.store import from_array, open_store
 
@@ -65,6 +65,7 @@ def _factories(store, writer):
         "kwm_masks": lambda: KWMMasks(writer, complex_matrix[:, :2], 0.5, np.cumsum([1000, 200, 1800])),
         "reconstruction": lambda: ColumnsOfModel(matrix, out=writer.create("out", (N_ROWS, 3), "float32",
                                                                            chunks=(256, 3))),
+        "reconstruction_in_memory": lambda: ColumnsOfModel(matrix),   # returned per-row output (MemoryOutputs)
         "ema_swa": lambda: ColumnsOfModel(averages, out=writer.create("avg", (N_ROWS, 3), "float32",
                                                                        chunks=(256, 3)), keep_nonfinite=True),
         "online_replay": lambda: OnlineReplay(_online_modes(store, writer), refs, trajectories, [2, 7, 11],
@@ -95,16 +96,21 @@ def _state(acc) -> dict:
     return out
 
 
-def _pass_state(store, name: str, tag: str, split: bool = False) -> dict:
+def _pass_state(store, name: str, tag: str, split: bool = False, workers: int = 0) -> dict:
     """One CPU pass of accumulator ``name`` over the store (with ``split``: two partials that see the first 5 and
-    the other blocks, then merged); its :func:`_state`."""
+    the other blocks, then merged; with ``workers``: blocks side by side in that many threads); its
+    :func:`_state`."""
     window = slice(0, N_COLS)
     writer = store.results.writer("test", tag)
     acc = _factories(store, writer)[name]()
     ctx = pass_context(store, window, "cpu", BLOCK_BYTES)
     acc.start(ctx)
     blocks = iter_pass_blocks(store, window, ctx.device, ctx.block_rows)
-    if split:
+    if workers:
+        blocks.close()
+        run_blocks_side_by_side([acc], store.iter_blocks(columns=window, block_rows=ctx.block_rows, device="cpu"),
+                                workers, ctx.outputs.arrays)
+    elif split:
         first, second = acc.partial(), acc.partial()
         blocks = list(blocks)
         run_blocks([first], blocks[:5])
@@ -126,6 +132,56 @@ def test_two_merged_halves_equal_one_stream(store, name):
     assert whole.keys() == halves.keys() and whole
     for key in whole:
         np.testing.assert_allclose(halves[key], whole[key], rtol=1e-12, atol=0, err_msg=key)
+
+
+ALL_ACCUMULATORS = ["gram", "row_gather", "cmd_fit_pass", "pca_directions", "dmd_modes", "kwm_masks",
+                    "reconstruction", "reconstruction_in_memory", "ema_swa", "online_replay"]
+
+
+@pytest.mark.parametrize("name", ALL_ACCUMULATORS)
+def test_blocks_side_by_side_equal_one_stream(store, name):
+    """Three threads, each feeding its own partials every third block (the in-process engine on several cores):
+    the reductions equal one stream's to float64 summation order, per-row outputs exactly, those kept in memory
+    included (the threads share the arrays); and two such runs are bitwise equal (the blocks each thread sums
+    do not depend on timing)."""
+    whole = _pass_state(store, name, f"{name}-whole")
+    threads = [_pass_state(store, name, f"{name}-threads{k}", workers=3) for k in range(2)]
+    assert whole.keys() == threads[0].keys() and whole
+    for key in whole:
+        np.testing.assert_allclose(threads[0][key], whole[key], rtol=1e-12, atol=0, err_msg=key)
+        np.testing.assert_array_equal(threads[1][key], threads[0][key], err_msg=key)
+
+
+class FailingAccumulator(Accumulator):
+    def update(self, block):
+        if block.start >= 1024:
+            raise RuntimeError(f"failed at row {block.start}")
+
+
+def test_an_error_in_a_block_thread_ends_the_pass_with_it(store, monkeypatch):
+    """The error of one thread reaches the caller; the other threads and the reader's thread end with it."""
+    import threading
+
+    monkeypatch.setenv("CMDTOOL_PASS_WORKERS", "2")
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="failed at row 1024"):
+        stream(store, [GramAccumulator(), FailingAccumulator()], device="cpu", block_bytes=BLOCK_BYTES)
+    for _ in range(50):
+        if threading.active_count() <= before:
+            break
+        threading.Event().wait(0.1)
+    assert threading.active_count() <= before
+
+
+def test_pass_workers_from_the_environment(monkeypatch):
+    from cmdtool.analyzers.passes import pass_workers
+    from cmdtool.errors import UsageError
+
+    monkeypatch.setenv("CMDTOOL_PASS_WORKERS", "3")
+    assert pass_workers("cpu") == 3 and pass_workers("cuda:0") == 1
+    monkeypatch.setenv("CMDTOOL_PASS_WORKERS", "zero")
+    with pytest.raises(UsageError, match="CMDTOOL_PASS_WORKERS must be a whole number"):
+        pass_workers("cpu")
 
 
 @pytest.mark.parametrize("name", ["gram", "cmd_fit_pass", "pca_directions", "dmd_modes", "kwm_masks",

@@ -45,14 +45,22 @@ class compute_threads:
     (docs/performance.md, "Analyses side by side"). The CPU passes do their float64 products in numpy
     (:mod:`cmdtool.analyzers.host_float64`), whose OpenBLAS would otherwise start one thread per core for every
     2048-row product: a chunked Gram of 262,144 x 150 took 9 s that way on the loaded machine instead of 0.25 s.
+
+    ``workers``: blocks computed side by side (:func:`cmdtool.analyzers.passes.run_blocks_side_by_side`); each
+    gets an equal share of the cores, one thread at least.
     """
+
+    def __init__(self, workers: int = 1):
+        self.workers = max(1, int(workers))
 
     def __enter__(self):
         import torch
         from threadpoolctl import threadpool_limits
 
         self.before = torch.get_num_threads()
-        threads = max(1, min(self.before, available_cores() - 1))
+        cores = available_cores()
+        share = cores - 1 if self.workers == 1 else cores // self.workers
+        threads = max(1, min(self.before, share))
         torch.set_num_threads(threads)
         self.blas = threadpool_limits(limits=threads, user_api="blas")
         return self

@@ -35,6 +35,9 @@ class FitPass(Accumulator):
     (:meth:`merge`); mode/A/B/row error (and online CMD's mode/A/B) are written to the block's rows."""
 
     client_only = ("writer",)
+    # ~50 torch calls per 2048-row chunk hold the interpreter lock between them: two threads gave CMD's cold fit no
+    # gain on 2 cores (docs/performance.md, "Blocks side by side")
+    side_by_side = False
     REDUCTIONS = ("column_sq_error", "column_sq_norm", "sq_motion", "layer_sq_error", "layer_sq_norm",
                   "layer_sq_motion", "layer_mode_counts", "kept_rows", "constant_rows", "nonfinite_rows")
     ONLINE_REDUCTIONS = ("online_column_sq_error", "online_mode_counts")

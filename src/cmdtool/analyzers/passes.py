@@ -23,28 +23,43 @@ every analyzer module).
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..device import compute_threads, resolve_device
+from ..device import available_cores, compute_threads, resolve_device
+from ..errors import UsageError
 from ..progress import NullProgress
 from .host_float64 import chunk_rows, on_cpu, to_float64_
 
 # float32 bytes of W per block: 4 blocks in flight (read-ahead of 2) plus a float64 copy stay well under 1 GB,
 # whatever N is, and a block still spans several chunks for zarr's parallel decoding
 DEFAULT_BLOCK_BYTES = 32 * 1024**2
+# CPU passes run this many blocks side by side (threads) at most; more cores go to each block's BLAS/torch threads
+MAX_PASS_WORKERS = 4
+PASS_WORKERS_ENV = "CMDTOOL_PASS_WORKERS"
 
 
 class MemoryOutputs:
     """Per-row outputs of accumulators that return them rather than save them (modelled checkpoints, averages):
-    numpy arrays, where every block runs in this process. The Dask engine gives zarr arrays that its workers can
-    write instead (:class:`cmdtool.analyzers.dask_pass.ScratchOutputs`)."""
+    numpy arrays, where every block runs in this process (the threads of :func:`run_blocks_side_by_side` share
+    them). The Dask engine gives zarr arrays that its workers can write instead
+    (:class:`cmdtool.analyzers.dask_pass.ScratchOutputs`)."""
+
+    def __init__(self):
+        self.arrays: list[np.ndarray] = []
 
     def create(self, shape: tuple, dtype, chunks: tuple):
-        return np.empty(shape, dtype=dtype)
+        array = np.empty(shape, dtype=dtype)
+        self.arrays.append(array)
+        return array
 
     def close(self) -> None:
         pass
@@ -176,6 +191,9 @@ class Accumulator:
     """
 
     client_only: tuple[str, ...] = ()
+    # whether blocks of this accumulator gain from running side by side in threads (run_blocks_side_by_side):
+    # not when its work per block is many small torch calls, which hold the interpreter lock between them
+    side_by_side: bool = True
 
     def start(self, ctx: PassContext) -> None:
         pass
@@ -222,6 +240,117 @@ def iter_pass_blocks(store, columns: slice, device, block_rows: int, rows: slice
     buffers = BlockBuffers()
     for raw in store.iter_blocks(columns=columns, rows=rows, block_rows=block_rows, device=device):
         yield Block(raw.start, raw.stop, raw.data, buffers)
+
+
+def pass_workers(device) -> int:
+    """Blocks a pass runs side by side in this process: one per core on the CPU (at most
+    :data:`MAX_PASS_WORKERS`; ``$CMDTOOL_PASS_WORKERS`` sets it), one on a GPU (its kernels queue anyway)."""
+    if getattr(device, "type", str(device)) != "cpu":
+        return 1
+    configured = os.environ.get(PASS_WORKERS_ENV, "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise UsageError(f"${PASS_WORKERS_ENV} must be a whole number of at least 1, not {configured!r}")
+        return int(configured)
+    return max(1, min(available_cores(), MAX_PASS_WORKERS))
+
+
+class _SharingPickler(pickle.Pickler):
+    """Pickles by value, except the given objects, which are passed by reference (see :func:`thread_partials`)."""
+
+    def __init__(self, file, shared: list):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.shared = {id(obj): k for k, obj in enumerate(shared)}
+
+    def persistent_id(self, obj):
+        return self.shared.get(id(obj))
+
+
+class _SharingUnpickler(pickle.Unpickler):
+    def __init__(self, file, shared: list):
+        super().__init__(file)
+        self.shared_objects = shared
+
+    def persistent_load(self, pid):
+        return self.shared_objects[pid]
+
+
+def thread_partials(accumulators: list[Accumulator], shared_outputs: list) -> list[Accumulator]:
+    """Empty partials of started accumulators for another thread of this process: :meth:`Accumulator.partial`
+    copies, except that the returned per-row output arrays (``shared_outputs``, numpy) stay the same objects, so
+    every thread writes its blocks' rows into them."""
+    buffer = io.BytesIO()
+    _SharingPickler(buffer, shared_outputs).dump(accumulators)
+    buffer.seek(0)
+    return _SharingUnpickler(buffer, shared_outputs).load()
+
+
+def run_blocks_side_by_side(accumulators: list[Accumulator], raw_blocks, workers: int, shared_outputs: list,
+                            progress_task=None) -> int:
+    """The in-process engine with ``workers`` threads: block ``i`` of the pass goes to thread ``i % workers``,
+    which feeds its own empty partials (:func:`thread_partials`; thread 0 feeds ``accumulators`` themselves);
+    the partials are merged into ``accumulators`` in thread order at the end. Which thread sums which block does
+    not depend on timing, so the float64 sums, and the results, are the same from run to run.
+
+    numpy's BLAS, torch's kernels and the read's decompression release the interpreter lock, so the threads use
+    the cores the reader leaves idle. Memory: at most ``workers`` blocks taken from the reader at once, besides
+    its read-ahead. ``raw_blocks`` yields the store's row blocks (``start``, ``stop``, ``data``)."""
+    sets = [accumulators] + [thread_partials(accumulators, shared_outputs) for _ in range(workers - 1)]
+    inboxes = [queue.SimpleQueue() for _ in range(workers)]
+    taken = threading.Semaphore(workers)  # blocks handed out and not finished yet
+    failed = threading.Event()
+    progress_lock = threading.Lock()
+
+    def work(k: int) -> int:
+        buffers, nonfinite = BlockBuffers(), 0
+        while True:
+            raw = inboxes[k].get()
+            if raw is None:
+                return nonfinite
+            try:
+                if failed.is_set():  # another thread failed: drain without work until told to stop
+                    continue
+                block = Block(raw.start, raw.stop, raw.data, buffers)
+                for acc in sets[k]:
+                    acc.update(block)
+                nonfinite += block.nonfinite
+                if progress_task is not None:
+                    with progress_lock:
+                        progress_task.advance(block.rows, nbytes=4 * block.values.shape[1] * block.rows)
+                del block
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                del raw
+                taken.release()
+
+    iterator = iter(raw_blocks)
+    with ThreadPoolExecutor(workers, thread_name_prefix="cmdtool-pass") as pool:
+        futures = [pool.submit(work, k) for k in range(workers)]
+        try:
+            for i in range(1 << 62):
+                while not taken.acquire(timeout=0.1):
+                    if failed.is_set():
+                        break
+                if failed.is_set():
+                    break
+                raw = next(iterator, None)
+                if raw is None:
+                    break
+                inboxes[i % workers].put(raw)
+                del raw
+        finally:
+            for inbox in inboxes:
+                inbox.put(None)
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # stops the reader's thread
+        nonfinite = sum(future.result() for future in futures)  # re-raises a thread's error
+    for partials in sets[1:]:
+        for acc, part in zip(accumulators, partials):
+            acc.merge(part)
+    return nonfinite
 
 
 def run_blocks(accumulators: list[Accumulator], blocks, progress_task=None) -> int:
@@ -273,7 +402,16 @@ def stream(store, accumulators: list[Accumulator], columns: slice | None = None,
             acc.start(ctx)
         started = time.perf_counter()
         with progress.task(description, total=store.n_rows, unit="rows") as task:
-            if client is None:
+            workers = pass_workers(ctx.device) if client is None and all(a.side_by_side for a in accumulators) \
+                else 1
+            n_blocks = -(-store.n_rows // ctx.block_rows)
+            if client is None and workers > 1 and n_blocks > 1:
+                with compute_threads(workers):
+                    nonfinite = run_blocks_side_by_side(
+                        accumulators, store.iter_blocks(columns=ctx.columns, block_rows=ctx.block_rows,
+                                                        device=ctx.device),
+                        min(workers, n_blocks), ctx.outputs.arrays, task)
+            elif client is None:
                 with compute_threads():
                     nonfinite = run_blocks(accumulators,
                                            iter_pass_blocks(store, ctx.columns, ctx.device, ctx.block_rows), task)
