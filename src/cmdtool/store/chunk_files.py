@@ -156,9 +156,14 @@ class ArrayDocument:
         out = np.empty((rows.stop - rows.start, columns.stop - columns.start), dtype=self.data_type)
         in_place_ok = self._native_order and columns.start % chunk_cols == 0 and \
             columns.stop - columns.start == chunk_cols
-        for i in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
+        row_chunks = range(rows.start // chunk_rows, -(-rows.stop // chunk_rows))
+        column_chunks = range(columns.start // chunk_cols, -(-columns.stop // chunk_cols))
+        if len(row_chunks) * len(column_chunks) > 1:
+            _will_need([self.chunk_file((i,) if one_dimensional else (i, j)) for i in row_chunks
+                        for j in column_chunks])
+        for i in row_chunks:
             r0, r1 = max(rows.start, i * chunk_rows), min(rows.stop, (i + 1) * chunk_rows)
-            for j in range(columns.start // chunk_cols, -(-columns.stop // chunk_cols)):
+            for j in column_chunks:
                 c0, c1 = max(columns.start, j * chunk_cols), min(columns.stop, (j + 1) * chunk_cols)
                 in_place = in_place_ok and r1 - r0 == chunk_rows
                 target = out[r0 - rows.start:r1 - rows.start].reshape(-1).view(np.uint8) if in_place \
@@ -286,6 +291,25 @@ class ArrayDocument:
         except (FileNotFoundError, IsADirectoryError):
             return None
         return self.decode(data)
+
+
+def _will_need(paths) -> None:
+    """Ask the kernel to start reading these files now, all at once (``posix_fadvise(WILLNEED)``), before they are
+    read one after another: a row block of a store ingested with narrow chunks is many small files in different
+    places on the disk, and one read at a time waits for each. Files in the page cache cost a system call each."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # a missing chunk is reported by the read that follows
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
 
 
 def _write_atomically(path, parts: list[np.ndarray]) -> None:
