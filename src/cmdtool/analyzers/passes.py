@@ -24,6 +24,7 @@ every analyzer module).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
 import queue
@@ -329,7 +330,7 @@ def run_blocks_side_by_side(accumulators: list[Accumulator], raw_blocks, workers
     with ThreadPoolExecutor(workers, thread_name_prefix="cmdtool-pass") as pool:
         futures = [pool.submit(work, k) for k in range(workers)]
         try:
-            for i in range(1 << 62):
+            for i in itertools.count():
                 while not taken.acquire(timeout=0.1):
                     if failed.is_set():
                         break
