@@ -95,10 +95,12 @@ def measured(code: str) -> dict:
 
 
 PROFILE = """
-import collections, shutil, sys, threading
-import numpy as np, zarr.core.array
-ingest_module = sys.modules["cmdtool.ingest.ingest"]
+import collections, importlib, shutil, threading
+import numpy as np
+ingest_module = importlib.import_module("cmdtool.ingest.ingest")
 from cmdtool.ingest import formats
+from cmdtool.store import chunk_files
+from cmdtool.store.store import TrajectoryStore
 totals = collections.defaultdict(float)
 
 def timed(owner, name, label):
@@ -117,8 +119,7 @@ timed(ingest_module, "_fill_rows", "fill buffers")
 timed(ingest_module, "count_nonfinite", "NaN/Inf count")
 timed(ingest_module, "file_digest", "content digest")
 timed(formats.OpenCheckpoint, "__init__", "open checkpoints")
-timed(np, "ascontiguousarray", "transposed copy")
-timed(zarr.core.array.Array, "__setitem__", "zarr writes")
+timed(TrajectoryStore, "write_region", "chunk writes")
 shutil.rmtree(STORE, ignore_errors=True)
 cmdtool.ingest([CKPTS], STORE)
 result.update(totals)
