@@ -96,18 +96,27 @@ class FitPass(Accumulator):
 
     def update(self, block):
         """Steps 2-3 on the block, one cache-sized float64 row chunk at a time on the CPU (numpy conversion and
-        products, :mod:`~cmdtool.analyzers.host_float64`), the whole block at once on CUDA; the per-row outputs of
-        the chunks are gathered in block-sized buffers and written once, by this block."""
+        products, :mod:`~cmdtool.analyzers.host_float64`), the whole block at once on CUDA.
+
+        A chunk does what needs its values: centring, the correlations, the fit and the two products whose sums
+        the per-epoch errors need. Everything else (the per-row outputs, the sums by layer and by mode, the row
+        counts) is done once per block on block-long vectors: per chunk, those ~40 small calls cost more than
+        the chunk's products."""
         import torch
 
+        device, n_cols = block.values.device, block.values.shape[1]
+        layer = torch.as_tensor(self.layers.of(block.start, block.stop), device=device)
+        modelled = self.layer_modelled[layer] & block.finite
+        fitted = _FittedRows(block.rows, self.n_modes, n_cols, device)
         outputs = {name: np.empty(block.rows, dtype=array.dtype) for name, array in self._row_outputs().items()}
         if block.on_cpu:
             for r0, r1, x in block.float64_chunks():
-                self._update_rows(block.start + r0, torch.from_numpy(x), block.finite[r0:r1], outputs, r0)
+                self._fit_rows(block.start + r0, torch.from_numpy(x), modelled[r0:r1], block.finite[r0:r1],
+                               fitted, slice(r0, r1), outputs)
         else:
-            x = to_float64_(self._scratch("centred", block.values.shape, torch.float64, block.values.device),
-                            block.values)
-            self._update_rows(block.start, x, block.finite, outputs, 0)
+            x = to_float64_(self._scratch("centred", block.values.shape, torch.float64, device), block.values)
+            self._fit_rows(block.start, x, modelled, block.finite, fitted, slice(0, block.rows), outputs)
+        self._add_block(layer, modelled, block.finite, fitted, n_cols, outputs)
         for name, array in self._row_outputs().items():
             array[block.start:block.stop] = outputs[name]
 
@@ -116,15 +125,13 @@ class FitPass(Accumulator):
         names = ["mode", "a", "b", "row_error"] + (["online_mode", "online_a", "online_b"] if self.online else [])
         return {name: getattr(self, "out_" + name) for name in names}
 
-    def _update_rows(self, start, x, finite, outputs, offset):
-        """Steps 2-3 on rows ``start:start+len(x)`` given as float64 ``x`` (centred in place here); their per-row
-        outputs go to ``outputs[name][offset:offset+len(x)]``."""
+    def _fit_rows(self, start, x, modelled, finite, fitted: "_FittedRows", rows: slice, outputs):
+        """Steps 2-3 on rows ``start:start+len(x)`` given as float64 ``x`` (centred in place here, then squared):
+        their per-row results go to ``fitted``'s rows ``rows``, the products over them are added to its sums."""
         import torch
 
         stop = start + x.shape[0]
         n_cols = x.shape[1]
-        layer = torch.as_tensor(self.layers.of(start, stop), device=x.device)
-        modelled = self.layer_modelled[layer] & finite
         refs = self.refs
         # Step 2 (Eq. 5) and Step 3 (Eq. 6) in closed form; x holds w − w̄ from here on
         mean, motion = centre_rows_(x)
@@ -141,48 +148,59 @@ class FitPass(Accumulator):
         #   per row    Σ_t e² = S_ww − 2 a S_wr + a² S_rr + T δ²        (Σ_t (w−w̄) = Σ_t (r−r̄) = 0)
         #   per epoch  Σ_i e² = Σ_i (w−w̄)² − 2 Σ_m (r_m−r̄_m) P_m + ... with P_m = Σ_{i in m} a_i (w_i−w̄_i)
         delta = torch.where(modelled, mean - a * refs.mean[mode] - b, 0.0)
-        row_sq_error = torch.where(
+        fitted.row_sq_error[rows] = torch.where(
             modelled, (motion - 2 * a * s_wr + a * a * refs.sq_norm[mode]).clamp(min=0) + n_cols * delta * delta,
             0.0)
-        weights = torch.zeros((self.n_modes + 2, x.shape[0]), dtype=torch.float64, device=x.device)
+        weights = torch.zeros((self.n_modes + 4, x.shape[0]), dtype=torch.float64, device=x.device)
         weights.scatter_(0, mode[None, :], a[None, :])
         weights[self.n_modes] = delta
         weights[self.n_modes + 1] = mean  # rows with NaN/Inf arrive zeroed: their mean is 0
-        projections = matmul(weights, x)  # (M+2, T): P_m, Σ δ_i (w_i−w̄_i), Σ w̄_i (w_i−w̄_i)
-        rows = slice(offset, offset + x.shape[0])
+        # (M+2, T): P_m, Σ δ_i (w_i−w̄_i), Σ w̄_i (w_i−w̄_i)
+        fitted.products[:self.n_modes + 2] += matmul(weights[:self.n_modes + 2], x)
         if self.online is not None:
             self._update_online(start, stop, x, mean, modelled, finite, outputs, rows)
         x.square_()
-        masks = torch.stack([modelled, finite]).to(torch.float64)
-        squares = matmul(masks, x)  # (2, T): Σ (w−w̄)² over modelled rows, and over all finite rows
+        weights[self.n_modes + 2] = modelled
+        weights[self.n_modes + 3] = finite
+        # (2, T): Σ (w−w̄)² over modelled rows, and over all finite rows
+        fitted.products[self.n_modes + 2:] += matmul(weights[self.n_modes + 2:], x)
+        fitted.mode[rows], fitted.a[rows], fitted.b[rows] = mode, a, b
+        fitted.delta[rows], fitted.mean[rows], fitted.motion[rows] = delta, mean, motion
+
+    def _add_block(self, layer, modelled, finite, fitted: "_FittedRows", n_cols: int, outputs) -> None:
+        """A block's reductions and per-row outputs from its fitted rows (block-long vectors)."""
+        import torch
+
+        refs, n_modes, n_layers = self.refs, self.n_modes, self.layers.n_layers
+        mode, a, b, delta, mean, motion = fitted.mode, fitted.a, fitted.b, fitted.delta, fitted.mean, fitted.motion
+        projections, squares = fitted.products[:n_modes + 2], fitted.products[n_modes + 2:]
         centred_refs = refs.centred
         # sums by mode and by layer as weighted bincounts: index_add_ took 15% of the CPU fit pass (0.56 of 3.8 s
         # profiled), bincount a fraction of it
-        sum_a_sq = torch.bincount(mode, weights=a * a, minlength=self.n_modes)
-        sum_a_delta = torch.bincount(mode, weights=a * delta, minlength=self.n_modes)
-        column_sq_error = (squares[0] - 2 * (centred_refs * projections[:self.n_modes]).sum(dim=0)
+        sum_a_sq = torch.bincount(mode, weights=a * a, minlength=n_modes)
+        sum_a_delta = torch.bincount(mode, weights=a * delta, minlength=n_modes)
+        column_sq_error = (squares[0] - 2 * (centred_refs * projections[:n_modes]).sum(dim=0)
                            + (sum_a_sq[:, None] * centred_refs * centred_refs).sum(dim=0)
-                           + 2 * projections[self.n_modes]
+                           + 2 * projections[n_modes]
                            - 2 * (sum_a_delta[:, None] * centred_refs).sum(dim=0)
                            + (delta * delta).sum())
         self.column_sq_error += column_sq_error.clamp(min=0)
-        self.column_sq_norm += squares[1] + 2 * projections[self.n_modes + 1] + (mean * mean).sum()
+        self.column_sq_norm += squares[1] + 2 * projections[n_modes + 1] + (mean * mean).sum()
         self.sq_motion += motion.sum()
         row_sq_norm = motion + n_cols * mean * mean
-        n_layers = self.layers.n_layers
-        self.layer_sq_error += torch.bincount(layer, weights=row_sq_error, minlength=n_layers)
+        self.layer_sq_error += torch.bincount(layer, weights=fitted.row_sq_error, minlength=n_layers)
         self.layer_sq_norm += torch.bincount(layer, weights=row_sq_norm, minlength=n_layers)
         self.layer_sq_motion += torch.bincount(layer, weights=motion, minlength=n_layers)
-        self.layer_mode_counts += torch.bincount((layer * self.n_modes + mode)[modelled],
+        self.layer_mode_counts += torch.bincount((layer * n_modes + mode)[modelled],
                                                  minlength=self.layer_mode_counts.numel())
         kept_code = torch.where(finite, MODE_KEPT, MODE_NONFINITE)
         self.kept_rows += int((finite & ~modelled).sum())
         self.nonfinite_rows += int((~finite).sum())
         self.constant_rows += int((modelled & (motion == 0)).sum())
-        outputs["mode"][rows] = torch.where(modelled, mode, kept_code).cpu().numpy()
-        outputs["a"][rows] = a.float().cpu().numpy()
-        outputs["b"][rows] = b.float().cpu().numpy()
-        outputs["row_error"][rows] = row_sq_error.float().cpu().numpy()
+        outputs["mode"][:] = torch.where(modelled, mode, kept_code).cpu().numpy()
+        outputs["a"][:] = a.float().cpu().numpy()
+        outputs["b"][:] = b.float().cpu().numpy()
+        outputs["row_error"][:] = fitted.row_sq_error.float().cpu().numpy()
 
     def _update_online(self, start, stop, centred, mean, modelled, finite, outputs, rows):
         """Online CMD on the same rows: assignment from the first F epochs (Step 2 at the end of the warm-up),
@@ -227,3 +245,19 @@ class FitPass(Accumulator):
         if self.online is not None:
             self.online_column_sq_error = to_np(self.online_column_sq_error)
             self.online_mode_counts = to_np(self.online_mode_counts)
+
+
+class _FittedRows:
+    """Per-row results of one block's fit (block-long float64 vectors; mode int64) and the sums of its products
+    ((M+4, T): P_m, Σ δ (w−w̄), Σ w̄ (w−w̄), Σ (w−w̄)² over modelled and over finite rows), filled chunk by chunk."""
+
+    __slots__ = ("mode", "a", "b", "delta", "mean", "motion", "row_sq_error", "products")
+
+    def __init__(self, rows: int, n_modes: int, n_cols: int, device):
+        import torch
+
+        f64 = dict(dtype=torch.float64, device=device)
+        self.mode = torch.empty(rows, dtype=torch.int64, device=device)
+        self.a, self.b, self.delta = (torch.empty(rows, **f64) for _ in range(3))
+        self.mean, self.motion, self.row_sq_error = (torch.empty(rows, **f64) for _ in range(3))
+        self.products = torch.zeros((n_modes + 4, n_cols), **f64)
