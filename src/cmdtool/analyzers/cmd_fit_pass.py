@@ -100,8 +100,8 @@ class FitPass(Accumulator):
 
         A chunk does what needs its values: centring, the correlations, the fit and the two products whose sums
         the per-epoch errors need. Everything else (the per-row outputs, the sums by layer and by mode, the row
-        counts) is done once per block on block-long vectors: per chunk, those ~40 small calls cost more than
-        the chunk's products."""
+        counts) is done once per block on block-long vectors: per 2048-row chunk, those ~40 small calls cost
+        about as much as the chunk's products (docs/performance.md, "Round 5")."""
         import torch
 
         device, n_cols = block.values.device, block.values.shape[1]
