@@ -41,12 +41,12 @@ def fit_update_seconds_per_million(store_path: str, blocks: int, repeat: int) ->
     import torch
 
     from cmdtool.analyzers.cmd_fit_pass import FitPass
-    from cmdtool.analyzers.passes import Block, BlockBuffers, PassContext
+    from cmdtool.analyzers.passes import DEFAULT_BLOCK_BYTES, Block, BlockBuffers, PassContext
     from cmdtool.store import open_store
 
     store = open_store(store_path)
     layout = store.layout
-    values = [block.data for block, _ in zip(store.iter_blocks(block_bytes=32 * 1024**2), range(blocks))]
+    values = [block.data for block, _ in zip(store.iter_blocks(block_bytes=DEFAULT_BLOCK_BYTES), range(blocks))]
     first = values[0]
     reference_rows = np.linspace(0, len(first) - 1, 10).astype(np.int64)
 

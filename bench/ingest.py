@@ -96,10 +96,8 @@ def measured(code: str) -> dict:
 
 PROFILE = """
 import collections, importlib, shutil, threading
-import numpy as np
 ingest_module = importlib.import_module("cmdtool.ingest.ingest")
 from cmdtool.ingest import formats
-from cmdtool.store import chunk_files
 from cmdtool.store.store import TrajectoryStore
 totals = collections.defaultdict(float)
 
