@@ -204,3 +204,49 @@ def test_the_reader_holds_the_consumers_block_and_its_read_ahead_only(monkeypatc
         time.sleep(0.01)  # the producer runs as far ahead as it may
         starts.append(int(block.data[0, 0]))
     assert starts == list(range(0, 200, 10)) and most[0] <= most_alive
+
+
+def test_block_arrays_are_reused_only_when_nobody_holds_them(tmp_path, monkeypatch):
+    """The reader reads into a block array again (reader.ReusedBlockArrays) once the consumer let go of it, and
+    never into one the consumer still holds: kept as the array, as a numpy view or as a torch tensor made from it."""
+    import torch
+
+    from cmdtool.store import from_array, reader
+
+    values = np.random.default_rng(3).normal(size=(30011, 12)).astype(np.float32)
+    store = cmdtool.open_store(from_array(tmp_path / "s.zarr", values, target_chunk_bytes=16 * 1024).path)
+    calls, allocations = [0], [0]
+    handed_out, allocate = reader.ReusedBlockArrays.empty, np.empty
+
+    def counted_empty(self, shape, dtype):
+        calls[0] += 1
+        return handed_out(self, shape, dtype)
+
+    class CountingNumpy:  # reader's np, counting the arrays the pool allocates
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            allocations[0] += 1
+            return allocate(*args, **kwargs)
+
+    monkeypatch.setattr(reader.ReusedBlockArrays, "empty", counted_empty)
+    monkeypatch.setattr(reader, "np", CountingNumpy())
+    kept = []
+    for k, (start, stop, data) in enumerate(store.iter_blocks(block_rows=1000, reuse_arrays=True)):
+        np.testing.assert_array_equal(data, values[start:stop])
+        if k in (24, 27, 30):  # late: until then the pool has all its arrays to hand out
+            kept.append((start, stop, [data, data[:, 2:], torch.from_numpy(data)][len(kept)]))
+        del data
+    for start, stop, data in kept:
+        np.testing.assert_array_equal(np.asarray(data), values[start:stop, -data.shape[1]:])  # none read into again
+    assert calls[0] == 31  # every block was allocated through the pool
+    # and far fewer arrays than blocks were allocated (a kept block's array is not handed out again: the reads
+    # after it may need arrays beyond the pool's)
+    assert 1 <= allocations[0] <= 31 // 2
+
+    for device in ("cpu", None):  # blocks as CPU tensors share the pool's arrays the same way
+        got = [block.data.clone() if device else block.data.copy()
+               for block in store.iter_blocks(block_rows=1000, device=device, reuse_arrays=True)]
+        np.testing.assert_array_equal(np.concatenate([np.asarray(data) for data in got]), values)

@@ -239,7 +239,8 @@ def iter_pass_blocks(store, columns: slice, device, block_rows: int, rows: slice
     """The pass's :class:`Block` objects over ``rows`` (default all), read ahead in a background thread, sharing
     one set of reused buffers."""
     buffers = BlockBuffers()
-    for raw in store.iter_blocks(columns=columns, rows=rows, block_rows=block_rows, device=device):
+    for raw in store.iter_blocks(columns=columns, rows=rows, block_rows=block_rows, device=device,
+                                 reuse_arrays=True):
         yield Block(raw.start, raw.stop, raw.data, buffers)
 
 
@@ -410,7 +411,7 @@ def stream(store, accumulators: list[Accumulator], columns: slice | None = None,
                 with compute_threads(workers):
                     nonfinite = run_blocks_side_by_side(
                         accumulators, store.iter_blocks(columns=ctx.columns, block_rows=ctx.block_rows,
-                                                        device=ctx.device),
+                                                        device=ctx.device, reuse_arrays=True),
                         min(workers, n_blocks), ctx.outputs.arrays, task)
             elif client is None:
                 with compute_threads():

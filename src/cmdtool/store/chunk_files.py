@@ -139,7 +139,7 @@ class ArrayDocument:
         return self.data_type != "string" and all(c.get("name") in ("bytes", "blosc", "zstd", "crc32c")
                                                   for c in self.codecs)
 
-    def read_region(self, rows: slice, columns: slice) -> np.ndarray:
+    def read_region(self, rows: slice, columns: slice, empty=np.empty) -> np.ndarray:
         """``array[rows, columns]`` of a 2-D numeric array in a local folder (a 1-D one reads as one column),
         decoded chunk by chunk;
         :class:`ChunkDamage` names the first chunk that is missing or damaged (``problem``, and ``index``).
@@ -148,12 +148,13 @@ class ArrayDocument:
         columns all fall in the region (every chunk of a row block over all checkpoints, but a last partial one)
         is decompressed straight into the result. Per-chunk buffers would otherwise each be a fresh mapping
         (the reader fixes glibc's mmap threshold, reader.py), page-faulted in and out again: that doubled the
-        time of a bare read."""
+        time of a bare read. ``empty(shape, dtype)`` allocates the result (the reader passes its reused block
+        arrays)."""
         one_dimensional = len(self.chunk_shape) == 1
         chunk_rows, chunk_cols = (self.chunk_shape[0], 1) if one_dimensional else self.chunk_shape
         itemsize = np.dtype(self.data_type).itemsize
         chunk_bytes = chunk_rows * chunk_cols * itemsize
-        out = np.empty((rows.stop - rows.start, columns.stop - columns.start), dtype=self.data_type)
+        out = empty((rows.stop - rows.start, columns.stop - columns.start), self.data_type)
         in_place_ok = self._native_order and columns.start % chunk_cols == 0 and \
             columns.stop - columns.start == chunk_cols
         row_chunks = range(rows.start // chunk_rows, -(-rows.stop // chunk_rows))

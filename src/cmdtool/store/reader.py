@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import sys
 import threading
 from typing import Callable, Iterator
 
@@ -37,6 +38,12 @@ def fix_mmap_threshold() -> bool:
         return False
 
 
+def torch_device_type(device) -> str:
+    import torch
+
+    return torch.device(device).type
+
+
 def _to_device(block: np.ndarray, device, dtype):
     import torch
 
@@ -49,14 +56,60 @@ def _to_device(block: np.ndarray, device, dtype):
     return tensor.to(dtype) if dtype is not None else tensor
 
 
+class ReusedBlockArrays:
+    """Block arrays for one iteration, handed out again once nobody holds them any more.
+
+    A fresh block array is a fresh mapping (the mmap threshold above), and the decompression that fills it first
+    page-faults it in: the kernel zeroing those pages was 12% of a DMD pass's CPU samples (perf), all on the
+    reader's thread. Reading into an array that nobody holds any more skips that (docs/performance.md,
+    "Round 6": passes 7-16% faster on 1M x 150).
+
+    Whether an array is free is its reference count: the block's consumers hold it through the array itself, its
+    views (``base``) or the tensors made from it (``torch.from_numpy`` keeps a reference), so an array counted by
+    this pool alone cannot be reached by anyone else. The pool grows only when every pooled array is in use, up
+    to ``limit`` arrays, and is dropped with the iteration.
+
+    Memory: a pooled array stays resident while it waits to be reused, where a freed one went back to the system
+    at once. A pass's peak grows by about one block (+30 MB at the passes' 32 MiB blocks), so the pass engine
+    asks for it (``iter_blocks(reuse_arrays=True)``); ``iter_blocks``'s default 128 MiB blocks do not.
+    """
+
+    def __init__(self, limit: int):
+        self._arrays: list[np.ndarray] = []
+        self._limit = limit
+        probe = [np.empty(1)]
+        self._idle_refs = sys.getrefcount(probe[0])  # the count of an array only the list holds, read as below
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised C-contiguous array: a view of a pooled one when one is free and large enough, else
+        a new one (pooled while the pool is under its limit)."""
+        dtype, size = np.dtype(dtype), int(np.prod(shape))
+        for k in range(len(self._arrays)):
+            if sys.getrefcount(self._arrays[k]) <= self._idle_refs:
+                array = self._arrays[k]
+                if array.dtype == dtype and array.size >= size:
+                    return array[:size].reshape(shape)
+        array = np.empty(size, dtype=dtype)
+        if len(self._arrays) < self._limit:
+            self._arrays.append(array)
+        return array.reshape(shape)
+
+
+def _read_into(read, arrays: ReusedBlockArrays, rows: slice, columns: slice) -> np.ndarray:
+    return read(rows, columns, arrays.empty)
+
+
 # Bytes a reader may hold ahead of the consumer (at least one block): a store whose chunk rows are tall (a big
 # model: 114 MB blocks at ResNet-18 size) then reads one block ahead, not two (docs/performance.md, "Round 3").
 READ_AHEAD_BYTES = 128 * 1024**2
 
 
-def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, columns: slice, block_rows: int,
-                    device=None, dtype=None, prefetch: int = 2) -> Iterator:
+def iter_row_blocks(read: Callable[..., np.ndarray], rows: slice, columns: slice, block_rows: int,
+                    device=None, dtype=None, prefetch: int = 2, reuse_arrays: bool = False) -> Iterator:
     """Yield :class:`~cmdtool.store.store.RowBlock` objects for ``rows`` in steps of ``block_rows``.
+
+    ``read(rows, columns)`` returns a block; with ``reuse_arrays`` it is called as ``read(rows, columns, empty)``
+    and allocates its result with ``empty(shape, dtype)`` (:class:`ReusedBlockArrays`).
 
     A producer thread reads (and decompresses) up to ``prefetch`` blocks ahead, fewer where they would hold more
     than :data:`READ_AHEAD_BYTES` (one at least); errors raised there are re-raised in the consumer. Stopping the
@@ -69,6 +122,14 @@ def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, col
     from .store import RowBlock
 
     fix_mmap_threshold()
+    block_bytes = 4 * block_rows * max(columns.stop - columns.start, 1)
+    prefetch = prefetch if prefetch <= 0 else max(1, min(prefetch, READ_AHEAD_BYTES // block_bytes))
+    if reuse_arrays and (device is None or torch_device_type(device) in ("cpu", "cuda")):
+        # CPU tensors share the array (and count as its references); a CUDA block is copied into pinned memory
+        # while the consumer still holds the array; other devices' copies may run after it is released
+        # the consumer's block, those read ahead, and one more: the consumer's loop variable still holds its last
+        # block when the next read starts
+        read = functools.partial(_read_into, read, ReusedBlockArrays(max(prefetch, 0) + 2))
     starts = list(range(rows.start, rows.stop, block_rows))
     if prefetch <= 0:
         for start in starts:
@@ -77,8 +138,6 @@ def iter_row_blocks(read: Callable[[slice, slice], np.ndarray], rows: slice, col
             yield RowBlock(start, stop, data if device is None else _to_device(data, device, dtype))
         return
 
-    block_bytes = 4 * block_rows * max(columns.stop - columns.start, 1)
-    prefetch = max(1, min(prefetch, READ_AHEAD_BYTES // block_bytes))
     # blocks alive at once: the consumer's and those read ahead; a slot is taken before a read starts and given
     # back when the consumer asks for the block after the one it holds
     slots = threading.Semaphore(prefetch + 1)

@@ -258,14 +258,16 @@ class TrajectoryStore(StoreAttributes):
         return slice(int(cols[0]), int(cols[-1]) + 1)
 
     # ----------------------------------------------------------------- reading
-    def _read(self, rows: slice, cols: slice) -> np.ndarray:
+    def _read(self, rows: slice, cols: slice, empty=np.empty) -> np.ndarray:
+        """``W[rows, cols]``; a local store allocates the result with ``empty(shape, dtype)`` (the reader's
+        reused block arrays)."""
         array = self.trajectories
         if self._array_generation() != self._generation:  # one stat per block
             raise StoreError(f"store {self.path} was rechunked while this command was reading it; "
                              f"run the command again")
         try:
             if self._trajectory_files is not None:
-                return self._trajectory_files.read_region(rows, cols)
+                return self._trajectory_files.read_region(rows, cols, empty)
             return array[rows, cols]
         except ChunkDamage as exc:
             problem = "failed its checksum (the file is damaged)" if exc.problem == "checksum" else \
@@ -299,12 +301,14 @@ class TrajectoryStore(StoreAttributes):
 
     def iter_blocks(self, columns: slice | None = None, rows: slice | None = None,
                     block_rows: int | None = None, block_bytes: int = 128 * 1024**2,
-                    device=None, dtype=None, prefetch: int = 2) -> Iterator["RowBlock"]:
+                    device=None, dtype=None, prefetch: int = 2, reuse_arrays: bool = False) -> Iterator["RowBlock"]:
         """Yield consecutive row blocks ``W[r0:r1, columns]``.
 
         Blocks are read ahead in a background thread (``prefetch`` blocks) so that decompression overlaps
         compute. With ``device`` (a torch device or string) each block arrives as a torch tensor on that
         device (pinned memory and an asynchronous copy for CUDA); otherwise as a float32 numpy array.
+        ``reuse_arrays`` reads blocks into arrays the consumer no longer holds (less CPU, about one block more
+        resident; :class:`~cmdtool.store.reader.ReusedBlockArrays`).
         """
         from .reader import iter_row_blocks
 
@@ -313,7 +317,7 @@ class TrajectoryStore(StoreAttributes):
         n_cols = columns.stop - columns.start
         block_rows = block_rows or self.default_block_rows(n_cols, block_bytes)
         return iter_row_blocks(self._read, rows, columns, block_rows, device=device, dtype=dtype,
-                               prefetch=prefetch)
+                               prefetch=prefetch, reuse_arrays=reuse_arrays)
 
     def read_rows(self, indices, columns: slice | None = None) -> np.ndarray:
         """Gather rows (any order, e.g. a sample) as a (len(indices), T) float32 array.
