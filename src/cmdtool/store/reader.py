@@ -70,8 +70,8 @@ class ReusedBlockArrays:
     to ``limit`` arrays, and is dropped with the iteration.
 
     Memory: a pooled array stays resident while it waits to be reused, where a freed one went back to the system
-    at once. A pass's peak grows by about one block (+30 MB at the passes' 32 MiB blocks), so the pass engine
-    asks for it (``iter_blocks(reuse_arrays=True)``); ``iter_blocks``'s default 128 MiB blocks do not.
+    at once. A pass's peak grows by up to two blocks (+19-69 MB measured at the passes' 32 MiB blocks), so only
+    the pass engine asks for it (``iter_blocks(reuse_arrays=True)``); ``iter_blocks``'s 128 MiB blocks do not.
     """
 
     def __init__(self, limit: int):
