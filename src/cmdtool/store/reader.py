@@ -62,7 +62,7 @@ class ReusedBlockArrays:
     A fresh block array is a fresh mapping (the mmap threshold above), and the decompression that fills it first
     page-faults it in: the kernel zeroing those pages was 12% of a DMD pass's CPU samples (perf), all on the
     reader's thread. Reading into an array that nobody holds any more skips that (docs/performance.md,
-    "Round 6": passes 7-16% faster on 1M x 150).
+    "Round 6": on 1M x 150, DMD, KGA and PCA 13-28% faster, CMD cold unchanged).
 
     Whether an array is free is its reference count: the block's consumers hold it through the array itself, its
     views (``base``) or the tensors made from it (``torch.from_numpy`` keeps a reference), so an array counted by
@@ -125,10 +125,10 @@ def iter_row_blocks(read: Callable[..., np.ndarray], rows: slice, columns: slice
     block_bytes = 4 * block_rows * max(columns.stop - columns.start, 1)
     prefetch = prefetch if prefetch <= 0 else max(1, min(prefetch, READ_AHEAD_BYTES // block_bytes))
     if reuse_arrays and (device is None or torch_device_type(device) in ("cpu", "cuda")):
-        # CPU tensors share the array (and count as its references); a CUDA block is copied into pinned memory
-        # while the consumer still holds the array; other devices' copies may run after it is released
-        # the consumer's block, those read ahead, and one more: the consumer's loop variable still holds its last
-        # block when the next read starts
+        # (CPU tensors share the array and count as its references; a CUDA block is copied into pinned memory
+        # while the consumer still holds the array; other devices' copies may run after it is released.)
+        # Pool size: the consumer's block, those read ahead, and one more, as the consumer's loop variable still
+        # holds its last block when the next read starts.
         read = functools.partial(_read_into, read, ReusedBlockArrays(max(prefetch, 0) + 2))
     starts = list(range(rows.start, rows.stop, block_rows))
     if prefetch <= 0:

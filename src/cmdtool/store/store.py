@@ -307,7 +307,7 @@ class TrajectoryStore(StoreAttributes):
         Blocks are read ahead in a background thread (``prefetch`` blocks) so that decompression overlaps
         compute. With ``device`` (a torch device or string) each block arrives as a torch tensor on that
         device (pinned memory and an asynchronous copy for CUDA); otherwise as a float32 numpy array.
-        ``reuse_arrays`` reads blocks into arrays the consumer no longer holds (less CPU, about one block more
+        ``reuse_arrays`` reads blocks into arrays the consumer no longer holds (less CPU, up to two blocks more
         resident; :class:`~cmdtool.store.reader.ReusedBlockArrays`).
         """
         from .reader import iter_row_blocks
