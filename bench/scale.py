@@ -241,7 +241,11 @@ def run_size(name: str, args) -> dict:
     ckpt_bytes = 4 * n * n_epochs
     groups = args.groups or (3 if ckpt_bytes > 20e9 else 1)
     free = shutil.disk_usage(work).free
-    need = ckpt_bytes / groups + ckpt_bytes * 1.05
+    # ingest: a group of checkpoints beside the store; then the store and the analyses' results in it (PCA's 40
+    # directions, KGA's rank-10 basis and mask, CMD's mode/A/B/row error: about 55 float32 per parameter). The
+    # ViT-B run failed for want of the second with 50 GB free: 31 GB of store + 19 GB of results.
+    results_bytes = 4 * n * 55
+    need = max(ckpt_bytes / groups, results_bytes) + ckpt_bytes * 1.05
     print(f"\n== {label}: {n:,} parameters x {n_epochs} checkpoints ({ckpt_bytes / 1e9:.1f} GB float32, "
           f"{len(shapes)} tensors, {args.format}, {groups} group(s); needs ~{need / 1e9:.0f} GB of disk, "
           f"{free / 1e9:.0f} GB free)", flush=True)
