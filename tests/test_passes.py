@@ -247,8 +247,8 @@ def counted(tmp_path, monkeypatch):
     cells = [0]
     original = TrajectoryStore._read
 
-    def counting_read(self, rows, cols, *allocate):
-        out = original(self, rows, cols, *allocate)
+    def counting_read(self, rows, cols, **allocate):
+        out = original(self, rows, cols, **allocate)
         cells[0] += out.size
         return out
 

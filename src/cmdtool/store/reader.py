@@ -38,7 +38,7 @@ def fix_mmap_threshold() -> bool:
         return False
 
 
-def torch_device_type(device) -> str:
+def _device_type(device) -> str:
     import torch
 
     return torch.device(device).type
@@ -95,10 +95,6 @@ class ReusedBlockArrays:
         return array.reshape(shape)
 
 
-def _read_into(read, arrays: ReusedBlockArrays, rows: slice, columns: slice) -> np.ndarray:
-    return read(rows, columns, arrays.empty)
-
-
 # Bytes a reader may hold ahead of the consumer (at least one block): a store whose chunk rows are tall (a big
 # model: 114 MB blocks at ResNet-18 size) then reads one block ahead, not two (docs/performance.md, "Round 3").
 READ_AHEAD_BYTES = 128 * 1024**2
@@ -108,8 +104,8 @@ def iter_row_blocks(read: Callable[..., np.ndarray], rows: slice, columns: slice
                     device=None, dtype=None, prefetch: int = 2, reuse_arrays: bool = False) -> Iterator:
     """Yield :class:`~cmdtool.store.store.RowBlock` objects for ``rows`` in steps of ``block_rows``.
 
-    ``read(rows, columns)`` returns a block; with ``reuse_arrays`` it is called as ``read(rows, columns, empty)``
-    and allocates its result with ``empty(shape, dtype)`` (:class:`ReusedBlockArrays`).
+    ``read(rows, columns)`` returns a block; with ``reuse_arrays`` it is called as ``read(rows, columns,
+    empty=...)`` and allocates its result with ``empty(shape, dtype)`` (:class:`ReusedBlockArrays`).
 
     A producer thread reads (and decompresses) up to ``prefetch`` blocks ahead, fewer where they would hold more
     than :data:`READ_AHEAD_BYTES` (one at least); errors raised there are re-raised in the consumer. Stopping the
@@ -124,12 +120,12 @@ def iter_row_blocks(read: Callable[..., np.ndarray], rows: slice, columns: slice
     fix_mmap_threshold()
     block_bytes = 4 * block_rows * max(columns.stop - columns.start, 1)
     prefetch = prefetch if prefetch <= 0 else max(1, min(prefetch, READ_AHEAD_BYTES // block_bytes))
-    if reuse_arrays and (device is None or torch_device_type(device) in ("cpu", "cuda")):
+    if reuse_arrays and (device is None or _device_type(device) in ("cpu", "cuda")):
         # (CPU tensors share the array and count as its references; a CUDA block is copied into pinned memory
         # while the consumer still holds the array; other devices' copies may run after it is released.)
         # Pool size: the consumer's block, those read ahead, and one more, as the consumer's loop variable still
         # holds its last block when the next read starts.
-        read = functools.partial(_read_into, read, ReusedBlockArrays(max(prefetch, 0) + 2))
+        read = functools.partial(read, empty=ReusedBlockArrays(max(prefetch, 0) + 2).empty)
     starts = list(range(rows.start, rows.stop, block_rows))
     if prefetch <= 0:
         for start in starts:
