@@ -85,3 +85,28 @@ def test_reconstructed_checkpoints_respect_the_umask_and_keep_metadata(safetenso
     with safe_open(str(tmp_path / "p4.safetensors"), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
         assert set(handle.keys()) == set(torch.load(tmp_path / "pt" / "epoch_4.pt", weights_only=True))
+
+
+def _help_texts(command):
+    """Every help string of a click/typer command and its options, as written in the code."""
+    texts = [command.help or ""]
+    texts += [getattr(param, "help", None) or "" for param in command.params]
+    return texts
+
+
+def test_help_texts_keep_bracketed_words_such_as_extras():
+    """Rich markup would swallow `[dask]` in `pip install 'cmdtool[dask]'`: every bracketed word a help text
+    names must reach the rendered --help (written as `\\[dask]` in the code)."""
+    import re
+
+    from cmdtool_cli.commands import COMMANDS, load_command
+
+    checked = 0
+    for name in COMMANDS:
+        command = load_command(name)
+        rendered = " ".join(runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).output.split())
+        for text in _help_texts(command):
+            for word in re.findall(r"\\?\[[a-z0-9_,-]+\]", text):
+                checked += 1
+                assert word.lstrip("\\") in rendered, (name, word)
+    assert checked >= 1  # at least the --scheduler help's `cmdtool[dask]`

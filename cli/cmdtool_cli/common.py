@@ -44,7 +44,7 @@ SchedulerOption = typer.Option(
     help="Run the passes (ingest: the writes, by groups of chunk columns) on a Dask cluster: a scheduler "
          "address (tcp://host:8786, as `dask scheduler` prints it) or local:N for N worker processes on this "
          "machine. Results equal the in-process ones. Also set by "
-         f"${SCHEDULER_ENV_VAR}; default: in this process. Needs `pip install 'cmdtool[dask]'`; see docs/scale.md.")
+         f"${SCHEDULER_ENV_VAR}; default: in this process. Needs `pip install 'cmdtool\\[dask]'`; see docs/scale.md.")
 
 
 def with_scheduler(command):

@@ -2,16 +2,16 @@
 
 Command modules are imported only when their command runs (or its ``--help`` is shown): ``cmdtool --help`` lists
 them from the summaries below, so that it, ``info`` and ``verify`` start without importing numpy, the analyzers
-or the other commands' libraries (issue #11; ``bench/startup.py`` measures it). Each summary is the first sentence
-of the command's own help, which ``tests/test_cli.py`` checks.
+or the other commands' libraries (``bench/startup.py`` measures it). Each summary is the first sentence of the
+command's own help, which ``tests/test_cli_details.py`` checks.
 """
 
 from __future__ import annotations
 
 import importlib
 
-import click
 import typer
+import typer.core
 import typer.main
 
 from ..common import OneLineErrors
@@ -50,8 +50,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_command(name: str) -> click.Command:
-    """The click command ``name``, built by importing its module and registering it on a throw-away app."""
+def load_command(name: str) -> typer.core.TyperCommand:
+    """The command ``name``, built by importing its module and registering it on a throw-away app."""
     module_name, _ = COMMANDS[name]
     module = importlib.import_module(f".{module_name}", __name__)
     holder = typer.Typer(add_completion=False)
@@ -72,7 +72,7 @@ class LazyCommands(OneLineErrors):
             return super().get_command(ctx, name)
         if self._listing:
             summary = COMMANDS[name][1]
-            return click.Command(name, help=summary, short_help=summary)
+            return typer.core.TyperCommand(name, help=summary, short_help=summary)
         if name not in self.commands:
             self.commands[name] = load_command(name)
         return self.commands[name]
