@@ -36,8 +36,11 @@ class DigitsSplit:
 
 def load_split(test_fraction: float = 0.3, seed: int = 0) -> DigitsSplit:
     """The 1,797 digits of ``sklearn.datasets.load_digits`` split into a stratified train and test set."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise ImportError("cmdtool.examples.digits needs scikit-learn: pip install 'cmdtool[examples]'") from None
 
     data = load_digits()
     images = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
