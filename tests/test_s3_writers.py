@@ -1,5 +1,5 @@
 """Writers on object storage: the lease lock that excludes a second writer (conditional writes on the lease
-object), and a writer that loses its lease and stops.
+object), a writer that loses its lease and stops, and what a killed remote ingest leaves behind.
 
 Against moto's S3 server on 127.0.0.1, run here one request at a time: S3 checks a conditional write's condition
 and writes the object as one step, while moto's threaded server checks and then writes in separate steps
@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +281,52 @@ def test_stores_on_filesystems_without_conditional_writes_are_not_written(tmp_pa
     with pytest.raises(UsageError, match="cannot write to a memory:// store"):
         with lease_lock(RemotePath("memory", "run.zarr/locks/ingest/lease.json"), "store"):
             pass
+
+
+# ----------------------------------------------------------------------------- a killed remote ingest's staging
+KILLED = """
+import sys, time
+import cmdtool
+from cmdtool.ingest.remote import CheckpointStaging
+
+download = CheckpointStaging._download
+
+def stop_after_the_first(self, local, remote):
+    download(self, local, remote)
+    if not local.name.endswith(".json"):
+        print(self.root, flush=True)
+        time.sleep(600)  # killed here, with a checkpoint staged
+
+CheckpointStaging._download = stop_after_the_first
+cmdtool.ingest([sys.argv[1]], sys.argv[2])
+"""
+
+
+def test_the_next_ingest_removes_the_staging_folder_of_a_killed_one(s3, tmp_path):
+    write_checkpoints(tmp_path / "ck", n_epochs=3, fmt="pt")
+    s3.put(str(tmp_path / "ck") + "/", f"{BUCKET}/killed/", recursive=True)
+    store = tmp_path / "k.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, f"s3://{BUCKET}/killed/", str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        staged = Path(proc.stdout.readline().strip())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert staged.name.startswith(".cmdtool-staging-") and staged.parent == tmp_path, proc.stderr.read()
+    assert any(p.stat().st_blocks for p in staged.rglob("epoch_*.pt"))  # a checkpoint was staged
+    from cmdtool.ingest.remote import _host, _process_started
+
+    me, started = os.getpid(), _process_started(os.getpid()) or 0
+    kept = [tmp_path / ".cmdtool-staging-otherhost-12345-0-abcdefgh",  # another host's: not judged here
+            tmp_path / f".cmdtool-staging-{_host()}-{me}-{started}-live0001",  # a live owner (this process)
+            tmp_path / ".cmdtool-staging-k2j4l5x9"]  # a name that records no owner
+    reused = tmp_path / f".cmdtool-staging-{_host()}-{me}-{started + 1}-reused01"  # the pid, another process
+    for folder in (*kept, reused):
+        folder.mkdir()
+        (folder / "file").write_bytes(b"x")
+    report = cmdtool.ingest([f"s3://{BUCKET}/killed/"], store)
+    assert report.added == [1, 2, 3]
+    assert not staged.exists() and all(folder.exists() for folder in kept)
+    assert sorted(p.name for p in tmp_path.glob(".cmdtool-staging-*")) == sorted(p.name for p in kept) \
+        or not started  # without /proc a reused pid cannot be told from its first owner
