@@ -233,7 +233,8 @@ def test_a_damaged_lease_expires_by_its_age_on_the_server(s3):
 
 def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commits(s3, tmp_path, monkeypatch):
     """An append into an S3 store whose writer stalls and loses its lease mid-run: exit 1, one line, the new
-    holder's lease untouched, and the store as its last commit left it (the first run's checkpoints)."""
+    holder's lease untouched, the store's metadata not written after the takeover (no commit, and no putting
+    back of the time axis either: the store is the new holder's), and its checkpoints those committed before."""
     import importlib
 
     from cmdtool.store import remote_lock
@@ -248,8 +249,9 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
     store = f"s3://{BUCKET}/ingest.zarr"
     cmdtool.ingest([first], store)
     lease_key = f"{BUCKET}/ingest.zarr/locks/ingest/lease.json"
+    root_key = f"{BUCKET}/ingest.zarr/zarr.json"
     taken = _foreign_lease(expires_at=time.time() + 60, pid=99)
-    record, calls = ingest_module._record, []
+    record, calls, root_when_taken = ingest_module._record, [], []
 
     def stall_then_lose(*args, **kwargs):
         calls.append(1)
@@ -257,6 +259,10 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
             for lease in list(remote_lock._held):
                 lease.confirmed_at -= 1000
             s3.pipe_file(lease_key, taken)
+            root = json.loads(s3.cat_file(root_key))  # ... and writes to the store
+            root["attributes"]["written by"] = "the new holder"
+            s3.pipe_file(root_key, json.dumps(root).encode())
+            root_when_taken.append(s3.cat_file(root_key))
         return record(*args, **kwargs)
 
     monkeypatch.setattr(ingest_module, "_record", stall_then_lose)
@@ -266,6 +272,7 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
     assert "lost the writer lock" in lines[0] and "pid 99 on elsewhere" in lines[0]
     s3.invalidate_cache()
     assert s3.cat_file(lease_key) == taken
+    assert s3.cat_file(root_key) == root_when_taken[0]  # not written after the takeover
     assert cmdtool.open_store(store).labels.tolist() in ([1, 2], [1, 2, 3])  # up to the last commit before it
     s3.rm_file(lease_key)
     monkeypatch.setattr(ingest_module, "_record", record)

@@ -465,6 +465,8 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
     original_meta = dict(st.meta)
     try:
         _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix, staging)
+    except LeaseLostError:
+        raise  # the store is another writer's now (object storage): this process writes nothing more
     except Exception:
         # A failure mid-stream (not a kill): publish the time axis as it was, so the store reads as before.
         st.restore(original_meta)
