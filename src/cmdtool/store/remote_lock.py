@@ -102,6 +102,19 @@ class S3Object:
                              f"such stores can be read; write a local copy instead")
         self.fs = fs
         self.bucket, self.key, _ = fs.split_path(path)
+        missing = self._run(self._unsupported_conditions)
+        if missing:  # s3fs drops parameters its botocore does not know: the writes would be unconditional
+            raise UsageError(f"cannot write to an s3:// store with this botocore: it has no {', '.join(missing)}, "
+                             f"which cmdtool's writer lock needs (conditional writes); upgrade it: pip install -U "
+                             f"s3fs aiobotocore botocore")
+
+    async def _unsupported_conditions(self) -> list[str]:
+        """The conditional-request parameters the installed botocore's S3 model lacks (none since late 2024)."""
+        await self.fs.set_session()
+        model = (await self.fs.get_s3(self.bucket)).meta.service_model
+        needed = {"PutObject": ("IfMatch", "IfNoneMatch"), "DeleteObject": ("IfMatch",)}
+        return [f"{operation} {name}" for operation, names in needed.items()
+                for name in names if name not in model.operation_model(operation).input_shape.members]
 
     def _run(self, coroutine, *args):
         from fsspec.asyn import sync
