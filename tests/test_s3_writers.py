@@ -281,6 +281,19 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
     assert cmdtool.open_store(store).labels.tolist() == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_botocore_without_conditional_writes_is_refused(s3, monkeypatch):
+    """s3fs drops the parameters its botocore does not know, so without IfMatch the writes would be plain PUTs:
+    the lock refuses to start instead (a botocore older than late 2024, simulated by its S3 model)."""
+    from cmdtool.store.remote_lock import lease_lock
+
+    members = s3.s3.meta.service_model.operation_model("PutObject").input_shape.members
+    monkeypatch.delitem(members, "IfMatch")
+    with pytest.raises(UsageError, match="has no PutObject IfMatch"):
+        with lease_lock(_remote(f"{BUCKET}/old-botocore/lease.json"), "store"):
+            pass
+    assert not s3.exists(f"{BUCKET}/old-botocore/lease.json")
+
+
 def test_stores_on_filesystems_without_conditional_writes_are_not_written(tmp_path):
     from cmdtool.store.location import RemotePath
     from cmdtool.store.remote_lock import lease_lock
