@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -180,25 +179,6 @@ def test_a_held_lease_refuses_a_second_writer_until_it_expires(stores, s3):
     with lease_lock(lease, "store"):
         assert json.loads(s3.cat_file(lease.key))["pid"] != 1
     assert not s3.exists(lease.key)
-
-
-def test_racing_writers_get_the_lease_exactly_once(s3):
-    from cmdtool.store.remote_lock import _create_exclusively
-
-    key = f"{BUCKET}/race/lease.json"
-    wins, barrier = [], threading.Barrier(8)
-
-    def contend(i):
-        barrier.wait()
-        if _create_exclusively(s3, key, str(i).encode()):
-            wins.append(i)
-
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(wins) == 1 and s3.cat_file(key) == str(wins[0]).encode()
 
 
 def test_rechunk_is_refused_on_s3_with_one_line(stores):

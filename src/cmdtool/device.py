@@ -48,26 +48,27 @@ class compute_threads:
 
     ``workers``: blocks computed side by side (:func:`cmdtool.analyzers.passes.run_blocks_side_by_side`); each
     gets an equal share of the cores, one thread at least.
+
+    The counts are set for the block only and restored after it (:func:`cmdtool.threads.thread_limits`), so a
+    user's process is as it was after a cmdtool call.
     """
 
     def __init__(self, workers: int = 1):
         self.workers = max(1, int(workers))
+        self._scope = None
 
     def __enter__(self):
         import torch
-        from threadpoolctl import threadpool_limits
 
-        self.before = torch.get_num_threads()
+        from .threads import thread_limits
+
         cores = available_cores()
         share = cores - 1 if self.workers == 1 else cores // self.workers
-        threads = max(1, min(self.before, share))
-        torch.set_num_threads(threads)
-        self.blas = threadpool_limits(limits=threads, user_api="blas")
+        threads = max(1, min(torch.get_num_threads(), share))
+        self._scope = thread_limits(threads, blas_threads=threads)
+        self._scope.__enter__()
         return self
 
     def __exit__(self, *exc):
-        import torch
-
-        self.blas.restore_original_limits()
-        torch.set_num_threads(self.before)
-        return False
+        scope, self._scope = self._scope, None
+        return scope.__exit__(*exc) if scope is not None else False

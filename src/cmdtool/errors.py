@@ -29,6 +29,11 @@ class StoreLockedError(StoreError):
     exit_code = 1
 
 
+class LeaseLostError(StoreLockedError):
+    """A writer's lock on object storage was taken over by another writer while it was held (its lease was not
+    renewed in time); the writer stopped writing (docs/store.md, "Locks")."""
+
+
 class CorruptionError(StoreError):
     """A chunk of the store failed its checksum."""
 

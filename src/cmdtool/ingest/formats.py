@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from ..errors import CheckpointError, first_line
+from ..os_calls import release_mapped_pages
 
 # ".pth.tar": torchvision-reference / timm / pytorch-examples checkpoints (plain torch.save zips despite the name)
 TORCH_SUFFIXES = (".pth.tar", ".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -301,8 +302,6 @@ class _MappedFiles:
     anonymous memory is never touched. Where there is no ``/proc`` (not Linux) neither is used and reads go
     through the mapping as before."""
 
-    _MADV_DONTNEED = 4
-
     def __init__(self, files):
         self.files = {str(Path(f).resolve()) for f in files}
         self.ranges: list[tuple[int, int, int, str]] | None = None  # (start, stop, file offset, path)
@@ -353,7 +352,7 @@ class _MappedFiles:
         for lo, hi, _, _ in self._ranges_at(address):
             start, stop = max(lo, address // page * page), min(hi, -(-(address + nbytes) // page) * page)
             if start < stop:
-                _madvise(start, stop - start, self._MADV_DONTNEED)
+                release_mapped_pages(start, stop - start)  # where unavailable, the pages stay resident
 
     def close(self) -> None:
         for fd in self.descriptors.values():
@@ -366,25 +365,6 @@ def _page_size() -> int:
     import mmap
 
     return mmap.PAGESIZE
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def _madvise(address: int, length: int, advice: int) -> None:
-    libc = _libc()
-    if libc is not None:
-        libc.madvise(address, length, advice)  # a failure only means the pages stay resident
 
 
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,

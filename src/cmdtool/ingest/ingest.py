@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..cluster import active_client
-from ..errors import CheckpointError, CmdtoolError, UsageError
+from ..errors import CheckpointError, CmdtoolError, LeaseLostError, UsageError
 from ..progress import NullProgress
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
@@ -320,7 +320,8 @@ def _ingest(staging: CheckpointStaging, store_path, *, label_pattern, include, e
         # A first ingest that fails before its first commit leaves no store behind. Committed checkpoints are
         # never deleted, and an interrupt (SIGINT, SIGTERM) leaves exactly what a SIGKILL at that moment would:
         # the last commit, or an empty store that the next run fills.
-        if (not existing and created_dir and not isinstance(exc, KeyboardInterrupt)
+        # A writer that lost its lock (object storage) deletes nothing: the store is another writer's now.
+        if (not existing and created_dir and not isinstance(exc, (KeyboardInterrupt, LeaseLostError))
                 and committed_checkpoints(store_path) == 0):
             _remove_whole(store_path)
         raise
@@ -464,6 +465,8 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
     original_meta = dict(st.meta)
     try:
         _stream(st, new_sources, replace, budget, report, progress, options.strip_prefix, staging)
+    except LeaseLostError:
+        raise  # the store is another writer's now (object storage): this process writes nothing more
     except Exception:
         # A failure mid-stream (not a kill): publish the time axis as it was, so the store reads as before.
         st.restore(original_meta)

@@ -8,7 +8,9 @@ remote mtime (no disk blocks). :func:`~cmdtool.ingest.discover.discover` then ru
 
 Each checkpoint's files are downloaded just before it is read (the next one downloads while the current one is
 converted) and turned back into placeholders once read and hashed, so the staging folder holds at most two
-checkpoints. The staging folder is removed when the ingest ends, however it ends.
+checkpoints. The staging folder is removed when the ingest ends, however it ends, except by SIGKILL (or a power
+cut): its name records the owner (host, pid, the process's start time), and the next ingest that stages in the
+same folder removes the staging folders of this host whose owner process is gone (:func:`remove_stale_staging`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +33,68 @@ from .formats import DCP_METADATA, CheckpointSource
 # Files discovery reads (shard indexes, trainer_state.json, DCP metadata): downloaded while listing.
 METADATA_SUFFIXES = (".json", DCP_METADATA)
 _FOLDED_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/+(.*)$")
+STAGING_PREFIX = ".cmdtool-staging-"
+# .cmdtool-staging-<host>-<pid>-<start time of the process, 0 where unknown>-<tempfile's random suffix>
+_STAGING_NAME = re.compile(r"^\.cmdtool-staging-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-(?P<started>\d+)-[A-Za-z0-9_]+$")
+
+
+def _host() -> str:
+    """This host's name as it goes into a staging folder's name (no "-": the fields stay apart)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _process_started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat``), to tell a reused pid from
+    the process that had it; None where there is no ``/proc`` or no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(pid: int, started: int) -> bool:
+    """Whether the process that made a staging folder on this host still runs (True when it cannot be told)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        pass
+    now = _process_started(pid)
+    return not (started and now is not None and now != started)  # the pid was reused by another process
+
+
+def staging_folder_prefix() -> str:
+    """The name prefix of this process's staging folders (owner recorded in the name, see the module)."""
+    return f"{STAGING_PREFIX}{_host()}-{os.getpid()}-{_process_started(os.getpid()) or 0}-"
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove the staging folders in ``parent`` that an ingest of this host left when it was killed: named by
+    cmdtool, owned by this user, and whose owner process no longer exists. Others (another host's, a running
+    ingest's, a name cmdtool does not write) are left alone. Returns what was removed."""
+    removed = []
+    host = _host()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STAGING_NAME.match(entry.name)
+        if not match or match.group("host") != host:
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if not _owner_alive(int(match.group("pid")), int(match.group("started"))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def checkpoint_url(path) -> str | None:
@@ -141,7 +206,8 @@ class CheckpointStaging:
             raise error from None
         if self.root is None:
             parent = self._parent if self._parent is not None and self._parent.is_dir() else None
-            self.root = Path(tempfile.mkdtemp(prefix=".cmdtool-staging-", dir=parent))
+            remove_stale_staging(parent or Path(tempfile.gettempdir()))
+            self.root = Path(tempfile.mkdtemp(prefix=staging_folder_prefix(), dir=parent))
         name = key.rstrip("/").rsplit("/", 1)[-1]
         local_root = self.root / str(len(self._roots)) / name
         self._roots.append((local_root, url))
@@ -290,4 +356,4 @@ class CheckpointStaging:
         return out
 
 
-__all__ = ["CheckpointStaging", "RemoteFile", "checkpoint_url", "local_checkpoint_path"]
+__all__ = ["CheckpointStaging", "RemoteFile", "checkpoint_url", "local_checkpoint_path", "remove_stale_staging"]

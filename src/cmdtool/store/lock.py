@@ -1,5 +1,6 @@
 """Advisory file locks (flock), released by the kernel when the holder dies, so SIGKILL never leaves a stale lock;
-and :func:`signals_deferred`, which keeps SIGINT/SIGTERM out of the middle of a write to the store."""
+and :func:`signals_deferred`, which keeps SIGINT/SIGTERM out of the middle of a write to the store (and stops a
+writer whose lease on object storage was lost)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import StoreLockedError
+from .remote_lock import check_leases
 
 
 @contextlib.contextmanager
@@ -47,7 +49,12 @@ def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
     tasks pending and print "Task was destroyed but it is pending" at exit. Blocks are short (one group of chunk
     writes, or one commit), so the delay is not felt. Outside the main thread signals cannot be handled; the
     block runs as is.
+
+    Before the block, a writer on object storage checks that its locks' leases are still its own
+    (:func:`~cmdtool.store.remote_lock.check_leases`): a writer whose lease was taken over stops here, before
+    its next write, with :class:`~cmdtool.errors.LeaseLostError`.
     """
+    check_leases()
     if threading.current_thread() is not threading.main_thread():
         yield
         return

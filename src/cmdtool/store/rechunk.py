@@ -12,13 +12,13 @@ rechunked store.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import os_calls
 from ..errors import UsageError
 from ..progress import NullProgress
 from ..units import parse_size
@@ -128,25 +128,10 @@ def _copy_rows(store: TrajectoryStore, target, chunks: tuple[int, int], budget: 
             task.advance(stop - start)
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the system or filesystem cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
-
-
 def swap_in(store_path: Path, name: str) -> None:
     """Put ``staging/<name>`` in place of ``<name>``; the old array ends up in the staging group."""
     live, staged, old = store_path / name, store_path / fmt.STAGING / name, store_path / fmt.STAGING / f"{name}.old"
-    if _exchange(live, staged):
+    if os_calls.exchange_paths(live, staged):  # atomic where the system and filesystem have renameat2
         return
     os.rename(live, old)  # a kill between these two renames is finished by recover_swap()
     os.rename(staged, live)
