@@ -5,10 +5,11 @@ loads: only the modelled weights differ. docs/formats.md ("What reconstruct writ
   replaced wherever it was wrapped (Lightning's ``state_dict``, a loop's ``model_state_dict``, torchvision's
   ``model``), every other entry (epoch, hyperparameters, version keys, optimizer state) kept as saved;
 - a safetensors file: the same keys and header metadata;
-- a Hugging Face checkpoint folder (``config.json`` + ``model.safetensors``/``pytorch_model.bin``, or shards with
-  their ``*.index.json``): a folder with the other small files copied and the weights replaced, sharded as the
-  source (the Trainer's optimizer, scheduler, RNG and argument files are not copied);
-- a DeepSpeed ``global_stepN/`` folder: ``mp_rank_00_model_states.pt`` with ``module`` replaced;
+- a checkpoint folder (Hugging Face ``config.json`` + ``model.safetensors``/``pytorch_model.bin``, or shards
+  with their ``*.index.json``; accelerate's ``save_state`` folders): a folder with the weights replaced, sharded
+  as the source, and every other file copied (config, tokenizer, the trainer's optimizer/scheduler/RNG states);
+- a DeepSpeed ``global_stepN/`` folder: ``mp_rank_00_model_states.pt`` with ``module`` replaced, the other files
+  (ZeRO optimizer partitions) copied;
 - a ``torch.distributed.checkpoint`` folder: written back with ``dcp.save``; the entries that are not the model's
   tensors (optimizer tensors, pickled values such as a step count) are copied without being unpickled.
 
@@ -32,7 +33,7 @@ from ..errors import CheckpointError, UsageError
 from ..output_folder import write_atomically
 from ..store.location import is_url
 from .checkpoints import state_dict_from_blocks, write_modelled_checkpoint, write_state_dict
-from .discover import TRAINER_STATE, checkpoint_stem, discover
+from .discover import checkpoint_stem, discover
 from .formats import (DEEPSPEED_MODEL_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES, WRAPPER_KEYS, find_index,
                       load_torch_file, safetensors_metadata, strip_prefix)
 from .ingest import store_strip_prefixes
@@ -99,7 +100,7 @@ def write_container(store, column: int, blocks, container: Container, target: Pa
         return _write_torch(store, column, blocks, container.source, target, names)
     target.mkdir(parents=True)
     if container.kind == "hf-folder":
-        _copy_small_files(container.folder, target, skip={container.source.name})
+        _copy_other_files(container.folder, target, skip={container.source.name})
         model = container.source
         if model.name.endswith(SAFETENSORS_SUFFIX):
             names.check(_safetensors_keys(model), model)
@@ -112,6 +113,7 @@ def write_container(store, column: int, blocks, container: Container, target: Pa
         _write_sharded(store, column, blocks, container.source, target, names)
         return KINDS["sharded"]
     if container.kind == "deepspeed":
+        _copy_other_files(container.source, target, skip={DEEPSPEED_MODEL_FILE})
         _write_torch(store, column, blocks, container.source / DEEPSPEED_MODEL_FILE, target / DEEPSPEED_MODEL_FILE,
                      names)
         return KINDS["deepspeed"]
@@ -213,13 +215,13 @@ def _write_torch(store, column: int, blocks, source: Path, target: Path, names: 
     return f"torch checkpoint dict (weights under {key!r})"
 
 
-def _copy_small_files(folder: Path, target: Path, skip: set[str]) -> None:
-    """Copy the files of a checkpoint folder that load beside the weights (config, generation config, tokenizer
-    files, ...): every plain file except the weights (``skip``), hidden files and the trainer's own state
-    (optimizer, scheduler, grad scaler, RNG, arguments), which belong to the source run at that step."""
+def _copy_other_files(folder: Path, target: Path, skip: set[str]) -> None:
+    """Copy, byte for byte, every plain file of a checkpoint folder but the weights (``skip``) and hidden files:
+    the config, generation config and tokenizer files that load beside the weights, and the trainer's own state
+    (optimizer, scheduler, RNG, arguments), so that the folder resumes the way the source does. The copies are
+    never unpickled or read."""
     for child in sorted(folder.iterdir()):
-        if child.name in skip or child.name.startswith(".") or TRAINER_STATE.search(child.name) \
-                or not child.is_file():
+        if child.name in skip or child.name.startswith(".") or not child.is_file():
             continue
         shutil.copyfile(child, target / child.name)
 
@@ -233,7 +235,7 @@ def _write_sharded(store, column: int, blocks, folder: Path, target: Path, names
     shards: dict[str, list[str]] = {}
     for source_name, shard in weight_map.items():
         shards.setdefault(shard, []).append(source_name)
-    _copy_small_files(folder, target, skip={index_path.name, *shards})
+    _copy_other_files(folder, target, skip={index_path.name, *shards})
     for shard, source_names in shards.items():
         part = _replaced_state({n: None for n in source_names}, state, names)
         if shard.endswith(SAFETENSORS_SUFFIX):
