@@ -223,3 +223,171 @@ def test_reconstruct_never_overwrites_and_writes_nothing_on_failure(tmp_path):
     failed = cli("reconstruct", "--epoch", 3, "--store", store, "--out", tmp_path / "recon2", code=2)
     assert "no longer exists" in failed.output and "--format" in failed.output
     cli("reconstruct", "--epoch", 3, "--store", store, "--out", tmp_path / "recon2", "--format", "safetensors")
+
+
+# ------------------------------------------------------------------------------ Hugging Face
+def assert_copied(folder, source_folder, weights: set[str]) -> None:
+    """Every file of the source checkpoint folder is there; all but the weights byte for byte."""
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in source_folder.iterdir())
+    for path in source_folder.iterdir():
+        if path.name not in weights:
+            assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+@pytest.mark.slow
+def test_hf_trainer_gpt2_safetensors_with_tied_embeddings_loads_with_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 40, (16, 8))
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(16)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, save_steps=2,
+                                          per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                                          learning_rate=1e-2, logging_steps=100, disable_tqdm=True)
+    trainer = transformers.Trainer(model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model()  # the final model at the top of the run: skipped by ingest (no step number)
+    store, said = ingest_decompose(tmp_path, tmp_path / "run")
+    assert "+4 checkpoints" in said
+    record, modelled = reconstruct(tmp_path, store, 6)
+    folder = tmp_path / "recon" / "cmd_default_epoch6"
+    assert record["path"] == str(folder) and record["format"] == "hf-folder"
+    assert_copied(folder, tmp_path / "run" / "checkpoint-6", {"model.safetensors"})
+
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    source = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "checkpoint-6")
+    state = loaded.state_dict()
+    assert "lm_head.weight" not in modelled  # tied: save_pretrained leaves it out, from_pretrained ties it
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    assert_modelled({k: state[k] for k in modelled}, modelled, {k: source.state_dict()[k] for k in modelled})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["bin", "sharded"])
+def test_hf_bert_bin_with_tied_decoder_and_sharded_safetensors(tmp_path, layout):
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=20, max_position_embeddings=16)
+    model = transformers.BertForMaskedLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    ids = torch.randint(0, 30, (8, 8))
+    for step in range(1, 5):
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        if layout == "bin":  # what save_pretrained wrote before safetensors: a torch file, tied tensors shared
+            config.save_pretrained(folder)
+            torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        else:
+            model.save_pretrained(folder, max_shard_size="8KB")
+    source_folder = tmp_path / "run" / "checkpoint-3"
+    weights = {p.name for p in source_folder.iterdir() if p.name != "config.json"}
+    assert layout == "bin" or len(weights) > 2  # several shards and their index
+    store, _ = ingest_decompose(tmp_path, tmp_path / "run")
+    record, modelled = reconstruct(tmp_path, store, 3)
+    folder = tmp_path / "recon" / "cmd_default_epoch3"
+    assert record["format"] == ("hf-folder" if layout == "bin" else "sharded")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in source_folder.iterdir())
+    assert (folder / "config.json").read_bytes() == (source_folder / "config.json").read_bytes()
+    if layout == "bin":
+        written = torch.load(folder / "pytorch_model.bin", weights_only=True)
+        assert written["cls.predictions.decoder.weight"].data_ptr() == \
+            written["bert.embeddings.word_embeddings.weight"].data_ptr()  # tied again, as in the source
+    else:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        assert index == json.loads((source_folder / "model.safetensors.index.json").read_text())
+
+    loaded = transformers.BertForMaskedLM.from_pretrained(folder)
+    source = transformers.BertForMaskedLM.from_pretrained(source_folder)
+    state, source_state = loaded.state_dict(), source.state_dict()
+    assert loaded.cls.predictions.decoder.weight.data_ptr() == loaded.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert_modelled({k: state[k] for k in modelled}, modelled, {k: source_state[k] for k in modelled})
+
+
+# ------------------------------------------------------------------------------ PyTorch Lightning
+def lightning_regressor(pl):
+    class Regressor(pl.LightningModule):
+        def __init__(self, hidden: int = 12, lr: float = 0.05, name: str = "regressor"):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
+
+        def training_step(self, batch, index):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+    return Regressor
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_lightning_checkpoints_load_with_load_from_checkpoint(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    Regressor = lightning_regressor(pl)
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randn(16, 3))
+    trainer = pl.Trainer(max_epochs=5, default_root_dir=str(tmp_path / "run"), accelerator="cpu", devices=1,
+                         callbacks=[ModelCheckpoint(save_top_k=-1, save_last=True)], enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(Regressor(hidden=12, lr=0.05, name="tiny"), torch.utils.data.DataLoader(data, batch_size=8))
+    checkpoints = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"
+    store, said = ingest_decompose(tmp_path, checkpoints)
+    assert "last.ckpt" in said and "epochs 0..4 added" in said
+    record, modelled = reconstruct(tmp_path, store, 3)
+    assert record["path"].endswith("cmd_default_epoch3.ckpt") and record["container"] == "Lightning checkpoint"
+
+    written = torch.load(record["path"], weights_only=True)
+    source = torch.load(checkpoints / "epoch=3-step=8.ckpt", weights_only=True)
+    assert list(written) == list(source)
+    for key in source:
+        if key != "state_dict":
+            assert_same_tree(written[key], source[key])
+    assert_modelled(written["state_dict"], modelled, source["state_dict"])
+    loaded = Regressor.load_from_checkpoint(record["path"])
+    assert dict(loaded.hparams) == {"hidden": 12, "lr": 0.05, "name": "tiny"}
+    assert_modelled(loaded.state_dict(), modelled, source["state_dict"])
+    # the bare network, from the same store
+    record = json.loads(cli("reconstruct", "--epoch", 3, "--store", store, "--strip-prefix", "net.", "--format",
+                            "safetensors", "--out", tmp_path / "net.safetensors", "--json").stdout)[0]
+    from safetensors.torch import load_file
+
+    net = Regressor().net
+    net.load_state_dict(load_file(record["path"]), strict=True)
+
+
+# ------------------------------------------------------------------------------ accelerate
+@pytest.mark.slow
+def test_accelerate_save_state_folders_load_with_load_state(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.utils import ProjectConfiguration
+
+    torch.manual_seed(0)
+    accelerator = accelerate.Accelerator(cpu=True, project_config=ProjectConfiguration(
+        project_dir=str(tmp_path / "run"), automatic_checkpoint_naming=True))
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sources = {}
+    for epoch in range(4):
+        train(model, optimizer, seed=epoch)
+        accelerator.save_state()
+        sources[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoints = tmp_path / "run" / "checkpoints"
+    store, _ = ingest_decompose(tmp_path, checkpoints)
+    record, modelled = reconstruct(tmp_path, store, 2)
+    folder = tmp_path / "recon" / "cmd_default_epoch2"
+    assert record["path"] == str(folder) and record["format"] == "hf-folder"
+    assert_copied(folder, checkpoints / "checkpoint_2", {"model.safetensors"})
+    accelerator.load_state(str(folder))
+    assert_modelled(model.state_dict(), modelled, sources[2])
