@@ -103,9 +103,9 @@ def register(app: typer.Typer) -> None:
                           "container": container, "source": st.time_axis[column].source,
                           "seconds": round(time.perf_counter() - started, 3)}
                 written.append(record)
-                if not as_json and not quiet:
-                    console.print(f"epoch {record['epoch']} ({described}) -> {plan.path} ({container})",
-                                  highlight=False)
+                if not as_json and not quiet:  # the container is named when it holds more than the weights
+                    shown = "" if container.endswith("state dict") else f" ({container})"
+                    console.print(f"epoch {record['epoch']} ({described}) -> {plan.path}{shown}", highlight=False)
         if as_json:
             print_json(written)
 

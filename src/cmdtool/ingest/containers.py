@@ -212,7 +212,7 @@ def _write_torch(store, column: int, blocks, source: Path, target: Path, names: 
         return "torch state dict"
     if isinstance(obj, dict) and "pytorch-lightning_version" in obj:
         return "Lightning checkpoint"
-    return f"torch checkpoint dict (weights under {key!r})"
+    return f"checkpoint dict, weights under {key!r}"
 
 
 def _copy_other_files(folder: Path, target: Path, skip: set[str]) -> None:
