@@ -194,9 +194,9 @@ def prefix_note(layout: Layout, strip_prefix: tuple[str, ...]) -> str | None:
     """What ingest says about how a new store holds names that a wrapper prefixed (None: nothing to say)."""
     if strip_prefix:
         shown = " ".join(f"--strip-prefix {p}" for p in strip_prefix)
-        return (f"tensor names stored without the prefix {', '.join(map(repr, strip_prefix))} ({shown}): "
-                f"reconstruct puts it back in the source's container (which then loads where the checkpoints "
-                f"load); --format pt|safetensors writes the stored names")
+        return (f"tensor names stored without the prefix {', '.join(map(repr, strip_prefix))} ({shown}); "
+                f"reconstruct puts it back where a checkpoint had it, so a reconstruction loads where its "
+                f"checkpoint loads, and --format pt|safetensors writes the stored names")
     prefix = carried_prefix(e.name for e in layout.entries)
     if not prefix:
         return None
