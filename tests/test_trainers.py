@@ -140,6 +140,25 @@ def test_plain_loop_dict_with_torch_compile_and_dataparallel_prefixes(tmp_path, 
             "--store", store, "-q")
 
 
+def test_prefix_stripped_at_ingest_is_put_back_where_each_checkpoint_had_it(tmp_path):
+    torch.manual_seed(4)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    (tmp_path / "dp").mkdir()
+    for epoch in range(1, 5):
+        train(model, optimizer, seed=epoch)
+        state = model.state_dict()
+        saved = {f"module.{k}": v for k, v in state.items()} if epoch >= 3 else state  # DataParallel from epoch 3
+        torch.save(saved, tmp_path / "dp" / f"epoch_{epoch}.pt")
+    store, said = ingest_decompose(tmp_path, tmp_path / "dp", "--strip-prefix", "module.")
+    assert "stored without the prefix 'module.'" in said
+    for epoch, prefix in ((1, ""), (3, "module.")):
+        record, modelled = reconstruct(tmp_path, store, epoch)
+        assert not any(name.startswith("module.") for name in modelled)  # --format: the stored names
+        assert_modelled(torch.load(record["path"], weights_only=True), modelled,
+                        torch.load(tmp_path / "dp" / f"epoch_{epoch}.pt", weights_only=True), prefix)
+
+
 # ------------------------------------------------------------------------------ torch.distributed.checkpoint
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_dcp_written_back_as_dcp_loads_with_dcp_load(tmp_path):
