@@ -98,12 +98,12 @@ def metric_function(fn: str | Callable, model_factory: str | Callable | None = N
         return lambda state_dict: func(_stripped(state_dict, strip_prefix))
     factory = load_callable(model_factory, "--model-factory") if isinstance(model_factory, str) else model_factory
     model = factory()
+    expected = list(model.state_dict())
 
     def on_model(state_dict: dict) -> dict:
         state_dict = _stripped(state_dict, strip_prefix)
-        expected = model.state_dict()
         if set(state_dict) != set(expected):
-            raise UsageError(load_mismatch(list(state_dict), list(expected)))
+            raise UsageError(load_mismatch(list(state_dict), expected))
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:  # shapes: torch lists every mismatch on lines of their own
@@ -126,8 +126,9 @@ def _stripped(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
 def load_mismatch(names: list[str], expected: list[str]) -> str:
     """One line on how the store's tensor names differ from the model's: a wrapper's prefix on one side (and
     the option that removes it), else the counts and first names missing and unexpected."""
-    missing = [n for n in expected if n not in set(names)]
-    unexpected = [n for n in names if n not in set(expected)]
+    have, want = set(names), set(expected)
+    missing = [n for n in expected if n not in have]
+    unexpected = [n for n in names if n not in want]
     text = "the store's weights do not load into the --model-factory model: "
     if missing and unexpected and len(missing) == len(unexpected):
         extra = unexpected[0][:len(unexpected[0]) - len(missing[0])] if unexpected[0].endswith(missing[0]) else ""
