@@ -412,3 +412,28 @@ def test_accelerate_save_state_folders_load_with_load_state(tmp_path):
     assert_copied(folder, checkpoints / "checkpoint_2", {"model.safetensors"})
     accelerator.load_state(str(folder))
     assert_modelled(model.state_dict(), modelled, sources[2])
+
+
+def test_landscape_strip_prefix_and_one_line_load_error(tmp_path):
+    torch.manual_seed(5)
+    model = torch.nn.DataParallel(tiny_model())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    (tmp_path / "run").mkdir()
+    for epoch in range(5):
+        train(model, optimizer, seed=epoch)
+        torch.save(model.state_dict(), tmp_path / "run" / f"epoch_{epoch}.pt")
+    store, _ = ingest_decompose(tmp_path, tmp_path / "run")
+    (tmp_path / "metrics.py").write_text(
+        "import torch\n"
+        "def factory():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(12, 3))\n"
+        "def norm(model):\n"
+        "    return {'norm': float(sum(p.detach().norm() for p in model.parameters()))}\n")
+    options = ["--fn", f"{tmp_path}/metrics.py:norm", "--model-factory", f"{tmp_path}/metrics.py:factory",
+               "--epoch", 3, "--mode", 0, "--points", 3, "--store", store]
+    failed = cli("landscape", *options, "--out", tmp_path / "l1", code=2)
+    assert len(failed.output.strip().splitlines()) == 1 and "--strip-prefix module." in failed.output
+    assert not (tmp_path / "l1").exists()
+    cli("landscape", *options, "--strip-prefix", "module.", "--out", tmp_path / "l2", "-q")
+    assert (tmp_path / "l2").is_dir()

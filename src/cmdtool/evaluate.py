@@ -314,7 +314,7 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
         except Exception as exc:  # noqa: BLE001 - the user's code: keep what was computed, name where it failed
             run.commit()
             raise EvaluationError(f"the metric function failed at epoch {label} of method {method}: "
-                                  f"{_failure(exc, state)} ({len(run.records)} result(s) computed before are "
+                                  f"{describe_failure(exc, state)} ({len(run.records)} result(s) computed before are "
                                   f"kept in evaluation/{name})") from exc
         try:
             metrics = checked_metrics(value, method, label)
@@ -365,7 +365,7 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
     return run
 
 
-def _failure(exc: BaseException, state: dict) -> str:
+def describe_failure(exc: BaseException, state: dict) -> str:
     """One line on the metric function's exception; a ``load_state_dict`` error is cut to its first mismatch,
     with the option that strips a wrapper's prefix when every name carries one."""
     if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in str(exc):
