@@ -319,13 +319,5 @@ def _write_dcp(store, column: int, blocks, folder: Path, target: Path, names: _N
         dcp.save(nested, storage_writer=FileSystemWriter(str(target)), planner=WriteRawBytes(), no_dist=True)
 
 
-def written_suffix(container: Container | None, fmt: str | None) -> str:
-    """The file suffix (or '' for a folder) of what reconstruct writes for ``container`` in format ``fmt``
-    (None: the container itself)."""
-    if fmt is not None or container is None:
-        return f".{fmt or 'pt'}"
-    return container.suffix
-
-
 def describe_bare(fmt: str) -> str:
     return "safetensors state dict" if fmt == "safetensors" else "torch state dict"
