@@ -140,7 +140,12 @@ def test_plain_loop_dict_with_torch_compile_and_dataparallel_prefixes(tmp_path, 
             "--store", store, "-q")
 
 
-def test_prefix_stripped_at_ingest_is_put_back_where_each_checkpoint_had_it(tmp_path):
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_prefix_stripped_at_ingest_is_put_back_where_each_checkpoint_had_it(tmp_path, suffix):
+    from safetensors.torch import load_file, save_file
+
+    save = (lambda state, path: save_file(state, str(path))) if suffix == ".safetensors" else torch.save
+    load = (lambda path: load_file(str(path))) if suffix == ".safetensors" else torch.load
     torch.manual_seed(4)
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
@@ -149,14 +154,21 @@ def test_prefix_stripped_at_ingest_is_put_back_where_each_checkpoint_had_it(tmp_
         train(model, optimizer, seed=epoch)
         state = model.state_dict()
         saved = {f"module.{k}": v for k, v in state.items()} if epoch >= 3 else state  # DataParallel from epoch 3
-        torch.save(saved, tmp_path / "dp" / f"epoch_{epoch}.pt")
+        save(saved, tmp_path / "dp" / f"epoch_{epoch}{suffix}")
     store, said = ingest_decompose(tmp_path, tmp_path / "dp", "--strip-prefix", "module.")
     assert "stored without the prefix 'module.'" in said
     for epoch, prefix in ((1, ""), (3, "module.")):
         record, modelled = reconstruct(tmp_path, store, epoch)
+        assert record["path"].endswith(f"cmd_default_epoch{epoch}{suffix}")
         assert not any(name.startswith("module.") for name in modelled)  # --format: the stored names
-        assert_modelled(torch.load(record["path"], weights_only=True), modelled,
-                        torch.load(tmp_path / "dp" / f"epoch_{epoch}.pt", weights_only=True), prefix)
+        assert_modelled(load(record["path"]), modelled, load(tmp_path / "dp" / f"epoch_{epoch}{suffix}"), prefix)
+    # one file named by --out: the container when it is one of that kind, else a bare state dict
+    cli("reconstruct", "--epoch", 3, "--store", store, "--out", tmp_path / f"one{suffix}")
+    assert all(name.startswith("module.") for name in load(tmp_path / f"one{suffix}"))
+    other = ".pt" if suffix == ".safetensors" else ".safetensors"
+    cli("reconstruct", "--epoch", 3, "--store", store, "--out", tmp_path / f"one{other}")
+    assert not any(name.startswith("module.") for name in (load_file if other == ".safetensors" else torch.load)(
+        str(tmp_path / f"one{other}")))
 
 
 # ------------------------------------------------------------------------------ torch.distributed.checkpoint
