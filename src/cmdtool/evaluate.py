@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from .averages import BASELINES, DEFAULT_MEMORY_BUDGET, check_ema_beta, iter_averages, swa_length
-from .errors import CmdtoolError, ParameterError, UsageError
+from .errors import CmdtoolError, ParameterError, UsageError, first_line
 from .progress import NullProgress
 
 KIND = "evaluation"
@@ -80,24 +80,77 @@ def load_callable(spec: str, what: str = "--fn") -> Callable:
     return func
 
 
-def metric_function(fn: str | Callable, model_factory: str | Callable | None = None) -> Callable[[dict], dict]:
+def metric_function(fn: str | Callable, model_factory: str | Callable | None = None,
+                    strip_prefix: tuple[str, ...] = ()) -> Callable[[dict], dict]:
     """The callable that maps a state dict to metrics.
 
     Without a factory ``fn(state_dict)`` is called. With one, cmdtool builds the model once
-    (``model_factory()``), loads each state dict into it (``strict=True``, eval mode) and calls ``fn(model)``.
+    (``model_factory()``), loads each state dict into it (``strict=True``, eval mode) and calls ``fn(model)``;
+    a state dict that does not fit the model is a one-line :class:`~cmdtool.errors.UsageError` saying what
+    differs (and which ``strip_prefix`` would fix a wrapper's prefix). ``strip_prefix``: prefixes removed from
+    the tensor names first (``_orig_mod.`` of torch.compile, ``module.`` of DataParallel/DDP).
     """
     func = load_callable(fn) if isinstance(fn, str) else fn
+    strip_prefix = tuple(strip_prefix)
     if model_factory is None:
-        return func
+        if not strip_prefix:
+            return func
+        return lambda state_dict: func(_stripped(state_dict, strip_prefix))
     factory = load_callable(model_factory, "--model-factory") if isinstance(model_factory, str) else model_factory
     model = factory()
+    expected = list(model.state_dict())
 
     def on_model(state_dict: dict) -> dict:
-        model.load_state_dict(state_dict, strict=True)
+        state_dict = _stripped(state_dict, strip_prefix)
+        if set(state_dict) != set(expected):
+            raise UsageError(load_mismatch(list(state_dict), expected))
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:  # shapes: torch lists every mismatch on lines of their own
+            raise UsageError(f"the store's weights do not load into the --model-factory model: "
+                             f"{first_line_of_load_error(exc)}") from None
         model.eval()
         return func(model)
 
     return on_model
+
+
+def _stripped(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
+    if not prefixes:
+        return state_dict
+    from .ingest.formats import strip_prefix
+
+    return {strip_prefix(name, prefixes): value for name, value in state_dict.items()}
+
+
+def load_mismatch(names: list[str], expected: list[str]) -> str:
+    """One line on how the store's tensor names differ from the model's: a wrapper's prefix on one side (and
+    the option that removes it), else the counts and first names missing and unexpected."""
+    have, want = set(names), set(expected)
+    missing = [n for n in expected if n not in have]
+    unexpected = [n for n in names if n not in want]
+    text = "the store's weights do not load into the --model-factory model: "
+    if missing and unexpected and len(missing) == len(unexpected):
+        extra = unexpected[0][:len(unexpected[0]) - len(missing[0])] if unexpected[0].endswith(missing[0]) else ""
+        if extra and sorted(n[len(extra):] for n in unexpected if n.startswith(extra)) == sorted(missing) \
+                and all(n.startswith(extra) for n in unexpected):
+            return text + (f"the store's tensor names carry the prefix {extra!r} and the model's do not; pass "
+                           f"--strip-prefix {extra}")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's tensors missing ({', '.join(missing[:3])}"
+                     f"{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in the model ({', '.join(unexpected[:3])}"
+                     f"{', ...' if len(unexpected) > 3 else ''})")
+    return text + "; ".join(parts)
+
+
+def first_line_of_load_error(exc: BaseException) -> str:
+    """The first mismatch of a ``load_state_dict`` error (torch puts each on a line of its own)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in lines[1:] if line), "")
+    return detail or (lines[0] if lines else type(exc).__name__)
 
 
 def checked_metrics(value, method: str, label: int) -> dict[str, float]:
@@ -219,8 +272,11 @@ def default_methods(store, decomposition: str = "default") -> list[str]:
 def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None = None, methods=None,
              epochs: str | None = None, every: int = 1, ema_beta: float = 0.9, swa_fraction: float = 0.25,
              decomposition: str = "default", name: str = "default", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-             commit_seconds: float = 30.0, progress=None) -> Evaluation:
-    """Run the evaluation and commit it as ``results/evaluation/<name>`` (see the module note)."""
+             commit_seconds: float = 30.0, progress=None, strip_prefix: tuple[str, ...] = ()) -> Evaluation:
+    """Run the evaluation and commit it as ``results/evaluation/<name>`` (see the module note).
+
+    ``strip_prefix``: prefixes removed from the tensor names before the metric function (or the model) sees
+    them (:func:`metric_function`)."""
     from .analyzers import load_reconstruction
     from .ingest.checkpoints import build_state_dict
 
@@ -233,7 +289,7 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
     # every requested decomposition is loaded (and checked) before any evaluation
     modelled = {method: load_reconstruction(store, method, decomposition, loaded) for method in chosen
                 if method not in BASELINES}
-    call = metric_function(fn, model_factory)
+    call = metric_function(fn, model_factory, strip_prefix)
     labels = store.labels
     run = Evaluation(store, name, config={
         "fn": fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn)),
@@ -252,11 +308,14 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
         started = time.perf_counter()
         try:
             value = call(state)
+        except UsageError:  # the weights do not fit the model: one line, said as it is
+            run.commit()
+            raise
         except Exception as exc:  # noqa: BLE001 - the user's code: keep what was computed, name where it failed
             run.commit()
             raise EvaluationError(f"the metric function failed at epoch {label} of method {method}: "
-                                  f"{type(exc).__name__}: {exc} ({len(run.records)} result(s) computed before "
-                                  f"are kept in evaluation/{name})") from exc
+                                  f"{describe_failure(exc, state)} ({len(run.records)} result(s) computed before are "
+                                  f"kept in evaluation/{name})") from exc
         try:
             metrics = checked_metrics(value, method, label)
         except EvaluationError:
@@ -304,6 +363,18 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
     run.timings["total_seconds"] = time.perf_counter() - started_all
     run.commit()
     return run
+
+
+def describe_failure(exc: BaseException, state: dict) -> str:
+    """One line on the metric function's exception; a ``load_state_dict`` error is cut to its first mismatch,
+    with the option that strips a wrapper's prefix when every name carries one."""
+    if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in str(exc):
+        from .ingest.ingest import carried_prefix
+
+        prefix = carried_prefix(state)
+        hint = f"; every tensor name carries the prefix {prefix!r}: pass --strip-prefix {prefix}" if prefix else ""
+        return f"the state dict does not load: {first_line_of_load_error(exc)}{hint}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _resolve_methods(methods) -> list[str]:

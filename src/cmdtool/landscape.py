@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ParameterError, UsageError
-from .evaluate import EvaluationError, checked_metrics, lower_is_better, metric_function
+from .evaluate import EvaluationError, checked_metrics, describe_failure, lower_is_better, metric_function
 from .progress import NullProgress
 
 
@@ -118,8 +118,10 @@ def grid_axis(recorded: float, span: float, points: int, scale: float | None = N
 
 def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: float = 0.5,
               points: int | None = None, decomposition: str = "default", model_factory=None,
-              sort_metric: str | None = None, sort_mode: str = "auto", progress=None) -> Landscape:
-    """Evaluate ``fn`` over a 1-D (one mode) or 2-D (two modes) grid of reference values at ``epoch``."""
+              sort_metric: str | None = None, sort_mode: str = "auto", progress=None,
+              strip_prefix: tuple[str, ...] = ()) -> Landscape:
+    """Evaluate ``fn`` over a 1-D (one mode) or 2-D (two modes) grid of reference values at ``epoch``.
+    ``strip_prefix``: prefixes removed from the tensor names first (as in :func:`cmdtool.evaluate.evaluate`)."""
     from .analyzers import get_analyzer
     from .ingest.checkpoints import build_state_dict
 
@@ -142,7 +144,7 @@ def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: 
             raise UsageError(f"mode {m} does not exist: the decomposition has modes 0..{n_modes - 1}")
     column = store.column_of(epoch)
     t = cmd.window_position(store, column)
-    call = metric_function(fn, model_factory)
+    call = metric_function(fn, model_factory, strip_prefix)
     references = cmd.reference_trajectories_.astype(np.float64)
     recorded = [float(references[m, t]) for m in modes]
     axes = [grid_axis(r, span, points, None if r != 0 else float(np.abs(references[m]).max()))
@@ -151,11 +153,14 @@ def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: 
     members = [_mode_members(cmd, m) for m in modes]   # (rows, a_i) of each chosen mode
 
     def metrics_of(vector: np.ndarray, where: str) -> dict:
+        state = build_state_dict(store, vector.astype(np.float32), column)
         try:
-            value = call(build_state_dict(store, vector.astype(np.float32), column))
+            value = call(state)
+        except UsageError:  # the weights do not fit --model-factory's model: one line, said as it is
+            raise
         except Exception as exc:  # noqa: BLE001 - the user's code: one line naming where it failed
             raise EvaluationError(f"the metric function failed on {where} at epoch {epoch}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                                  f"{describe_failure(exc, state)}") from exc
         return checked_metrics(value, f"landscape ({where})", epoch)
 
     def evaluate_at(deltas, where: str) -> dict:

@@ -25,8 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                      "analyses."),
     "decompose": ("decompose", "Model the trajectories: CMD (default) or any registered method; results are saved "
                                "in the store."),
-    "reconstruct": ("reconstruct", "Write the modelled checkpoint of an epoch: same keys, order, shapes and "
-                                   "dtypes as the source, loadable with load_state_dict(strict=True)."),
+    "reconstruct": ("reconstruct", "Write the modelled checkpoint of an epoch in the container of that epoch's "
+                                   "source checkpoint, so that it loads the way the source loads"),
     "compare": ("compare", "Fit (or reuse saved fits of) several methods on the same trajectories; one table of "
                            "error, size, time."),
     "evaluate": ("evaluate", "Evaluate your metric function on the original checkpoints, EMA and SWA of the "

@@ -16,6 +16,9 @@ FnOption = typer.Option(..., "--fn", help="Metric function: package.module:funct
 ModelFactoryOption = typer.Option(None, "--model-factory", help="Optional module:function returning an "
                                   "nn.Module: cmdtool loads each state dict into it (strict, eval mode) and "
                                   "calls --fn with the model instead.")
+StripPrefixOption = typer.Option(None, "--strip-prefix", help="Remove this prefix from the tensor names before "
+                                 "--fn or --model-factory's model sees them (repeatable): '_orig_mod.' "
+                                 "(torch.compile), 'module.' (DataParallel/DDP).")
 SortMetricOption = typer.Option(None, "--sort-metric", help="Metric that picks the best point (default: the "
                                 "first one the function returns).")
 SortModeOption = typer.Option("auto", "--sort-mode", help="auto (losses/errors are minimised, anything else "
@@ -44,6 +47,7 @@ def register(app: typer.Typer) -> None:
                                           "results to reconstruct from."),
         name: str = typer.Option("default", "--name", help="Name of the saved evaluation (replaced if it "
                                  "exists)."),
+        strip_prefix: list[str] = StripPrefixOption,
         sort_metric: str = SortMetricOption,
         sort_mode: str = SortModeOption,
         store: str = StoreOption,
@@ -62,7 +66,8 @@ def register(app: typer.Typer) -> None:
         st = open_store(store, mode="r+")
         run = run_evaluation(st, fn, model_factory=model_factory, methods=methods, epochs=epochs, every=every,
                              ema_beta=ema_beta, swa_fraction=swa_fraction, decomposition=decomposition,
-                             name=name, progress=progress_for(quiet or as_json))
+                             name=name, progress=progress_for(quiet or as_json),
+                             strip_prefix=tuple(strip_prefix or ()))
         rows = run.summary(sort_metric, sort_mode)
         if as_json:
             print_json({"name": name, "config": run.config, "summary": rows, "timings": run.timings})

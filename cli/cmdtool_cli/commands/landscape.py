@@ -10,7 +10,7 @@ from cmdtool.landscape import landscape as compute_landscape
 
 from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
                       progress_for)
-from .evaluate import FnOption, ModelFactoryOption, SortMetricOption, SortModeOption
+from .evaluate import FnOption, ModelFactoryOption, SortMetricOption, SortModeOption, StripPrefixOption
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
                                    "increments of r/50 as in App. G, and 21 per axis for a surface)."),
         decomposition: str = typer.Option("default", "--name", help="Name of the CMD result to use."),
         model_factory: str = ModelFactoryOption,
+        strip_prefix: list[str] = StripPrefixOption,
         sort_metric: str = SortMetricOption,
         sort_mode: str = SortModeOption,
         out: Path = typer.Option(Path("landscape"), "--out", "-o", help="Folder for the data (npz, json) and "
@@ -50,6 +51,7 @@ def register(app: typer.Typer) -> None:
         OutputFolder(out, "landscape", force=force, store=st)  # refuse a folder before the work, not after
         result = compute_landscape(st, fn, epoch, mode, span=span, points=points, decomposition=decomposition,
                                    model_factory=model_factory, sort_metric=sort_metric, sort_mode=sort_mode,
+                                   strip_prefix=tuple(strip_prefix or ()),
                                    progress=progress_for(quiet or as_json))
         paths = result.save(out, force=force, store=st)
         if as_json:

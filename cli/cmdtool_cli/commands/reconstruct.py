@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -41,9 +42,14 @@ def register(app: typer.Typer) -> None:
                                            "window's checkpoints up to the epoch."),
         epochs: str = typer.Option(None, "--epochs", help="EMA/SWA: the window A:B the averages run over (EMA "
                                    "starts at A; SWA's length is a fraction of it). Default: the whole store."),
-        fmt: str = typer.Option(None, "--format", help="pt or safetensors (default: the source checkpoint's "
-                                "format; torch files and sharded folders give pt)."),
-        out: Path = typer.Option(None, "--out", "-o", help="Output file (one epoch) or folder (default "
+        fmt: str = typer.Option(None, "--format", help="pt or safetensors: a bare state dict (the store's tensor "
+                                "names) instead of the default, the source checkpoint's own container (a Lightning "
+                                ".ckpt, the loop's dict, an HF folder, DCP, DeepSpeed: docs/formats.md)."),
+        strip_prefix: list[str] = typer.Option(None, "--strip-prefix", help="Remove this prefix from the tensor "
+                                               "names written (repeatable), e.g. '_orig_mod.' (torch.compile) or "
+                                               "'module.' (DataParallel/DDP), to load into the bare model."),
+        out: Path = typer.Option(None, "--out", "-o", help="Output file (one epoch whose container is a file, "
+                                 "or a bare state dict) or folder (default "
                                  f"./{DEFAULT_FOLDER}/). Never a source checkpoint, nor inside the store or a "
                                  "folder of source checkpoints."),
         force: bool = ForceOutputOption,
@@ -51,15 +57,16 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
     ):
-        """Write the modelled checkpoint of an epoch: same keys, order, shapes and dtypes as the source,
-        loadable with load_state_dict(strict=True).
+        """Write the modelled checkpoint of an epoch in the container of that epoch's source checkpoint, so
+        that it loads the way the source loads (Lightning's load_from_checkpoint, the loop's dict, HF
+        from_pretrained, dcp.load); only the modelled weights differ. --format writes a bare state dict.
 
         Examples: `cmdtool reconstruct --epoch 150`, `cmdtool reconstruct -e 100 -e 150 --variant online
         --format safetensors --out ckpts_cmd/`, `cmdtool reconstruct -e 150 -m dmd`, `cmdtool reconstruct -e 150
-        -m swa --swa-fraction 0.2`.
+        -m swa --swa-fraction 0.2`, `cmdtool reconstruct -e 150 --strip-prefix _orig_mod. --format pt`.
         """
         from cmdtool.ingest.checkpoints import write_modelled_checkpoint
-        from cmdtool.ingest.formats import safetensors_metadata
+        from cmdtool.ingest.containers import describe_bare, write_container
         from cmdtool.output_folder import OutputFolder, check_output_file
         from cmdtool.store import open_store
 
@@ -68,28 +75,37 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --format {fmt!r}: choose pt or safetensors")
         st = open_store(store, mode="r")
         columns = [st.column_of(label) for label in dict.fromkeys(epoch)]  # unknown epochs fail first
+        strip = _checked_prefixes(st, strip_prefix or [])
+        # what each epoch becomes is decided (and refused) before any work
+        plans = _output_plans(out, st, columns, model if model in AVERAGES else f"{model}_{name}", fmt)
         vectors = _averages(st, model, columns, ema_beta, swa_fraction, epochs, progress_for(quiet or as_json)) \
             if model in AVERAGES else _modelled(st, model, columns, name)
-        paths = _output_paths(out, st, columns, model if model in AVERAGES else f"{model}_{name}", fmt)
-        as_file = len(paths) == 1 and paths[0][0] == out
+        as_file = len(plans) == 1 and plans[0].path == out
         if as_file:  # refused before the work: a source checkpoint, or a file cmdtool did not write
             check_output_file(out, st, force=force)
         # a folder follows the output-folder rule (staged, published whole); one file is written in place, atomically
         written = []
         with contextlib.nullcontext(out.parent) if as_file else \
-                OutputFolder(paths[0][0].parent, "reconstruct", force=force, store=st) as target:
-            for column, (path, chosen) in zip(columns, paths):
+                OutputFolder(plans[0].path.parent, "reconstruct", force=force, store=st) as target:
+            for column, plan in zip(columns, plans):
                 started = time.perf_counter()
                 blocks, described, model_variant = next(vectors)
-                source = Path(st.time_axis[column].source)
-                metadata = safetensors_metadata(source) if chosen == "safetensors" else None
-                write_modelled_checkpoint(st, column, blocks, target / path.name, chosen, metadata=metadata)
+                if plan.container is not None:
+                    container = write_container(st, column, blocks, plan.container, target / plan.path.name, strip)
+                else:
+                    rename = {e.name: _stripped(e.name, strip) for e in st.layout.entries} if strip else None
+                    metadata = _bare_metadata(st, column) if plan.format == "safetensors" else None
+                    write_modelled_checkpoint(st, column, blocks, target / plan.path.name, plan.format,
+                                              metadata=metadata, rename=rename)
+                    container = describe_bare(plan.format)
                 record = {"epoch": int(st.labels[column]), "method": model, "variant": model_variant,
-                          "path": str(path), "format": chosen, "source": st.time_axis[column].source,
+                          "path": str(plan.path), "format": plan.format or plan.container.kind,
+                          "container": container, "source": st.time_axis[column].source,
                           "seconds": round(time.perf_counter() - started, 3)}
                 written.append(record)
-                if not as_json and not quiet:
-                    console.print(f"epoch {record['epoch']} ({described}) -> {path}", highlight=False)
+                if not as_json and not quiet:  # the container is named when it holds more than the weights
+                    shown = "" if container.endswith("state dict") else f" ({container})"
+                    console.print(f"epoch {record['epoch']} ({described}) -> {plan.path}{shown}", highlight=False)
         if as_json:
             print_json(written)
 
@@ -146,17 +162,69 @@ def _averages(st, model: str, columns: list[int], ema_beta: float, swa_fraction:
         yield [(slice(0, st.n_rows), found[column])], described, None
 
 
-def _output_paths(out: Path | None, st, columns, prefix: str, fmt: str | None):
-    """(path, format) per column: a file for one epoch when --out names a file, else files in a folder."""
-    from cmdtool.ingest.checkpoints import source_format
+@dataclass(frozen=True)
+class _Plan:
+    path: Path                 # the file or folder written
+    container: object = None   # the source's Container, written as such; None: a bare state dict
+    format: str | None = None  # the bare state dict's format (pt or safetensors)
 
-    chosen = [fmt or source_format(st, c) for c in columns]
-    as_file = out is not None and len(columns) == 1 and not out.is_dir() and out.suffix in (".pt", ".safetensors")
-    if as_file:
-        if fmt is None:
-            chosen = ["safetensors" if out.suffix == ".safetensors" else "pt"]
-        return [(out, chosen[0])]
-    if out is not None and out.suffix in (".pt", ".safetensors") and len(columns) > 1:
+
+def _output_plans(out: Path | None, st, columns, prefix: str, fmt: str | None) -> list[_Plan]:
+    """What each column becomes and where: the source's container (a file or a folder) or, with --format (or a
+    store built from memory, or an --out file that the container is not), a bare state dict. One epoch is
+    written to --out itself when it names a checkpoint file; otherwise into the folder --out (default
+    ./reconstructed/), named ``<prefix>_epoch<E>`` with the container's suffix."""
+    from cmdtool.ingest.containers import source_container
+    from cmdtool.ingest.formats import CHECKPOINT_SUFFIXES, SAFETENSORS_SUFFIX
+
+    names_file = out is not None and not out.is_dir() and out.name.endswith(CHECKPOINT_SUFFIXES)
+    if names_file and len(columns) > 1:
         raise UsageError(f"--out {out} names one file but {len(columns)} epochs were asked for; give a folder")
-    folder = out if out is not None else Path(DEFAULT_FOLDER)
-    return [(folder / f"{prefix}_epoch{int(st.labels[c])}.{f}", f) for c, f in zip(columns, chosen)]
+    plans = []
+    for column in columns:
+        try:
+            container = None if fmt is not None else source_container(st, column)
+        except UsageError:  # no source to rebuild the container from: a named file is then a bare state dict
+            if not names_file:
+                raise
+            container = None
+        if names_file:  # the file named: the container when it is one file of that kind, else a bare state dict
+            wanted = "safetensors" if out.name.endswith(SAFETENSORS_SUFFIX) else "torch"
+            if container is not None and container.kind == wanted:
+                return [_Plan(out, container)]
+            return [_Plan(out, None, fmt or ("safetensors" if wanted == "safetensors" else "pt"))]
+        folder = out if out is not None else Path(DEFAULT_FOLDER)
+        stem = f"{prefix}_epoch{int(st.labels[column])}"
+        if container is None:
+            plans.append(_Plan(folder / f"{stem}.{fmt or 'pt'}", None, fmt or "pt"))
+        else:
+            plans.append(_Plan(folder / f"{stem}{container.suffix}", container))
+    return plans
+
+
+def _stripped(name: str, prefixes: tuple[str, ...]) -> str:
+    from cmdtool.ingest.formats import strip_prefix
+
+    return strip_prefix(name, prefixes)
+
+
+def _checked_prefixes(st, prefixes: list[str]) -> tuple[str, ...]:
+    """--strip-prefix values, each carried by some tensor name (the store's, or the source's with the prefix
+    ingest stripped put back): a prefix that matches nothing is a typo, refused."""
+    from cmdtool.ingest.ingest import store_strip_prefixes
+
+    names = [e.name for e in st.layout.entries]
+    candidates = names + [p + n for p in store_strip_prefixes(st) for n in names]
+    for prefix in prefixes:
+        if not prefix or not any(n.startswith(prefix) for n in candidates):
+            example = names[0] if names else ""
+            raise UsageError(f"--strip-prefix {prefix!r}: no tensor name starts with it (e.g. {example!r})")
+    return tuple(prefixes)
+
+
+def _bare_metadata(st, column: int):
+    """A bare safetensors file keeps a safetensors source's header metadata."""
+    from cmdtool.ingest.formats import safetensors_metadata
+
+    source = Path(st.time_axis[column].source)
+    return safetensors_metadata(source) if source.is_absolute() and source.exists() else None

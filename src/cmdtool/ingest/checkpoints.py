@@ -25,12 +25,6 @@ from ..output_folder import write_atomically
 FORMATS = ("pt", "safetensors")
 
 
-def source_format(store, column: int) -> str:
-    """Default output format: the source's (safetensors stays safetensors; torch files and shards give .pt)."""
-    source = store.time_axis[column].source
-    return "safetensors" if source.endswith(".safetensors") else "pt"
-
-
 def _open_source(store, column: int) -> OpenCheckpoint:
     return open_recorded_source(store, column)
 
@@ -124,18 +118,21 @@ def write_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, fm
 
 
 def write_modelled_checkpoint(store, column: int, blocks, path: str | os.PathLike, fmt: str,
-                              metadata: dict[str, str] | None = None) -> Path:
+                              metadata: dict[str, str] | None = None, rename: dict[str, str] | None = None) -> Path:
     """Write one epoch's checkpoint from its modelled values as row blocks ``(rows, float32 values)`` in store
     order (:meth:`~cmdtool.analyzers.base.Analyzer.reconstruction_blocks`), atomically.
 
     safetensors is written as the blocks come (the header first: every size is known from the layout), so the
     memory is one block whatever the model's size. ``.pt`` needs the whole state dict for ``torch.save``: one
-    model in its own dtypes, plus one block.
+    model in its own dtypes, plus one block. ``rename``: {store name: name written} for the names that change
+    (a prefix put back or stripped).
     """
+    rename = rename or {}
     if fmt != "safetensors":
-        return write_state_dict(state_dict_from_blocks(store, column, blocks), path, fmt)
+        state = state_dict_from_blocks(store, column, blocks)
+        return write_state_dict({rename.get(k, k): v for k, v in state.items()}, path, fmt)
     layout = store.layout
-    header, positions = _safetensors_header(layout, metadata if metadata is not None else {"format": "pt"})
+    header, positions = _safetensors_header(layout, metadata if metadata is not None else {"format": "pt"}, rename)
     tied = {}
     for entry in layout.entries:
         if entry.role == "tied":
@@ -167,9 +164,12 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _safetensors_header(layout, metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+def _safetensors_header(layout, metadata: dict[str, str], rename: dict[str, str] | None = None) \
+        -> tuple[bytes, dict[str, int]]:
     """The safetensors header (JSON, padded with spaces to 8 bytes as safetensors writes it) of the layout's
-    tensors in the source's order, and each tensor's byte offset in the data that follows."""
+    tensors in the source's order (named ``rename.get(name, name)``), and each tensor's byte offset in the data
+    that follows (by store name)."""
+    rename = rename or {}
     header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
     positions, offset = {}, 0
     for entry in layout.entries:
@@ -178,7 +178,7 @@ def _safetensors_header(layout, metadata: dict[str, str]) -> tuple[bytes, dict[s
             raise UsageError(f"tensor {entry.name!r} has dtype {entry.dtype}, which safetensors cannot hold; "
                              "use --format pt")
         size = numel_of(entry.shape) * dtype.itemsize
-        header[entry.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(entry.shape),
+        header[rename.get(entry.name, entry.name)] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(entry.shape),
                               "data_offsets": [offset, offset + size]}
         positions[entry.name] = offset
         offset += size

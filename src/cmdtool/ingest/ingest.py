@@ -21,6 +21,7 @@ import contextlib
 import fnmatch
 import hashlib
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ class IngestReport:
     replaced: list[int] = field(default_factory=list)    # labels re-ingested with --force
     unchanged: list[int] = field(default_factory=list)   # labels already in the store
     skipped: list[str] = field(default_factory=list)     # notes on non-checkpoint files
+    notes: list[str] = field(default_factory=list)       # notes on how the tensors are stored (name prefixes)
     nonfinite: dict[int, int] = field(default_factory=dict)  # label -> count of NaN/Inf values stored
     bytes_read: int = 0
     seconds: float = 0.0
@@ -64,7 +66,7 @@ class IngestReport:
 
     def to_json(self) -> dict:
         return {"store": str(self.store), "created": self.created, "added": self.added, "replaced": self.replaced,
-                "unchanged": self.unchanged, "skipped": self.skipped,
+                "unchanged": self.unchanged, "skipped": self.skipped, "notes": self.notes,
                 "nonfinite": {str(k): v for k, v in self.nonfinite.items()}, "bytes_read": self.bytes_read,
                 "seconds": round(self.seconds, 3), "n_rows": self.n_rows, "n_checkpoints": self.n_checkpoints}
 
@@ -169,6 +171,39 @@ def _prefix_hint(missing: list[str], extra: list[str]) -> str | None:
             return (f"{where} tensor names carry the prefix {prefix!r} and the others' do not (saved from a "
                     f"wrapped model, e.g. DataParallel/DDP 'module.'); {fix}")
     return None
+
+
+# prefixes that wrappers put before every tensor name, and what puts them there
+WRAPPER_PREFIXES = {"_orig_mod.": "torch.compile", "module.": "DataParallel/DDP"}
+
+
+def carried_prefix(names) -> str:
+    """The wrapper prefixes (:data:`WRAPPER_PREFIXES`, possibly nested: ``module._orig_mod.``) that every name
+    carries; '' when none."""
+    names = list(names)
+    prefix = ""
+    while names:
+        found = next((p for p in WRAPPER_PREFIXES if all(n.startswith(prefix + p) for n in names)), None)
+        if found is None:
+            break
+        prefix += found
+    return prefix
+
+
+def prefix_note(layout: Layout, strip_prefix: tuple[str, ...]) -> str | None:
+    """What ingest says about how a new store holds names that a wrapper prefixed (None: nothing to say)."""
+    if strip_prefix:
+        shown = " ".join(f"--strip-prefix {p}" for p in strip_prefix)
+        return (f"tensor names stored without the prefix {', '.join(map(repr, strip_prefix))} ({shown}); "
+                f"reconstruct puts it back where a checkpoint had it, so a reconstruction loads where its "
+                f"checkpoint loads, and --format pt|safetensors writes the stored names")
+    prefix = carried_prefix(e.name for e in layout.entries)
+    if not prefix:
+        return None
+    makers = " + ".join(WRAPPER_PREFIXES[p] for p in re.findall(r"[^.]+\.", prefix))
+    return (f"every tensor name carries the prefix {prefix!r} ({makers}); stored as saved, so a reconstruction "
+            f"loads where the checkpoints load; to load into the bare model, pass --strip-prefix {prefix} to "
+            f"reconstruct or evaluate")
 
 
 def _fill_rows(checkpoint: OpenCheckpoint, entries: list[TensorEntry], target: np.ndarray, start: int) -> None:
@@ -456,6 +491,10 @@ def _ingest_locked(discovery, st, store_path, report, options: IngestOptions, bu
 
             chunk_columns = chunk_columns_on_cluster(chunk_columns, len(new_sources),
                                                      len(client.scheduler_info()["workers"]))
+        note = prefix_note(layout, options.strip_prefix)
+        if note:
+            report.notes.append(note)
+            progress.note(note)
         with signals_deferred():  # a store created only in part would not open
             st = TrajectoryStore.create(store_path, layout, chunk_columns, codec=codec or fmt.DEFAULT_CODEC,
                                         chunk_rows=default_chunk_rows(
