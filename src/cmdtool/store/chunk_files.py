@@ -146,9 +146,7 @@ class ArrayDocument:
 
         No allocation per chunk: files are read into a buffer reused by this thread, and a chunk whose rows and
         columns all fall in the region (every chunk of a row block over all checkpoints, but a last partial one)
-        is decompressed straight into the result. Per-chunk buffers would otherwise each be a fresh mapping
-        (the reader fixes glibc's mmap threshold, reader.py), page-faulted in and out again: that doubled the
-        time of a bare read. ``empty(shape, dtype)`` allocates the result (the reader passes its reused block
+        is decompressed straight into the result, with no per-chunk buffer to allocate and page-fault in. ``empty(shape, dtype)`` allocates the result (the reader passes its reused block
         arrays)."""
         one_dimensional = len(self.chunk_shape) == 1
         chunk_rows, chunk_cols = (self.chunk_shape[0], 1) if one_dimensional else self.chunk_shape

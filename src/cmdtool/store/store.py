@@ -307,8 +307,8 @@ class TrajectoryStore(StoreAttributes):
         Blocks are read ahead in a background thread (``prefetch`` blocks) so that decompression overlaps
         compute. With ``device`` (a torch device or string) each block arrives as a torch tensor on that
         device (pinned memory and an asynchronous copy for CUDA); otherwise as a float32 numpy array.
-        ``reuse_arrays`` reads blocks into arrays the consumer no longer holds (less CPU, up to two blocks more
-        resident; :class:`~cmdtool.store.reader.ReusedBlockArrays`).
+        ``reuse_arrays`` reads blocks into the arrays of blocks the consumer released (:meth:`RowBlock.release`;
+        less CPU, up to two blocks more resident; :class:`~cmdtool.store.reader.BlockArrays`).
         """
         from .reader import iter_row_blocks
 
@@ -523,12 +523,29 @@ def write_row_coordinates(path: Path, layout: Layout, codec: str = fmt.DEFAULT_C
 
 
 class RowBlock:
-    """Rows ``start:stop`` of W (over the requested columns) as ``data`` (numpy array or torch tensor)."""
+    """Rows ``start:stop`` of W (over the requested columns) as ``data`` (numpy array or torch tensor).
 
-    __slots__ = ("start", "stop", "data")
+    A block read with ``iter_blocks(reuse_arrays=True)`` lends its memory: :meth:`release` (or the end of a
+    ``with block:``) gives it back to the reader, which may then read a later block into it; ``data`` is None
+    from then on. A block never released keeps its memory for itself."""
 
-    def __init__(self, start: int, stop: int, data):
+    __slots__ = ("start", "stop", "data", "_give_back")
+
+    def __init__(self, start: int, stop: int, data, give_back=None):
         self.start, self.stop, self.data = start, stop, data
+        self._give_back = give_back
+
+    def release(self) -> None:
+        """Done with ``data``: the reader may read into its memory again (with ``reuse_arrays``)."""
+        give_back, self._give_back, self.data = self._give_back, None, None
+        if give_back is not None:
+            give_back()
+
+    def __enter__(self) -> "RowBlock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def __iter__(self):  # allows ``for start, stop, data in store.iter_blocks()``
         return iter((self.start, self.stop, self.data))
