@@ -17,7 +17,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from cmdtool.cluster import SCHEDULER_ENV_VAR
-from cmdtool.errors import CmdtoolError
+from cmdtool.errors import CmdtoolError, UsageError
 from cmdtool.store.location import storage_error
 from cmdtool.progress import RichProgress
 from cmdtool.store import format as fmt
@@ -38,6 +38,13 @@ EpochsOption = typer.Option(None, "--epochs",
 ForceOutputOption = typer.Option(False, "--force", help="Also write into a non-empty folder that cmdtool did not "
                                  "write (files of the same names are replaced, nothing else is touched). Never "
                                  "lifts the rule against writing inside the store or a checkpoint folder.")
+
+AllowGlobalOption = typer.Option(
+    [], "--allow-global", metavar="MODULE.NAME",
+    help="Also let the weights-only loader build this class found in a torch checkpoint (repeatable), e.g. "
+         "--allow-global mypackage.config.TrainConfig: the module is imported and objects of that class are "
+         "built from the file's data, on your own responsibility (as torch.serialization.add_safe_globals). "
+         "Standard data types (pathlib paths, argparse.Namespace, datetime, ...) need no option: docs/formats.md.")
 
 SchedulerOption = typer.Option(
     None, "--scheduler", envvar=SCHEDULER_ENV_VAR, metavar="ADDRESS",
@@ -73,6 +80,17 @@ def with_scheduler(command):
 # click's exception classes, found through typer's public BadParameter (typer vendors click in newer releases)
 _CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
 ClickException, ClickUsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
+
+
+def allowing_globals(names: list[str]):
+    """The block in which the loader also builds the classes ``names`` (--allow-global); refused on a cluster,
+    whose worker processes would not know them."""
+    from cmdtool.cluster import active_client
+    from cmdtool.ingest.formats import allowed_globals
+
+    if names and active_client() is not None:
+        raise UsageError("--allow-global applies in this process only; run this command without --scheduler")
+    return allowed_globals(names)
 
 
 def progress_for(quiet: bool) -> RichProgress:

@@ -11,8 +11,8 @@ from cmdtool.store import format as fmt
 from cmdtool.store.format import INGEST_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
 from cmdtool.units import format_bytes
 
-from ..common import (JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for,
-                      with_scheduler)
+from ..common import (AllowGlobalOption, JsonOption, QuietOption, StoreOption, allowing_globals, console,
+                      handle_errors, print_json, progress_for, with_scheduler)
 
 
 def register(app: typer.Typer) -> None:
@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
                                   show_default=False),
         force: bool = typer.Option(False, "--force", help="Replace epochs whose file content changed since "
                                    "they were ingested (otherwise an error)."),
+        allow_global: list[str] = AllowGlobalOption,
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
     ):
@@ -65,11 +66,12 @@ def register(app: typer.Typer) -> None:
         """  # noqa: E501 (one line per paragraph: rich re-wraps help text to the terminal)
         from cmdtool.ingest import ingest as run_ingest  # torch: imported only when a command needs it
 
-        report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
-                            exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,
-                            progress=progress_for(quiet or as_json), skip=tuple(skip),
-                            set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix),
-                            codec=codec)
+        with allowing_globals(allow_global):
+            report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
+                                exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,
+                                progress=progress_for(quiet or as_json), skip=tuple(skip),
+                                set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix),
+                                codec=codec)
         if as_json:
             print_json(report.to_json())
             return
