@@ -75,8 +75,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(report.to_json())
             return
-        if quiet:
-            return
         verb = "created" if report.created else "updated"
         if not report.added and not report.replaced:
             console.print(f"{report.store}: up to date ({report.n_checkpoints} checkpoints, nothing new)")

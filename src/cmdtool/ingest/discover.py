@@ -176,6 +176,12 @@ def discover(paths: list[str | Path], label_pattern: str | None = None, first_fr
             continue
         children = _checkpoint_children(path, ignored)
         own = folder_source(path)
+        if own is None and not any(source is not None for source, _ in children):
+            tree = trainer_tree(path, ignored)
+            if tree is not None:
+                skipped.append(f"{path}: took the checkpoints in {tree} (Lightning's default tree)")
+                path = tree
+                children = _checkpoint_children(path, ignored)
         if own is not None and not any(source is not None and source.folder for source, _ in children):
             own.label_text, own.named = path.resolve().name, True
             sources.append(own)
@@ -234,6 +240,31 @@ def _checkpoint_children(folder: Path, ignored: set[Path]) -> list[tuple[Checkpo
     return out
 
 
+# Where Lightning's ModelCheckpoint writes below Trainer(default_root_dir=ROOT): ROOT/lightning_logs/version_N/
+# checkpoints/ with its default logger (any logger name: ROOT/NAME/version_N/), ROOT/checkpoints/ without a logger;
+# relative to the folder named (ROOT, ROOT/lightning_logs or ROOT/lightning_logs/version_N).
+TRAINER_TREES = ("checkpoints", "*/version_*/checkpoints", "version_*/checkpoints")
+
+
+def trainer_tree(path: Path, ignored: set[Path] = frozenset()) -> Path | None:
+    """The one checkpoint folder of a trainer's default tree below ``path`` (see :data:`TRAINER_TREES`), or
+    None when there is none. Several runs (Lightning's version_0, version_1, ... of repeated fits) are not
+    chosen between: a :class:`UsageError` names them and the command that takes the latest."""
+    found = []
+    for pattern in TRAINER_TREES:
+        for folder in sorted(path.glob(pattern), key=lambda p: natural_key(str(p))):
+            if folder.is_dir() and folder.resolve() not in ignored and \
+                    any(source for source, _ in _checkpoint_children(folder, ignored)):
+                found.append(folder)
+        if found:
+            break
+    if len(found) <= 1:
+        return found[0] if found else None
+    runs = ", ".join(str(folder.relative_to(path)) for folder in found)
+    raise UsageError(f"{path}: {len(found)} runs with checkpoints ({runs}); name the one to ingest, e.g. "
+                     f"`cmdtool ingest {found[-1]}`")
+
+
 def _nothing_found(path: Path) -> str:
     message = (f"{path}: no checkpoints found (looked for {', '.join(CHECKPOINT_SUFFIXES)} files and checkpoint "
                f"folders: HF checkpoint-N/, sharded, DeepSpeed global_stepN/, torch.distributed.checkpoint)")
@@ -247,6 +278,36 @@ def _is_alias(name: str) -> bool:
     stem = checkpoint_stem(name).lower()
     return stem.startswith(ALIAS_PREFIXES) or stem.endswith(("_best", "-best", "_last", "-last")) \
         or bool(LIGHTNING_COPY.search(stem))
+
+
+def same_content(source: CheckpointSource, others: list[CheckpointSource],
+                 most: int = 3) -> CheckpointSource | None:
+    """The checkpoint among ``others`` whose files hold the same bytes as ``source``'s, or None: a trainer's
+    duplicate of a checkpoint (Lightning's ``last.ckpt``, an HF run's final ``model.safetensors``). Only files of
+    the same total size are hashed, the nearest in modification time first, at most ``most`` of them."""
+    from .ingest import file_digest
+
+    def size_and_time(checkpoint):
+        try:
+            return checkpoint.size, checkpoint.mtime
+        except (OSError, ValueError):  # vanished, or listed on object storage and not downloaded
+            return None
+
+    own = size_and_time(source)
+    if own is None:
+        return None
+    candidates = [(abs(at[1] - own[1]), other) for other in others if other is not source
+                  for at in [size_and_time(other)] if at is not None and at[0] == own[0]]
+    if not candidates:
+        return None
+    try:
+        digest = file_digest(source.files)
+        for _, other in sorted(candidates, key=lambda pair: pair[0])[:most]:
+            if file_digest(other.files) == digest:
+                return other
+    except OSError:
+        return None
+    return None
 
 
 def _assign_labels(sources, pattern, first_free_label, chosen_labels, skipped) -> list[CheckpointSource]:
@@ -281,14 +342,24 @@ def _assign_labels(sources, pattern, first_free_label, chosen_labels, skipped) -
             fix = "pass --set-label PATH=N" if pattern else "pass --label-pattern REGEX or --set-label PATH=N"
             raise UsageError(f"{source.path}: cannot read an epoch label from {source.label_text!r} with {rule}; "
                              f"{fix}")
+        twin = same_content(source, [s for s in sources if labels[id(s)] is not None])
+        if twin is not None:
+            skipped.append(f"{source.path}: the same bytes as {twin.path} (epoch {labels[id(twin)]}); skipped as "
+                           f"that checkpoint")
+            continue
+        free = max([first_free_label] + [label + 1 for label in labels.values() if label is not None])
         why = f"--label-pattern {pattern!r} does not match" if pattern else "no epoch number in"
-        skipped.append(f"{source.path}: {why} {source.label_text!r}; skipped as an alias or final copy (take it "
-                       f"with --set-label {source.path}=N)")
+        skipped.append(f"{source.path}: {why} {source.label_text!r}; skipped as an alias or final copy (to take "
+                       f"it as a new last epoch: --set-label {source.path}={free})")
     kept.sort(key=lambda s: (s.label, _is_alias(s.label_text), natural_key(s.label_text)))
     result: list[CheckpointSource] = []
     for source in kept:
         if result and result[-1].label == source.label:
             first = result[-1]
+            if same_content(source, [first]) is not None:
+                skipped.append(f"{source.path}: the same bytes as {first.path} (epoch {source.label}); skipped as "
+                               f"that checkpoint")
+                continue
             if not _is_alias(source.label_text) or chosen(source) is not None:
                 raise UsageError(f"duplicate epoch label {source.label}: {first.path} and {source.path}; leave one "
                                  f"out with --skip GLOB")
