@@ -10,7 +10,8 @@ from cmdtool.evaluate import Evaluation, all_methods, evaluate as run_evaluation
 from ..common import EpochsOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, \
     progress_for, with_scheduler
 
-FnOption = typer.Option(..., "--fn", help="Metric function: package.module:function or path/to/file.py:function. "
+FnOption = typer.Option(..., "--fn", help="Metric function: package.module:function (looked for from the working "
+                        "directory too, as python -m does) or path/to/file.py:function. "
                         "It takes a state dict (or, with --model-factory, a model) and returns a dict of "
                         "floats, e.g. {'test_acc': 0.93, 'test_loss': 0.21}.")
 ModelFactoryOption = typer.Option(None, "--model-factory", help="Optional module:function returning an "
@@ -59,10 +60,13 @@ def register(app: typer.Typer) -> None:
         """
         from cmdtool.store import open_store
 
+        from cmdtool.imports import working_directory_importable
+
         st = open_store(store, mode="r+")
-        run = run_evaluation(st, fn, model_factory=model_factory, methods=methods, epochs=epochs, every=every,
-                             ema_beta=ema_beta, swa_fraction=swa_fraction, decomposition=decomposition,
-                             name=name, progress=progress_for(quiet or as_json))
+        with working_directory_importable():  # for the run: the function may import its neighbours when called
+            run = run_evaluation(st, fn, model_factory=model_factory, methods=methods, epochs=epochs,
+                                 every=every, ema_beta=ema_beta, swa_fraction=swa_fraction,
+                                 decomposition=decomposition, name=name, progress=progress_for(quiet or as_json))
         rows = run.summary(sort_metric, sort_mode)
         if as_json:
             print_json({"name": name, "config": run.config, "summary": rows, "timings": run.timings})
