@@ -170,7 +170,8 @@ def test_compare_is_fair_by_default(store):
     assert fair.budget_source == "pod" and fair.budget == by["pod"].stored_floats
     assert by["pca"].budget_matched and by["pca"].stored_floats <= fair.budget
     own = compare(store, ["pod", "pca"], {"device": "cpu"}, equal_budget=False)
-    assert own.budget_source is None and {m.method: m for m in own.methods}["pca"].size["dims"] == 13
+    # its own default: the threshold rule finds the 3 planted curves (not T − 1 = 13, the data itself)
+    assert own.budget_source is None and {m.method: m for m in own.methods}["pca"].size["dims"] == 3
     given = compare(store, ["pod", "pca"], {"device": "cpu", "dims": 5})
     pca = {m.method: m for m in given.methods}["pca"]
     assert pca.size_given and not pca.budget_matched and pca.size["dims"] == 5   # an explicit size wins
