@@ -85,3 +85,19 @@ def test_reconstructed_checkpoints_respect_the_umask_and_keep_metadata(safetenso
     with safe_open(str(tmp_path / "p4.safetensors"), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
         assert set(handle.keys()) == set(torch.load(tmp_path / "pt" / "epoch_4.pt", weights_only=True))
+
+
+def test_info_in_a_pipe_shows_whole_tensor_names(tmp_path):
+    """Not a terminal (a pipe, a file, CliRunner): the table takes its natural width, no name is cut with '…'."""
+    import numpy as np
+
+    from cmdtool.store import from_array
+
+    long_name = "model.encoder.layers.11.self_attention.output_projection.low_rank_adapter.weight"
+    W = np.arange(60 * 4, dtype=np.float32).reshape(60, 4)
+    from_array(tmp_path / "s.zarr", W, labels=range(4), tensors={long_name: (6, 5), "head.bias": (30,)})
+    out = CliRunner().invoke(app, ["info", "--store", str(tmp_path / "s.zarr")])
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.stdout.splitlines() if long_name in line)
+    assert "…" not in out.stdout and row.split() == [long_name, "│", "6x5", "│", "float32", "│", "parameter", "│",
+                                                      "30"]

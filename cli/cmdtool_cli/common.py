@@ -98,6 +98,21 @@ def progress_for(quiet: bool) -> RichProgress:
     return RichProgress(console=err_console, enabled=not quiet, bars=err_console.is_terminal)
 
 
+def print_table(table) -> None:
+    """A table on stdout: fitted to the width of a terminal; in a pipe or a file at its natural width, so that no
+    cell (a long tensor name) is cut with '…' at 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update_width(1_000_000)).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 

@@ -8,7 +8,7 @@ from rich.table import Table
 from cmdtool.evaluate import Evaluation, all_methods, evaluate as run_evaluation
 
 from ..common import EpochsOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, \
-    progress_for, with_scheduler
+    print_table, progress_for, with_scheduler
 
 FnOption = typer.Option(..., "--fn", help="Metric function: package.module:function (looked for from the working "
                         "directory too, as python -m does) or path/to/file.py:function. "
@@ -91,7 +91,7 @@ def render_summary(run: Evaluation, rows: list[dict]) -> None:
         table.add_row(row["method"], str(row["final_epoch"]),
                       *[_fmt(row["final"].get(m)) for m in metric_names],
                       str(row["best_epoch"]) if row["best_epoch"] is not None else "-", _fmt(row["best"]))
-    console.print(table)
+    print_table(table)
     total = run.timings.get("total_seconds")
     if total is not None:
         console.print(f"{len(run.records)} evaluations in {total:.1f} s, saved as evaluation/{run.name}",
