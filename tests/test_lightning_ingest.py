@@ -152,3 +152,16 @@ def test_a_users_class_needs_allow_global_and_the_import_path_is_restored(tmp_pa
     with pytest.raises(UsageError, match="refused"):
         load_torch_file(tmp_path / "epoch_1.ckpt")
     assert os.getcwd() == str(package)
+
+
+def test_allow_global_refuses_what_runs_code_and_never_suggests_it(tmp_path):
+    from test_bad_input import Exploit
+
+    for name in ("subprocess.Popen", "os.system", "builtins.eval"):
+        with pytest.raises(UsageError, match="refused"), allowed_globals([name]):
+            pass
+    marker = tmp_path / "pwned"
+    torch.save({"w": Exploit(marker)}, tmp_path / "epoch_1.pt")
+    result = invoke("ingest", tmp_path / "epoch_1.pt", "--store", tmp_path / "s.zarr")
+    assert result.exit_code == 2 and "refused: unpickling it needs posix.system" in result.stderr
+    assert "--allow-global" not in result.stderr and not marker.exists()

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
                                           "trade size for accuracy (DMD/KGA/POD rank, PCA dims) to store no more "
                                           "numbers than the reference (CMD when compared, else the first method, or "
                                           "--budget); a size you give explicitly is kept. --own-sizes: each method "
-                                          "at its own default size."),
+                                          "as you saved it (decompose), else at its own default size."),
         budget: int = typer.Option(None, "--budget", help="Stored-number budget instead of the reference method's "
                                    "size."),
         refit: bool = typer.Option(False, "--refit", help="Fit every method again. Without it a method given "

@@ -108,10 +108,10 @@ def find_reusable(store, analyzer, columns: slice, prefer: str | None = None) ->
 
 def saved_fit(store, method: str, columns: slice, own_prefix: str) -> str | None:
     """The user's own saved result of ``method`` on this store revision and window, whatever its configuration:
-    ``default`` (what ``decompose`` saves) first, then other names in order, then fits a comparison saved
-    (``<own_prefix>-<digest>``); None when there is none."""
-    names = [n for _, n in store.results.list(method)]
-    names.sort(key=lambda n: (n != "default", n.startswith(f"{own_prefix}-"), n))
+    ``default`` (what ``decompose`` saves) first, then other names in order; never a fit a comparison saved
+    (``<own_prefix>-<digest>``, perhaps sized to another budget); None when there is none."""
+    names = [n for _, n in store.results.list(method) if not n.startswith(f"{own_prefix}-")]
+    names.sort(key=lambda n: (n != "default", n))
     for name in names:
         attrs = store.results.get(method, name).attrs
         if attrs.get("store_revision") == store.revision and \

@@ -59,6 +59,11 @@ SAFE_GLOBALS = [
         datetime.date, datetime.datetime, datetime.time, datetime.timedelta, datetime.timezone,
         decimal.Decimal, fractions.Fraction, uuid.UUID)),
 ]
+# Modules whose classes exist to run code, open files or processes, or import: never allowed, even when named.
+NEVER_ALLOWED_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "importlib", "pickle", "marshal", "socket",
+    "ctypes", "runpy", "code", "codeop", "pty", "multiprocessing", "threading", "asyncio", "io", "operator",
+    "functools", "types", "codecs", "signal", "webbrowser", "tempfile"})
 # Names added by the user for the current block (allowed_globals): a context variable, never process-wide.
 _USER_GLOBALS: contextvars.ContextVar[tuple] = contextvars.ContextVar("cmdtool_user_safe_globals", default=())
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -439,7 +444,13 @@ def allowed_globals(names: Iterable[str] = ()):
 
     objects = []
     for name in dict.fromkeys(names):
+        if name.split(".")[0].split(":")[0] in NEVER_ALLOWED_MODULES:
+            raise UsageError(f"--allow-global {name!r}: classes of {name.split('.')[0]} run code or reach the "
+                             f"system; refused")
         obj = import_global(name, "--allow-global")
+        if obj.__module__.split(".")[0] in NEVER_ALLOWED_MODULES if isinstance(obj, type) else False:
+            raise UsageError(f"--allow-global {name!r}: a class of {obj.__module__}, which runs code or reaches "
+                             f"the system; refused")
         if not isinstance(obj, type):
             raise UsageError(f"--allow-global {name!r}: a {type(obj).__name__}, not a class; only classes can be "
                              f"allowed")
@@ -480,7 +491,7 @@ def load_torch_file(path: Path):
             offending = _unsafe_globals(path, exc)
             what = ", ".join(offending[:3]) if offending else "Python objects beyond tensors"
             trust = (f"; or, if you trust the class and it only holds data, pass --allow-global {offending[0]} "
-                     f"(see docs/formats.md)") if offending else ""
+                     f"(see docs/formats.md)") if offending and _may_be_allowed(offending[0]) else ""
             raise CheckpointError(
                 f"{path}: refused: unpickling it needs {what}, which could run code (nothing was executed); "
                 f"{SAFE_RESAVE}{trust}") from None
@@ -488,6 +499,13 @@ def load_torch_file(path: Path):
     except Exception as exc:  # truncated zip, random bytes, legacy-format garbage...
         raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or damaged "
                               f"({first_line(exc)})") from None
+
+
+def _may_be_allowed(name: str) -> bool:
+    """Whether ``--allow-global NAME`` could be accepted (so the refusal may suggest it): a class by its name
+    (capitalised, as classes are), outside :data:`NEVER_ALLOWED_MODULES`."""
+    module, _, last = name.rpartition(".")
+    return bool(module) and last[:1].isupper() and module.split(".")[0] not in NEVER_ALLOWED_MODULES
 
 
 def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
