@@ -168,7 +168,7 @@ def test_fn_module_in_the_working_directory_imports_as_python_m_does(tiny_run, t
     missing = runner.invoke(app, ["evaluate", "--fn", "pkg.missing_metrics:metrics", "--store", tiny_run])
     assert missing.exit_code == 2 and missing.stderr.strip() == (
         "error: --fn 'pkg.missing_metrics:metrics': no module 'pkg' on the import path (the working directory and "
-        "PYTHONPATH); name its file instead: --fn path/to/pkg/missing_metrics.py:metrics")
+        "PYTHONPATH); name its file instead, e.g. --fn pkg/missing_metrics.py:metrics")
 
 
 def test_landscape_grid_and_known_optimum(tmp_path):

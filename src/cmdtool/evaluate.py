@@ -80,7 +80,7 @@ def load_callable(spec: str, what: str = "--fn") -> Callable:
         if exc.name and target.startswith(exc.name):
             file_form = target.replace(".", "/") + ".py"
             raise UsageError(f"{what} {spec!r}: no module {exc.name!r} on the import path (the working directory "
-                             f"and PYTHONPATH); name its file instead: {what} path/to/{file_form}:{attr}") from None
+                             f"and PYTHONPATH); name its file instead, e.g. {what} {file_form}:{attr}") from None
         raise UsageError(f"{what} {spec!r}: cannot import {target}: {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any import-time failure of user code is reported in one line
         raise UsageError(f"{what} {spec!r}: cannot import {target}: {type(exc).__name__}: {exc}") from None
