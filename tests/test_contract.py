@@ -263,6 +263,20 @@ def test_startup_imports_only_what_the_command_needs(store, args, allowed):
     assert set(ast.literal_eval(imported[len("IMPORTED "):])) <= allowed, out.stdout[-2000:]
 
 
+def test_report_of_every_analysis_imports_no_torch(store, tmp_path):
+    """`cmdtool report` reads the saved results and draws them with numpy and matplotlib: no torch (~1 s)."""
+    for method in ("cmd", "dmd", "pca", "pod"):
+        make(method).fit(store).save("default")
+    script = ("import sys\nfrom cmdtool_cli.app import app\n"
+              "try:\n    app(['report', '--store', sys.argv[1], '--out', sys.argv[2], '-q'])\n"
+              "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
+              "print('IMPORTED', sorted(m for m in ('torch',) if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(store.path), str(tmp_path / "report")],
+                         capture_output=True, text=True, check=True)
+    assert "IMPORTED []" in out.stdout, out.stdout[-2000:]
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
 def test_command_table_matches_the_commands():
     """`cmdtool --help` lists commands from a table (their modules are imported when used): every entry is a
     registered command whose own help starts with the summary shown, and no command module is left out."""
