@@ -284,14 +284,18 @@ def same_content(source: CheckpointSource, others: list[CheckpointSource],
                  most: int = 3) -> CheckpointSource | None:
     """The checkpoint among ``others`` whose files hold the same bytes as ``source``'s, or None: a trainer's
     duplicate of a checkpoint (Lightning's ``last.ckpt``, an HF run's final ``model.safetensors``). Only files of
-    the same total size are hashed, the nearest in modification time first, at most ``most`` of them."""
+    the same total size are hashed, the nearest in modification time first, at most ``most`` of them; a checkpoint
+    listed on object storage (its files are sparse placeholders until downloaded) is never compared."""
     from .ingest import file_digest
 
     def size_and_time(checkpoint):
         try:
-            return checkpoint.size, checkpoint.mtime
-        except (OSError, ValueError):  # vanished, or listed on object storage and not downloaded
+            stats = [Path(f).stat() for f in checkpoint.files]
+        except (OSError, TypeError):  # vanished meanwhile, or not a local file
             return None
+        if any(st.st_size and not st.st_blocks for st in stats):
+            return None  # a placeholder of a checkpoint on object storage (ingest/remote.py): not downloaded
+        return sum(st.st_size for st in stats), max(st.st_mtime for st in stats)
 
     own = size_and_time(source)
     if own is None:
