@@ -497,8 +497,10 @@ def load_torch_file(path: Path):
                 f"{SAFE_RESAVE}{trust}") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(exc)})") from None
     except Exception as exc:  # truncated zip, random bytes, legacy-format garbage...
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or damaged "
-                              f"({first_line(exc)})") from None
+        detail = first_line(exc)
+        if "mmap can only be used" in detail:  # zip trailer intact, archive header not: torch's advice misleads
+            detail = "the zip archive's header is damaged"
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or damaged ({detail})") from None
 
 
 def _may_be_allowed(name: str) -> bool:
@@ -680,6 +682,8 @@ class _DcpFolder:
                     exc.failures else exc
                 where = self.data_files[0] if len(self.data_files) == 1 else self.folder
                 detail = first_line(cause)
+                if "weights only load failed" in detail.lower():  # torch's advice (weights_only=False) misleads
+                    detail = "a tensor record does not unpickle"
                 if detail != type(cause).__name__:
                     detail = f"{type(cause).__name__}: {detail}"
                 raise CheckpointError(f"{where}: damaged DCP data, cannot read it ({detail})") from None
