@@ -69,7 +69,7 @@ def test_the_default_tree_is_found_and_last_ckpt_is_recognised_as_the_last_epoch
     result = invoke("ingest", lightning_root, "--store", tmp_path / "s.zarr")
     assert result.exit_code == 0, result.output
     assert f"{lightning_root}: took the checkpoints in {checkpoints} (Lightning's default tree)" in result.stderr
-    assert (f"{checkpoints / 'last.ckpt'}: the same bytes as {checkpoints / 'epoch=2-step=6.ckpt'} (epoch 2); "
+    assert (f"{checkpoints / 'last.ckpt'}: the same content as {checkpoints / 'epoch=2-step=6.ckpt'} (epoch 2); "
             f"skipped as that checkpoint") in result.stderr
     assert "epochs 0..2 added" in result.stdout
     # -q hides notes, not the result
@@ -165,3 +165,25 @@ def test_allow_global_refuses_what_runs_code_and_never_suggests_it(tmp_path):
     result = invoke("ingest", tmp_path / "epoch_1.pt", "--store", tmp_path / "s.zarr")
     assert result.exit_code == 2 and "refused: unpickling it needs posix.system" in result.stderr
     assert "--allow-global" not in result.stderr and not marker.exists()
+
+
+def test_a_resave_under_another_name_is_the_same_content(tmp_path):
+    """torchvision's references save checkpoint.pth and model_N.pth with two torch.save calls: the zips differ
+    in their bytes (the inner folder is named after the file) but not in their entries."""
+    from cmdtool.ingest.discover import content_digest
+
+    state = {"model": {"w": torch.arange(6.0)}, "epoch": 2, "args": argparse.Namespace(lr=0.1)}
+    torch.save(state, tmp_path / "model_2.pth")
+    torch.save(state, tmp_path / "checkpoint.pth")
+    state["epoch"] = 3
+    torch.save(state, tmp_path / "other.pth")
+    assert (tmp_path / "model_2.pth").read_bytes() != (tmp_path / "checkpoint.pth").read_bytes()
+    assert content_digest([tmp_path / "model_2.pth"]) == content_digest([tmp_path / "checkpoint.pth"])
+    assert content_digest([tmp_path / "model_2.pth"]) != content_digest([tmp_path / "other.pth"])
+    torch.save({"model": {"w": torch.zeros(6)}, "epoch": 1, "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "model_1.pth")
+    (tmp_path / "other.pth").unlink()
+    result = invoke("ingest", tmp_path, "--store", tmp_path / "s.zarr")
+    assert result.exit_code == 0 and "epochs 1..2 added" in result.stdout, result.output
+    assert (f"{tmp_path / 'checkpoint.pth'}: the same content as {tmp_path / 'model_2.pth'} (epoch 2); skipped as "
+            f"that checkpoint") in result.stderr
