@@ -110,3 +110,19 @@ def test_help_texts_keep_bracketed_words_such_as_extras():
                 checked += 1
                 assert word.lstrip("\\") in rendered, (name, word)
     assert checked >= 1  # at least the --scheduler help's `cmdtool[dask]`
+
+
+def test_info_in_a_pipe_shows_whole_tensor_names(tmp_path):
+    """Not a terminal (a pipe, a file, CliRunner): the table takes its natural width, no name is cut with '…'."""
+    import numpy as np
+
+    from cmdtool.store import from_array
+
+    long_name = "model.encoder.layers.11.self_attention.output_projection.low_rank_adapter.weight"
+    W = np.arange(60 * 4, dtype=np.float32).reshape(60, 4)
+    from_array(tmp_path / "s.zarr", W, labels=range(4), tensors={long_name: (6, 5), "head.bias": (30,)})
+    out = CliRunner().invoke(app, ["info", "--store", str(tmp_path / "s.zarr")])
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.stdout.splitlines() if long_name in line)
+    assert "…" not in out.stdout and row.split() == [long_name, "│", "6x5", "│", "float32", "│", "parameter", "│",
+                                                      "30"]

@@ -93,6 +93,27 @@ def test_compare_equal_budget_sizes_to_cmd(linear_store, fake_cmd):
     assert all(m.stored_floats <= result.budget for m in result.methods)
 
 
+def test_compare_reuses_the_users_own_fit_and_says_which_fit_each_row_is(linear_store, fake_cmd):
+    store, _ = linear_store
+    MeanModel(modes=3).fit(store).save("default")  # what `cmdtool decompose --modes 3` saves
+    result = compare(store, ["dmd", "cmd"])
+    by = {m.method: m for m in result.methods}
+    assert by["cmd"].reused and by["cmd"].name == "default" and by["cmd"].size == {"modes": 3}
+    assert by["cmd"].fit == "saved fit 'default' (of decompose)"
+    assert result.budget == by["cmd"].stored_floats == 2 * 400 + 3 * 20
+    assert by["dmd"].fit == f"fitted now (sized to the budget), saved as '{by['dmd'].name}'"
+    again = compare(store, ["dmd", "cmd"])
+    assert {m.method: m.fit for m in again.methods} == {
+        "cmd": "saved fit 'default' (of decompose)", "dmd": f"saved fit '{by['dmd'].name}' (same configuration)"}
+    asked = {m.method: m for m in compare(store, ["cmd"], {"modes": 1}).methods}["cmd"]
+    assert not asked.reused and asked.size == {"modes": 1} and asked.fit.startswith("fitted now (modes as given)")
+    refit = {m.method: m for m in compare(store, ["cmd"], reuse=False).methods}["cmd"]
+    assert not refit.reused and refit.size == {"modes": 1} and refit.fit.startswith("fitted now (--refit)")
+    # another window: the saved fit is of another window, so it is not taken
+    window = {m.method: m for m in compare(store, ["cmd"], {"epochs": "5:20"}).methods}["cmd"]
+    assert not window.reused and window.fit.startswith("fitted now (no saved fit on this window)")
+
+
 def test_compare_explicit_budget(linear_store):
     store, _ = linear_store
     result = compare(store, ["dmd", "pca"], {}, equal_budget=True, budget=3 * 400 + 2 * 20)  # PCA 2 dims: 1240

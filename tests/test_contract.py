@@ -170,7 +170,8 @@ def test_compare_is_fair_by_default(store):
     assert fair.budget_source == "pod" and fair.budget == by["pod"].stored_floats
     assert by["pca"].budget_matched and by["pca"].stored_floats <= fair.budget
     own = compare(store, ["pod", "pca"], {"device": "cpu"}, equal_budget=False)
-    assert own.budget_source is None and {m.method: m for m in own.methods}["pca"].size["dims"] == 13
+    # its own default: the threshold rule finds the 3 planted curves (not T − 1 = 13, the data itself)
+    assert own.budget_source is None and {m.method: m for m in own.methods}["pca"].size["dims"] == 3
     given = compare(store, ["pod", "pca"], {"device": "cpu", "dims": 5})
     pca = {m.method: m for m in given.methods}["pca"]
     assert pca.size_given and not pca.budget_matched and pca.size["dims"] == 5   # an explicit size wins
@@ -260,6 +261,20 @@ def test_startup_imports_only_what_the_command_needs(store, args, allowed):
                          check=True)
     imported = next(line for line in out.stdout.splitlines() if line.startswith("IMPORTED "))
     assert set(ast.literal_eval(imported[len("IMPORTED "):])) <= allowed, out.stdout[-2000:]
+
+
+def test_report_of_every_analysis_imports_no_torch(store, tmp_path):
+    """`cmdtool report` reads the saved results and draws them with numpy and matplotlib: no torch (~1 s)."""
+    for method in ("cmd", "dmd", "pca", "pod"):
+        make(method).fit(store).save("default")
+    script = ("import sys\nfrom cmdtool_cli.app import app\n"
+              "try:\n    app(['report', '--store', sys.argv[1], '--out', sys.argv[2], '-q'])\n"
+              "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
+              "print('IMPORTED', sorted(m for m in ('torch',) if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(store.path), str(tmp_path / "report")],
+                         capture_output=True, text=True, check=True)
+    assert "IMPORTED []" in out.stdout, out.stdout[-2000:]
+    assert (tmp_path / "report" / "index.html").is_file()
 
 
 def test_command_table_matches_the_commands():

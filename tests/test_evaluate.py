@@ -145,12 +145,30 @@ def test_fn_as_file_path_and_bad_specs(tiny_run, metric_module):
                                  "-q"])
     assert result.exit_code == 0, result.output
     assert "original" in result.output and "best epoch" in result.output
-    for spec, words in ((f"{path}:nope", "has no function 'nope'"), ("no_such_module_xyz:f", "cannot import"),
+    for spec, words in ((f"{path}:nope", "has no function 'nope'"), ("no_such_module_xyz:f", "no module 'no_such_module_xyz' on the import path"),
                         ("justaname", "module:function")):
         bad = runner.invoke(app, ["evaluate", "--fn", spec, "--store", tiny_run])
         assert bad.exit_code == 2 and words in bad.output
     bad = runner.invoke(app, ["evaluate", "--fn", f"{path}:metrics", "--store", tiny_run, "-m", "kga"])
     assert bad.exit_code == 2 and "run `cmdtool decompose -m kga` first" in bad.output
+
+
+def test_fn_module_in_the_working_directory_imports_as_python_m_does(tiny_run, tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    name = f"cwd_metrics_{abs(hash(str(tmp_path)))}"
+    (folder / f"{name}.py").write_text(METRICS_SOURCE)
+    monkeypatch.chdir(folder)
+    path_before = list(sys.path)
+    assert str(folder) not in sys.path and "" not in sys.path
+    result = runner.invoke(app, ["evaluate", "--fn", f"{name}:metrics", "--store", tiny_run, "-m", "original",
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    assert sys.path == path_before  # the working directory was on the path for the command only
+    missing = runner.invoke(app, ["evaluate", "--fn", "pkg.missing_metrics:metrics", "--store", tiny_run])
+    assert missing.exit_code == 2 and missing.stderr.strip() == (
+        "error: --fn 'pkg.missing_metrics:metrics': no module 'pkg' on the import path (the working directory and "
+        "PYTHONPATH); name its file instead, e.g. --fn pkg/missing_metrics.py:metrics")
 
 
 def test_landscape_grid_and_known_optimum(tmp_path):

@@ -190,6 +190,27 @@ def test_pca_dims_capped_at_t_minus_one(random_store):
     pca = PCA(dims=40).fit(store)
     assert pca.dims_ == 16
     assert pca.metrics_["relative_error"] < 1e-6  # T−1 directions plus the mean span every checkpoint
+    assert pca.reproduces_the_data()
+    assert pca.summary_blocks()[-1] == ("warning: 16 directions = T − 1 for T = 17 checkpoints: they span every "
+                                        "centred checkpoint, so this model is the data itself (its error is "
+                                        "roundoff); choose fewer with --dims, or --dims 0 for the threshold rule")
+
+
+def test_pca_default_keeps_the_gavish_donoho_rank_of_the_centred_data(random_store, planted_store):
+    """dims=0: σ_k of the centred checkpoints above ω(β)·median(σ) over their T − 1 non-trivial values,
+    β = T/N, ω(β) = 0.56β³ − 0.95β² + 1.82β + 1.43 (Gavish & Donoho 2014), at most 40."""
+    for store, W in (random_store,):
+        sigma = np.linalg.svd(W.astype(np.float64) - W.mean(axis=1, keepdims=True), compute_uv=False)
+        sigma = sigma[:W.shape[1] - 1]
+        beta = W.shape[1] / W.shape[0]
+        omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+        expected = int(np.count_nonzero(sigma > omega * np.median(sigma)))
+        pca = PCA().fit(store)
+        assert pca.dims_ == expected and 1 <= expected < W.shape[1] - 1
+        assert not pca.reproduces_the_data() and not pca.summary_blocks()[-1].startswith("warning")
+    assert expected == 4
+    # three planted curves, noise-free: the centred data has rank 3 (the rest is roundoff, below the numerical rank)
+    assert PCA().fit(planted_store[0]).dims_ == 3
 
 
 # ---------------------------------------------------------------------------------------------------- KGA

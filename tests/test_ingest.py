@@ -104,10 +104,16 @@ def test_label_pattern_and_positions(tmp_path):
 
 def test_duplicate_labels_refused(tmp_path):
     torch.save({"w": torch.zeros(3)}, tmp_path / "epoch_1.pt")
-    torch.save({"w": torch.zeros(3)}, tmp_path / "epoch-1.pth")
+    torch.save({"w": torch.ones(3)}, tmp_path / "epoch-1.pth")
     with pytest.raises(UsageError, match="duplicate epoch label 1"):
         cmdtool.ingest([tmp_path], tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
+    # the same content under two names is one checkpoint: the second is skipped as the first
+    torch.save({"w": torch.zeros(3)}, tmp_path / "epoch-1.pth")
+    report = cmdtool.ingest([tmp_path], tmp_path / "s.zarr")
+    assert report.added == [1] and report.skipped == [
+        f"{tmp_path / 'epoch_1.pt'}: the same content as {tmp_path / 'epoch-1.pth'} (epoch 1); skipped as that "
+        f"checkpoint"]
 
 
 def test_non_checkpoint_files_are_skipped_with_a_note(tmp_path):

@@ -378,3 +378,115 @@ def test_interrupt_message_is_one_line_without_asyncio_noise(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["interrupted; committed work is kept, run the command again to resume"]
     assert cmdtool.open_store(tmp_path / "s.zarr").n_checkpoints >= 20
+
+
+# ------------------------------------------------------------------ every reader, damaged, through the CLI
+def _small_state(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 3))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _write_reader_layout(kind, folder, epoch):
+    """One checkpoint of epoch ``epoch`` in the layout ``kind`` under ``folder``; returns the files a damage can
+    hit (every file the reader opens)."""
+    import json
+    import warnings
+    from pathlib import Path
+
+    state = _small_state(epoch)
+    if kind == "pt":
+        torch.save(state, folder / f"epoch_{epoch}.pt")
+        return [folder / f"epoch_{epoch}.pt"]
+    if kind == "ckpt":  # Lightning's container, with a pathlib hyperparameter
+        torch.save({"state_dict": state, "epoch": epoch, "pytorch-lightning_version": "2.6.0",
+                    "hyper_parameters": {"data_dir": Path("/data")}}, folder / f"epoch={epoch}-step={epoch}.ckpt")
+        return [folder / f"epoch={epoch}-step={epoch}.ckpt"]
+    if kind == "safetensors":
+        save_file(state, str(folder / f"epoch_{epoch}.safetensors"))
+        return [folder / f"epoch_{epoch}.safetensors"]
+    if kind == "bin":  # an HF Trainer folder with pytorch_model.bin
+        (folder / f"checkpoint-{epoch}").mkdir()
+        torch.save(state, folder / f"checkpoint-{epoch}" / "pytorch_model.bin")
+        return [folder / f"checkpoint-{epoch}" / "pytorch_model.bin"]
+    if kind in ("sharded", "sharded-bin"):
+        sub = folder / f"checkpoint-{epoch}"
+        sub.mkdir()
+        names = list(state)
+        suffix, base = (".safetensors", "model") if kind == "sharded" else (".bin", "pytorch_model")
+        shards = {f"{base}-0000{k + 1}-of-00002{suffix}": names[k::2] for k in range(2)}
+        for shard, keys in shards.items():
+            part = {key: state[key] for key in keys}
+            save_file(part, str(sub / shard)) if kind == "sharded" else torch.save(part, sub / shard)
+        index = sub / f"{base}{suffix}.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": {k: s for s, ks in shards.items() for k in ks}}))
+        return [index, *(sub / shard for shard in shards)]
+    if kind == "deepspeed":
+        sub = folder / f"global_step{epoch}"
+        sub.mkdir()
+        torch.save({"module": state, "param_shapes": [{k: v.shape for k, v in state.items()}]},
+                   sub / "mp_rank_00_model_states.pt")
+        return [sub / "mp_rank_00_model_states.pt"]
+    if kind == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"model": state}, checkpoint_id=str(folder / f"epoch_{epoch}"), no_dist=True)
+        return [folder / f"epoch_{epoch}" / ".metadata", folder / f"epoch_{epoch}" / "__0_0.distcp"]
+    raise AssertionError(kind)
+
+
+def _damages(size):
+    """(name, function of the bytes) for a file of ``size`` bytes: truncations at several offsets (0 bytes
+    included) must always be refused; flipped bytes may hit tensor data that no format checks (ingested)."""
+    cuts = [("empty", lambda d: b"")] + [(f"cut@{at}", lambda d, at=at: d[:at])
+                                         for at in sorted({1, 8, size // 3, size // 2, size - 1}) if 0 < at < size]
+    flips = [(f"flip@{at}", lambda d, at=at: d[:at] + bytes([d[at] ^ 0xFF]) + d[at + 1:])
+             for at in sorted({0, 9, size // 4, size // 2, size - 2})]
+    return cuts, flips
+
+
+READERS = ("pt", "ckpt", "safetensors", "bin", "sharded", "sharded-bin", "deepspeed", "dcp")
+
+
+@pytest.mark.parametrize("kind", READERS)
+def test_every_reader_refuses_a_damaged_file_in_one_line_and_writes_nothing(tmp_path, kind):
+    """Through `cmdtool ingest`: a run whose epoch 1 is in the store and whose epoch 2 is damaged (each file
+    that reader opens; truncated, emptied or with a byte flipped). A truncation is always one stderr line naming
+    the file, exit 2, and the store byte for byte as before; a flipped byte is either that or (in tensor data,
+    which none of these formats checksums) an ingest."""
+    import shutil
+
+    from test_bad_input import tree_digest
+
+    template = tmp_path / "template"
+    template.mkdir()
+    _write_reader_layout(kind, template, 1)
+    result = _invoke("ingest", template, "--store", tmp_path / "base.zarr", "-q")
+    assert result.exit_code == 0, result.output
+    before = tree_digest(tmp_path / "base.zarr")
+    files = _write_reader_layout(kind, template, 2)
+    outcomes = {"refused": 0, "ingested": 0}
+    for index, target in enumerate(files):
+        data = target.read_bytes()
+        cuts, flips = _damages(len(data))
+        for name, damage in cuts + flips:
+            case = tmp_path / f"{index}-{name}"
+            shutil.copytree(template, case / "run")
+            shutil.copytree(tmp_path / "base.zarr", case / "s.zarr")
+            damaged = case / "run" / target.relative_to(template)
+            damaged.write_bytes(damage(data))
+            result = _invoke("ingest", case / "run", "--store", case / "s.zarr", "-q")
+            if result.exit_code == 0 and name.startswith("flip"):
+                outcomes["ingested"] += 1
+                continue
+            lines = result.stderr.strip().splitlines()
+            assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), \
+                (kind, name, damaged, result.output)
+            assert str(damaged) in lines[0] or (damaged.name == ".metadata" and str(damaged.parent) in lines[0]), \
+                (kind, name, lines[0])
+            assert tree_digest(case / "s.zarr") == before, (kind, name)
+            outcomes["refused"] += 1
+            shutil.rmtree(case)
+    assert outcomes["refused"] >= len(files) * 4, outcomes

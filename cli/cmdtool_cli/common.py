@@ -17,7 +17,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from cmdtool.cluster import SCHEDULER_ENV_VAR
-from cmdtool.errors import CmdtoolError
+from cmdtool.errors import CmdtoolError, UsageError
 from cmdtool.store.location import storage_error
 from cmdtool.progress import RichProgress
 from cmdtool.store import format as fmt
@@ -38,6 +38,13 @@ EpochsOption = typer.Option(None, "--epochs",
 ForceOutputOption = typer.Option(False, "--force", help="Also write into a non-empty folder that cmdtool did not "
                                  "write (files of the same names are replaced, nothing else is touched). Never "
                                  "lifts the rule against writing inside the store or a checkpoint folder.")
+
+AllowGlobalOption = typer.Option(
+    [], "--allow-global", metavar="MODULE.NAME",
+    help="Also let the weights-only loader build this class found in a torch checkpoint (repeatable), e.g. "
+         "--allow-global mypackage.config.TrainConfig: the module is imported and objects of that class are "
+         "built from the file's data, on your own responsibility (as torch.serialization.add_safe_globals). "
+         "Standard data types (pathlib paths, argparse.Namespace, datetime, ...) need no option: docs/formats.md.")
 
 SchedulerOption = typer.Option(
     None, "--scheduler", envvar=SCHEDULER_ENV_VAR, metavar="ADDRESS",
@@ -75,9 +82,35 @@ _CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
 ClickException, ClickUsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
 
 
+def allowing_globals(names: list[str]):
+    """The block in which the loader also builds the classes ``names`` (--allow-global); refused on a cluster,
+    whose worker processes would not know them."""
+    from cmdtool.cluster import active_client
+    from cmdtool.ingest.formats import allowed_globals
+
+    if names and active_client() is not None:
+        raise UsageError("--allow-global applies in this process only; run this command without --scheduler")
+    return allowed_globals(names)
+
+
 def progress_for(quiet: bool) -> RichProgress:
     """Progress bars only on a terminal (a log file or a pipe gets no bar lines); notes unless --quiet."""
     return RichProgress(console=err_console, enabled=not quiet, bars=err_console.is_terminal)
+
+
+def print_table(table) -> None:
+    """A table on stdout: fitted to the width of a terminal; in a pipe or a file at its natural width, so that no
+    cell (a long tensor name) is cut with '…' at 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update_width(1_000_000)).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def print_json(data) -> None:

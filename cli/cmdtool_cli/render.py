@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .common import console
+from .common import console, print_table
 
 
 def print_blocks(blocks) -> None:
@@ -18,4 +18,4 @@ def print_blocks(blocks) -> None:
             table.add_column(name, justify=justify)
         for row in block.rows:
             table.add_row(*row)
-        console.print(table)
+        print_table(table)

@@ -36,6 +36,7 @@ import numpy as np
 
 from .averages import BASELINES, DEFAULT_MEMORY_BUDGET, check_ema_beta, iter_averages, swa_length
 from .errors import CmdtoolError, ParameterError, UsageError, first_line
+from .imports import working_directory_importable
 from .progress import NullProgress
 
 KIND = "evaluation"
@@ -54,7 +55,9 @@ class EvaluationError(CmdtoolError):
 
 # ---------------------------------------------------------------------------------------------- the callable
 def load_callable(spec: str, what: str = "--fn") -> Callable:
-    """``package.module:function`` or ``path/to/file.py:function`` -> the function (imported, never eval'd)."""
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function (imported, never eval'd). A
+    module is looked for on the import path with the working directory first, as ``python -m`` does; the path is
+    restored afterwards."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise UsageError(f"{what} {spec!r}: write module:function or path/to/file.py:function")
@@ -69,9 +72,16 @@ def load_callable(spec: str, what: str = "--fn") -> Callable:
             sys.modules[module_name] = module  # lets dataclasses/pickle inside the user's file find it
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(target)
+            with working_directory_importable():  # as `python -m` has it: a module beside the user's shell
+                module = importlib.import_module(target)
     except UsageError:
         raise
+    except ModuleNotFoundError as exc:
+        if exc.name and target.startswith(exc.name):
+            file_form = target.replace(".", "/") + ".py"
+            raise UsageError(f"{what} {spec!r}: no module {exc.name!r} on the import path (the working directory "
+                             f"and PYTHONPATH); name its file instead, e.g. {what} {file_form}:{attr}") from None
+        raise UsageError(f"{what} {spec!r}: cannot import {target}: {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any import-time failure of user code is reported in one line
         raise UsageError(f"{what} {spec!r}: cannot import {target}: {type(exc).__name__}: {exc}") from None
     func = getattr(module, attr, None)

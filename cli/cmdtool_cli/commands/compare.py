@@ -15,8 +15,8 @@ from rich.table import Table
 from cmdtool.errors import UsageError
 
 from ..analyzer_options import with_analyzer_options
-from ..common import (JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for,
-                      with_scheduler)
+from ..common import (JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, print_table,
+                      progress_for, with_scheduler)
 
 PLOT_FORMATS = ("png", "pdf", "svg")
 
@@ -28,11 +28,13 @@ def register(app: typer.Typer) -> None:
                                           "trade size for accuracy (DMD/KGA/POD rank, PCA dims) to store no more "
                                           "numbers than the reference (CMD when compared, else the first method, or "
                                           "--budget); a size you give explicitly is kept. --own-sizes: each method "
-                                          "at its own default size."),
+                                          "as you saved it (decompose), else at its own default size."),
         budget: int = typer.Option(None, "--budget", help="Stored-number budget instead of the reference method's "
                                    "size."),
-        refit: bool = typer.Option(False, "--refit", help="Fit again even where a saved result with the same "
-                                   "configuration exists."),
+        refit: bool = typer.Option(False, "--refit", help="Fit every method again. Without it a method given "
+                                   "none of its options is compared as saved (decompose's 'default' fit, e.g. "
+                                   "the --modes 5 you chose), and otherwise a saved fit of the same "
+                                   "configuration is reused."),
         name: str = typer.Option("compare", "--name", help="Prefix of the names under which new fits are saved "
                                  "(followed by a digest of the configuration)."),
         plot: str = typer.Option(None, "--plot", help="Write a per-epoch error plot to this file (png, pdf, svg); "
@@ -112,17 +114,14 @@ def render(result) -> None:
     for row in result.methods:
         setting = " ".join(f"{k}={v}" for k, v in row.size.items())
         label = f"{row.method} {setting}".strip()
-        if row.reused:
-            notes.append(f"{row.method}: reused saved result '{row.name}' (time of that fit)")
-        if row.budget_matched:
-            notes.append(f"{row.method}: sized to the budget ({setting})")
+        notes.append(f"{row.method} {setting}: {row.fit}" + (" (time of that fit)" if row.reused else ""))
         if row.size_given:
             notes.append(f"{row.method}: kept the size given ({setting}), not the budget")
         table.add_row(label, _fmt(row.relative_error, ".4f"), _fmt(row.relative_error_motion, ".4f"),
                       _fmt(row.final_epoch_error, ".4f"),
                       f"{_fmt(row.worst_epoch_error, '.4f')}@{row.worst_epoch}", f"{row.stored_floats:,}",
                       f"{row.compression_ratio:.1f}x", _fmt(row.fit_seconds, ".2f"))
-    console.print(table)
+    print_table(table)
     console.print("error = ‖W−Ŵ‖/‖W‖, motion = ‖W−Ŵ‖/‖W − mean_t W‖, final/worst = ‖w_t−ŵ_t‖/‖w_t‖; "
                   "ratio = raw floats / stored floats", highlight=False, style="dim")
     for note in notes:

@@ -8,9 +8,10 @@ from rich.table import Table
 from cmdtool.evaluate import Evaluation, all_methods, evaluate as run_evaluation
 
 from ..common import EpochsOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, \
-    progress_for, with_scheduler
+    print_table, progress_for, with_scheduler
 
-FnOption = typer.Option(..., "--fn", help="Metric function: package.module:function or path/to/file.py:function. "
+FnOption = typer.Option(..., "--fn", help="Metric function: package.module:function (looked for from the working "
+                        "directory too, as python -m does) or path/to/file.py:function. "
                         "It takes a state dict (or, with --model-factory, a model) and returns a dict of "
                         "floats, e.g. {'test_acc': 0.93, 'test_loss': 0.21}.")
 ModelFactoryOption = typer.Option(None, "--model-factory", help="Optional module:function returning an "
@@ -63,11 +64,14 @@ def register(app: typer.Typer) -> None:
         """
         from cmdtool.store import open_store
 
+        from cmdtool.imports import working_directory_importable
+
         st = open_store(store, mode="r+")
-        run = run_evaluation(st, fn, model_factory=model_factory, methods=methods, epochs=epochs, every=every,
-                             ema_beta=ema_beta, swa_fraction=swa_fraction, decomposition=decomposition,
-                             name=name, progress=progress_for(quiet or as_json),
-                             strip_prefix=tuple(strip_prefix or ()))
+        with working_directory_importable():  # for the run: the function may import its neighbours when called
+            run = run_evaluation(st, fn, model_factory=model_factory, methods=methods, epochs=epochs,
+                                 every=every, ema_beta=ema_beta, swa_fraction=swa_fraction,
+                                 decomposition=decomposition, name=name, progress=progress_for(quiet or as_json),
+                                 strip_prefix=tuple(strip_prefix or ()))
         rows = run.summary(sort_metric, sort_mode)
         if as_json:
             print_json({"name": name, "config": run.config, "summary": rows, "timings": run.timings})
@@ -92,7 +96,7 @@ def render_summary(run: Evaluation, rows: list[dict]) -> None:
         table.add_row(row["method"], str(row["final_epoch"]),
                       *[_fmt(row["final"].get(m)) for m in metric_names],
                       str(row["best_epoch"]) if row["best_epoch"] is not None else "-", _fmt(row["best"]))
-    console.print(table)
+    print_table(table)
     total = run.timings.get("total_seconds")
     if total is not None:
         console.print(f"{len(run.records)} evaluations in {total:.1f} s, saved as evaluation/{run.name}",

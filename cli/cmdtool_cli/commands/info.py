@@ -9,7 +9,7 @@ from cmdtool.store.format import FORMAT_VERSION
 from cmdtool.store.summary import summarize_store
 from cmdtool.units import format_bytes
 
-from ..common import JsonOption, StoreOption, console, handle_errors, print_json
+from ..common import JsonOption, StoreOption, console, handle_errors, print_json, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
                 name += " (tied, stored once)"
             table.add_row(name, "x".join(map(str, row["shape"])) or "scalar", row["dtype"], kind,
                           f"{row['numel']:,}")
-        console.print(table)
+        print_table(table)
         if summary["analyses"]:
             console.print("  analyses     " + ", ".join(
                 f"{a['method']}/{a['name']}" + (" (stale)" if a["stale"] else "") for a in summary["analyses"]))

@@ -11,8 +11,8 @@ from cmdtool.store import format as fmt
 from cmdtool.store.format import INGEST_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
 from cmdtool.units import format_bytes
 
-from ..common import (JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, progress_for,
-                      with_scheduler)
+from ..common import (AllowGlobalOption, JsonOption, QuietOption, StoreOption, allowing_globals, console,
+                      handle_errors, print_json, progress_for, with_scheduler)
 
 
 def register(app: typer.Typer) -> None:
@@ -54,26 +54,26 @@ def register(app: typer.Typer) -> None:
                                   show_default=False),
         force: bool = typer.Option(False, "--force", help="Replace epochs whose file content changed since "
                                    "they were ingested (otherwise an error)."),
+        allow_global: list[str] = AllowGlobalOption,
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
     ):
         """Stream checkpoints into the trajectory store (created if needed; appends new epochs only).
 
-        Reads .pt/.pth/.bin/.ckpt/.pth.tar files (weights only: no pickled code is ever run), .safetensors files, and checkpoint folders, each one checkpoint: Hugging Face Trainer checkpoint-N/, sharded folders (shards plus an *.index.json), DeepSpeed global_stepN/ and torch.distributed.checkpoint (FSDP) folders. Optimizer, scheduler and RNG files are never read. Files without an epoch number beside numbered ones (last.ckpt, an HF run's final model) and Lightning -vN copies are skipped with a note. Layouts: docs/formats.md. Safe to interrupt (Ctrl-C keeps every committed checkpoint): run it again to resume.
+        Reads .pt/.pth/.bin/.ckpt/.pth.tar files (weights only: no pickled code is ever run), .safetensors files, and checkpoint folders, each one checkpoint: Hugging Face Trainer checkpoint-N/, sharded folders (shards plus an *.index.json), DeepSpeed global_stepN/ and torch.distributed.checkpoint (FSDP) folders. Optimizer, scheduler and RNG files are never read. A folder holding Lightning's default tree (lightning_logs/version_N/checkpoints/) is read there. Files without an epoch number beside numbered ones (last.ckpt, an HF run's final model) and Lightning -vN copies are skipped with a note (a file with the same content as a checkpoint, as that checkpoint). Layouts: docs/formats.md. Safe to interrupt (Ctrl-C keeps every committed checkpoint): run it again to resume.
 
         Examples: cmdtool ingest ckpts/ --store run.zarr; cmdtool ingest hf_run/ (its checkpoint-N/ folders); cmdtool ingest lightning/checkpoints --skip 'best*'.
         """  # noqa: E501 (one line per paragraph: rich re-wraps help text to the terminal)
         from cmdtool.ingest import ingest as run_ingest  # torch: imported only when a command needs it
 
-        report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
-                            exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,
-                            progress=progress_for(quiet or as_json), skip=tuple(skip),
-                            set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix),
-                            codec=codec)
+        with allowing_globals(allow_global):
+            report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),
+                                exclude=tuple(exclude), buffers=buffers, memory_budget=memory_budget, force=force,
+                                progress=progress_for(quiet or as_json), skip=tuple(skip),
+                                set_labels=_parse_set_labels(set_label), strip_prefix=tuple(strip_prefix),
+                                codec=codec)
         if as_json:
             print_json(report.to_json())
-            return
-        if quiet:
             return
         verb = "created" if report.created else "updated"
         if not report.added and not report.replaced:

@@ -8,7 +8,7 @@ from rich.table import Table
 from cmdtool.report.export import FORMATS as EXPORT_FORMATS, exported_kinds
 
 from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
-                      progress_for)
+                      print_table, progress_for)
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         table.add_column("files")
         for fig in report.figures:
             table.add_row(fig.title, " ".join(fig.files.values()))
-        console.print(table)
+        print_table(table)
         for note in report.notes:
             console.print(f"note: {note}", highlight=False, style="dim")
         console.print(f"open {out}/index.html ({len(report.figures)} figures; numbers in {out}/summary.json)",

@@ -2,7 +2,10 @@
 
 Written against the analyzer base contract only (``metrics_``, ``timings_``, ``get_config``, ``save``/``load``,
 the declared parameters), so any registered method (cmd, dmd, kga, pca, pod, ...) takes part. For each method it
-reuses a saved result fitted on the same store revision, window and configuration, or fits and saves one.
+reuses a saved result fitted on the same store revision and window: when the caller gave none of that method's
+options and its size is not set by the budget, the user's own fit (``decompose`` saves it as ``default``: a
+``cmdtool decompose --modes 5`` is compared as it was fitted, not refitted at the method's default), else a result
+with the same configuration; otherwise it fits and saves one. Each row says which fit it is (``fit``).
 
 Fair by default (``equal_budget=True``): every method that can trade size for accuracy (its classmethod
 ``options_for_budget(budget, N, T)``, e.g. DMD's rank or PCA's dims) is sized to store at most as many numbers as
@@ -43,6 +46,7 @@ class MethodComparison:
     budget_matched: bool = False     # sized by options_for_budget
     size_given: bool = False         # under an equal budget, kept the size the caller gave
     epoch_relative_error: list = field(default_factory=list)
+    fit: str = ""                    # which fit this row is, in words (saved by decompose, reused, fitted now)
 
 
 @dataclass
@@ -102,6 +106,20 @@ def find_reusable(store, analyzer, columns: slice, prefer: str | None = None) ->
     return None
 
 
+def saved_fit(store, method: str, columns: slice, own_prefix: str) -> str | None:
+    """The user's own saved result of ``method`` on this store revision and window, whatever its configuration:
+    ``default`` (what ``decompose`` saves) first, then other names in order; never a fit a comparison saved
+    (``<own_prefix>-<digest>``, perhaps sized to another budget); None when there is none."""
+    names = [n for _, n in store.results.list(method) if not n.startswith(f"{own_prefix}-")]
+    names.sort(key=lambda n: (n != "default", n))
+    for name in names:
+        attrs = store.results.get(method, name).attrs
+        if attrs.get("store_revision") == store.revision and \
+                list(attrs.get("columns", [])) == [columns.start, columns.stop]:
+            return name
+    return None
+
+
 def compare(store, methods, options: dict | None = None, *, name: str = "compare", reuse: bool = True,
             equal_budget: bool = True, budget: int | None = None, progress=None) -> Comparison:
     """Fit (or reuse) every method on the same trajectories and collect their figures.
@@ -109,7 +127,8 @@ def compare(store, methods, options: dict | None = None, *, name: str = "compare
     ``options`` are CLI-style options (``rank``, ``dims``, ``modes``, ``epochs``, ``device`` ...); each method
     takes the ones named like its parameters, None meaning its own default. New fits are saved as
     ``results/<method>/<name>-<config digest>`` (see :func:`result_name_for`). ``equal_budget`` (the default)
-    sizes the methods to one budget (see the module note); ``budget`` gives it explicitly.
+    sizes the methods to one budget (see the module note); ``budget`` gives it explicitly. ``reuse=False``
+    fits every method again.
     """
     methods = list(dict.fromkeys(m.lower() for m in methods))
     if not methods:
@@ -143,7 +162,16 @@ def compare(store, methods, options: dict | None = None, *, name: str = "compare
         analyzer = cls.from_options(method_options)
         started = time.perf_counter()
         own_name = result_name_for(name, analyzer, columns)
-        saved = find_reusable(store, analyzer, columns, prefer=own_name) if reuse else None
+        options_given = sorted(p.name for p in cls.params
+                               if p.name in options and not p.runtime and p.name != "epochs")
+        saved, fit = None, ""
+        if reuse and not matched and not options_given:  # nothing asked of this method: the user's own fit
+            saved = saved_fit(store, method, columns, name)
+            if saved is not None:
+                fit = f"saved fit '{saved}'" + (" (of decompose)" if saved == "default" else "")
+        if saved is None and reuse:
+            saved = find_reusable(store, analyzer, columns, prefer=own_name)
+            fit = f"saved fit '{saved}' (same configuration)" if saved is not None else ""
         if saved is not None:
             analyzer = cls.load(store, saved)
             result_name = saved
@@ -151,6 +179,10 @@ def compare(store, methods, options: dict | None = None, *, name: str = "compare
             analyzer.fit(store, progress=progress)
             analyzer.save(own_name)
             result_name = own_name
+            why = ("sized to the budget" if matched else
+                   f"{', '.join(options_given)} as given" if options_given else
+                   "--refit" if not reuse else "no saved fit on this window")
+            fit = f"fitted now ({why}), saved as '{own_name}'"
         wall = time.perf_counter() - started
         metrics = analyzer.metrics_
         epoch_errors = [float(x) for x in metrics["epoch_relative_error"]]
@@ -165,7 +197,7 @@ def compare(store, methods, options: dict | None = None, *, name: str = "compare
             worst_epoch=int(store.labels[columns][worst]), stored_floats=stored,
             compression_ratio=raw / stored if stored else float("inf"),
             fit_seconds=analyzer.timings_.get("fit_seconds"), wall_seconds=wall, budget_matched=matched,
-            size_given=given, epoch_relative_error=epoch_errors)
+            size_given=given, epoch_relative_error=epoch_errors, fit=fit)
         if equal_budget and method == reference:
             budget = stored
     source = None if not equal_budget else (reference if reference is not None else "given")

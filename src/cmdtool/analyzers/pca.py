@@ -13,8 +13,12 @@ Only the directions and the per-parameter means need a pass (one, streamed into 
 model ŵ_t = mean + directions · coordinates_t is W K with K = 11ᵀ/T + V_d V_dᵀ (eigenvectors of G_c with
 non-zero eigenvalue are orthogonal to 1), so its error per epoch also comes from G.
 
-``dims`` defaults to 40 (P-BFGS) and is capped at T − 1 (centred data of T samples has at most that rank) and at
-the numerical rank of G_c (squared singular values below roundoff are dropped; see docs/pca.md).
+``dims`` = 0 (the default) keeps the directions whose singular value σ_k = √λ_k of the centred data passes the
+Gavish & Donoho (2014) optimal hard threshold for an unknown noise level, σ_k > ω(β)·median(σ) (the rule POD and
+DMD apply by default), capped at 40 (the number P-BFGS uses): a model that compresses, never the data itself. An
+explicit ``dims`` is capped at T − 1 (centred data of T samples has at most that rank) and at the numerical rank
+of G_c (squared singular values below roundoff are dropped; see docs/pca.md); reaching T − 1 reproduces every
+checkpoint, which the summary warns about.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import numpy as np
 
 from ..errors import UsageError
 from .base import FigureSpec, Reconstruction, SummaryTable
-from .linear_models import GramModel, RowProjection, descending_eigh, error_line, factor_model, numerical_rank
+from .linear_models import (GramModel, RowProjection, descending_eigh, error_line, factor_model, numerical_rank,
+                            optimal_hard_threshold_rank)
 from .params import DEVICE, EPOCHS, Param
 from .passes import stream
 
@@ -33,8 +38,11 @@ def pca_stored_floats(dims: int, n_rows: int, n_cols: int) -> int:
     return int(dims * n_rows + n_rows + dims * n_cols)
 
 
-DIMS = Param("dims", 40, "Principal directions kept (P-BFGS uses 40); capped at T − 1 and the numerical rank.",
-             kind=int, minimum=1, size=True)
+AUTO_DIMS_CAP = 40  # P-BFGS's number of directions (paper 000 Sec. 5): the most the default rule keeps
+DIMS = Param("dims", 0, "Principal directions kept: 0 for the Gavish-Donoho optimal hard threshold on the "
+             f"singular values of the centred checkpoints, at most {AUTO_DIMS_CAP} (P-BFGS's number); or a number "
+             "d, capped at T − 1 (which reproduces every checkpoint) and the numerical rank.",
+             kind=int, minimum=0, size=True)
 PCA_MISSING = "PCA figures skipped"
 
 
@@ -93,7 +101,8 @@ class PCA(GramModel):
         centring = np.eye(n_cols) - 1.0 / n_cols
         centred_gram = centring @ gram @ centring
         eigenvalues, vectors = descending_eigh(centred_gram)
-        self.dims_ = int(min(int(self.dims), n_cols - 1, numerical_rank(eigenvalues)))
+        self.dims_ = int(min(self._requested_dims(eigenvalues, store.n_rows), n_cols - 1,
+                             numerical_rank(eigenvalues)))
         if self.dims_ == 0:
             raise UsageError("the trajectories do not move in this window: no principal direction")
         lam = eigenvalues[:self.dims_]
@@ -111,8 +120,22 @@ class PCA(GramModel):
                                        + self.time_vectors_ @ self.time_vectors_.T)
         self.metrics_ = self._linear_metrics(gram, pca_stored_floats(self.dims_, store.n_rows, n_cols))
 
+    def _requested_dims(self, eigenvalues: np.ndarray, n_rows: int) -> int:
+        """``dims``, or for 0 the Gavish-Donoho rank of the centred singular values (their T − 1 non-trivial
+        ones: centring removes one), at most :data:`AUTO_DIMS_CAP`."""
+        if int(self.dims) > 0:
+            return int(self.dims)
+        n_cols = len(eigenvalues)
+        sigma = np.sqrt(np.clip(eigenvalues[:max(n_cols - 1, 1)], 0.0, None))
+        return min(optimal_hard_threshold_rank(sigma, n_rows, n_cols), AUTO_DIMS_CAP)
+
     def _loaded(self, result) -> None:
         self.dims_ = int(self.dims_)
+
+    def reproduces_the_data(self) -> bool:
+        """True when the kept directions span every centred checkpoint of the window (d = T − 1): the model is
+        the data itself (exact up to roundoff), not a compression of it."""
+        return self.dims_ >= len(self.coordinates_) - 1
 
     # ------------------------------------------------------------------ use
     def _reconstruct(self, store, columns, steps, progress=None, rows: slice | None = None) -> np.ndarray:
@@ -149,7 +172,12 @@ class PCA(GramModel):
         for k in range(min(self.dims_, 12)):
             table.rows.append([str(k + 1), f"{self.explained_variance_[k]:.4g}",
                                f"{self.explained_variance_ratio_[k]:.2%}", f"{cumulative[k]:.2%}"])
-        return [table, error_line(s)]
+        lines = [table, error_line(s)]
+        if self.reproduces_the_data():
+            lines.append(f"warning: {self.dims_} directions = T − 1 for T = {len(self.coordinates_)} checkpoints: "
+                         f"they span every centred checkpoint, so this model is the data itself (its error is "
+                         f"roundoff); choose fewer with --dims, or --dims 0 for the threshold rule")
+        return lines
 
     # ------------------------------------------------------------------ report and export
     @classmethod

@@ -7,6 +7,8 @@ docs/formats.md shows every layout. In short:
   optimizer, scheduler, RNG and argument files are never read), a sharded folder (shards + ``*.index.json``), a
   DeepSpeed ``global_stepN/`` (``mp_rank_00_model_states.pt``) or a ``torch.distributed.checkpoint`` folder
   (``.metadata`` + ``*.distcp``).
+- A folder with none of these whose subfolders hold one run of Lightning's default tree
+  (``lightning_logs/version_N/checkpoints/``) is read there (:func:`trainer_tree`).
 - Any other folder is scanned one level deep for files and checkpoint folders.
 
 Label rule: read from the checkpoint's path relative to the folder the user named (for a checkpoint named
@@ -16,7 +18,8 @@ group, or whole match) replaces the rule; an HF folder without a number in its n
 ``trainer_state.json`` (``global_step``). When no checkpoint has a number, labels are positions continuing the
 store's. In a scanned folder where others have numbers, a checkpoint without one (Lightning's ``last.ckpt``, the
 final model at the top of an HF run) and a second file for the same label (``-vN`` copies, ``best*``/``last*``
-aliases) are skipped with a note; ``set_labels`` takes such a file under a label of the user's choosing.
+aliases) are skipped with a note (a file with the content of a checkpoint taken, as that checkpoint:
+:func:`same_content`); ``set_labels`` takes such a file under a label of the user's choosing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,6 +180,12 @@ def discover(paths: list[str | Path], label_pattern: str | None = None, first_fr
             continue
         children = _checkpoint_children(path, ignored)
         own = folder_source(path)
+        if own is None and not any(source is not None for source, _ in children):
+            tree = trainer_tree(path, ignored)
+            if tree is not None:
+                skipped.append(f"{path}: took the checkpoints in {tree} (Lightning's default tree)")
+                path = tree
+                children = _checkpoint_children(path, ignored)
         if own is not None and not any(source is not None and source.folder for source, _ in children):
             own.label_text, own.named = path.resolve().name, True
             sources.append(own)
@@ -234,6 +244,31 @@ def _checkpoint_children(folder: Path, ignored: set[Path]) -> list[tuple[Checkpo
     return out
 
 
+# Where Lightning's ModelCheckpoint writes below Trainer(default_root_dir=ROOT): ROOT/lightning_logs/version_N/
+# checkpoints/ with its default logger (any logger name: ROOT/NAME/version_N/), ROOT/checkpoints/ without a logger;
+# relative to the folder named (ROOT, ROOT/lightning_logs or ROOT/lightning_logs/version_N).
+TRAINER_TREES = ("checkpoints", "*/version_*/checkpoints", "version_*/checkpoints")
+
+
+def trainer_tree(path: Path, ignored: set[Path] = frozenset()) -> Path | None:
+    """The one checkpoint folder of a trainer's default tree below ``path`` (see :data:`TRAINER_TREES`), or
+    None when there is none. Several runs (Lightning's version_0, version_1, ... of repeated fits) are not
+    chosen between: a :class:`UsageError` names them and the command that takes the latest."""
+    found = []
+    for pattern in TRAINER_TREES:
+        for folder in sorted(path.glob(pattern), key=lambda p: natural_key(str(p))):
+            if folder.is_dir() and folder.resolve() not in ignored and \
+                    any(source for source, _ in _checkpoint_children(folder, ignored)):
+                found.append(folder)
+        if found:
+            break
+    if len(found) <= 1:
+        return found[0] if found else None
+    runs = ", ".join(str(folder.relative_to(path)) for folder in found)
+    raise UsageError(f"{path}: {len(found)} runs with checkpoints ({runs}); name the one to ingest, e.g. "
+                     f"`cmdtool ingest {found[-1]}`")
+
+
 def _nothing_found(path: Path) -> str:
     message = (f"{path}: no checkpoints found (looked for {', '.join(CHECKPOINT_SUFFIXES)} files and checkpoint "
                f"folders: HF checkpoint-N/, sharded, DeepSpeed global_stepN/, torch.distributed.checkpoint)")
@@ -247,6 +282,88 @@ def _is_alias(name: str) -> bool:
     stem = checkpoint_stem(name).lower()
     return stem.startswith(ALIAS_PREFIXES) or stem.endswith(("_best", "-best", "_last", "-last")) \
         or bool(LIGHTNING_COPY.search(stem))
+
+
+# A record torch.save writes into every zip that identifies the save, not its content.
+_SAVE_RECORDS = (".data/serialization_id",)
+
+
+def _torch_zip_entries(path: Path):
+    """The entries of a ``torch.save`` zip file as ``(name below the archive's top folder, ZipInfo)``, sorted, or
+    None for any other file. The top folder is named after the file a save was written to (``model_3/data.pkl``),
+    so two saves of one object under different names differ in their bytes but not in these entries."""
+    if not path.name.endswith(TORCH_SUFFIXES):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    entries = sorted((info.filename.partition("/")[2], info) for info in infos)
+    return [(name, info) for name, info in entries if name not in _SAVE_RECORDS]
+
+
+def _content_size(path: Path) -> int:
+    entries = _torch_zip_entries(path)
+    return sum(info.file_size for _, info in entries) if entries is not None else path.stat().st_size
+
+
+def content_digest(files) -> str:
+    """xxh3_128 of a checkpoint's content: its files' bytes in order, a ``torch.save`` zip file by its entries
+    (names below the top folder, and data; see :func:`_torch_zip_entries`)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for path in map(Path, files):
+        entries = _torch_zip_entries(path)
+        if entries is None:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1024**2):
+                    digest.update(chunk)
+            continue
+        with zipfile.ZipFile(path) as archive:
+            for name, info in entries:
+                digest.update(name.encode() + b"\0")
+                with archive.open(info) as entry:
+                    while chunk := entry.read(1024**2):
+                        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def same_content(source: CheckpointSource, others: list[CheckpointSource],
+                 most: int = 3) -> CheckpointSource | None:
+    """The checkpoint among ``others`` whose files hold the same content as ``source``'s, or None: a trainer's
+    duplicate of a checkpoint (Lightning's ``last.ckpt``, an HF run's final ``model.safetensors``, torchvision's
+    ``checkpoint.pth`` beside the last ``model_N.pth``). Same content: the same bytes, except that two
+    ``torch.save`` zip files are compared by their entries (:func:`content_digest`). Only checkpoints of the same
+    content size are hashed, the nearest in modification time first, at most ``most`` of them; a checkpoint
+    listed on object storage (its files are sparse placeholders until downloaded) is never compared."""
+
+    def size_and_time(checkpoint):
+        try:
+            files = [Path(f) for f in checkpoint.files]
+            stats = [f.stat() for f in files]
+            if any(st.st_size and not st.st_blocks for st in stats):
+                return None  # a placeholder of a checkpoint on object storage (ingest/remote.py): not downloaded
+            return sum(_content_size(f) for f in files), max(st.st_mtime for st in stats)
+        except (OSError, TypeError):  # vanished meanwhile, or not a local file
+            return None
+
+    own = size_and_time(source)
+    if own is None:
+        return None
+    candidates = [(abs(at[1] - own[1]), other) for other in others if other is not source
+                  for at in [size_and_time(other)] if at is not None and at[0] == own[0]]
+    if not candidates:
+        return None
+    try:
+        digest = content_digest(source.files)
+        for _, other in sorted(candidates, key=lambda pair: pair[0])[:most]:
+            if content_digest(other.files) == digest:
+                return other
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+    return None
 
 
 def _assign_labels(sources, pattern, first_free_label, chosen_labels, skipped) -> list[CheckpointSource]:
@@ -281,14 +398,24 @@ def _assign_labels(sources, pattern, first_free_label, chosen_labels, skipped) -
             fix = "pass --set-label PATH=N" if pattern else "pass --label-pattern REGEX or --set-label PATH=N"
             raise UsageError(f"{source.path}: cannot read an epoch label from {source.label_text!r} with {rule}; "
                              f"{fix}")
+        twin = same_content(source, [s for s in sources if labels[id(s)] is not None])
+        if twin is not None:
+            skipped.append(f"{source.path}: the same content as {twin.path} (epoch {labels[id(twin)]}); skipped as "
+                           f"that checkpoint")
+            continue
+        free = max([first_free_label] + [label + 1 for label in labels.values() if label is not None])
         why = f"--label-pattern {pattern!r} does not match" if pattern else "no epoch number in"
-        skipped.append(f"{source.path}: {why} {source.label_text!r}; skipped as an alias or final copy (take it "
-                       f"with --set-label {source.path}=N)")
+        skipped.append(f"{source.path}: {why} {source.label_text!r}; skipped as an alias or final copy (to take "
+                       f"it as a new last epoch: --set-label {source.path}={free})")
     kept.sort(key=lambda s: (s.label, _is_alias(s.label_text), natural_key(s.label_text)))
     result: list[CheckpointSource] = []
     for source in kept:
         if result and result[-1].label == source.label:
             first = result[-1]
+            if same_content(source, [first]) is not None:
+                skipped.append(f"{source.path}: the same content as {first.path} (epoch {source.label}); skipped as "
+                               f"that checkpoint")
+                continue
             if not _is_alias(source.label_text) or chosen(source) is not None:
                 raise UsageError(f"duplicate epoch label {source.label}: {first.path} and {source.path}; leave one "
                                  f"out with --skip GLOB")

@@ -9,20 +9,29 @@ allow-list of plain-data classes, :data:`SAFE_GLOBALS`), safetensors holds no co
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import contextvars
+import datetime
+import decimal
+import fractions
 import functools
 import json
 import os
+import pathlib
 import pickle
 import re
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
-from ..errors import CheckpointError, first_line
+from ..errors import CheckpointError, UsageError, first_line
 from ..os_calls import release_mapped_pages
+from ..units import natural_key
 
 # ".pth.tar": torchvision-reference / timm / pytorch-examples checkpoints (plain torch.save zips despite the name)
 TORCH_SUFFIXES = (".pth.tar", ".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -30,10 +39,34 @@ SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
 # Keys under which training frameworks wrap the model's state dict, in order of preference.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
-# Plain-data classes that training scripts put beside the weights and that the weights-only loader may build:
-# torchvision references and timm store their argparse arguments under "args". Building one sets attributes
-# from the file's data; nothing is called. Anything else is refused with its name.
-SAFE_GLOBALS = [argparse.Namespace]
+# Standard-library classes that training scripts and trainers put beside the weights and that the weights-only
+# loader may build: torchvision references and timm store their argparse arguments under "args"; Lightning's
+# save_hyperparameters() keeps its arguments as given (a pathlib.Path data_dir, a Namespace, a datetime).
+# Unpickling one calls its constructor with the file's data (a path's parts, a date's bytes, a number's text) or
+# sets plain attributes: nothing of the file's is run and no other code is reached. Torch itself already allows
+# OrderedDict, Counter, set, complex and bytearray. Anything else is refused with its name, or taken when the
+# user names it (--allow-global, :func:`allowed_globals`). Each entry is (class, the name pickles write for it);
+# a path of the other operating system is read as its pure path (a WindowsPath cannot be built on Linux).
+SAFE_GLOBALS = [
+    *((cls, f"{module}.{cls.__name__}")
+      for module in ("pathlib", "pathlib._local")  # the module Python 3.13+ records for the path classes
+      for cls in (pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path)),
+    *((pathlib.PosixPath if os.name != "nt" else pathlib.PurePosixPath, f"{module}.PosixPath")
+      for module in ("pathlib", "pathlib._local")),
+    *((pathlib.WindowsPath if os.name == "nt" else pathlib.PureWindowsPath, f"{module}.WindowsPath")
+      for module in ("pathlib", "pathlib._local")),
+    *((cls, f"{cls.__module__}.{cls.__qualname__}") for cls in (
+        argparse.Namespace, frozenset, slice, range,
+        datetime.date, datetime.datetime, datetime.time, datetime.timedelta, datetime.timezone,
+        decimal.Decimal, fractions.Fraction, uuid.UUID)),
+]
+# Modules whose classes exist to run code, open files or processes, or import: never allowed, even when named.
+NEVER_ALLOWED_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "importlib", "pickle", "marshal", "socket",
+    "ctypes", "runpy", "code", "codeop", "pty", "multiprocessing", "threading", "asyncio", "io", "operator",
+    "functools", "types", "codecs", "signal", "webbrowser", "tempfile"})
+# Names added by the user for the current block (allowed_globals): a context variable, never process-wide.
+_USER_GLOBALS: contextvars.ContextVar[tuple] = contextvars.ContextVar("cmdtool_user_safe_globals", default=())
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 DCP_METADATA = ".metadata"
 
@@ -378,29 +411,83 @@ def _safetensors_dtype(code: str, path: Path, key: str) -> torch.dtype:
     return _SAFETENSORS_DTYPES[code]
 
 
+@contextlib.contextmanager
+def allowed_globals(names: Iterable[str] = ()):
+    """Let the weights-only loader also build the classes or functions ``names`` (``module.Name``) inside this
+    block, in this thread of control only: the user's own classes that their checkpoints pickle beside the
+    weights, on the user's own responsibility (as ``torch.serialization.add_safe_globals``, but scoped).
+
+    Each name is imported (its module's import-time code runs, as it would in the user's training script); an
+    object built from a file then runs whatever that class does when constructed or given its state. Never
+    name a class whose construction does more than store data."""
+    from ..imports import import_global
+
+    objects = []
+    for name in dict.fromkeys(names):
+        if name.split(".")[0].split(":")[0] in NEVER_ALLOWED_MODULES:
+            raise UsageError(f"--allow-global {name!r}: classes of {name.split('.')[0]} run code or reach the "
+                             f"system; refused")
+        obj = import_global(name, "--allow-global")
+        if obj.__module__.split(".")[0] in NEVER_ALLOWED_MODULES if isinstance(obj, type) else False:
+            raise UsageError(f"--allow-global {name!r}: a class of {obj.__module__}, which runs code or reaches "
+                             f"the system; refused")
+        if not isinstance(obj, type):
+            raise UsageError(f"--allow-global {name!r}: a {type(obj).__name__}, not a class; only classes can be "
+                             f"allowed")
+        objects.append((obj, f"{obj.__module__}.{obj.__qualname__}"))
+        if objects[-1][1] != name:
+            objects.append((obj, name))  # the name given as well, when it is an alias of where the class lives
+    objects = tuple(objects)
+    token = _USER_GLOBALS.set(_USER_GLOBALS.get() + objects)
+    try:
+        yield [name for _, name in objects]
+    finally:
+        _USER_GLOBALS.reset(token)
+
+
+def safe_globals() -> list:
+    """The allow-list in force: :data:`SAFE_GLOBALS` plus what :func:`allowed_globals` added here."""
+    return list(SAFE_GLOBALS) + list(_USER_GLOBALS.get())
+
+
 def load_torch_file(path: Path):
-    """``torch.load`` with ``weights_only=True`` (never runs pickled code) and the :data:`SAFE_GLOBALS`
-    allow-list, memory-mapped when possible."""
-    if path.stat().st_size == 0:
+    """``torch.load`` with ``weights_only=True`` (never runs pickled code) and the allow-list
+    (:func:`safe_globals`), memory-mapped when possible."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({first_line(exc)})") from None
+    if size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes)")
     try:
         mmap = zipfile.is_zipfile(path)  # the modern format can be memory-mapped; the legacy one cannot
     except Exception:  # noqa: BLE001 - a damaged header can make zipfile raise instead of answering False
         mmap = False
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             offending = _unsafe_globals(path, exc)
             what = ", ".join(offending[:3]) if offending else "Python objects beyond tensors"
+            trust = (f"; or, if you trust the class and it only holds data, pass --allow-global {offending[0]} "
+                     f"(see docs/formats.md)") if offending and _may_be_allowed(offending[0]) else ""
             raise CheckpointError(
                 f"{path}: refused: unpickling it needs {what}, which could run code (nothing was executed); "
-                f"{SAFE_RESAVE}") from None
+                f"{SAFE_RESAVE}{trust}") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(exc)})") from None
     except Exception as exc:  # truncated zip, random bytes, legacy-format garbage...
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or damaged "
-                              f"({first_line(exc)})") from None
+        detail = first_line(exc)
+        if "mmap can only be used" in detail:  # zip trailer intact, archive header not: torch's advice misleads
+            detail = "the zip archive's header is damaged"
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or damaged ({detail})") from None
+
+
+def _may_be_allowed(name: str) -> bool:
+    """Whether ``--allow-global NAME`` could be accepted (so the refusal may suggest it): a class by its name
+    (capitalised, as classes are), outside :data:`NEVER_ALLOWED_MODULES`."""
+    module, _, last = name.rpartition(".")
+    return bool(module) and last[:1].isupper() and module.split(".")[0] not in NEVER_ALLOWED_MODULES
 
 
 def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
@@ -409,7 +496,7 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to the loader's message
         found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    allowed = {name for _, name in safe_globals()}
     return [name for name in dict.fromkeys(found) if name not in allowed]
 
 
@@ -522,11 +609,22 @@ class _DcpFolder:
         except Exception as exc:  # noqa: BLE001 - damaged, foreign or refused metadata
             raise CheckpointError(f"{folder / DCP_METADATA}: not readable DCP metadata ({first_line(exc)}); "
                                   f"refused") from None
+        needed: dict[Path, int] = {}  # data file -> the bytes the metadata says it holds at least
         for info in (self.metadata.storage_data or {}).values():
             relative = Path(str(getattr(info, "relative_path", "")))
             if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 1:
                 raise CheckpointError(f"{folder}: DCP metadata names a data file outside the folder "
                                       f"({relative}); refused")
+            end = int(getattr(info, "offset", 0) or 0) + int(getattr(info, "length", 0) or 0)
+            needed[folder / relative] = max(needed.get(folder / relative, 0), end)
+        for path, end in needed.items():  # a missing or cut data file is named before anything is read
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing (the DCP metadata lists it)")
+            size = path.stat().st_size
+            if size < end:
+                raise CheckpointError(f"{path}: truncated or empty ({size:,} bytes; the DCP metadata places data "
+                                      f"up to byte {end:,})")
+        self.data_files = sorted(needed, key=lambda p: natural_key(p.name))
         self.tensors = {fqn: md for fqn, md in entries.items() if isinstance(md, TensorStorageMetadata)}
         self.paths = dict(getattr(self.metadata, "planner_data", None) or {})
         self._reader_class = FileSystemReader
@@ -548,6 +646,7 @@ class _DcpFolder:
             import warnings
 
             import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.api import CheckpointException
 
             wanted = {f: torch.empty(tuple(md.size), dtype=md.properties.dtype)
                       for _, f in self.model_tensors() for md in (self.tensors[f],)}
@@ -557,8 +656,17 @@ class _DcpFolder:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "no process group: loading in one process" is the point
                     dcp.load(wanted, storage_reader=reader, no_dist=True)
-            except Exception as exc:  # noqa: BLE001 - missing or damaged .distcp files
-                raise CheckpointError(f"{self.folder}: cannot read the DCP checkpoint ({first_line(exc)})") from None
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - damaged .distcp files
+                # DCP's CheckpointException derives from BaseException and carries each rank's exception
+                cause = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) and \
+                    exc.failures else exc
+                where = self.data_files[0] if len(self.data_files) == 1 else self.folder
+                detail = first_line(cause)
+                if "weights only load failed" in detail.lower():  # torch's advice (weights_only=False) misleads
+                    detail = "a tensor record does not unpickle"
+                if detail != type(cause).__name__:
+                    detail = f"{type(cause).__name__}: {detail}"
+                raise CheckpointError(f"{where}: damaged DCP data, cannot read it ({detail})") from None
             self._loaded = wanted
         return self._loaded[fqn]
 
