@@ -1,25 +1,39 @@
-"""Eq. 11 on a live model: embedded weights take the value a_i r_m(t) + b_i and are not trained.
+"""Eq. 11 on a live model: embedded weights take the value a_i r_m(t) + b_i.
 
     w_i(t) <- SGD update          if i is not embedded
               a_i w_m(t) + b_i    if i is embedded                              (paper 000, Eq. 11)
 
-"Not trained" is enforced three ways, so that neither the gradient, nor momentum, nor weight decay moves an
-embedded weight:
+Two ways to enforce it, chosen by ``tie``:
 
-1. a gradient hook zeroes the embedded entries of each parameter's gradient;
-2. when weights are embedded, their entries of the optimizer's state (momentum buffers, Adam moments: every
-   state tensor shaped like the parameter) are zeroed;
-3. after every ``optimizer.step()`` (a step post-hook) the embedded entries are set to a_i r_m + b_i with the
-   references' values after that step, so the embedded weights follow their references through the epoch.
-   Without an optimizer, :meth:`FrozenEmbedding.apply` is called at each epoch end only.
+``tie="epoch"`` (Alg. 4 as written, and the authors' ``train_cmd.py``): every weight keeps training with the
+user's optimizer during the epoch; :meth:`FrozenEmbedding.apply`, called at each epoch's end, sets the embedded
+weights to a_i r_m + b_i with the references' values at that moment. Nothing is hooked into the optimizer.
+
+``tie="step"`` (an option, for the compute and communication savings of not training embedded weights): the
+embedded weights are tied to their references at every optimizer step. Then a weight of mode m is a function
+of r_m, and so is the loss: its derivative with respect to r_m is, by the chain rule,
+
+    dL/dr_m = ∂L/∂r_m + Σ_{i embedded in m} a_i ∂L/∂w_i .
+
+Applied as is, this moves all of the mode's tied weights by a_i times the reference's step, so the step in
+weight space grows with the mode's size; on the digits CNN with everything embedded but the references
+(Σ a_i² per mode 53-972) training diverged. Each reference therefore gets
+
+    g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ_{i∈E_m} a_i²),
+
+with E_m the embedded weights of mode m. For plain SGD this makes the step of the tied weights (the reference
+and E_m, direction u = (1, a_i ...)) the orthogonal projection of the untied SGD step onto u:
+Δw = −η u (uᵀg) / (uᵀu). In code, before every ``optimizer.step()`` (a step pre-hook) the references' gradients
+become g_m and the embedded entries' gradients are zeroed; when weights are embedded, their entries of the
+optimizer's state (momentum buffers, Adam moments: every state tensor shaped like the parameter) are zeroed;
+after every step (a step post-hook) the embedded entries are set to a_i r_m + b_i with the references' new
+values. Weight decay acts on each reference's own value only.
 
 The embedded value is computed in float32 as ``a * r + b`` (two roundings) with float32 coefficients and cast
 to the parameter's dtype; :meth:`FrozenEmbedding.coefficients` returns exactly those coefficients.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import torch
@@ -53,7 +67,6 @@ class _ParameterPart:
         self.a = torch.empty(0, dtype=torch.float32, device=parameter.device)
         self.b = torch.empty(0, dtype=torch.float32, device=parameter.device)
         self.reference = torch.empty(0, dtype=torch.int64, device=parameter.device)
-        self.hook = None
 
     def add(self, flat_index: np.ndarray, a: np.ndarray, b: np.ndarray, reference: np.ndarray) -> None:
         device = self.parameter.device
@@ -68,15 +81,23 @@ class _ParameterPart:
         self.mask.view(-1)[torch.as_tensor(flat_index, device=device)] = True
 
 
+TIES = ("epoch", "step")
+
+
 class FrozenEmbedding:
     """Holds the embedded weights of ``model`` at a_i r_m + b_i (Eq. 11).
 
     ``layout`` maps rows to the model's state-dict tensors; ``reference_rows`` are the M reference weights
-    (never embedded; row j is reference j). ``optimizer`` (optional, recommended) gets a step post-hook and has
-    its state zeroed for embedded entries.
+    (never embedded; row j is reference j). ``tie`` is ``"epoch"`` (the owner calls :meth:`apply` at epoch
+    ends; nothing is hooked) or ``"step"`` (tied at every step of ``optimizer``, which is then required; see
+    the module docstring).
     """
 
-    def __init__(self, model: torch.nn.Module, layout: StateLayout, reference_rows: np.ndarray, optimizer=None):
+    def __init__(self, model: torch.nn.Module, layout: StateLayout, reference_rows: np.ndarray, optimizer=None,
+                 tie: str = "epoch"):
+        if tie not in TIES:
+            raise UsageError(f"tie must be one of {', '.join(TIES)} (got {tie!r})")
+        self.tie = tie
         self.layout = layout
         self.tensors = model.state_dict(keep_vars=True)
         self.parameters = {name: t for name, t in self.tensors.items() if isinstance(t, torch.nn.Parameter)}
@@ -89,32 +110,34 @@ class FrozenEmbedding:
             tensor = self.tensors[layout.entries[entry_pos].name]
             self._reference_sources.append((tensor, torch.as_tensor(flat[positions], device=tensor.device),
                                             torch.as_tensor(positions)))
+        # 1 + Σ a_i² over the embedded weights of each mode (float64): the step scale of tie="step"
+        self.mode_norm = np.ones(len(self.reference_rows), dtype=np.float64)
         self.parts: dict[str, _ParameterPart] = {}
         self.optimizer = None
-        self._step_hook = None
+        self._hooks = []
         if optimizer is not None:
             self.attach_optimizer(optimizer)
 
     # ------------------------------------------------------------------ set-up
     def attach_optimizer(self, optimizer) -> None:
-        if self._step_hook is not None:
-            self._step_hook.remove()
+        """With ``tie="step"``: hook the chain-rule gradient and the reset into ``optimizer``'s steps."""
+        if self.tie != "step":
+            return
+        self.remove_hooks()
         self.optimizer = innermost_optimizer(optimizer)
-        self._step_hook = self.optimizer.register_step_post_hook(lambda *_: self.apply())
+        self._hooks = [self.optimizer.register_step_pre_hook(lambda *_: self.tie_gradients()),
+                       self.optimizer.register_step_post_hook(lambda *_: self.apply())]
         self._zero_optimizer_state()
 
     def remove_hooks(self) -> None:
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
-        for part in self.parts.values():
-            if part.hook is not None:
-                part.hook.remove()
-                part.hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     # ------------------------------------------------------------------ embedding
     def embed(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray, reference: np.ndarray) -> None:
-        """Embed ``rows`` (all trainable parameter entries) with their coefficients and reference positions."""
+        """Embed ``rows`` (all trainable parameter entries) with their coefficients and reference positions,
+        and set them to a_i r_m + b_i now."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
@@ -127,8 +150,9 @@ class FrozenEmbedding:
             part = self.parts.get(name)
             if part is None:
                 part = self.parts[name] = _ParameterPart(self.parameters[name])
-                part.hook = part.parameter.register_hook(functools.partial(_zero_embedded_gradient, part))
             part.add(flat[pick], a[pick], b[pick], reference[pick])
+        a32 = np.asarray(a, dtype=np.float32).astype(np.float64)  # the coefficients as applied
+        np.add.at(self.mode_norm, np.asarray(reference, dtype=np.int64), a32 ** 2)
         self._zero_optimizer_state()
         self.apply()
 
@@ -140,6 +164,31 @@ class FrozenEmbedding:
                 for value in self.optimizer.state.get(part.parameter, {}).values():
                     if torch.is_tensor(value) and value.shape == part.parameter.shape:
                         value.masked_fill_(part.mask.to(value.device), 0)
+
+    # ------------------------------------------------------------------ tie="step": the references' gradient
+    @torch.no_grad()
+    def tie_gradients(self) -> None:
+        """Before a step: g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ_{i∈E_m} a_i²) for each reference,
+        and 0 for the embedded entries (module docstring)."""
+        if not self.parts:
+            return
+        pulled = torch.zeros(len(self.reference_rows), dtype=torch.float64)
+        for part in self.parts.values():
+            grad = part.parameter.grad
+            if grad is None:
+                continue
+            mask = part.mask.to(grad.device)
+            contribution = torch.zeros(len(pulled), dtype=torch.float64, device=grad.device)
+            contribution.index_add_(0, part.reference, (part.a * grad[mask].float()).double())
+            pulled += contribution.cpu()
+            grad.masked_fill_(mask, 0)
+        scale = torch.from_numpy(1.0 / self.mode_norm)
+        for tensor, flat, positions in self._reference_sources:
+            if tensor.grad is None:
+                tensor.grad = torch.zeros_like(tensor)
+            grad = tensor.grad.view(-1)
+            own = grad[flat].double().cpu()
+            grad[flat] = ((own + pulled[positions]) * scale[positions]).to(grad.device, grad.dtype)
 
     # ------------------------------------------------------------------ Eq. 11
     def reference_values(self) -> torch.Tensor:
@@ -167,7 +216,3 @@ class FrozenEmbedding:
         """(flat indices, a, b, reference position) of the embedded entries of parameter ``name`` (float32)."""
         part = self.parts[name]
         return part.flat_index.copy(), part.a.cpu().numpy(), part.b.cpu().numpy(), part.reference.cpu().numpy()
-
-
-def _zero_embedded_gradient(part: _ParameterPart, grad: torch.Tensor) -> torch.Tensor:
-    return grad.masked_fill(part.mask.to(grad.device), 0)
