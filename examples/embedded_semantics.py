@@ -19,8 +19,10 @@ is a held-out network, an MLP 64-32-32-10 (3,466 parameters, no BatchNorm), trai
     python examples/embedded_semantics.py --model mlp --seeds 0 1 2 3 4 5 6 7 8 9 --out runs/semantics
 
 Each finished seed is appended to ``OUT/<model>.jsonl`` at once (final test accuracy, final mean training loss,
-trained share), so a long run can be read while it goes on; ``--check POINTS`` exits 1 if any seed of an
-embedded variant ends more than POINTS below SGD's (``make train-cmd-semantics`` uses 1.5 on seeds 0-4).
+trained share, 1 + Σ a_i² per mode), so a long run can be read while it goes on. ``--variants step-own
+step-chain`` runs two ablations of ``freeze="step"`` (references on their own partial derivative; the chain rule
+unscaled). ``--check POINTS`` exits 1 if any seed of an embedded variant ends more than POINTS below SGD's
+(``make train-cmd-semantics`` uses 1.5 on seeds 0-4).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +43,9 @@ from cmdtool.training import EmbeddedCMD
 LR, MOMENTUM, BATCH = 0.05, 0.9, 64
 CMD = dict(modes=10, warmup=20, every=10, fraction=0.10, relative=False, samples=1000)
 VARIANTS = ("sgd", "epoch", "step")
+# ablations of freeze="step", measured for docs/training.md only: references trained on their own partial
+# derivative (what freeze="step" did before the chain rule), and the chain rule without the 1 / (1 + Σ a²) scale
+ABLATIONS = ("step-own", "step-chain")
 
 
 def make_mlp(seed: int) -> nn.Module:
@@ -73,6 +79,26 @@ def test_accuracy(model, data) -> float:
     return float((model(data.test_x).argmax(dim=1) == data.test_y).float().mean())
 
 
+def _ablate(frozen, kind: str) -> None:
+    """Replace ``frozen``'s pre-step gradient rule by one of :data:`ABLATIONS`."""
+    scaled = frozen.tie_gradients
+
+    def own_gradient():
+        for part in frozen.parts.values():
+            if part.parameter.grad is not None:
+                part.parameter.grad.masked_fill_(part.mask, 0)
+
+    def unscaled_chain_rule():
+        norm = frozen.mode_norm
+        frozen.mode_norm = np.ones_like(norm)
+        try:
+            scaled()
+        finally:
+            frozen.mode_norm = norm
+
+    frozen.tie_gradients = own_gradient if kind == "step-own" else unscaled_chain_rule
+
+
 def run(model_name: str, variant: str, seed: int, data, epochs: int = 150) -> dict:
     """One network; returns its final test accuracy (%), final training loss and per-epoch test accuracy."""
     model = MODELS[model_name](seed)
@@ -80,18 +106,21 @@ def run(model_name: str, variant: str, seed: int, data, epochs: int = 150) -> di
     generator = torch.Generator().manual_seed(seed)
     cmd = None
     if variant != "sgd":
-        cmd = EmbeddedCMD(model, seed=seed, optimizer=optimiser, freeze=variant, **CMD)
+        cmd = EmbeddedCMD(model, seed=seed, optimizer=optimiser, freeze=variant.split("-")[0], **CMD)
     accuracy, losses = [], []
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         losses.append(train_one_epoch(model, optimiser, data, generator))
         if cmd is not None:
             cmd.on_epoch_end(epoch)
+            if variant in ABLATIONS and epoch == CMD["warmup"]:
+                _ablate(cmd.frozen, variant)
         accuracy.append(100 * test_accuracy(model, data))
     out = {"model": model_name, "variant": variant, "seed": seed, "epochs": epochs,
            "final_test_accuracy": accuracy[-1], "final_train_loss": losses[-1], "max_train_loss": max(losses),
            "test_accuracy": accuracy, "seconds": time.perf_counter() - started}
     if cmd is not None:
+        out["mode_norm"] = cmd.frozen.mode_norm.tolist()  # 1 + Σ a_i² over each mode's embedded weights
         out["run_trained_fraction"] = cmd.run_trained_fraction()
         out["final_trained_fraction"] = cmd.trained_fraction()
         cmd.close()
@@ -103,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=150)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS + ABLATIONS, default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/semantics"))
     parser.add_argument("--check", type=float, help="exit 1 if an embedded seed ends more than this many points "
                                                     "below SGD's")
