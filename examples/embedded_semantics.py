@@ -4,10 +4,10 @@ For each seed, three networks from the same initialisation and batch order, trai
 (lr 0.05, momentum 0.9, batch 64, one-pixel shifts) on scikit-learn's digits:
 
 - ``sgd``: plain SGD;
-- ``epoch``: :class:`cmdtool.training.EmbeddedCMD` with ``freeze="epoch"`` (the default, Alg. 4): every weight
-  trains during the epoch, the embedded ones are set to a_i r_m + b_i at its end;
-- ``step``: ``freeze="step"``: embedded weights tied at every step, references trained on their mode's
-  chain-rule gradient scaled by 1 / (1 + Σ a_i²).
+- ``epoch``: :class:`cmdtool.training.EmbeddedCMD` as it is by default: ``freeze="epoch"`` (Alg. 4: every
+  weight trains during the epoch, the embedded ones are set to a_i r_m + b_i at its end) and
+  ``reference_gradient="mode"`` (references step on their mode's chain-rule gradient scaled by 1 / (1 + Σ a_i²));
+- ``step``: ``freeze="step"``: embedded weights tied at every step and not trained, references as above.
 
 CMD: basic P = 10% (Table 9's setting), M = 10 modes, K = 1000, warm-up F = 20, a decision every L = 10 epochs,
 so everything but the 10 references is embedded from epoch 120 on.
@@ -19,9 +19,9 @@ is a held-out network, an MLP 64-32-32-10 (3,466 parameters, no BatchNorm), trai
     python examples/embedded_semantics.py --model mlp --seeds 0 1 2 3 4 5 6 7 8 9 --out runs/semantics
 
 Each finished seed is appended to ``OUT/<model>.jsonl`` at once (final test accuracy, final mean training loss,
-trained share, 1 + Σ a_i² per mode), so a long run can be read while it goes on. ``--variants step-own
-step-chain`` runs two ablations of ``freeze="step"`` (references on their own partial derivative; the chain rule
-unscaled). ``--check POINTS`` exits 1 if any seed of an embedded variant ends more than POINTS below SGD's
+trained share, 1 + Σ a_i² per mode), so a long run can be read while it goes on. ``--variants epoch-own
+step-own step-chain`` runs ``reference_gradient="own"`` in each mode (``epoch-own`` is Alg. 4 literally) and
+``freeze="step"`` with the chain rule unscaled. ``--check POINTS`` exits 1 if any seed of an embedded variant ends more than POINTS below SGD's
 (``make train-cmd-semantics`` uses 1.5 on seeds 0-4).
 """
 
@@ -43,9 +43,9 @@ from cmdtool.training import EmbeddedCMD
 LR, MOMENTUM, BATCH = 0.05, 0.9, 64
 CMD = dict(modes=10, warmup=20, every=10, fraction=0.10, relative=False, samples=1000)
 VARIANTS = ("sgd", "epoch", "step")
-# ablations of freeze="step", measured for docs/training.md only: references trained on their own partial
-# derivative (what freeze="step" did before the chain rule), and the chain rule without the 1 / (1 + Σ a²) scale
-ABLATIONS = ("step-own", "step-chain")
+# reference_gradient="own" in either mode ("epoch-own" is Alg. 4 literally), and an ablation measured for
+# docs/training.md only: freeze="step" with the chain rule unscaled (no 1 / (1 + Σ a²))
+ABLATIONS = ("epoch-own", "step-own", "step-chain")
 
 
 def make_mlp(seed: int) -> nn.Module:
@@ -79,24 +79,19 @@ def test_accuracy(model, data) -> float:
     return float((model(data.test_x).argmax(dim=1) == data.test_y).float().mean())
 
 
-def _ablate(frozen, kind: str) -> None:
-    """Replace ``frozen``'s pre-step gradient rule by one of :data:`ABLATIONS`."""
+def _unscale(frozen) -> None:
+    """The "step-chain" ablation: ``frozen``'s chain rule without the 1 / (1 + Σ a²) scale."""
     scaled = frozen.tie_gradients
 
-    def own_gradient():
-        for part in frozen.parts.values():
-            if part.parameter.grad is not None:
-                part.parameter.grad.masked_fill_(part.mask, 0)
-
-    def unscaled_chain_rule():
+    def unscaled_chain_rule(zero_embedded=True):
         norm = frozen.mode_norm
         frozen.mode_norm = np.ones_like(norm)
         try:
-            scaled()
+            scaled(zero_embedded)
         finally:
             frozen.mode_norm = norm
 
-    frozen.tie_gradients = own_gradient if kind == "step-own" else unscaled_chain_rule
+    frozen.tie_gradients = unscaled_chain_rule
 
 
 def run(model_name: str, variant: str, seed: int, data, epochs: int = 150) -> dict:
@@ -106,15 +101,16 @@ def run(model_name: str, variant: str, seed: int, data, epochs: int = 150) -> di
     generator = torch.Generator().manual_seed(seed)
     cmd = None
     if variant != "sgd":
-        cmd = EmbeddedCMD(model, seed=seed, optimizer=optimiser, freeze=variant.split("-")[0], **CMD)
+        cmd = EmbeddedCMD(model, seed=seed, optimizer=optimiser, freeze=variant.split("-")[0],
+                          reference_gradient="own" if variant.endswith("-own") else "mode", **CMD)
     accuracy, losses = [], []
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         losses.append(train_one_epoch(model, optimiser, data, generator))
         if cmd is not None:
             cmd.on_epoch_end(epoch)
-            if variant in ABLATIONS and epoch == CMD["warmup"]:
-                _ablate(cmd.frozen, variant)
+            if variant == "step-chain" and epoch == CMD["warmup"]:
+                _unscale(cmd.frozen)
         accuracy.append(100 * test_accuracy(model, data))
     out = {"model": model_name, "variant": variant, "seed": seed, "epochs": epochs,
            "final_test_accuracy": accuracy[-1], "final_train_loss": losses[-1], "max_train_loss": max(losses),

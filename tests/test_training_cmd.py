@@ -280,31 +280,40 @@ def test_cmd_model_state_dict_loads_strictly_and_is_exact_on_embedded_weights(fr
         assert torch.equal(state[name][mask], model.state_dict()[name][mask])
 
 
-def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_its_end():
-    """Alg. 4 (the default): during an epoch every weight, embedded or not, takes exactly the optimizer's step;
-    at the epoch's end the embedded weights equal a_i r_m + b_i, with r_m the references' trained values."""
+@pytest.mark.parametrize("reference_gradient", ["own", "mode"])
+def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_its_end(reference_gradient):
+    """freeze="epoch" (Alg. 4, the default): during an epoch every weight but the references takes exactly the
+    optimizer's step on its own gradient (the references too with reference_gradient="own"); at the epoch's end
+    the embedded weights equal a_i r_m + b_i, with r_m the references' trained values."""
     model, x, y = tiny_task()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=1, fraction=0.3, samples=100)  # no optimizer needed
-    twin, _, _ = tiny_task()  # a plain copy, stepped by hand with the same batches and the same rule
+    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=1, fraction=0.3, samples=100,
+                      optimizer=optimizer if reference_gradient == "mode" else None,  # "own" hooks nothing
+                      reference_gradient=reference_gradient)
+    references = {}
+    twin, _, _ = tiny_task()  # a plain copy, synced before each step and stepped with the same batch and rule
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(5)
-    moved = 0
+    moved = references_differed = 0
     for epoch in range(6):
-        twin.load_state_dict(model.state_dict())
-        twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # its own momentum buffers
         order = torch.randperm(len(y), generator=generator)
         model.train(), twin.train()
         for start in range(0, len(y), 32):
             batch = order[start:start + 32]
+            twin.load_state_dict(model.state_dict())
+            twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # its own momentum buffers
             for net, opt in ((model, optimizer), (twin, twin_optimizer)):
                 opt.zero_grad()
                 nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
                 opt.step()
             for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-                assert torch.equal(p, q), name  # no hook: embedded weights are trained like the others
+                keep = ~references[name] if name in references else torch.ones_like(p, dtype=torch.bool)
+                assert torch.equal(p[keep], q[keep]), name  # embedded weights are trained like the others
+                references_differed += int(not torch.equal(p, q))
         before_tie = {n: p.detach().clone() for n, p in model.named_parameters()}
         cmd.on_epoch_end(epoch)
+        if cmd.frozen is not None and reference_gradient == "mode":  # references step on the mode's gradient
+            references = {n: _reference_mask(cmd, n) for n, _ in model.named_parameters()}
         params = dict(model.named_parameters())
         for name, (flat, want) in expected_embedded_values(cmd).items() if cmd.frozen else []:
             index = torch.as_tensor(flat)
@@ -314,6 +323,7 @@ def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_
         for name, mask in cmd.embedded_mask().items():  # the others keep the optimizer's values
             assert torch.equal(params[name].detach()[~mask], before_tie[name][~mask])
     assert cmd.plan.embedded.sum() > 0 and moved > 0  # the embedded weights had left a r + b within the epoch
+    assert (references_differed > 0) == (reference_gradient == "mode")
 
 
 def test_step_freeze_gives_references_the_scaled_chain_rule_gradient():
@@ -356,10 +366,14 @@ def _reference_mask(cmd, name):
     return mask
 
 
-def test_step_freeze_without_an_optimizer_is_refused():
+def test_without_an_optimizer_only_alg4_with_own_reference_gradients_is_allowed():
     model, _, _ = tiny_task()
-    with pytest.raises(UsageError, match="optimizer"):
-        EmbeddedCMD(model, modes=3, warmup=3, freeze="step")
+    for freeze, reference_gradient in (("step", "mode"), ("step", "own"), ("epoch", "mode")):
+        with pytest.raises(UsageError, match="optimizer"):
+            EmbeddedCMD(model, modes=3, warmup=3, freeze=freeze, reference_gradient=reference_gradient)
+    EmbeddedCMD(model, modes=3, warmup=3, reference_gradient="own")
+    with pytest.raises(UsageError, match="reference_gradient"):
+        EmbeddedCMD(model, modes=3, warmup=3, reference_gradient="partial")
     with pytest.raises(UsageError, match="freeze"):
         EmbeddedCMD(model, modes=3, warmup=3, freeze="batch")
 

@@ -15,14 +15,19 @@ When Eq. 11 is enforced is ``freeze``:
 - ``"epoch"`` (default; Alg. 4 as written, and the authors' code): every weight trains with the user's optimizer
   during the epoch, and at the epoch's end the embedded weights are set to a_i w_m(t) + b_i. Embedded weights
   still get gradients and optimizer updates inside the epoch: the saving is in what CMD models, not in compute.
-- ``"step"`` (option): embedded weights are tied to their references at every optimizer step and are not trained;
-  each reference steps along its mode with the chain-rule gradient scaled by 1 / (1 + Σ a_i²)
-  (:mod:`cmdtool.training.freeze`). This is the variant that saves computation of embedded weights' updates, and
-  in federated learning (:mod:`cmdtool.training.federated`) communication.
+- ``"step"`` (option): embedded weights are tied to their references at every optimizer step and are not
+  trained. This is the variant that saves the embedded weights' updates, and in federated learning
+  (:mod:`cmdtool.training.federated`) their communication.
+
+What a reference steps on is ``reference_gradient``: ``"mode"`` (default), its mode's chain-rule gradient scaled
+by 1 / (1 + Σ a_i²) over the embedded weights of the mode; ``"own"``, its own partial derivative, as in Alg. 4's
+"regular SGD step" (:mod:`cmdtool.training.freeze`). With basic P everything but the M references is embedded
+after 1/P decisions, and from then on ``"own"`` moves whole modes along directions unrelated to the loss: on the
+digits CNN (docs/training.md) it collapsed seeds in both ``freeze`` modes, ``"mode"`` on none.
 
 Add it to a plain PyTorch loop::
 
-    cmd = EmbeddedCMD(model, modes=10, warmup=20, every=10, fraction=0.10)   # freeze="epoch": Alg. 4
+    cmd = EmbeddedCMD(model, optimizer=optimizer, modes=10, warmup=20, every=10, fraction=0.10)
     for epoch in range(epochs):
         train_one_epoch(model, optimizer)
         cmd.on_epoch_end(epoch)            # warm-up CMD, Eq. 9 updates, Alg. 4 decisions, Eq. 11
@@ -52,7 +57,7 @@ from ..analyzers.cmd_drift import DEFAULT_DRIFT_FACTOR, DriftMonitor, relative_e
 from ..analyzers.online_cmd import OnlineCMD
 from ..errors import UsageError
 from ._state import export_attributes, restore_attributes
-from .freeze import TIES, FrozenEmbedding
+from .freeze import REFERENCE_GRADIENTS, TIES, FrozenEmbedding
 from .layout import StateLayout
 
 log = logging.getLogger("cmdtool.training")
@@ -261,10 +266,12 @@ class EmbeddedCMD:
     schedule : lowers P over the decisions (:func:`linear_decay`, :func:`exponential_decay`,
         :func:`halve_above`, or any ``f(step, embedded_fraction, previous_P, initial_P) -> P``).
     freeze : ``"epoch"`` (default, Alg. 4): all weights train during the epoch, embedded ones are set to
-        a_i r_m + b_i at its end. ``"step"``: embedded weights are tied at every optimizer step and not trained;
-        references get the mode's chain-rule gradient scaled by 1 / (1 + Σ a_i²) (needs ``optimizer``).
-    optimizer : the training optimizer. Required with ``freeze="step"`` (its steps are hooked, and its state is
-        zeroed for embedded weights); not used with ``freeze="epoch"``.
+        a_i r_m + b_i at its end. ``"step"``: embedded weights are tied at every optimizer step and not trained.
+    reference_gradient : ``"mode"`` (default): each reference steps on its mode's chain-rule gradient scaled by
+        1 / (1 + Σ a_i²); ``"own"``: on its own partial derivative (Alg. 4 literally).
+    optimizer : the training optimizer; its steps are hooked (the references' gradient before each step; with
+        ``freeze="step"`` the reset after it, and its state zeroed for embedded weights). Required unless
+        ``freeze="epoch"`` with ``reference_gradient="own"``, which hooks nothing.
     evaluate : optional ``f(state_dict) -> dict of metrics``, run on the CMD model every epoch from F on and
         stored in :attr:`history_`.
     device : where the CMD sums live (default: the model's device).
@@ -277,7 +284,8 @@ class EmbeddedCMD:
 
     def __init__(self, model: torch.nn.Module, modes: int = 10, warmup: int = 20, every: int = 10,
                  fraction: float = 0.10, relative: bool = False, schedule: Schedule | None = None,
-                 samples: int = 1000, seed: int = 0, *, freeze: str = "epoch", optimizer=None,
+                 samples: int = 1000, seed: int = 0, *, freeze: str = "epoch", reference_gradient: str = "mode",
+                 optimizer=None,
                  evaluate: Callable[[dict], dict] | None = None, sampling: str = "balanced",
                  bn_stats: str = "source", device: str | torch.device | None = None,
                  drift_factor: float = DEFAULT_DRIFT_FACTOR):
@@ -297,9 +305,13 @@ class EmbeddedCMD:
                                      drift_factor=drift_factor)
         if freeze not in TIES:
             raise UsageError(f"freeze must be 'epoch' or 'step' (got {freeze!r})")
-        if freeze == "step" and optimizer is None:
-            raise UsageError("freeze='step' needs optimizer=: embedded weights are tied at its steps")
+        if reference_gradient not in REFERENCE_GRADIENTS:
+            raise UsageError(f"reference_gradient must be 'mode' or 'own' (got {reference_gradient!r})")
+        if optimizer is None and (freeze == "step" or reference_gradient == "mode"):
+            raise UsageError(f"EmbeddedCMD(freeze={freeze!r}, reference_gradient={reference_gradient!r}) needs "
+                             "optimizer=: it hooks into the optimizer's steps")
         self.freeze = freeze
+        self.reference_gradient = reference_gradient
         self.evaluate = evaluate
         self.optimizer = optimizer
         self.frozen: FrozenEmbedding | None = None
@@ -322,7 +334,7 @@ class EmbeddedCMD:
         step = plan.observe(self.model.state_dict())
         if plan.epoch == plan.warmup:
             self.frozen = FrozenEmbedding(self.model, plan.layout, plan.reference_rows, self.optimizer,
-                                          tie=self.freeze)
+                                          tie=self.freeze, reference_gradient=self.reference_gradient)
         if step is not None:
             self.frozen.embed(step.rows, step.a, step.b, step.reference)
         record = {"epoch": plan.epoch if epoch is None else epoch, "trained_fraction": trained_during,
@@ -386,11 +398,11 @@ class EmbeddedCMD:
         plan = self.plan
         if plan.epoch >= plan.warmup:
             self.frozen = FrozenEmbedding(self.model, plan.layout, plan.reference_rows, self.optimizer,
-                                          tie=self.freeze)
+                                          tie=self.freeze, reference_gradient=self.reference_gradient)
             rows = np.flatnonzero(plan.embedded)
             self.frozen.embed(rows, plan.a_old[rows], plan.b_old[rows], plan.mode[rows])
 
     def close(self) -> None:
-        """Remove the optimizer hooks of ``freeze="step"`` (the model keeps its current weights)."""
+        """Remove the optimizer hooks (the model keeps its current weights)."""
         if self.frozen is not None:
             self.frozen.remove_hooks()

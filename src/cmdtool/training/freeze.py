@@ -3,31 +3,29 @@
     w_i(t) <- SGD update          if i is not embedded
               a_i w_m(t) + b_i    if i is embedded                              (paper 000, Eq. 11)
 
-Two ways to enforce it, chosen by ``tie``:
+When the tie is enforced is ``tie``:
 
-``tie="epoch"`` (Alg. 4 as written, and the authors' ``train_cmd.py``): every weight keeps training with the
-user's optimizer during the epoch; :meth:`FrozenEmbedding.apply`, called at each epoch's end, sets the embedded
-weights to a_i r_m + b_i with the references' values at that moment. Nothing is hooked into the optimizer.
+- ``"epoch"`` (Alg. 4 as written, and the authors' ``train_cmd.py``): every weight trains with the user's
+  optimizer during the epoch; :meth:`FrozenEmbedding.apply`, called at each epoch's end, sets the embedded weights
+  to a_i r_m + b_i with the references' values at that moment.
+- ``"step"``: tied at every optimizer step, so embedded weights are not trained (what saves their updates, and in
+  federated learning their communication). Their gradient entries are zeroed before each step, their optimizer
+  state (momentum buffers, Adam moments: every state tensor shaped like the parameter) when they are embedded, and
+  after each step (a step post-hook) they are set to a_i r_m + b_i with the references' new values.
 
-``tie="step"`` (an option, for the compute and communication savings of not training embedded weights): the
-embedded weights are tied to their references at every optimizer step. Then a weight of mode m is a function
-of r_m, and so is the loss: its derivative with respect to r_m is, by the chain rule,
-
-    dL/dr_m = ∂L/∂r_m + Σ_{i embedded in m} a_i ∂L/∂w_i .
-
-Applied as is, this moves all of the mode's tied weights by a_i times the reference's step, so the step in
-weight space grows with the mode's size; on the digits CNN with everything embedded but the references
-(Σ a_i² per mode 53-972) training diverged. Each reference therefore gets
+What a reference steps on is ``reference_gradient``. At each tie, every embedded weight of mode m becomes a function
+of r_m, and so does the loss; by the chain rule its derivative with respect to r_m is
+∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i (E_m: the embedded weights of mode m). Moving r_m moves all of E_m by a_i times
+as much, so the step in weight space grows with the mode's size 1 + Σ a_i² (53-972 on the digits CNN once
+everything but the references is embedded). ``"mode"`` (default) gives each reference, before every step (a step
+pre-hook),
 
     g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ_{i∈E_m} a_i²),
 
-with E_m the embedded weights of mode m. For plain SGD this makes the step of the tied weights (the reference
-and E_m, direction u = (1, a_i ...)) the orthogonal projection of the untied SGD step onto u:
-Δw = −η u (uᵀg) / (uᵀu). In code, before every ``optimizer.step()`` (a step pre-hook) the references' gradients
-become g_m and the embedded entries' gradients are zeroed; when weights are embedded, their entries of the
-optimizer's state (momentum buffers, Adam moments: every state tensor shaped like the parameter) are zeroed;
-after every step (a step post-hook) the embedded entries are set to a_i r_m + b_i with the references' new
-values. Weight decay acts on each reference's own value only.
+which for plain SGD makes the tied weights' step (direction u = (1, a_i ...)) the orthogonal projection of the
+untied SGD step onto u: Δw = −η u (uᵀg) / (uᵀu). ``"own"`` leaves each reference its own partial derivative
+∂L/∂r_m, as plain SGD (Alg. 4's "regular SGD step") has it. With ``tie="epoch"`` the embedded entries keep their
+own gradients inside the epoch either way. Weight decay acts on each reference's own value only.
 
 The embedded value is computed in float32 as ``a * r + b`` (two roundings) with float32 coefficients and cast
 to the parameter's dtype; :meth:`FrozenEmbedding.coefficients` returns exactly those coefficients.
@@ -82,6 +80,7 @@ class _ParameterPart:
 
 
 TIES = ("epoch", "step")
+REFERENCE_GRADIENTS = ("mode", "own")
 
 
 class FrozenEmbedding:
@@ -89,15 +88,20 @@ class FrozenEmbedding:
 
     ``layout`` maps rows to the model's state-dict tensors; ``reference_rows`` are the M reference weights
     (never embedded; row j is reference j). ``tie`` is ``"epoch"`` (the owner calls :meth:`apply` at epoch
-    ends; nothing is hooked) or ``"step"`` (tied at every step of ``optimizer``, which is then required; see
-    the module docstring).
+    ends) or ``"step"`` (tied after every step of ``optimizer``). ``reference_gradient`` is ``"mode"`` (each
+    reference steps on its mode's scaled chain-rule gradient) or ``"own"`` (its own partial derivative, as in
+    plain SGD). Hooks go into ``optimizer`` unless ``tie="epoch"`` with ``"own"``, which needs none.
     """
 
     def __init__(self, model: torch.nn.Module, layout: StateLayout, reference_rows: np.ndarray, optimizer=None,
-                 tie: str = "epoch"):
+                 tie: str = "epoch", reference_gradient: str = "mode"):
         if tie not in TIES:
             raise UsageError(f"tie must be one of {', '.join(TIES)} (got {tie!r})")
+        if reference_gradient not in REFERENCE_GRADIENTS:
+            raise UsageError(f"reference_gradient must be one of {', '.join(REFERENCE_GRADIENTS)} "
+                             f"(got {reference_gradient!r})")
         self.tie = tie
+        self.reference_gradient = reference_gradient
         self.layout = layout
         self.tensors = model.state_dict(keep_vars=True)
         self.parameters = {name: t for name, t in self.tensors.items() if isinstance(t, torch.nn.Parameter)}
@@ -110,7 +114,7 @@ class FrozenEmbedding:
             tensor = self.tensors[layout.entries[entry_pos].name]
             self._reference_sources.append((tensor, torch.as_tensor(flat[positions], device=tensor.device),
                                             torch.as_tensor(positions)))
-        # 1 + Σ a_i² over the embedded weights of each mode (float64): the step scale of tie="step"
+        # 1 + Σ a_i² over the embedded weights of each mode (float64): the step scale of reference_gradient="mode"
         self.mode_norm = np.ones(len(self.reference_rows), dtype=np.float64)
         self.parts: dict[str, _ParameterPart] = {}
         self.optimizer = None
@@ -119,15 +123,26 @@ class FrozenEmbedding:
             self.attach_optimizer(optimizer)
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def needs_optimizer(self) -> bool:
+        return self.tie == "step" or self.reference_gradient == "mode"
+
     def attach_optimizer(self, optimizer) -> None:
-        """With ``tie="step"``: hook the chain-rule gradient and the reset into ``optimizer``'s steps."""
-        if self.tie != "step":
+        """Hook the references' gradient rule (before each step) and, with ``tie="step"``, the reset (after each
+        step) into ``optimizer``."""
+        if not self.needs_optimizer:
             return
         self.remove_hooks()
         self.optimizer = innermost_optimizer(optimizer)
-        self._hooks = [self.optimizer.register_step_pre_hook(lambda *_: self.tie_gradients()),
-                       self.optimizer.register_step_post_hook(lambda *_: self.apply())]
-        self._zero_optimizer_state()
+        per_step = self.tie == "step"
+        if self.reference_gradient == "mode":
+            self._hooks.append(self.optimizer.register_step_pre_hook(
+                lambda *_: self.tie_gradients(zero_embedded=per_step)))
+        else:
+            self._hooks.append(self.optimizer.register_step_pre_hook(lambda *_: self.zero_embedded_gradients()))
+        if per_step:
+            self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self.apply()))
+            self._zero_optimizer_state()
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -157,7 +172,7 @@ class FrozenEmbedding:
         self.apply()
 
     def _zero_optimizer_state(self) -> None:
-        if self.optimizer is None:
+        if self.optimizer is None or self.tie != "step":
             return
         with torch.no_grad():
             for part in self.parts.values():
@@ -165,11 +180,18 @@ class FrozenEmbedding:
                     if torch.is_tensor(value) and value.shape == part.parameter.shape:
                         value.masked_fill_(part.mask.to(value.device), 0)
 
-    # ------------------------------------------------------------------ tie="step": the references' gradient
+    # ------------------------------------------------------------------ the references' gradient
     @torch.no_grad()
-    def tie_gradients(self) -> None:
+    def zero_embedded_gradients(self) -> None:
+        """Before a step (``tie="step"``, ``reference_gradient="own"``): 0 for the embedded entries."""
+        for part in self.parts.values():
+            if part.parameter.grad is not None:
+                part.parameter.grad.masked_fill_(part.mask.to(part.parameter.grad.device), 0)
+
+    @torch.no_grad()
+    def tie_gradients(self, zero_embedded: bool = True) -> None:
         """Before a step: g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ_{i∈E_m} a_i²) for each reference,
-        and 0 for the embedded entries (module docstring)."""
+        and (with ``zero_embedded``) 0 for the embedded entries (module docstring)."""
         if not self.parts:
             return
         pulled = torch.zeros(len(self.reference_rows), dtype=torch.float64)
@@ -181,7 +203,8 @@ class FrozenEmbedding:
             contribution = torch.zeros(len(pulled), dtype=torch.float64, device=grad.device)
             contribution.index_add_(0, part.reference, (part.a * grad[mask].float()).double())
             pulled += contribution.cpu()
-            grad.masked_fill_(mask, 0)
+            if zero_embedded:
+                grad.masked_fill_(mask, 0)
         scale = torch.from_numpy(1.0 / self.mode_norm)
         for tensor, flat, positions in self._reference_sources:
             if tensor.grad is None:
