@@ -27,12 +27,14 @@ what is sent and Eq. 14's synchronisation):
 - ``"step"`` (default): Eq. 11 at every local optimizer step (:class:`~cmdtool.training.freeze.FrozenEmbedding`,
   ``tie="step"``): embedded weights follow their references and are not trained, and each reference gets its
   mode's chain-rule gradient scaled by 1 / (1 + Σ a_i²). Clients compute no updates for embedded weights.
-- ``"round"``: Alg. 4's per-epoch semantics applied to a round: every weight trains locally, and the embedded
-  ones are reset to a_i w_m + b_i when local training ends. They are never uploaded, so what they learned
-  locally reaches the server only through the references and un-embedded weights it shaped.
+- ``"round"``: Alg. 4's per-epoch semantics applied to a round: every weight trains locally (references on
+  the same scaled chain-rule gradient), and the embedded ones are reset to a_i w_m + b_i when local training
+  ends. They are never uploaded, so what they learned locally reaches the server only through the references
+  and un-embedded weights it shaped.
 
-Either way the messages, and so the volume, are the same. Floating entries that are not parameters (BatchNorm statistics) are
-averaged and sent like un-embedded weights; integer entries stay as the working model has them.
+Either way the messages, and so the volume, are the same (measured on digits in docs/training.md). Floating
+entries that are not parameters (BatchNorm statistics) are averaged and sent like un-embedded weights; integer
+entries stay as the working model has them.
 """
 
 from __future__ import annotations
