@@ -22,8 +22,9 @@ When Eq. 11 is enforced is ``freeze``:
 What a reference steps on is ``reference_gradient``: ``"mode"`` (default), its mode's chain-rule gradient scaled
 by 1 / (1 + Σ a_i²) over the embedded weights of the mode; ``"own"``, its own partial derivative, as in Alg. 4's
 "regular SGD step" (:mod:`cmdtool.training.freeze`). With basic P everything but the M references is embedded
-after 1/P decisions, and from then on ``"own"`` moves whole modes along directions unrelated to the loss: on the
-digits CNN (docs/training.md) it collapsed seeds in both ``freeze`` modes, ``"mode"`` on none.
+after 1/P decisions, and from then on ``"own"`` moves each whole mode by a_i times its reference's own step,
+which in general is no descent direction of the tied network: on the digits CNN (docs/training.md) it collapsed
+seeds in both ``freeze`` modes, ``"mode"`` none.
 
 Add it to a plain PyTorch loop::
 
