@@ -166,10 +166,19 @@ class FrozenEmbedding:
             if part is None:
                 part = self.parts[name] = _ParameterPart(self.parameters[name])
             part.add(flat[pick], a[pick], b[pick], reference[pick])
-        a32 = np.asarray(a, dtype=np.float32).astype(np.float64)  # the coefficients as applied
-        np.add.at(self.mode_norm, np.asarray(reference, dtype=np.int64), a32 ** 2)
+        self._update_mode_norm()
         self._zero_optimizer_state()
         self.apply()
+
+    def _update_mode_norm(self) -> None:
+        """1 + Σ a_i² per mode from the float32 coefficients as applied, summed in the layout's order (so a run
+        resumed from a checkpoint gets the same bits as one that embedded step by step)."""
+        norm = np.ones(len(self.reference_rows), dtype=np.float64)
+        for entry in self.layout.entries:
+            part = self.parts.get(entry.name)
+            if part is not None:
+                np.add.at(norm, part.reference.cpu().numpy(), part.a.cpu().double().numpy() ** 2)
+        self.mode_norm = norm
 
     def _zero_optimizer_state(self) -> None:
         if self.optimizer is None or self.tie != "step":
