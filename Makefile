@@ -62,6 +62,12 @@ train-cmd-embedded: install
 train-cmd-federated: install
 	$(BIN)/python examples/federated_digits.py --out runs/federated --figures docs/figures
 
+# Embedded CMD, basic P = 10% on the digits CNN, seeds 0-4, 150 epochs: SGD vs freeze="epoch" vs freeze="step";
+# fails if a seed of either mode ends more than 1.5 points below SGD (several minutes; same as pytest -m paper)
+.PHONY: train-cmd-semantics
+train-cmd-semantics: install
+	$(BIN)/python examples/embedded_semantics.py --model cnn --seeds 0 1 2 3 4 --out runs/semantics --check 1.5
+
 bench: install
 	$(BIN)/python bench/ingest.py
 

@@ -9,7 +9,8 @@ epochs, P=10% basic, 150 epochs, SGD lr 0.05 momentum 0.9), on scikit-learn's di
 Per seed it trains three networks from the same initialisation and batch order:
 
 - ``sgd``: plain SGD; ``online`` is the online CMD model (Alg. 3) of that same run, evaluated each epoch;
-- ``embedded``: SGD with :class:`cmdtool.training.EmbeddedCMD` (Alg. 4): the trained network itself, and
+- ``embedded``: SGD with :class:`cmdtool.training.EmbeddedCMD` at its defaults (Alg. 4's per-epoch tie, references on
+  their mode's scaled chain-rule gradient): the trained network itself, and
   ``embedded-cmd`` the CMD model of that run;
 - ``naive``: SGD where the online CMD model is loaded into the network every 20 epochs (Fig. 3 left).
 

@@ -8,8 +8,10 @@ local epochs, CMD with 2 modes, P = 5% halved once more than 80% is embedded) sc
 
 10 clients with Dirichlet(1) class mixtures, 3 drawn per round, 2 local epochs of SGD (lr 0.05, momentum 0.9,
 a fresh optimizer per local run), 150 rounds; CMD: M=2, K=1000, warm-up 20 rounds, a decision every 5 rounds.
-Both runs of a seed draw the same clients in the same order. Writes ``results.json`` and, with ``--figures``,
-one PNG; prints a markdown table.
+Clients tie embedded weights at every local step (``FederatedCMD(local_freeze="step")``, the default);
+``--also-round`` adds a third run per seed with ``local_freeze="round"`` (every weight trains locally, embedded ones
+are reset at the sync). All runs of a seed draw the same clients in the same order. Writes ``results.json`` and,
+with ``--figures``, one PNG; prints a markdown table.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ QUICK = dict(clients=10, per_round=3, rounds=16, local_epochs=1, alpha=1.0, mode
              every=2, fraction=0.1, seeds=[0], eval_every=4)
 
 
-def run(seed: int, cfg: dict, data, with_cmd: bool) -> dict:
+def run(seed: int, cfg: dict, data, with_cmd: bool, local_freeze: str = "step") -> dict:
     parts = dirichlet_split(data.train_y.numpy(), cfg["clients"], cfg["alpha"], seed=seed)
     generator = torch.Generator().manual_seed(seed)
 
@@ -50,7 +52,7 @@ def run(seed: int, cfg: dict, data, with_cmd: bool) -> dict:
                                      schedule=halve_above(0.8))
     server = FederatedCMD(make_model(seed), [torch.as_tensor(p) for p in parts], local_train,
                           lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM),
-                          cfg["per_round"], embedding=embedding, seed=seed)
+                          cfg["per_round"], embedding=embedding, seed=seed, local_freeze=local_freeze)
     server.run(cfg["rounds"], evaluate=lambda state: evaluate(state, data), eval_every=cfg["eval_every"])
     rounds = [r.as_dict() for r in server.log]
     return {"volume": server.volume(), "rounds": rounds, "final_acc": rounds[-1]["metrics"]["test_acc"],
@@ -63,7 +65,10 @@ def summarise(runs: list[dict]) -> dict:
         return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                 "per_seed": values.tolist()}
 
-    return {"baseline_acc": stats([100 * r["baseline"]["final_acc"] for r in runs]),
+    extra = {}
+    if all("cmd-round" in r for r in runs):
+        extra["cmd_round_acc"] = stats([100 * r["cmd-round"]["final_acc"] for r in runs])
+    return {**extra, "baseline_acc": stats([100 * r["baseline"]["final_acc"] for r in runs]),
             "cmd_acc": stats([100 * r["cmd"]["final_acc"] for r in runs]),
             "volume_ratio": stats([100 * r["cmd"]["volume"]["volume_ratio"] for r in runs]),
             "counted_equals_eq16": all(r["cmd"]["volume"]["counted_total"] == r["cmd"]["volume"]["eq16_total"]
@@ -79,7 +84,11 @@ def markdown_table(summary: dict, cfg: dict) -> str:
         "|---|---|---|---|",
         f"| FedAvg baseline | 100 | {b['mean']:.2f} ± {b['sd']:.2f} | {', '.join(f'{x:.2f}' for x in b['per_seed'])} |",
         f"| CMD (M={cfg['modes']}, P={100 * cfg['fraction']:g}%) | {v['mean']:.2f} ± {v['sd']:.2f} | "
-        f"{c['mean']:.2f} ± {c['sd']:.2f} | {', '.join(f'{x:.2f}' for x in c['per_seed'])} |"])
+        f"{c['mean']:.2f} ± {c['sd']:.2f} | {', '.join(f'{x:.2f}' for x in c['per_seed'])} |"]
+        + ([f"| CMD, local_freeze='round' | {v['mean']:.2f} | {summary['cmd_round_acc']['mean']:.2f} ± "
+            f"{summary['cmd_round_acc']['sd']:.2f} | "
+            f"{', '.join(f'{x:.2f}' for x in summary['cmd_round_acc']['per_seed'])} |"]
+           if "cmd_round_acc" in summary else []))
 
 
 def plot(runs: list[dict], cfg: dict, folder: Path) -> Path:
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, help="synchronisation rounds (default 150)")
     parser.add_argument("--out", type=Path, default=Path("runs/federated"), help="folder for results.json")
     parser.add_argument("--figures", type=Path, help="also write the PNG figure into this folder")
+    parser.add_argument("--also-round", action="store_true", help="also run CMD with local_freeze='round'")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -133,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in cfg["seeds"]:
         started = time.perf_counter()
         result = {"seed": seed, "baseline": run(seed, cfg, data, False), "cmd": run(seed, cfg, data, True)}
+        if args.also_round:
+            result["cmd-round"] = run(seed, cfg, data, True, local_freeze="round")
+            print(f"seed {seed}: CMD with local_freeze='round' {100 * result['cmd-round']['final_acc']:.2f}%",
+                  flush=True)
         runs.append(result)
         volume = result["cmd"]["volume"]
         print(f"seed {seed}: baseline {100 * result['baseline']['final_acc']:.2f}%, CMD "

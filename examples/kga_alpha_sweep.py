@@ -8,7 +8,7 @@ same initial weights and data order, for both), median and mean ± sd over seeds
 - digits CNN (3,866 trainable parameters) with Adam lr 1e-3, 20 epochs (the paper's Fig. 9 uses Adam, on CIFAR-10);
 - the Fig. 4 MLP (1,185 parameters) with SGD lr 5e-4, 25 epochs (at lr 1e-3, where doubling the learning rate is
   already unstable, see kga_fig4_mlp.py, most α > 3 diverge).
-KGA: eps 0.01, Gavish-Donoho rank, history 10, first fit after 5 epochs. α = 0 is the base optimizer exactly.
+KGA: eps 0.01, Gavish-Donoho rank, the paper's growing history (history=None), first fit after 5 epochs. α = 0 is the base optimizer exactly.
 
 Fig. 3 here: a stable mode λ = 0.9e^{0.15i} with ŵ = 1, stepped 6 times by its own dynamics (unaccelerated change
 (λ − 1)ŵ) through :func:`cmdtool.training.kga.accelerate_update`, for α = 0, 1, 2, 5, 10.
@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
         alphas, seeds, digits_epochs, mlp_epochs, warmup = [0.0, 2.0, 20.0], [0], 6, 6, 2
     else:
         alphas, seeds, digits_epochs, mlp_epochs, warmup = ALPHAS, [0, 1, 2], 20, 25, 5
-    options = dict(eps=0.01, history=10, warmup=warmup)
+    options = dict(eps=0.01, history=None, warmup=warmup)
     setups = {"digits CNN, Adam lr 1e-3": (digits_task(320 if args.quick else None), "adam", 1e-3, digits_epochs),
               "MLP z = x² + y², SGD lr 5e-4": (mlp_task(), "sgd", 5e-4, mlp_epochs)}
     results, tables = {}, []

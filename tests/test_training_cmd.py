@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from cmdtool.analyzers.cmd_drift import CMDDriftWarning, assess_drift
 from cmdtool.analyzers.online_cmd import OnlineCMD
+from cmdtool.errors import UsageError
 from cmdtool.training import EmbeddedCMD, GradualEmbedding, exponential_decay, halve_above, linear_decay
 
 F, L = 6, 3
@@ -164,14 +166,15 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torc
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("optimizer_kind", ["sgd-momentum-wd", "adamw"])
-def test_embedded_weights_stay_exactly_on_the_cmd_model_and_are_not_trained(optimizer_kind, device):
+def test_step_freeze_keeps_embedded_weights_exactly_on_the_cmd_model_and_untrained(optimizer_kind, device):
     model, x, y = tiny_task()
     model, x, y = model.to(device), x.to(device), y.to(device)
     if optimizer_kind == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    cmd = EmbeddedCMD(model, modes=3, warmup=4, every=2, fraction=0.2, samples=100, optimizer=optimizer)
+    cmd = EmbeddedCMD(model, modes=3, warmup=4, every=2, fraction=0.2, samples=100, optimizer=optimizer,
+                      freeze="step")
     generator = torch.Generator().manual_seed(1)
     checks = []
 
@@ -201,11 +204,12 @@ def test_embedded_weights_stay_exactly_on_the_cmd_model_and_are_not_trained(opti
     assert sum(int(m.sum()) for m in masks.values()) == plan.embedded.sum() == 4 * per_step
 
 
-def embedded_sgd_run(epochs: int, every: int, seed: int, after_epoch=None):
+def embedded_sgd_run(epochs: int, every: int, seed: int, after_epoch=None, freeze: str = "epoch"):
     """The tiny task with SGD + momentum and EmbeddedCMD(F=3, P=30%) for ``epochs`` epochs."""
     model, x, y = tiny_task()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=every, fraction=0.3, samples=100, optimizer=optimizer)
+    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=every, fraction=0.3, samples=100, optimizer=optimizer,
+                      freeze=freeze)
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         train_epoch(model, optimizer, x, y, generator)
@@ -215,23 +219,24 @@ def embedded_sgd_run(epochs: int, every: int, seed: int, after_epoch=None):
     return model, cmd
 
 
-def test_momentum_state_of_embedded_weights_is_zero_and_stays_zero():
+def test_step_freeze_momentum_state_of_embedded_weights_is_zero_and_stays_zero():
     def check(model, optimizer, cmd):
         for name, mask in cmd.embedded_mask().items():
             buffer = optimizer.state[dict(model.named_parameters())[name]]["momentum_buffer"]
             assert torch.all(buffer[mask] == 0)
 
-    _, cmd = embedded_sgd_run(6, every=1, seed=2, after_epoch=check)
+    _, cmd = embedded_sgd_run(6, every=1, seed=2, after_epoch=check, freeze="step")
     assert cmd.embedded_mask()
 
 
-def run_with_resume(stop_at: int | None, path, epochs: int = 10):
+def run_with_resume(stop_at: int | None, path, freeze: str, epochs: int = 10):
     """Train ``epochs`` epochs; with ``stop_at``, save everything at that epoch, drop every object, and go on
     from the file alone (what a killed run does)."""
     def fresh():
         model, x, y = tiny_task()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        cmd = EmbeddedCMD(model, modes=3, warmup=3, every=2, fraction=0.25, samples=100, optimizer=optimizer)
+        cmd = EmbeddedCMD(model, modes=3, warmup=3, every=2, fraction=0.25, samples=100, optimizer=optimizer,
+                          freeze=freeze)
         return model, optimizer, cmd, x, y, torch.Generator().manual_seed(3)
 
     model, optimizer, cmd, x, y, generator = fresh()
@@ -252,10 +257,11 @@ def run_with_resume(stop_at: int | None, path, epochs: int = 10):
     return model, cmd
 
 
+@pytest.mark.parametrize("freeze", ["epoch", "step"])
 @pytest.mark.parametrize("stop_at", [2, 6])  # inside the warm-up; after two embedding epochs
-def test_resume_from_saved_state_equals_an_uninterrupted_run(stop_at, tmp_path):
-    model_a, cmd_a = run_with_resume(None, tmp_path / "unused.pt")
-    model_b, cmd_b = run_with_resume(stop_at, tmp_path / "ckpt.pt")
+def test_resume_from_saved_state_equals_an_uninterrupted_run(stop_at, freeze, tmp_path):
+    model_a, cmd_a = run_with_resume(None, tmp_path / "unused.pt", freeze)
+    model_b, cmd_b = run_with_resume(stop_at, tmp_path / "ckpt.pt", freeze)
     for (name, value_a), value_b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(value_a, value_b), name
     assert cmd_a.history_ == cmd_b.history_
@@ -264,8 +270,9 @@ def test_resume_from_saved_state_equals_an_uninterrupted_run(stop_at, tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-def test_cmd_model_state_dict_loads_strictly_and_is_exact_on_embedded_weights():
-    model, cmd = embedded_sgd_run(7, every=2, seed=4)
+@pytest.mark.parametrize("freeze", ["epoch", "step"])
+def test_cmd_model_state_dict_loads_strictly_and_is_exact_on_embedded_weights(freeze):
+    model, cmd = embedded_sgd_run(7, every=2, seed=4, freeze=freeze)
     state = cmd.cmd_state_dict()
     fresh, _, _ = tiny_task(1)
     fresh.load_state_dict(state, strict=True)
@@ -273,19 +280,102 @@ def test_cmd_model_state_dict_loads_strictly_and_is_exact_on_embedded_weights():
         assert torch.equal(state[name][mask], model.state_dict()[name][mask])
 
 
-def test_without_optimizer_warns_and_still_resets_at_epoch_end():
+@pytest.mark.parametrize("reference_gradient", ["own", "mode"])
+def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_its_end(reference_gradient):
+    """freeze="epoch" (Alg. 4, the default): during an epoch every weight but the references takes exactly the
+    optimizer's step on its own gradient (the references too with reference_gradient="own"); at the epoch's end
+    the embedded weights equal a_i r_m + b_i, with r_m the references' trained values."""
     model, x, y = tiny_task()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with pytest.warns(UserWarning, match="optimizer"):
-        cmd = EmbeddedCMD(model, modes=3, warmup=3, every=1, fraction=0.3, samples=100)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=1, fraction=0.3, samples=100,
+                      optimizer=optimizer if reference_gradient == "mode" else None,  # "own" hooks nothing
+                      reference_gradient=reference_gradient)
+    references = {}
+    twin, _, _ = tiny_task()  # a plain copy, synced before each step and stepped with the same batch and rule
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(5)
+    moved = references_differed = 0
     for epoch in range(6):
-        train_epoch(model, optimizer, x, y, generator)
+        order = torch.randperm(len(y), generator=generator)
+        model.train(), twin.train()
+        for start in range(0, len(y), 32):
+            batch = order[start:start + 32]
+            twin.load_state_dict(model.state_dict())
+            twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # its own momentum buffers
+            for net, opt in ((model, optimizer), (twin, twin_optimizer)):
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+                opt.step()
+            for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+                keep = ~references[name] if name in references else torch.ones_like(p, dtype=torch.bool)
+                assert torch.equal(p[keep], q[keep]), name  # embedded weights are trained like the others
+                references_differed += int(not torch.equal(p, q))
+        before_tie = {n: p.detach().clone() for n, p in model.named_parameters()}
         cmd.on_epoch_end(epoch)
+        if cmd.frozen is not None and reference_gradient == "mode":  # references step on the mode's gradient
+            references = {n: _reference_mask(cmd, n) for n, _ in model.named_parameters()}
         params = dict(model.named_parameters())
         for name, (flat, want) in expected_embedded_values(cmd).items() if cmd.frozen else []:
-            got = params[name].detach().reshape(-1)[torch.as_tensor(flat)].numpy()
-            np.testing.assert_array_equal(got, want.astype(np.float32))
+            index = torch.as_tensor(flat)
+            got = params[name].detach().reshape(-1)[index].numpy()
+            np.testing.assert_array_equal(got, want.astype(np.float32))  # tied at the epoch's end (Eq. 11)
+            moved += int((before_tie[name].reshape(-1)[index].numpy() != want.astype(np.float32)).sum())
+        for name, mask in cmd.embedded_mask().items():  # the others keep the optimizer's values
+            assert torch.equal(params[name].detach()[~mask], before_tie[name][~mask])
+    assert cmd.plan.embedded.sum() > 0 and moved > 0  # the embedded weights had left a r + b within the epoch
+    assert (references_differed > 0) == (reference_gradient == "mode")
+
+
+def test_step_freeze_gives_references_the_scaled_chain_rule_gradient():
+    """freeze="step": before a step, g_m = (∂L/∂r_m + Σ a_i ∂L/∂w_i) / (1 + Σ a_i²) over the embedded weights
+    of mode m, and 0 for embedded entries; with plain SGD the tied weights then take the orthogonal projection
+    of the untied SGD step onto their mode's direction (1, a_i ...)."""
+    model, cmd = embedded_sgd_run(5, every=1, seed=6, freeze="step")
+    frozen = cmd.frozen
+    params = dict(model.named_parameters())
+    gradients = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float32)
+                 for k, (n, p) in enumerate(params.items())}
+    for n, p in params.items():
+        p.grad = gradients[n].clone()
+    frozen.tie_gradients()
+    # the same from the plan's rows, densely, in float64
+    plan = cmd.plan
+    flat_grad = plan.layout.flatten({n: gradients.get(n, t) for n, t in model.state_dict().items()}).double()
+    rows = np.flatnonzero(plan.embedded)
+    a = plan.a_old[rows].astype(np.float32).astype(np.float64)
+    mode = plan.mode[rows].astype(np.int64)
+    for m, ref_row in enumerate(plan.reference_rows):
+        in_mode = mode == m
+        want = (flat_grad[ref_row] + np.sum(a[in_mode] * flat_grad.numpy()[rows[in_mode]])) / (
+            1 + np.sum(a[in_mode] ** 2))
+        got = plan.layout.flatten({n: (params[n].grad if n in params else t) for n, t in
+                                   model.state_dict().items()})[ref_row]
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+    for name, mask in cmd.embedded_mask().items():
+        assert torch.all(params[name].grad[mask] == 0)
+        assert torch.equal(params[name].grad[~mask & ~_reference_mask(cmd, name)],
+                           gradients[name][~mask & ~_reference_mask(cmd, name)])
+
+
+def _reference_mask(cmd, name):
+    mask = torch.zeros(dict(cmd.model.named_parameters())[name].shape, dtype=torch.bool)
+    which, flat = cmd.plan.layout.locate(cmd.plan.reference_rows)
+    for entry_pos, index in zip(which, flat):
+        if cmd.plan.layout.entries[entry_pos].name == name:
+            mask.view(-1)[int(index)] = True
+    return mask
+
+
+def test_without_an_optimizer_only_alg4_with_own_reference_gradients_is_allowed():
+    model, _, _ = tiny_task()
+    for freeze, reference_gradient in (("step", "mode"), ("step", "own"), ("epoch", "mode")):
+        with pytest.raises(UsageError, match="optimizer"):
+            EmbeddedCMD(model, modes=3, warmup=3, freeze=freeze, reference_gradient=reference_gradient)
+    EmbeddedCMD(model, modes=3, warmup=3, reference_gradient="own")
+    with pytest.raises(UsageError, match="reference_gradient"):
+        EmbeddedCMD(model, modes=3, warmup=3, reference_gradient="partial")
+    with pytest.raises(UsageError, match="freeze"):
+        EmbeddedCMD(model, modes=3, warmup=3, freeze="batch")
 
 
 # ---------------------------------------------------------------------------------------------- drift

@@ -14,7 +14,7 @@ from test_training_cmd import tiny_task
 N_CLIENTS, PER_ROUND = 5, 2
 
 
-def federation(with_cmd: bool, seed: int = 0):
+def federation(with_cmd: bool, seed: int = 0, local_freeze: str = "step"):
     model, x, y = tiny_task(seed)
     parts = dirichlet_split(y.numpy(), N_CLIENTS, alpha=1.0, seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -36,7 +36,7 @@ def federation(with_cmd: bool, seed: int = 0):
     embedding = GradualEmbedding(modes=2, warmup=4, every=2, fraction=0.2, samples=100) if with_cmd else None
     server = FederatedCMD(model, [torch.as_tensor(p) for p in parts], local_train,
                           lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), PER_ROUND,
-                          embedding=embedding, seed=seed)
+                          embedding=embedding, seed=seed, local_freeze=local_freeze)
     return server, trained
 
 
@@ -51,9 +51,11 @@ def test_dirichlet_split_is_disjoint_complete_and_skewed():
     assert [p.tolist() for p in dirichlet_split(labels, 10, alpha=1.0, seed=3)] == [p.tolist() for p in parts]
 
 
-def test_fedavg_and_sync_equal_a_dense_computation_every_round():
-    server, trained = federation(with_cmd=True)
+@pytest.mark.parametrize("local_freeze", ["step", "round"])
+def test_fedavg_and_sync_equal_a_dense_computation_every_round(local_freeze):
+    server, trained = federation(with_cmd=True, local_freeze=local_freeze)
     n_rows = server.layout.n_rows
+    off_the_model = []  # per round: largest |w_i − (a_i w_m + b_i)| over embedded rows in the clients' uploads
     for _ in range(10):
         embedded = server.embedded.clone()  # I(t_s), fixed by earlier rounds
         before = len(trained)
@@ -69,11 +71,17 @@ def test_fedavg_and_sync_equal_a_dense_computation_every_round():
             a, b, mode = server.coef_a.double().numpy(), server.coef_b.double().numpy(), server.coef_mode.numpy()
             references = main[server.reference_rows.numpy()]
             np.testing.assert_allclose(main[~keep], (a * references[mode] + b)[~keep], rtol=1e-6, atol=1e-7)
+        if embedded.any():  # what local training did to embedded weights (never uploaded)
+            references = uploads[:, server.reference_rows.numpy()]
+            model = a * references[:, mode] + b
+            off_the_model.append(np.abs(uploads - model)[:, ~keep].max())
         # Eq. 14: after the sync every client holds exactly the server's model
         for client in server.clients:
             assert torch.equal(client.weights, server.main)
         assert len(main) == n_rows
     assert server.embedded.any() and not server.embedded[server.reference_rows].any()
+    # "step": tied at every local step (float32 rounding only); "round": trained locally, reset at the sync
+    assert off_the_model and (max(off_the_model) < 1e-5) == (local_freeze == "step")
 
 
 def test_counted_floats_equal_eqs_15_and_16():

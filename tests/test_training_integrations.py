@@ -17,7 +17,9 @@ KWARGS = dict(modes=3, warmup=3, every=2, fraction=0.25, samples=100)
 
 
 def assert_embedded_on_cmd_model(cmd):
-    """Embedded weights equal a_i r_m + b_i (float32) and about the expected share is embedded."""
+    """Alg. 4 by default (nothing hooked into the trainer's optimizer) and, after the last epoch, embedded
+    weights equal a_i r_m + b_i (float32)."""
+    assert cmd.freeze == "epoch" and cmd.reference_gradient == "mode" and cmd.frozen.optimizer is not None
     references = cmd.frozen.reference_values().numpy()
     params = dict(cmd.model.named_parameters())
     for name in cmd.frozen.parts:

@@ -417,6 +417,19 @@ def test_bad_settings_are_one_line_usage_errors(kwargs, message):
         KGA(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters(), **kwargs)
 
 
+def test_the_default_keeps_the_whole_history_as_the_paper_does():
+    """Paper 003 keeps every snapshot (W_i grows with training); the window is an option."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kga = KGA(opt, model.parameters(), warmup=1)
+    for _ in range(12):
+        opt.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        kga.step()
+        kga.epoch_end()
+    assert kga.history is None and kga.fits_[-1]["snapshots"] == 13  # w_0 and one per epoch, none dropped
+
+
 def test_memory_report_counts_what_is_held():
     model = torch.nn.Linear(100, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

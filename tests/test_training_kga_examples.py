@@ -31,7 +31,8 @@ def run_example(name: str, out: Path) -> dict:
 def test_fig4_mlp_quick(examples_on_path, tmp_path):
     payload = run_example("kga_fig4_mlp", tmp_path)
     runs = payload["runs"]["0.001"]
-    assert set(runs) == {"SGD", "SGD, 2× lr", "KGA-Epoch", "KGA-Iter (every 16 steps)", "KGA-Epoch, Eq. 13 literal"}
+    assert set(runs) == {"SGD", "SGD, 2× lr", "KGA-Epoch", "KGA-Iter (every 16 steps)", "KGA-Epoch, Eq. 13 literal",
+                         "KGA-Epoch, window of 10 (option)", "KGA-Iter, window of 10 (option)"}
     assert all(len(r.train_loss) == 6 for group in runs.values() for r in group)
     # KGA-Iter refits every 16 of the 64 steps per epoch after a warm-up of 2 intervals; KGA-Epoch once per epoch
     assert len(runs["KGA-Iter (every 16 steps)"][0].fits) == 6 * 4 - 1
@@ -61,7 +62,7 @@ def test_digits_quick(examples_on_path, tmp_path):
     for base in ("Adam", "SGD"):
         result = payload["results"][base]
         runs = result["runs"]
-        assert len(runs) == 7
+        assert len(runs) == 8
         masked = {label: group[0].masked_fraction[-1] for label, group in runs.items()}
         assert all(0 < v < 1 for label, v in masked.items() if "masked" in label or "KWM" in label)
         assert all(v == 0 for label, v in masked.items() if "mask" not in label and "KWM" not in label)

@@ -7,9 +7,24 @@ coefficients moved least over the last L epochs,
     Diff_i = sqrt((a_i − a_i^old)² + (b_i − b_i^old)²)                           (Alg. 4; c_i(t) of Sec. 3.4)
 
 are *embedded*: the bottom P of Diff among the un-embedded, non-reference weights (Eq. 12). An embedded
-weight's coefficients are frozen and the weight itself is no longer trained: it is a_i w_m(t) + b_i (Eq. 11),
-so it keeps moving with its reference. Fewer trained parameters means less computation and, in federated
-learning (:mod:`cmdtool.training.federated`), less communication.
+weight's coefficients are frozen and its value is a_i w_m(t) + b_i (Eq. 11), so it keeps moving with its
+reference.
+
+When Eq. 11 is enforced is ``freeze``:
+
+- ``"epoch"`` (default; Alg. 4 as written, and the authors' code): every weight trains with the user's optimizer
+  during the epoch, and at the epoch's end the embedded weights are set to a_i w_m(t) + b_i. Embedded weights
+  still get gradients and optimizer updates inside the epoch: the saving is in what CMD models, not in compute.
+- ``"step"`` (option): embedded weights are tied to their references at every optimizer step and are not
+  trained. This is the variant that saves the embedded weights' updates, and in federated learning
+  (:mod:`cmdtool.training.federated`) their communication.
+
+What a reference steps on is ``reference_gradient``: ``"mode"`` (default), its mode's chain-rule gradient scaled
+by 1 / (1 + Σ a_i²) over the embedded weights of the mode; ``"own"``, its own partial derivative, as in Alg. 4's
+"regular SGD step" (:mod:`cmdtool.training.freeze`). With basic P everything but the M references is embedded
+after 1/P decisions, and from then on ``"own"`` moves each whole mode by a_i times its reference's own step,
+which in general is no descent direction of the tied network: on the digits CNN (docs/training.md) it collapsed
+seeds in both ``freeze`` modes, ``"mode"`` none.
 
 Add it to a plain PyTorch loop::
 
@@ -33,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +58,7 @@ from ..analyzers.cmd_drift import DEFAULT_DRIFT_FACTOR, DriftMonitor, relative_e
 from ..analyzers.online_cmd import OnlineCMD
 from ..errors import UsageError
 from ._state import export_attributes, restore_attributes
-from .freeze import FrozenEmbedding
+from .freeze import REFERENCE_GRADIENTS, TIES, FrozenEmbedding
 from .layout import StateLayout
 
 log = logging.getLogger("cmdtool.training")
@@ -252,9 +266,13 @@ class EmbeddedCMD:
     relative : P counts the not yet embedded weights instead of all (App. E.2 "relative P").
     schedule : lowers P over the decisions (:func:`linear_decay`, :func:`exponential_decay`,
         :func:`halve_above`, or any ``f(step, embedded_fraction, previous_P, initial_P) -> P``).
-    optimizer : the training optimizer (recommended): its state is zeroed for embedded weights and, after each
-        of its steps, embedded weights are reset to a_i r_m + b_i, so momentum and weight decay cannot move
-        them. Without it they are reset at each epoch end and only their gradients are zeroed.
+    freeze : ``"epoch"`` (default, Alg. 4): all weights train during the epoch, embedded ones are set to
+        a_i r_m + b_i at its end. ``"step"``: embedded weights are tied at every optimizer step and not trained.
+    reference_gradient : ``"mode"`` (default): each reference steps on its mode's chain-rule gradient scaled by
+        1 / (1 + Σ a_i²); ``"own"``: on its own partial derivative (Alg. 4 literally).
+    optimizer : the training optimizer; its steps are hooked (the references' gradient before each step; with
+        ``freeze="step"`` the reset after it, and its state zeroed for embedded weights). Required unless
+        ``freeze="epoch"`` with ``reference_gradient="own"``, which hooks nothing.
     evaluate : optional ``f(state_dict) -> dict of metrics``, run on the CMD model every epoch from F on and
         stored in :attr:`history_`.
     device : where the CMD sums live (default: the model's device).
@@ -267,7 +285,8 @@ class EmbeddedCMD:
 
     def __init__(self, model: torch.nn.Module, modes: int = 10, warmup: int = 20, every: int = 10,
                  fraction: float = 0.10, relative: bool = False, schedule: Schedule | None = None,
-                 samples: int = 1000, seed: int = 0, *, optimizer=None,
+                 samples: int = 1000, seed: int = 0, *, freeze: str = "epoch", reference_gradient: str = "mode",
+                 optimizer=None,
                  evaluate: Callable[[dict], dict] | None = None, sampling: str = "balanced",
                  bn_stats: str = "source", device: str | torch.device | None = None,
                  drift_factor: float = DEFAULT_DRIFT_FACTOR):
@@ -285,18 +304,23 @@ class EmbeddedCMD:
         self.plan = GradualEmbedding(modes, warmup, every, fraction, relative, schedule, samples, seed,
                                      eligible=eligible, sampling=sampling, bn_stats=bn_stats, device=str(device),
                                      drift_factor=drift_factor)
+        if freeze not in TIES:
+            raise UsageError(f"freeze must be 'epoch' or 'step' (got {freeze!r})")
+        if reference_gradient not in REFERENCE_GRADIENTS:
+            raise UsageError(f"reference_gradient must be 'mode' or 'own' (got {reference_gradient!r})")
+        if optimizer is None and (freeze == "step" or reference_gradient == "mode"):
+            raise UsageError(f"EmbeddedCMD(freeze={freeze!r}, reference_gradient={reference_gradient!r}) needs "
+                             "optimizer=: it hooks into the optimizer's steps")
+        self.freeze = freeze
+        self.reference_gradient = reference_gradient
         self.evaluate = evaluate
         self.optimizer = optimizer
-        if optimizer is None:
-            warnings.warn("EmbeddedCMD without optimizer=: embedded weights are reset at epoch ends only, so "
-                          "momentum or weight decay can move them during an epoch; pass the optimizer",
-                          UserWarning, stacklevel=2)
         self.frozen: FrozenEmbedding | None = None
         self.history_: list[dict] = []
 
     # ------------------------------------------------------------------ training loop
     def attach_optimizer(self, optimizer) -> None:
-        """Give the optimizer later (framework callbacks get it only once training starts)."""
+        """Give another optimizer (``freeze="step"`` hooks into its steps from now on)."""
         self.optimizer = optimizer
         if self.frozen is not None:
             self.frozen.attach_optimizer(optimizer)
@@ -307,10 +331,11 @@ class EmbeddedCMD:
         plan = self.plan
         trained_during = plan.trained_fraction()
         if self.frozen is not None:
-            self.frozen.apply()  # exact a r + b at the epoch's end, with or without an optimizer hook
+            self.frozen.apply()  # Eq. 11 at the epoch's end: a r + b with the references' values now
         step = plan.observe(self.model.state_dict())
         if plan.epoch == plan.warmup:
-            self.frozen = FrozenEmbedding(self.model, plan.layout, plan.reference_rows, self.optimizer)
+            self.frozen = FrozenEmbedding(self.model, plan.layout, plan.reference_rows, self.optimizer,
+                                          tie=self.freeze, reference_gradient=self.reference_gradient)
         if step is not None:
             self.frozen.embed(step.rows, step.a, step.b, step.reference)
         record = {"epoch": plan.epoch if epoch is None else epoch, "trained_fraction": trained_during,
@@ -329,11 +354,14 @@ class EmbeddedCMD:
 
     # ------------------------------------------------------------------ results
     def trained_fraction(self) -> float:
-        """Share of the trainable weights still trained (not embedded), from now on."""
+        """Share of the trainable weights not embedded, from now on: those whose value the optimizer sets
+        (with ``freeze="epoch"`` the embedded ones also get optimizer updates inside each epoch, and are
+        overwritten by Eq. 11 at its end; with ``freeze="step"`` they get none)."""
         return self.plan.trained_fraction()
 
     def run_trained_fraction(self) -> float:
-        """Mean over the epochs seen of the share trained during each epoch (Fig. 3 right: ~50% in the paper)."""
+        """Mean over the epochs seen of :meth:`trained_fraction` during each epoch (Fig. 3 right: ~50% in the
+        paper)."""
         if not self.history_:
             return 1.0
         return float(np.mean([r["trained_fraction"] for r in self.history_]))
@@ -370,11 +398,12 @@ class EmbeddedCMD:
             self.frozen = None
         plan = self.plan
         if plan.epoch >= plan.warmup:
-            self.frozen = FrozenEmbedding(self.model, plan.layout, plan.reference_rows, self.optimizer)
+            self.frozen = FrozenEmbedding(self.model, plan.layout, plan.reference_rows, self.optimizer,
+                                          tie=self.freeze, reference_gradient=self.reference_gradient)
             rows = np.flatnonzero(plan.embedded)
             self.frozen.embed(rows, plan.a_old[rows], plan.b_old[rows], plan.mode[rows])
 
     def close(self) -> None:
-        """Remove the gradient and optimizer hooks (the model keeps its current weights)."""
+        """Remove the optimizer hooks (the model keeps its current weights)."""
         if self.frozen is not None:
             self.frozen.remove_hooks()

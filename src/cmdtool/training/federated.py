@@ -21,9 +21,20 @@ Every message here goes through a :class:`Channel` that counts the floats it car
 their weights only from what they received and what they stored: the counted total equals the formula
 exactly. Integers (the indices and modes of newly embedded weights, 2 per weight, once) are counted apart.
 
-Clients train with Eq. 11 locally (:class:`~cmdtool.training.freeze.FrozenEmbedding`): embedded weights follow
-their references and are not trained. Floating entries that are not parameters (BatchNorm statistics) are
-averaged and sent like un-embedded weights; integer entries stay as the working model has them.
+How a client treats embedded weights in its local training is ``local_freeze`` (the paper's Sec. 4 fixes only
+what is sent and Eq. 14's synchronisation):
+
+- ``"step"`` (default): Eq. 11 at every local optimizer step (:class:`~cmdtool.training.freeze.FrozenEmbedding`,
+  ``tie="step"``): embedded weights follow their references and are not trained, and each reference gets its
+  mode's chain-rule gradient scaled by 1 / (1 + Σ a_i²). Clients compute no updates for embedded weights.
+- ``"round"``: Alg. 4's per-epoch semantics applied to a round: every weight trains locally (references on
+  the same scaled chain-rule gradient), and the embedded ones are reset to a_i w_m + b_i when local training
+  ends. They are never uploaded, so what they learned locally reaches the server only through the references
+  and un-embedded weights it shaped.
+
+Either way the messages, and so the volume, are the same (measured on digits in docs/training.md). Floating
+entries that are not parameters (BatchNorm statistics) are averaged and sent like un-embedded weights; integer
+entries stay as the working model has them.
 """
 
 from __future__ import annotations
@@ -149,11 +160,16 @@ class FederatedCMD:
     embedding : a :class:`~cmdtool.training.embedded.GradualEmbedding` run on the main model round by round
         (its epochs are rounds); ``None`` gives plain federated averaging, the Eq. 15 baseline.
     seed : of the client draws.
+    local_freeze : ``"step"`` (default) or ``"round"``: when clients tie embedded weights to their references
+        during local training (module docstring).
     """
 
     def __init__(self, model: torch.nn.Module, client_data: Sequence[Any], local_train: Callable,
                  make_optimizer: Callable, clients_per_round: int, embedding: GradualEmbedding | None = None,
-                 seed: int = 0):
+                 seed: int = 0, local_freeze: str = "step"):
+        if local_freeze not in ("step", "round"):
+            raise UsageError(f"local_freeze must be 'step' or 'round' (got {local_freeze!r})")
+        self.local_freeze = local_freeze
         if not 1 <= clients_per_round <= len(client_data):
             raise UsageError(f"clients_per_round must be between 1 and {len(client_data)}")
         self.model = model
@@ -205,7 +221,8 @@ class FederatedCMD:
                 self.reference_rows = torch.as_tensor(self.embedding.reference_rows)
                 for client in self.clients:  # which weights are the M references: M integers, once
                     client.reference_rows = self.channel.send(self.reference_rows)
-                self.frozen = FrozenEmbedding(self.model, self.layout, self.embedding.reference_rows)
+                self.frozen = FrozenEmbedding(self.model, self.layout, self.embedding.reference_rows,
+                                              tie="step" if self.local_freeze == "step" else "epoch")
         new = 0 if step is None else len(step.rows)
         coefficient_floats = 0
         # new pairs first (stored by the clients, effective next round), then the weights

@@ -1,25 +1,37 @@
-"""Eq. 11 on a live model: embedded weights take the value a_i r_m(t) + b_i and are not trained.
+"""Eq. 11 on a live model: embedded weights take the value a_i r_m(t) + b_i.
 
     w_i(t) <- SGD update          if i is not embedded
               a_i w_m(t) + b_i    if i is embedded                              (paper 000, Eq. 11)
 
-"Not trained" is enforced three ways, so that neither the gradient, nor momentum, nor weight decay moves an
-embedded weight:
+When the tie is enforced is ``tie``:
 
-1. a gradient hook zeroes the embedded entries of each parameter's gradient;
-2. when weights are embedded, their entries of the optimizer's state (momentum buffers, Adam moments: every
-   state tensor shaped like the parameter) are zeroed;
-3. after every ``optimizer.step()`` (a step post-hook) the embedded entries are set to a_i r_m + b_i with the
-   references' values after that step, so the embedded weights follow their references through the epoch.
-   Without an optimizer, :meth:`FrozenEmbedding.apply` is called at each epoch end only.
+- ``"epoch"`` (Alg. 4 as written, and the authors' ``train_cmd.py``): every weight trains with the user's
+  optimizer during the epoch; :meth:`FrozenEmbedding.apply`, called at each epoch's end, sets the embedded weights
+  to a_i r_m + b_i with the references' values at that moment.
+- ``"step"``: tied at every optimizer step, so embedded weights are not trained (what saves their updates, and in
+  federated learning their communication). Their gradient entries are zeroed before each step, their optimizer
+  state (momentum buffers, Adam moments: every state tensor shaped like the parameter) when they are embedded, and
+  after each step (a step post-hook) they are set to a_i r_m + b_i with the references' new values.
+
+What a reference steps on is ``reference_gradient``. At each tie, every embedded weight of mode m becomes a function
+of r_m, and so does the loss; by the chain rule its derivative with respect to r_m is
+∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i (E_m: the embedded weights of mode m). Moving r_m moves all of E_m by a_i times
+as much, so the step in weight space grows with the mode's size 1 + Σ a_i² (53-972 on the digits CNN once
+everything but the references is embedded). ``"mode"`` (default) gives each reference, before every step (a step
+pre-hook),
+
+    g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ_{i∈E_m} a_i²),
+
+which for plain SGD makes the tied weights' step (direction u = (1, a_i ...)) the orthogonal projection of the
+untied SGD step onto u: Δw = −η u (uᵀg) / (uᵀu). ``"own"`` leaves each reference its own partial derivative
+∂L/∂r_m, as plain SGD (Alg. 4's "regular SGD step") has it. With ``tie="epoch"`` the embedded entries keep their
+own gradients inside the epoch either way. Weight decay acts on each reference's own value only.
 
 The embedded value is computed in float32 as ``a * r + b`` (two roundings) with float32 coefficients and cast
 to the parameter's dtype; :meth:`FrozenEmbedding.coefficients` returns exactly those coefficients.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import torch
@@ -53,7 +65,6 @@ class _ParameterPart:
         self.a = torch.empty(0, dtype=torch.float32, device=parameter.device)
         self.b = torch.empty(0, dtype=torch.float32, device=parameter.device)
         self.reference = torch.empty(0, dtype=torch.int64, device=parameter.device)
-        self.hook = None
 
     def add(self, flat_index: np.ndarray, a: np.ndarray, b: np.ndarray, reference: np.ndarray) -> None:
         device = self.parameter.device
@@ -68,15 +79,29 @@ class _ParameterPart:
         self.mask.view(-1)[torch.as_tensor(flat_index, device=device)] = True
 
 
+TIES = ("epoch", "step")
+REFERENCE_GRADIENTS = ("mode", "own")
+
+
 class FrozenEmbedding:
     """Holds the embedded weights of ``model`` at a_i r_m + b_i (Eq. 11).
 
     ``layout`` maps rows to the model's state-dict tensors; ``reference_rows`` are the M reference weights
-    (never embedded; row j is reference j). ``optimizer`` (optional, recommended) gets a step post-hook and has
-    its state zeroed for embedded entries.
+    (never embedded; row j is reference j). ``tie`` is ``"epoch"`` (the owner calls :meth:`apply` at epoch
+    ends) or ``"step"`` (tied after every step of ``optimizer``). ``reference_gradient`` is ``"mode"`` (each
+    reference steps on its mode's scaled chain-rule gradient) or ``"own"`` (its own partial derivative, as in
+    plain SGD). Hooks go into ``optimizer`` unless ``tie="epoch"`` with ``"own"``, which needs none.
     """
 
-    def __init__(self, model: torch.nn.Module, layout: StateLayout, reference_rows: np.ndarray, optimizer=None):
+    def __init__(self, model: torch.nn.Module, layout: StateLayout, reference_rows: np.ndarray, optimizer=None,
+                 tie: str = "epoch", reference_gradient: str = "mode"):
+        if tie not in TIES:
+            raise UsageError(f"tie must be one of {', '.join(TIES)} (got {tie!r})")
+        if reference_gradient not in REFERENCE_GRADIENTS:
+            raise UsageError(f"reference_gradient must be one of {', '.join(REFERENCE_GRADIENTS)} "
+                             f"(got {reference_gradient!r})")
+        self.tie = tie
+        self.reference_gradient = reference_gradient
         self.layout = layout
         self.tensors = model.state_dict(keep_vars=True)
         self.parameters = {name: t for name, t in self.tensors.items() if isinstance(t, torch.nn.Parameter)}
@@ -89,32 +114,45 @@ class FrozenEmbedding:
             tensor = self.tensors[layout.entries[entry_pos].name]
             self._reference_sources.append((tensor, torch.as_tensor(flat[positions], device=tensor.device),
                                             torch.as_tensor(positions)))
+        # 1 + Σ a_i² over the embedded weights of each mode (float64): the step scale of reference_gradient="mode"
+        self.mode_norm = np.ones(len(self.reference_rows), dtype=np.float64)
         self.parts: dict[str, _ParameterPart] = {}
         self.optimizer = None
-        self._step_hook = None
+        self._hooks = []
         if optimizer is not None:
             self.attach_optimizer(optimizer)
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def needs_optimizer(self) -> bool:
+        return self.tie == "step" or self.reference_gradient == "mode"
+
     def attach_optimizer(self, optimizer) -> None:
-        if self._step_hook is not None:
-            self._step_hook.remove()
+        """Hook the references' gradient rule (before each step) and, with ``tie="step"``, the reset (after each
+        step) into ``optimizer``."""
+        if not self.needs_optimizer:
+            return
+        self.remove_hooks()
         self.optimizer = innermost_optimizer(optimizer)
-        self._step_hook = self.optimizer.register_step_post_hook(lambda *_: self.apply())
-        self._zero_optimizer_state()
+        per_step = self.tie == "step"
+        if self.reference_gradient == "mode":
+            self._hooks.append(self.optimizer.register_step_pre_hook(
+                lambda *_: self.tie_gradients(zero_embedded=per_step)))
+        else:
+            self._hooks.append(self.optimizer.register_step_pre_hook(lambda *_: self.zero_embedded_gradients()))
+        if per_step:
+            self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self.apply()))
+            self._zero_optimizer_state()
 
     def remove_hooks(self) -> None:
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
-        for part in self.parts.values():
-            if part.hook is not None:
-                part.hook.remove()
-                part.hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     # ------------------------------------------------------------------ embedding
     def embed(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray, reference: np.ndarray) -> None:
-        """Embed ``rows`` (all trainable parameter entries) with their coefficients and reference positions."""
+        """Embed ``rows`` (all trainable parameter entries) with their coefficients and reference positions,
+        and set them to a_i r_m + b_i now."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
@@ -127,19 +165,62 @@ class FrozenEmbedding:
             part = self.parts.get(name)
             if part is None:
                 part = self.parts[name] = _ParameterPart(self.parameters[name])
-                part.hook = part.parameter.register_hook(functools.partial(_zero_embedded_gradient, part))
             part.add(flat[pick], a[pick], b[pick], reference[pick])
+        self._update_mode_norm()
         self._zero_optimizer_state()
         self.apply()
 
+    def _update_mode_norm(self) -> None:
+        """1 + Σ a_i² per mode from the float32 coefficients as applied, summed in the layout's order (so a run
+        resumed from a checkpoint gets the same bits as one that embedded step by step)."""
+        norm = np.ones(len(self.reference_rows), dtype=np.float64)
+        for entry in self.layout.entries:
+            part = self.parts.get(entry.name)
+            if part is not None:
+                np.add.at(norm, part.reference.cpu().numpy(), part.a.cpu().double().numpy() ** 2)
+        self.mode_norm = norm
+
     def _zero_optimizer_state(self) -> None:
-        if self.optimizer is None:
+        if self.optimizer is None or self.tie != "step":
             return
         with torch.no_grad():
             for part in self.parts.values():
                 for value in self.optimizer.state.get(part.parameter, {}).values():
                     if torch.is_tensor(value) and value.shape == part.parameter.shape:
                         value.masked_fill_(part.mask.to(value.device), 0)
+
+    # ------------------------------------------------------------------ the references' gradient
+    @torch.no_grad()
+    def zero_embedded_gradients(self) -> None:
+        """Before a step (``tie="step"``, ``reference_gradient="own"``): 0 for the embedded entries."""
+        for part in self.parts.values():
+            if part.parameter.grad is not None:
+                part.parameter.grad.masked_fill_(part.mask.to(part.parameter.grad.device), 0)
+
+    @torch.no_grad()
+    def tie_gradients(self, zero_embedded: bool = True) -> None:
+        """Before a step: g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ_{i∈E_m} a_i²) for each reference,
+        and (with ``zero_embedded``) 0 for the embedded entries (module docstring)."""
+        if not self.parts:
+            return
+        pulled = torch.zeros(len(self.reference_rows), dtype=torch.float64)
+        for part in self.parts.values():
+            grad = part.parameter.grad
+            if grad is None:
+                continue
+            mask = part.mask.to(grad.device)
+            contribution = torch.zeros(len(pulled), dtype=torch.float64, device=grad.device)
+            contribution.index_add_(0, part.reference, (part.a * grad[mask].float()).double())
+            pulled += contribution.cpu()
+            if zero_embedded:
+                grad.masked_fill_(mask, 0)
+        scale = torch.from_numpy(1.0 / self.mode_norm)
+        for tensor, flat, positions in self._reference_sources:
+            if tensor.grad is None:
+                tensor.grad = torch.zeros_like(tensor)
+            grad = tensor.grad.view(-1)
+            own = grad[flat].double().cpu()
+            grad[flat] = ((own + pulled[positions]) * scale[positions]).to(grad.device, grad.dtype)
 
     # ------------------------------------------------------------------ Eq. 11
     def reference_values(self) -> torch.Tensor:
@@ -167,7 +248,3 @@ class FrozenEmbedding:
         """(flat indices, a, b, reference position) of the embedded entries of parameter ``name`` (float32)."""
         part = self.parts[name]
         return part.flat_index.copy(), part.a.cpu().numpy(), part.b.cpu().numpy(), part.reference.cpu().numpy()
-
-
-def _zero_embedded_gradient(part: _ParameterPart, grad: torch.Tensor) -> torch.Tensor:
-    return grad.masked_fill(part.mask.to(grad.device), 0)

@@ -1,8 +1,9 @@
 """Training-time Koopman-based gradient acceleration (KGA) with KWM / norm / delta masking (paper 003).
 
 :class:`KGA` wraps any ``torch.optim`` optimizer. Every epoch (KGA-Epoch) or every k optimizer steps (KGA-Iter,
-Sec. 4.1) it takes a snapshot of the weights and refits a DMD of the last ``history`` snapshots; on every step it
-reshapes the optimizer's update along the stable Koopman modes (Alg. 1):
+Sec. 4.1) it takes a snapshot of the weights and refits a DMD of its snapshots (by default all of them, the
+paper's growing W; the last ``history`` as an option); on every step it reshapes the optimizer's update along the
+stable Koopman modes (Alg. 1):
 
     Ã = Uᵀ W_{i+1} V Σ⁻¹            (Eq. 7; from the Gram matrix G = Wᵀ W by :func:`dmd_from_gram`)
     Ã = W̃_{i+1} V Σ⁻¹, W̃ = Uᵀ W     (Eq. 8, Efficient-KGA: U fixed at the first fit, W is not kept)
@@ -224,7 +225,9 @@ class KGA:
         "epoch" (KGA-Epoch): a snapshot and a DMD refit at every :meth:`epoch_end`; an int k (KGA-Iter): every k
         optimizer steps (Sec. 4.1).
     history : int or None
-        t: snapshots in the DMD window (the last t); ``None`` keeps them all (the paper's growing W).
+        ``None`` (default): every snapshot since the start, the paper's growing W ("must continue to accumulate
+        memory", Sec. 3.2); memory grows by N floats per snapshot. An int t keeps only the last t (an option:
+        bounded memory, measured against the growing history in docs/kga-training.md).
     efficient : bool
         Efficient-KGA (Eq. 8): keep U (N×r, fixed at the first fit) and W̃ = Uᵀ W (r×t) instead of W.
     mask : None, "kwm", "norm" or "delta"
@@ -248,7 +251,7 @@ class KGA:
     """
 
     def __init__(self, optimizer, params=None, alpha: float = 1.0, eps: float = 0.01, every="epoch",
-                 history: int | None = 10, efficient: bool = False, mask: str | None = None, window: int = 5,
+                 history: int | None = None, efficient: bool = False, mask: str | None = None, window: int = 5,
                  mask_threshold: float | None = None, rank=0, warmup: int = 5, drop_complement: bool = False):
         self.optimizer = optimizer
         self.alpha = float(alpha)
