@@ -187,3 +187,33 @@ def test_a_resave_under_another_name_is_the_same_content(tmp_path):
     assert result.exit_code == 0 and "epochs 1..2 added" in result.stdout, result.output
     assert (f"{tmp_path / 'checkpoint.pth'}: the same content as {tmp_path / 'model_2.pth'} (epoch 2); skipped as "
             f"that checkpoint") in result.stderr
+
+
+def test_reconstruct_writes_a_container_that_holds_a_users_class_only_with_allow_global(tmp_path, monkeypatch):
+    package = tmp_path / "project"
+    package.mkdir()
+    (package / "runcfg.py").write_text("class RunConfig:\n    def __init__(self, lr=0.1):\n        self.lr = lr\n")
+    monkeypatch.chdir(package)
+    monkeypatch.syspath_prepend(str(package))
+    import runcfg
+
+    (tmp_path / "ckpts").mkdir()
+    for epoch in (1, 2, 3):
+        torch.save({"state_dict": {"w": torch.full((3,), float(epoch))}, "cfg": runcfg.RunConfig(0.5)},
+                   tmp_path / "ckpts" / f"epoch_{epoch}.ckpt")
+    store = tmp_path / "s.zarr"
+    assert invoke("ingest", tmp_path / "ckpts", "--store", store, "--allow-global", "runcfg.RunConfig").exit_code == 0
+
+    refused = invoke("reconstruct", "--epoch", "3", "-m", "ema", "--store", store, "--out", tmp_path / "out")
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+    assert "pass --allow-global runcfg.RunConfig" in refused.stderr and not (tmp_path / "out").exists()
+
+    written = invoke("reconstruct", "--epoch", "3", "-m", "ema", "--store", store, "--out", tmp_path / "out",
+                     "--allow-global", "runcfg.RunConfig", "--json")
+    assert written.exit_code == 0, written.output
+    import json
+
+    path = json.loads(written.stdout)[0]["path"]
+    with allowed_globals(["runcfg.RunConfig"]):
+        container = load_torch_file(pathlib.Path(path))
+    assert container["cfg"].lr == 0.5 and container["state_dict"]["w"].shape == (3,)

@@ -14,8 +14,8 @@ from cmdtool.analyzers import reconstructions
 from cmdtool.averages import BASELINES
 from cmdtool.errors import UsageError
 
-from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
-                      progress_for, with_scheduler)
+from ..common import (AllowGlobalOption, ForceOutputOption, JsonOption, QuietOption, StoreOption, allowing_globals,
+                      console, handle_errors, print_json, progress_for, with_scheduler)
 
 DEFAULT_FOLDER = "reconstructed"
 FORMATS = ("pt", "safetensors")
@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
                                  f"./{DEFAULT_FOLDER}/). Never a source checkpoint, nor inside the store or a "
                                  "folder of source checkpoints."),
         force: bool = ForceOutputOption,
+        allow_global: list[str] = AllowGlobalOption,
         store: str = StoreOption,
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
@@ -77,7 +78,8 @@ def register(app: typer.Typer) -> None:
         columns = [st.column_of(label) for label in dict.fromkeys(epoch)]  # unknown epochs fail first
         strip = _checked_prefixes(st, strip_prefix or [])
         # what each epoch becomes is decided (and refused) before any work
-        plans = _output_plans(out, st, columns, model if model in AVERAGES else f"{model}_{name}", fmt)
+        with allowing_globals(allow_global):  # the sources' containers are read to plan the outputs
+            plans = _output_plans(out, st, columns, model if model in AVERAGES else f"{model}_{name}", fmt)
         vectors = _averages(st, model, columns, ema_beta, swa_fraction, epochs, progress_for(quiet or as_json)) \
             if model in AVERAGES else _modelled(st, model, columns, name)
         as_file = len(plans) == 1 and plans[0].path == out
@@ -88,24 +90,27 @@ def register(app: typer.Typer) -> None:
         with contextlib.nullcontext(out.parent) if as_file else \
                 OutputFolder(plans[0].path.parent, "reconstruct", force=force, store=st) as target:
             for column, plan in zip(columns, plans):
-                started = time.perf_counter()
-                blocks, described, model_variant = next(vectors)
-                if plan.container is not None:
-                    container = write_container(st, column, blocks, plan.container, target / plan.path.name, strip)
-                else:
-                    rename = {e.name: _stripped(e.name, strip) for e in st.layout.entries} if strip else None
-                    metadata = _bare_metadata(st, column) if plan.format == "safetensors" else None
-                    write_modelled_checkpoint(st, column, blocks, target / plan.path.name, plan.format,
-                                              metadata=metadata, rename=rename)
-                    container = describe_bare(plan.format)
-                record = {"epoch": int(st.labels[column]), "method": model, "variant": model_variant,
-                          "path": str(plan.path), "format": plan.format or plan.container.kind,
-                          "container": container, "source": st.time_axis[column].source,
-                          "seconds": round(time.perf_counter() - started, 3)}
-                written.append(record)
-                if not as_json and not quiet:  # the container is named when it holds more than the weights
-                    shown = "" if container.endswith("state dict") else f" ({container})"
-                    console.print(f"epoch {record['epoch']} ({described}) -> {plan.path}{shown}", highlight=False)
+                with allowing_globals(allow_global):  # sources are read here, lazily
+                    started = time.perf_counter()
+                    blocks, described, model_variant = next(vectors)
+                    if plan.container is not None:
+                        container = write_container(st, column, blocks, plan.container, target / plan.path.name,
+                                                    strip)
+                    else:
+                        rename = {e.name: _stripped(e.name, strip) for e in st.layout.entries} if strip else None
+                        metadata = _bare_metadata(st, column) if plan.format == "safetensors" else None
+                        write_modelled_checkpoint(st, column, blocks, target / plan.path.name, plan.format,
+                                                  metadata=metadata, rename=rename)
+                        container = describe_bare(plan.format)
+                    record = {"epoch": int(st.labels[column]), "method": model, "variant": model_variant,
+                              "path": str(plan.path), "format": plan.format or plan.container.kind,
+                              "container": container, "source": st.time_axis[column].source,
+                              "seconds": round(time.perf_counter() - started, 3)}
+                    written.append(record)
+                    if not as_json and not quiet:  # the container is named when it holds more than the weights
+                        shown = "" if container.endswith("state dict") else f" ({container})"
+                        console.print(f"epoch {record['epoch']} ({described}) -> {plan.path}{shown}",
+                                      highlight=False)
         if as_json:
             print_json(written)
 
