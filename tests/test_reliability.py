@@ -44,13 +44,26 @@ def test_damaged_chunk_is_reported_with_array_and_rows(store_path):
     assert [(d.array, d.rows, d.problem) for d in report.damage] == [("trajectories", (0, 1506), "checksum")]
     result = CliRunner().invoke(app, ["verify", "--store", str(store_path)])
     assert result.exit_code == 1
-    assert "trajectories: rows 0..1505, columns 0..5: checksum" in result.output
+    assert "trajectories: rows 0..1505, columns 0..5 (chunk trajectories/c/0/0): checksum" in result.output
 
 
 def test_missing_chunk_is_reported(store_path):
     (store_path / "integer_values" / "c" / "0" / "0").unlink()
     report = verify_store(cmdtool.open_store(store_path))
-    assert [(d.array, d.problem) for d in report.damage] == [("integer_values", "missing")]
+    assert [(d.array, d.problem, d.chunk) for d in report.damage] == \
+        [("integer_values", "missing", "integer_values/c/0/0")]
+
+
+def test_missing_trajectory_chunk_is_an_error_never_zeros(store_path):
+    """zarr reads a missing chunk as its fill value; the store's reads raise instead, naming the rows."""
+    (store_path / "trajectories" / "c" / "0" / "0").unlink()
+    store = cmdtool.open_store(store_path)
+    with pytest.raises(CorruptionError, match=r"'trajectories' in rows 0\.\.\d+, columns 0\.\.5 is missing"):
+        list(store.iter_blocks())
+    with pytest.raises(CorruptionError, match="is missing"):
+        store.read_rows([3])
+    report = verify_store(store)
+    assert [(d.chunk, d.problem) for d in report.damage] == [("trajectories/c/0/0", "missing")]
 
 
 def test_clean_store_verifies(store_path):

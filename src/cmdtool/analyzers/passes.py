@@ -237,11 +237,13 @@ class PassStats:
 
 def iter_pass_blocks(store, columns: slice, device, block_rows: int, rows: slice | None = None):
     """The pass's :class:`Block` objects over ``rows`` (default all), read ahead in a background thread, sharing
-    one set of reused buffers."""
+    one set of reused buffers. A block's memory is given back to the reader when the consumer asks for the next
+    one: consumers keep no view of an earlier block's values."""
     buffers = BlockBuffers()
     for raw in store.iter_blocks(columns=columns, rows=rows, block_rows=block_rows, device=device,
                                  reuse_arrays=True):
         yield Block(raw.start, raw.stop, raw.data, buffers)
+        raw.release()  # the consumer asks for the next block: done with this one
 
 
 def pass_workers(device) -> int:
@@ -324,6 +326,7 @@ def run_blocks_side_by_side(accumulators: list[Accumulator], raw_blocks, workers
                 failed.set()
                 raise
             finally:
+                raw.release()  # the reader may read into its memory again
                 del raw
                 taken.release()
 

@@ -4,38 +4,12 @@ from __future__ import annotations
 
 import functools
 import queue
-import sys
 import threading
 from typing import Callable, Iterator
 
 import numpy as np
 
 _DONE = object()
-
-# glibc's malloc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which the
-# blocks come from the heap; blocks allocated by the reader thread and freed by the consumer then fragment it, and
-# the peak RSS of a pass grew with N: +16 MB for the bare read of 3M x 6 rows against 250k (2 MiB blocks), +26 MB
-# for a Gram pass, +115 MB from 4M to 16M x 10 rows at 128 MiB blocks (bench/scale.py). A fixed threshold (which
-# also turns the dynamic one off) keeps every large buffer in its own mapping, returned to the system when freed:
-# the same runs grew by 2.4 and 2.6 MB. See docs/performance.md, "Peak memory in N".
-MMAP_THRESHOLD_BYTES = 1024**2
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-
-
-@functools.cache
-def fix_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD_BYTES` for this process (once); False where the C
-    library is not glibc (nothing to do: other allocators do not carry this dynamic threshold)."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
 
 
 def _device_type(device) -> str:
@@ -56,43 +30,53 @@ def _to_device(block: np.ndarray, device, dtype):
     return tensor.to(dtype) if dtype is not None else tensor
 
 
-class ReusedBlockArrays:
-    """Block arrays for one iteration, handed out again once nobody holds them any more.
+class BlockArrays:
+    """Block arrays for one iteration, each handed out again only after its consumer gave it back.
 
-    A fresh block array is a fresh mapping (the mmap threshold above), and the decompression that fills it first
-    page-faults it in: the kernel zeroing those pages was 12% of a DMD pass's CPU samples (perf), all on the
-    reader's thread. Reading into an array that nobody holds any more skips that (docs/performance.md,
-    "Round 6": on 1M x 150, DMD, KGA and PCA 13-28% faster, CMD cold unchanged).
+    A fresh block array is fresh memory, and the decompression that fills it first page-faults it in: the
+    kernel zeroing those pages was 12% of a DMD pass's CPU samples (perf), all on the reader's thread. Reading
+    into an array the consumer is done with skips that (docs/performance.md, "Round 6").
 
-    Whether an array is free is its reference count: the block's consumers hold it through the array itself, its
-    views (``base``) or the tensors made from it (``torch.from_numpy`` keeps a reference), so an array counted by
-    this pool alone cannot be reached by anyone else. The pool grows only when every pooled array is in use, up
-    to ``limit`` arrays, and is dropped with the iteration.
+    Ownership is explicit: :meth:`empty` lends an array, and only :meth:`give_back` (called by
+    :meth:`~cmdtool.store.store.RowBlock.release`) returns it to the pool; an array never given back is never
+    reused, however long its consumer keeps it. At most ``limit`` arrays are kept; the pool is dropped with the
+    iteration.
 
     Memory: a pooled array stays resident while it waits to be reused, where a freed one went back to the system
-    at once. A pass's peak grows by up to two blocks (+19-69 MB measured at the passes' 32 MiB blocks), so only
-    the pass engine asks for it (``iter_blocks(reuse_arrays=True)``); ``iter_blocks``'s 128 MiB blocks do not.
+    at once; so only the pass engine asks for it (``iter_blocks(reuse_arrays=True)``).
     """
 
     def __init__(self, limit: int):
-        self._arrays: list[np.ndarray] = []
+        self._free: list[np.ndarray] = []
+        self._lent: dict[int, np.ndarray] = {}  # id of the view handed out -> its pooled array
+        self._pooled = 0
         self._limit = limit
-        probe = [np.empty(1)]
-        self._idle_refs = sys.getrefcount(probe[0])  # the count of an array only the list holds, read as below
+        self._lock = threading.Lock()
 
     def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """An uninitialised C-contiguous array: a view of a pooled one when one is free and large enough, else
-        a new one (pooled while the pool is under its limit)."""
+        """An uninitialised C-contiguous array of ``shape``: a view of a pooled array given back and large
+        enough, else a new one (pooled while the pool is under its limit)."""
         dtype, size = np.dtype(dtype), int(np.prod(shape))
-        for k in range(len(self._arrays)):
-            if sys.getrefcount(self._arrays[k]) <= self._idle_refs:
-                array = self._arrays[k]
-                if array.dtype == dtype and array.size >= size:
-                    return array[:size].reshape(shape)
-        array = np.empty(size, dtype=dtype)
-        if len(self._arrays) < self._limit:
-            self._arrays.append(array)
-        return array.reshape(shape)
+        with self._lock:
+            array = next((a for a in self._free if a.dtype == dtype and a.size >= size), None)
+            if array is not None:
+                self._free.remove(array)
+            elif self._pooled < self._limit:
+                array = np.empty(size, dtype=dtype)
+                self._pooled += 1
+            else:
+                return np.empty(shape, dtype=dtype)
+            view = array[:size].reshape(shape)
+            self._lent[id(view)] = array
+            return view
+
+    def give_back(self, view: np.ndarray) -> None:
+        """The consumer is done with ``view`` (an array :meth:`empty` returned): its memory may be read into
+        again. Anything else is ignored."""
+        with self._lock:
+            array = self._lent.pop(id(view), None)
+            if array is not None:
+                self._free.append(array)
 
 
 # Bytes a reader may hold ahead of the consumer (at least one block): a store whose chunk rows are tall (a big
@@ -105,7 +89,8 @@ def iter_row_blocks(read: Callable[..., np.ndarray], rows: slice, columns: slice
     """Yield :class:`~cmdtool.store.store.RowBlock` objects for ``rows`` in steps of ``block_rows``.
 
     ``read(rows, columns)`` returns a block; with ``reuse_arrays`` it is called as ``read(rows, columns,
-    empty=...)`` and allocates its result with ``empty(shape, dtype)`` (:class:`ReusedBlockArrays`).
+    empty=...)`` and allocates its result with ``empty(shape, dtype)`` (:class:`BlockArrays`), and a block's
+    array is read into again only after the consumer called :meth:`~cmdtool.store.store.RowBlock.release`.
 
     A producer thread reads (and decompresses) up to ``prefetch`` blocks ahead, fewer where they would hold more
     than :data:`READ_AHEAD_BYTES` (one at least); errors raised there are re-raised in the consumer. Stopping the
@@ -117,21 +102,31 @@ def iter_row_blocks(read: Callable[..., np.ndarray], rows: slice, columns: slice
     """
     from .store import RowBlock
 
-    fix_mmap_threshold()
     block_bytes = 4 * block_rows * max(columns.stop - columns.start, 1)
     prefetch = prefetch if prefetch <= 0 else max(1, min(prefetch, READ_AHEAD_BYTES // block_bytes))
+    pool = None
     if reuse_arrays and (device is None or _device_type(device) in ("cpu", "cuda")):
-        # (CPU tensors share the array and count as its references; a CUDA block is copied into pinned memory
-        # while the consumer still holds the array; other devices' copies may run after it is released.)
-        # Pool size: the consumer's block, those read ahead, and one more, as the consumer's loop variable still
-        # holds its last block when the next read starts.
-        read = functools.partial(read, empty=ReusedBlockArrays(max(prefetch, 0) + 2).empty)
+        # (a CPU tensor shares the array: given back by the consumer; a CUDA block is copied into pinned memory
+        # at once: given back here; other devices' copies may run after the call returns: not pooled.)
+        # Pool size: the consumer's block, those read ahead, and one more.
+        pool = BlockArrays(max(prefetch, 0) + 2)
+        read = functools.partial(read, empty=pool.empty)
+        copied = device is not None and _device_type(device) == "cuda"
+
+    def block_of(start: int, stop: int, data: np.ndarray):
+        if device is None:
+            return RowBlock(start, stop, data, pool and functools.partial(pool.give_back, data))
+        tensor = _to_device(data, device, dtype)
+        if pool is not None and copied:
+            pool.give_back(data)
+            return RowBlock(start, stop, tensor)
+        return RowBlock(start, stop, tensor, pool and functools.partial(pool.give_back, data))
+
     starts = list(range(rows.start, rows.stop, block_rows))
     if prefetch <= 0:
         for start in starts:
             stop = min(start + block_rows, rows.stop)
-            data = read(slice(start, stop), columns)
-            yield RowBlock(start, stop, data if device is None else _to_device(data, device, dtype))
+            yield block_of(start, stop, read(slice(start, stop), columns))
         return
 
     # blocks alive at once: the consumer's and those read ahead; a slot is taken before a read starts and given
@@ -165,7 +160,7 @@ def iter_row_blocks(read: Callable[..., np.ndarray], rows: slice, columns: slice
                 raise item
             start, stop, data = item
             item = None  # the block lives in the consumer's hands only
-            block = RowBlock(start, stop, data if device is None else _to_device(data, device, dtype))
+            block = block_of(start, stop, data)
             data = None
             yield block
             block = None

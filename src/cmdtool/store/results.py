@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..errors import CorruptionError, UsageError
+from ..errors import UsageError
 from . import format as fmt
-from .chunk_files import ArrayDocument, ChunkDamage
 from .location import RemotePath
 from .metadata import results_index
 from .store import compressors, now_iso, open_zarr_group, store_lock
@@ -46,23 +45,16 @@ def jsonable(value):
 class Result:
     """A committed result: named arrays (read lazily) and its json attributes."""
 
-    def __init__(self, kind: str, name: str, group: zarr.Group, folder=None):
+    def __init__(self, kind: str, name: str, group: zarr.Group):
         self.kind, self.name, self.group = kind, name, group
-        self.folder = folder   # a local folder: row ranges of its arrays are read from the chunk files directly
         self.attrs = dict(group.attrs)
 
     def __contains__(self, key: str) -> bool:
         return key in self.group
 
-    def array(self, key: str):
-        """The array ``key``, read lazily: a zarr array, whose row ranges a local result reads from the chunk
-        files directly (:class:`RowRanges`; through zarr, reconstructing a 20M-row CMD model in blocks grew the
-        peak by 90 MB of zarr's buffers, not the 30 MB the blocks need)."""
-        array = self.group[key]
-        if self.folder is None or array.ndim not in (1, 2):
-            return array
-        document = ArrayDocument.read(self.folder / key)
-        return RowRanges(array, document) if document.numeric else array
+    def array(self, key: str) -> zarr.Array:
+        """The zarr array ``key``, read lazily (row ranges: ``array[start:stop]``)."""
+        return self.group[key]
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.group[key][...]
@@ -92,19 +84,16 @@ class ResultWriter:
         self.attrs: dict = {}
 
     def create(self, key: str, shape, dtype, chunks=None, compress: bool = True):
-        """An empty array to fill block by block (large per-row outputs). ``compress=False`` keeps only the
+        """An empty zarr array to fill block by block (large per-row outputs). ``compress=False`` keeps only the
         crc32c checksum: dense float projections (PCA directions, DMD modes) shrink by ~10% under LZ4 at twice
-        the cost of writing them. In a local store, writes of row ranges go to the chunk files directly
-        (:class:`RowRanges`)."""
+        the cost of writing them."""
         if chunks is None:
             rows = max(1, min(int(shape[0]) if shape else 1, (4 * 1024**2) // max(np.dtype(dtype).itemsize, 1)))
             chunks = (rows,) + tuple(shape[1:])
         array = self.group.create_array(key, shape=tuple(shape), dtype=dtype, chunks=chunks,
                                         compressors=compressors() if compress else compressors()[-1:],
                                         fill_value=0, config={"write_empty_chunks": True})
-        if isinstance(self.path, RemotePath) or len(shape) not in (1, 2):
-            return array
-        return RowRanges(array, ArrayDocument.read(self.path / key))
+        return array
 
     def put(self, key: str, value) -> None:
         value = np.asarray(value)
@@ -133,60 +122,6 @@ class ResultWriter:
         return False
 
 
-class RowRanges:
-    """A result array in a local folder whose row ranges (``out[start:stop]``, what passes and reconstructions
-    do once per block) are read, and written (``out[start:stop] = values``), from and to its chunk files
-    directly (:mod:`~cmdtool.store.chunk_files`); anything else is the zarr array's. Through zarr, writing
-    per-row outputs cost PCA's directions pass about as much as its reads, and the pass's peak RSS grew with N
-    (docs/performance.md, "Round 3")."""
-
-    def __init__(self, array: zarr.Array, document: ArrayDocument):
-        self.array, self.document = array, document
-
-    def __setitem__(self, key, values) -> None:
-        if not (isinstance(key, slice) and key.step in (None, 1)):
-            self.array[key] = values
-            return
-        start, stop, _ = key.indices(self.array.shape[0])
-        values = np.asarray(values, dtype=self.array.dtype)
-        if self.array.ndim == 1:
-            self.document.write_region(slice(start, stop), slice(0, 1), values.reshape(-1, 1),
-                                       (self.array.shape[0], 1), chunk_shape=(self.document.chunk_shape[0], 1))
-        else:
-            self.document.write_region(slice(start, stop), slice(0, self.array.shape[1]),
-                                       np.broadcast_to(values, (stop - start, self.array.shape[1])),
-                                       self.array.shape)
-
-    def __getitem__(self, key):
-        if not (isinstance(key, slice) and key.step in (None, 1)):
-            return self.array[key]
-        start, stop, _ = key.indices(self.array.shape[0])
-        if stop <= start:
-            return self.array[key]
-        try:
-            if self.array.ndim == 1:
-                return self.document.read_region(slice(start, stop), slice(0, 1))[:, 0]
-            return self.document.read_region(slice(start, stop), slice(0, self.array.shape[1]))
-        except ChunkDamage as exc:
-            if exc.problem == "missing":  # a chunk zarr left unwritten (all fill values, older results): zarr's
-                return self.array[key]
-            problem = "failed its checksum (the file is damaged)" if exc.problem == "checksum" else \
-                f"is {exc.problem}"
-            raise CorruptionError(f"result array {self.document.folder}: chunk {exc.index} {problem}; run "
-                                  "`cmdtool verify` for the full list") from None
-
-    def __getattr__(self, name):
-        if name in ("array", "document") or name.startswith("__"):  # not set yet (unpickling), or protocol
-            raise AttributeError(name)
-        return getattr(self.array, name)
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.array[...], dtype=dtype)
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-
 class ResultsCatalog:
     def __init__(self, store):
         self.store = store
@@ -209,7 +144,7 @@ class ResultsCatalog:
             have = ", ".join(n for k, n in self.list(kind)) or "none"
             raise UsageError(f"no {kind} result named {name!r} in {self.store.path} (present: {have})")
         group = open_zarr_group(self.root / folder, "r")
-        return Result(kind, name, group, None if isinstance(self.root, RemotePath) else self.root / folder)
+        return Result(kind, name, group)
 
     def writer(self, kind: str, name: str) -> ResultWriter:
         if self.store.mode == "r":

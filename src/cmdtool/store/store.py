@@ -5,10 +5,14 @@ truth; zarr writes it atomically (temporary file + rename). ``trajectories`` may
 axis lists: columns beyond ``len(time_axis)`` are uncommitted scratch that the next writer removes. Readers
 snapshot the time axis when the store is opened, so they see the old T or the new T, never a mix.
 
-Every path-to-zarr step goes through :func:`zarr_store` / :func:`open_zarr_group`: a local folder is a zarr
-``LocalStore``, an fsspec URL (``s3://bucket/run.zarr``) a zarr ``FsspecStore`` (docs/store.md, "Stores on shared or
-object storage"). On an object store every zarr.json is one object, written whole by one PUT, so the commit points
-above (the root attribute, the results index) stay atomic there; what needs a rename (rechunk) is refused.
+Engine. zarr-python reads and writes every chunk, of local and object stores alike (its own codec pipeline:
+blosc, crc32c checked on every read; bench/engines.py compares it with tensorstore and zarrs). Every path-to-zarr
+step goes through :func:`zarr_store` / :func:`open_zarr_group`: a local folder is a zarr ``LocalStore``, an fsspec
+URL (``s3://bucket/run.zarr``) a zarr ``FsspecStore`` (docs/store.md, "Stores on shared or object storage"). The
+arrays with an epoch dimension are opened through :class:`MissingChunksRaise`, so that a chunk missing inside
+the committed columns is an error, never the fill value. On an object store every zarr.json is one object,
+written whole by one PUT, so the commit points above (the root attribute, the results index) stay atomic there;
+what needs a rename (rechunk) is refused.
 """
 
 from __future__ import annotations
@@ -24,14 +28,13 @@ from typing import Iterator
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, WrapperStore
 
 from ..errors import CorruptionError, StoreError, UsageError
 from . import format as fmt
 from .layout import Layout, TimeRecord
 from .location import RemotePath, default_store_path, store_location
 from .lock import file_lock
-from .chunk_files import ArrayDocument, ChunkDamage
 from .metadata import StoreAttributes, check_store_folder, store_attributes
 
 
@@ -45,6 +48,60 @@ def zarr_store(path: str | os.PathLike | RemotePath, read_only: bool = False):
         location.fs  # a one-line error if the protocol's package is missing
         return FsspecStore.from_url(location.url, read_only=read_only)
     return LocalStore(location, read_only=read_only)
+
+
+class ChunkMissing(Exception):
+    """A chunk that should be in the store is not: ``key`` is its name in the array (``c/i/j``)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"chunk {key} is missing")
+        self.key = key
+
+
+def _is_chunk_key(key: str) -> bool:
+    """Whether a store key names a chunk (zarr v3's default encoding: ``.../c/i/j``), not a document."""
+    return key == "c" or key.startswith("c/") or "/c/" in key
+
+
+class MissingChunksRaise(WrapperStore):
+    """A zarr store whose chunk reads raise :class:`ChunkMissing` for a chunk that is not there, where zarr
+    would return the array's fill value (zarr 3.1 has no setting for it). Only reads go through it: the store's
+    arrays with an epoch dimension have every chunk of their committed columns written (``write_empty_chunks``),
+    so a missing one was lost."""
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and _is_chunk_key(key):
+            raise ChunkMissing(key)
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values):
+            if value is None and _is_chunk_key(key):
+                raise ChunkMissing(key)
+        return values
+
+
+def reading_strictly(array: zarr.Array) -> zarr.Array:
+    """The same array (metadata, storage, path) read through :class:`MissingChunksRaise`: a chunk that is not
+    in the store raises :class:`ChunkMissing` instead of reading as the fill value."""
+    from zarr.core.array import AsyncArray
+    from zarr.storage import StorePath
+
+    store_path = array.store_path
+    return zarr.Array(AsyncArray(metadata=array.metadata, config=array.config,
+                                 store_path=StorePath(MissingChunksRaise(store_path.store), store_path.path)))
+
+
+def chunk_damage(exc: BaseException) -> str | None:
+    """What a zarr read's failure says about a chunk: "missing", "checksum", or None (not damage)."""
+    if isinstance(exc, ChunkMissing):
+        return "missing"
+    if isinstance(exc, ValueError) and "checksum" in str(exc).lower():  # zarr's Crc32cCodec
+        return "checksum"
+    return None
 
 
 def open_zarr_group(path: str | os.PathLike, mode: str = "r", attributes: dict | None = None) -> zarr.Group:
@@ -145,7 +202,6 @@ class TrajectoryStore(StoreAttributes):
     def _open_group(self) -> None:
         self._arrays: dict[str, zarr.Array] = {}  # opened once: a read would otherwise re-parse the metadata
         self._generation = None
-        self._trajectory_files: ArrayDocument | None = None
         if self.mode != "r" and isinstance(self.path, Path):  # no rechunk swap on object storage (refused there)
             from .rechunk import recover_swap
 
@@ -180,7 +236,6 @@ class TrajectoryStore(StoreAttributes):
         if name not in self._arrays:
             if name == fmt.TRAJECTORIES:
                 self._generation = self._array_generation()
-            folder = self.path / name
             try:
                 self._arrays[name] = _writable(self.group[name])
             except KeyError:
@@ -192,19 +247,17 @@ class TrajectoryStore(StoreAttributes):
                 if isinstance(self.path, RemotePath) or name not in STAGED_ARRAYS or not _staging_complete(staged):
                     raise
                 self._arrays[name] = _writable(open_zarr_group(staged, "r")[name])
-                folder = staged / name
-            if name == fmt.TRAJECTORIES:
-                self._trajectory_files = self._chunk_files(folder)
         return self._arrays[name]
 
-    def _chunk_files(self, folder) -> ArrayDocument | None:
-        """The array's chunk files read directly (about half of zarr's CPU time per block: chunk_files.py) for a
-        local store in cmdtool's codecs; None (read through zarr) on object storage, where zarr's concurrent
-        requests matter more than the decoding."""
-        if isinstance(self.path, RemotePath):
-            return None
-        document = ArrayDocument.read(folder)
-        return document if document.numeric and len(document.shape) == 2 else None
+    def _reading(self, array: zarr.Array) -> zarr.Array:
+        """``array`` as the store's reads see it: a missing chunk raises :class:`ChunkMissing`. (Writes go
+        through ``array`` itself, whose partial-chunk updates read chunks not written yet.) Made again when the
+        array's metadata changes (a resize)."""
+        cached = self.__dict__.setdefault("_strict_arrays", {}).get(id(array))
+        if cached is None or cached[0] is not array.metadata:
+            cached = (array.metadata, reading_strictly(array))
+            self._strict_arrays[id(array)] = cached
+        return cached[1]
 
     def _array_generation(self) -> int | None:
         """Identity of the ``trajectories`` folder: a rechunk swaps in another one (chunk files of another grid).
@@ -259,33 +312,30 @@ class TrajectoryStore(StoreAttributes):
 
     # ----------------------------------------------------------------- reading
     def _read(self, rows: slice, cols: slice, empty=np.empty) -> np.ndarray:
-        """``W[rows, cols]``; a local store allocates the result with ``empty(shape, dtype)`` (the reader's
-        reused block arrays)."""
-        array = self.trajectories
+        """``W[rows, cols]`` read by zarr into an array allocated with ``empty(shape, dtype)`` (the reader's
+        block arrays); a chunk that is missing or fails its checksum is a :class:`CorruptionError`."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        array = self._reading(self.trajectories)
         if self._array_generation() != self._generation:  # one stat per block
             raise StoreError(f"store {self.path} was rechunked while this command was reading it; "
                              f"run the command again")
+        out = empty((rows.stop - rows.start, cols.stop - cols.start), array.dtype)
         try:
-            if self._trajectory_files is not None:
-                return self._trajectory_files.read_region(rows, cols, empty)
-            return array[rows, cols]
-        except ChunkDamage as exc:
-            problem = "failed its checksum (the file is damaged)" if exc.problem == "checksum" else \
-                "is missing" if exc.problem == "missing" else f"is {exc.problem}"
-            raise self._damaged(rows, cols, problem) from None
-        except ValueError as exc:
-            if "checksum" in str(exc).lower():
-                raise self._damaged(rows, cols, "failed its checksum (the file is damaged)") from None
-            raise
+            array.get_basic_selection((rows, cols), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+        except (ChunkMissing, ValueError) as exc:
+            problem = chunk_damage(exc)
+            if problem is None:
+                raise
+            raise self._damaged(rows, cols, "is missing" if problem == "missing" else
+                                "failed its checksum (the file is damaged)") from None
+        return out
 
     def write_region(self, rows: slice, cols: slice, values: np.ndarray) -> None:
-        """``trajectories[rows, cols] = values`` (``values`` may be a strided view): the chunk files written
-        directly for a local store (chunk_files.py), through zarr on object storage."""
-        array = self.trajectories
-        if self._trajectory_files is not None:
-            self._trajectory_files.write_region(rows, cols, values, array.shape)
-        else:
-            array[rows, cols] = np.ascontiguousarray(values)
+        """``trajectories[rows, cols] = values`` (``values`` may be a strided view), written by zarr: each chunk
+        encoded and stored whole (a local chunk file through a temporary file renamed over it, an object by
+        one PUT), a chunk the region covers in part read, updated and rewritten."""
+        self.trajectories[rows, cols] = values
 
     def _damaged(self, rows: slice, cols: slice, problem: str) -> CorruptionError:
         return CorruptionError(
@@ -307,8 +357,8 @@ class TrajectoryStore(StoreAttributes):
         Blocks are read ahead in a background thread (``prefetch`` blocks) so that decompression overlaps
         compute. With ``device`` (a torch device or string) each block arrives as a torch tensor on that
         device (pinned memory and an asynchronous copy for CUDA); otherwise as a float32 numpy array.
-        ``reuse_arrays`` reads blocks into arrays the consumer no longer holds (less CPU, up to two blocks more
-        resident; :class:`~cmdtool.store.reader.ReusedBlockArrays`).
+        ``reuse_arrays`` reads blocks into the arrays of blocks the consumer released (:meth:`RowBlock.release`;
+        less CPU, up to two blocks more resident; :class:`~cmdtool.store.reader.BlockArrays`).
         """
         from .reader import iter_row_blocks
 
@@ -523,12 +573,29 @@ def write_row_coordinates(path: Path, layout: Layout, codec: str = fmt.DEFAULT_C
 
 
 class RowBlock:
-    """Rows ``start:stop`` of W (over the requested columns) as ``data`` (numpy array or torch tensor)."""
+    """Rows ``start:stop`` of W (over the requested columns) as ``data`` (numpy array or torch tensor).
 
-    __slots__ = ("start", "stop", "data")
+    A block read with ``iter_blocks(reuse_arrays=True)`` lends its memory: :meth:`release` (or the end of a
+    ``with block:``) gives it back to the reader, which may then read a later block into it; ``data`` is None
+    from then on. A block never released keeps its memory for itself."""
 
-    def __init__(self, start: int, stop: int, data):
+    __slots__ = ("start", "stop", "data", "_give_back")
+
+    def __init__(self, start: int, stop: int, data, give_back=None):
         self.start, self.stop, self.data = start, stop, data
+        self._give_back = give_back
+
+    def release(self) -> None:
+        """Done with ``data``: the reader may read into its memory again (with ``reuse_arrays``)."""
+        give_back, self._give_back, self.data = self._give_back, None, None
+        if give_back is not None:
+            give_back()
+
+    def __enter__(self) -> "RowBlock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def __iter__(self):  # allows ``for start, stop, data in store.iter_blocks()``
         return iter((self.start, self.stop, self.data))

@@ -1,19 +1,33 @@
 """Whole-store integrity check (`cmdtool verify`): every chunk's checksum, and no chunk missing.
 
-Chunk files are read and decoded as they are on disk (:mod:`~cmdtool.store.chunk_files`, no zarr): a damaged chunk
-fails its crc32c checksum, and a deleted one is missing (zarr would read it as the fill value, zeros, without
-complaint).
+Every chunk is read by zarr, one at a time, through :class:`~cmdtool.store.store.MissingChunksRaise`: a damaged
+chunk fails its crc32c checksum, and a deleted one is missing (zarr alone would read it as the fill value, zeros,
+without complaint). Each problem is reported with the chunk's name (``trajectories/c/3/0``) and its rows and
+columns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..progress import NullProgress
 from . import format as fmt
-from .chunk_files import ArrayDocument, ChunkDamage, is_array
+
+
+def _open(folder, missing_chunks_raise: bool = True):
+    """The zarr array in ``folder``, read strictly (a missing chunk raises) unless told otherwise."""
+    import zarr
+
+    from .store import reading_strictly, zarr_store
+
+    array = zarr.open_array(store=zarr_store(folder, read_only=True), mode="r")
+    return reading_strictly(array) if missing_chunks_raise else array
+
+
+def _problem(exc: BaseException) -> str:
+    from .store import chunk_damage
+
+    return chunk_damage(exc) or f"unreadable ({type(exc).__name__}: {str(exc)[:80]})"
 
 
 @dataclass
@@ -21,11 +35,13 @@ class Damage:
     array: str
     rows: tuple[int, int]
     columns: tuple[int, int]
-    problem: str  # "checksum" | "missing" | "unreadable"
+    problem: str  # "checksum" | "missing" | "unreadable (...)"
+    chunk: str = ""  # the chunk's name in the store, e.g. "trajectories/c/3/0"
 
     def describe(self) -> str:
-        return (f"{self.array}: rows {self.rows[0]}..{self.rows[1] - 1}, columns {self.columns[0]}..{self.columns[1] - 1}:"
-                f" {self.problem}")
+        where = f" (chunk {self.chunk})" if self.chunk else ""
+        return (f"{self.array}: rows {self.rows[0]}..{self.rows[1] - 1}, columns {self.columns[0]}..{self.columns[1] - 1}"
+                f"{where}: {self.problem}")
 
 
 @dataclass
@@ -39,7 +55,8 @@ class VerifyReport:
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "chunks_checked": self.chunks_checked,
-                "damage": [{"array": d.array, "rows": list(d.rows), "columns": list(d.columns), "problem": d.problem}
+                "damage": [{"array": d.array, "rows": list(d.rows), "columns": list(d.columns), "problem": d.problem,
+                            "chunk": d.chunk}
                            for d in self.damage]}
 
 
@@ -53,9 +70,10 @@ def array_folder(store_path, name: str):
     return folder
 
 
-def _check_rows(document: ArrayDocument, name: str, rows: tuple[int, int], n_cols: int) -> tuple[int, list[Damage]]:
-    """Decode the chunks of ``document`` in chunk rows ``rows`` and committed columns; (chunks checked, damage)."""
-    chunk_rows, chunk_cols = document.chunk_shape
+def _check_rows(array, name: str, rows: tuple[int, int], n_cols: int) -> tuple[int, list[Damage]]:
+    """Read each chunk of ``array`` (read strictly) in chunk rows ``rows`` and the committed columns, one at a
+    time; (chunks checked, damage)."""
+    chunk_rows, chunk_cols = array.chunks
     checked, damage = 0, []
     for r0 in range(rows[0], rows[1], chunk_rows):
         r1 = min(r0 + chunk_rows, rows[1])
@@ -63,10 +81,10 @@ def _check_rows(document: ArrayDocument, name: str, rows: tuple[int, int], n_col
             c1 = min(c0 + chunk_cols, n_cols)
             checked += 1
             try:
-                if document.read_chunk((r0 // chunk_rows, c0 // chunk_cols)) is None:
-                    damage.append(Damage(name, (r0, r1), (c0, c1), "missing"))
-            except ChunkDamage as exc:
-                damage.append(Damage(name, (r0, r1), (c0, c1), exc.problem))
+                array[r0:r1, c0:c1]
+            except Exception as exc:  # noqa: BLE001 - any failure to read a chunk is damage
+                damage.append(Damage(name, (r0, r1), (c0, c1), _problem(exc),
+                                     f"{name}/c/{r0 // chunk_rows}/{c0 // chunk_cols}"))
     return checked, damage
 
 
@@ -74,7 +92,7 @@ def _check_rows_on_worker(address: str, name: str, rows: tuple[int, int], n_cols
     """A Dask task of :func:`verify_store`: the worker reads the chunk files at the client's store address."""
     from .location import store_location
 
-    return _check_rows(ArrayDocument.read(array_folder(store_location(address), name)), name, rows, n_cols)
+    return _check_rows(_open(array_folder(store_location(address), name)), name, rows, n_cols)
 
 
 # chunk rows per Dask task: about this many bytes of float32 decoded
@@ -85,20 +103,20 @@ def _check_array(store, name: str, n_cols: int, report: VerifyReport, task) -> N
     from ..cluster import active_client, store_address
 
     try:
-        document = ArrayDocument.read(array_folder(store.path, name))
-    except (ChunkDamage, OSError, ValueError, KeyError) as exc:
+        array = _open(array_folder(store.path, name))
+    except Exception as exc:  # noqa: BLE001 - zarr raises many types for broken metadata
         report.damage.append(Damage(name, (0, store.n_rows), (0, n_cols), f"unreadable metadata ({exc})"))
         return
-    if len(document.shape) != 2 or n_cols == 0:
+    if array.ndim != 2 or n_cols == 0:
         return
-    chunk_rows = document.chunk_shape[0]
-    n_rows = document.shape[0]
+    chunk_rows = array.chunks[0]
+    n_rows = array.shape[0]
     client = active_client()
     step = chunk_rows if client is None else \
         chunk_rows * max(1, VERIFY_TASK_BYTES // (4 * chunk_rows * max(n_cols, 1)))
     ranges = [(r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
     if client is None:
-        outcomes = ((rows, _check_rows(document, name, rows, n_cols)) for rows in ranges)
+        outcomes = ((rows, _check_rows(array, name, rows, n_cols)) for rows in ranges)
     else:  # on a Dask cluster: groups of chunk rows checked by the workers
         from distributed import as_completed
 
@@ -113,22 +131,10 @@ def _check_array(store, name: str, n_cols: int, report: VerifyReport, task) -> N
     report.damage.extend(sorted(damage, key=lambda d: (d.rows, d.columns)))
 
 
-def _read_whole(document: ArrayDocument, missing_is_damage: bool) -> tuple[np.ndarray, int]:
-    """Every chunk of a (small) array decoded and joined: (values, chunks read). A missing chunk raises
-    ``ChunkDamage("missing")``, or reads as zeros where zarr's fill value is what the writer meant."""
-    values = np.zeros(document.shape, dtype=object if document.data_type == "string" else document.data_type)
-    count = 0
-    for index in document.chunk_indices():
-        chunk = document.read_chunk(index)
-        count += 1
-        if chunk is None:
-            if missing_is_damage:
-                raise ChunkDamage("missing")
-            continue
-        where = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, document.chunk_shape,
-                                                                          document.shape))
-        values[where] = chunk[tuple(slice(0, w.stop - w.start) for w in where)]
-    return values, count
+def _read_whole(array) -> int:
+    """Read a (small) array whole: its chunk count, or the failure of the first bad chunk."""
+    array[...]
+    return max(1, array.nchunks)
 
 
 def _check_coordinates(store, report: VerifyReport) -> None:
@@ -139,15 +145,21 @@ def _check_coordinates(store, report: VerifyReport) -> None:
     for name in (fmt.EPOCH, fmt.TENSOR, fmt.TENSOR_INDEX):
         try:
             # a missing epoch chunk reads as zeros, which the labels comparison below reports
-            values, count = _read_whole(ArrayDocument.read(store.path / name), missing_is_damage=name != fmt.EPOCH)
-        except (ChunkDamage, OSError, ValueError, KeyError) as exc:
+            array = _open(store.path / name, missing_chunks_raise=name != fmt.EPOCH)
+            values, count = array[...], max(1, array.nchunks)
+        except Exception as exc:  # noqa: BLE001 - any failure to read a coordinate is damage
             report.chunks_checked += 1
-            problem = exc.problem if isinstance(exc, ChunkDamage) else f"unreadable ({type(exc).__name__})"
-            report.damage.append(Damage(name, (0, 0), (0, 0), problem))
+            report.damage.append(Damage(name, (0, 0), (0, 0), _problem(exc), _chunk_named(exc, name)))
             continue
         report.chunks_checked += count
         if name == fmt.EPOCH and values[:len(labels)].tolist() != labels:
             report.damage.append(Damage(name, (0, 0), (0, len(labels)), "labels differ from the time axis"))
+
+
+def _chunk_named(exc: BaseException, name: str) -> str:
+    from .store import ChunkMissing
+
+    return f"{name}/{exc.key}" if isinstance(exc, ChunkMissing) else ""
 
 
 def _check_results(store, report: VerifyReport) -> None:
@@ -159,12 +171,20 @@ def _check_results(store, report: VerifyReport) -> None:
         kind, name = key.split("/", 1)
         try:
             for child in sorted((root / folder).iterdir(), key=lambda p: p.name):
-                if is_array(child):
-                    report.chunks_checked += _read_whole(ArrayDocument.read(child), missing_is_damage=False)[1]
+                if _is_array(child):
+                    report.chunks_checked += _read_whole(_open(child, missing_chunks_raise=False))
         except Exception as exc:  # noqa: BLE001 - any failure to read a result is damage
-            problem = exc.problem if isinstance(exc, ChunkDamage) else \
-                f"unreadable ({type(exc).__name__}: {str(exc)[:80]})"
-            report.damage.append(Damage(f"results/{kind}/{name}", (0, 0), (0, 0), problem))
+            report.damage.append(Damage(f"results/{kind}/{name}", (0, 0), (0, 0), _problem(exc)))
+
+
+def _is_array(folder) -> bool:
+    """Whether ``folder`` holds a zarr array (its ``zarr.json`` says ``node_type: array``)."""
+    import json
+
+    try:
+        return json.loads((folder / "zarr.json").read_text()).get("node_type") == "array"
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def verify_store(store, progress=None) -> VerifyReport:
