@@ -1,6 +1,6 @@
-"""The zarr-free readers of a store (issue #11's fast `info` and `verify`) read exactly what zarr reads: the
-metadata documents give the same summary as the opened store, and every chunk file of every array cmdtool writes
-(numbers compressed or not, integers, complex results, the tensor names) decodes to zarr's values."""
+"""The store's readers: `info`'s metadata documents give the same summary as the opened store (issue #11), and
+zarr, the store's one chunk engine, reads and writes any region, reports damage by chunk, and the block reader
+never reads into a block its consumer still holds (issue #27)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import zarr
 
 import cmdtool
 from cmdtool.analyzers import get_analyzer
-from cmdtool.store.chunk_files import ArrayDocument, ChunkDamage, is_array
 from cmdtool.store.metadata import StoreMetadata
 from cmdtool.store.summary import summarize, summarize_store
 from cmdtool.store.verify import verify_store
@@ -32,8 +31,10 @@ def analysed(request, tmp_path_factory):
 
 
 def _every_array(folder):
+    from cmdtool.store.verify import _is_array
+
     for child in sorted(folder.rglob("zarr.json")):
-        if is_array(child.parent):
+        if _is_array(child.parent):
             yield child.parent
 
 
@@ -45,37 +46,22 @@ def test_metadata_documents_summarise_like_the_opened_store(analysed):
     assert [a["method"] for a in summarize(view)["analyses"]] == ["cmd", "dmd", "gram", "kga"]
 
 
-def test_every_chunk_decodes_to_zarrs_values(analysed):
-    arrays = list(_every_array(analysed.path))
-    kinds = {ArrayDocument.read(folder).data_type for folder in arrays}
-    assert {"float32", "int64", "string", "complex128"} <= kinds  # every kind of array the store holds
-    for folder in arrays:
-        document = ArrayDocument.read(folder)
-        expected = zarr.open_array(str(folder), mode="r")
-        for index in document.chunk_indices():
-            chunk = document.read_chunk(index)
-            where = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, document.chunk_shape,
-                                                                              document.shape))
-            want = np.asarray(expected[where])
-            if chunk is None:  # never written: zarr reads the fill value
-                assert np.all(want == expected.fill_value), folder
-                continue
-            got = chunk[tuple(slice(0, w.stop - w.start) for w in where)]
-            assert got.dtype == want.dtype or document.data_type == "string"
-            np.testing.assert_array_equal(got, want, err_msg=str(folder))
+def test_damage_is_named_by_chunk(analysed, tmp_path):
+    """verify reads every chunk through zarr: a flipped byte fails the checksum, a deleted chunk is missing, each
+    named with its key, rows and columns; every other chunk checks."""
+    import shutil
 
-
-def test_damage_is_named_not_guessed(analysed, tmp_path):
-    document = ArrayDocument.read(analysed.path / "trajectories")
-    data = bytearray(document.chunk_file((0, 0)).read_bytes())
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(analysed.path, copy)
+    chunk_rows = analysed.chunk_shape[0]
+    data = bytearray((copy / "trajectories" / "c" / "0" / "0").read_bytes())
     data[len(data) // 3] ^= 0x01
-    with pytest.raises(ChunkDamage, match="checksum"):
-        document.decode(bytes(data))
-    with pytest.raises(ChunkDamage, match="checksum"):
-        document.decode(b"ab")  # shorter than its checksum
-    document.codecs = [{"name": "gzip"}]
-    with pytest.raises(ChunkDamage, match="codec 'gzip'"):
-        document.decode(bytes(data))
+    (copy / "trajectories" / "c" / "0" / "0").write_bytes(bytes(data))
+    (copy / "tensor_index" / "c" / "0").unlink()
+    report = verify_store(StoreMetadata.read(copy))
+    assert [(d.array, d.chunk, d.rows, d.problem) for d in report.damage] == [
+        ("trajectories", "trajectories/c/0/0", (0, min(chunk_rows, analysed.n_rows)), "checksum"),
+        ("tensor_index", "tensor_index/c/0", (0, 0), "missing")]
 
 
 def test_verify_of_the_metadata_view_finds_a_damaged_result(analysed, tmp_path):
@@ -95,16 +81,14 @@ def test_verify_of_the_metadata_view_finds_a_damaged_result(analysed, tmp_path):
 
 @pytest.mark.parametrize("chunk_columns, target_chunk_bytes", [(None, 64 * 1024), (3, 16 * 1024), (7, 4096)])
 def test_direct_reads_equal_zarr_for_any_region(tmp_path, chunk_columns, target_chunk_bytes):
-    """The store reads its local chunk files itself (store.py ``_read`` -> ``read_region``): every region, aligned
-    or not, with chunks narrower than T or spanning it, equals zarr's reading of the same array."""
+    """The store's reads (store.py ``_read``: zarr into the reader's array): every region, aligned or not, with
+    chunks narrower than T or spanning it, equals the values written."""
     from cmdtool.store import from_array
 
     rng = np.random.default_rng(1)
     values = rng.normal(size=(5003, 20)).astype(np.float32)
     store = from_array(tmp_path / "s.zarr", values, chunk_columns=chunk_columns, target_chunk_bytes=target_chunk_bytes)
     store = cmdtool.open_store(store.path)
-    store.trajectories
-    assert store._trajectory_files is not None  # the direct path is the one under test
     chunk_rows = store.chunk_shape[0]
     regions = [(slice(0, 5003), slice(0, 20)), (slice(chunk_rows, 3 * chunk_rows), slice(0, 20)),
                (slice(17, 4999), slice(2, 19)), (slice(5002, 5003), slice(19, 20))]
@@ -118,7 +102,7 @@ def test_direct_reads_equal_zarr_for_any_region(tmp_path, chunk_columns, target_
 
 
 def test_direct_reads_from_threads_at_once(tmp_path):
-    """Each thread has its own read buffers: concurrent reads (a Dask worker's threads) do not mix chunks."""
+    """Concurrent reads (a Dask worker's threads) do not mix chunks."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cmdtool.store import from_array
@@ -146,7 +130,7 @@ def test_a_missing_chunk_fails_the_read_instead_of_reading_zeros(analysed, tmp_p
 
 
 def test_direct_reads_of_both_codecs_equal_zarr(analysed):
-    """lz4 chunks are decompressed into the result, uncompressed ones (``--codec none``) copied: both as zarr."""
+    """lz4 chunks and uncompressed ones (``--codec none``) read as zarr reads them."""
     store = cmdtool.open_store(analysed.path)
     expected = np.asarray(zarr.open_array(str(store.path / "trajectories"), mode="r")[:, :store.n_checkpoints])
     np.testing.assert_array_equal(np.concatenate([b.data for b in store.iter_blocks()]), expected)
@@ -155,9 +139,9 @@ def test_direct_reads_of_both_codecs_equal_zarr(analysed):
 
 @pytest.mark.parametrize("chunk_columns", [7, 20])
 def test_direct_writes_read_back_by_zarr(tmp_path, chunk_columns):
-    """``TrajectoryStore.write_region`` encodes chunk files itself (ingest's writes): regions of any shape, whole
-    chunks and parts of chunks (read, updated, rewritten), strided values, the padded edge chunks, and columns
-    appended later, all read back by zarr as written; no temporary file is left behind."""
+    """``TrajectoryStore.write_region`` (ingest's writes, through zarr): regions of any shape, whole chunks and
+    parts of chunks (read, updated, rewritten), strided values, the padded edge chunks, and columns appended
+    later, all read back as written; no temporary file is left behind."""
     from cmdtool.store import from_array
 
     rng = np.random.default_rng(3)
@@ -166,7 +150,6 @@ def test_direct_writes_read_back_by_zarr(tmp_path, chunk_columns):
                        target_chunk_bytes=8192)
     store = cmdtool.open_store(store.path, mode="r+")
     store.resize_columns(20)
-    assert store._trajectory_files is not None
     for _ in range(40):
         start, size = int(rng.integers(0, 5000)), int(rng.integers(1, 1500))
         first, width = int(rng.integers(0, 19)), int(rng.integers(1, 12))
@@ -206,47 +189,46 @@ def test_the_reader_holds_the_consumers_block_and_its_read_ahead_only(monkeypatc
     assert starts == list(range(0, 200, 10)) and most[0] <= most_alive
 
 
-def test_block_arrays_are_reused_only_when_nobody_holds_them(tmp_path, monkeypatch):
-    """The reader reads into a block array again (reader.ReusedBlockArrays) once the consumer let go of it, and
-    never into one the consumer still holds: kept as the array, as a numpy view or as a torch tensor made from it."""
+def test_block_arrays_are_reused_only_after_the_consumer_releases_them(tmp_path, monkeypatch):
+    """With ``reuse_arrays`` the reader reads into a block's array again only after ``block.release()`` (or the
+    end of ``with block:``): blocks held without release keep their values however long the iteration goes on,
+    and released ones are read into again (few arrays allocated for many blocks)."""
     import torch
 
     from cmdtool.store import from_array, reader
 
     values = np.random.default_rng(3).normal(size=(30011, 12)).astype(np.float32)
     store = cmdtool.open_store(from_array(tmp_path / "s.zarr", values, target_chunk_bytes=16 * 1024).path)
-    calls, allocations = [0], [0]
-    handed_out, allocate = reader.ReusedBlockArrays.empty, np.empty
+    lent = []
+    original_empty = reader.BlockArrays.empty
 
     def counted_empty(self, shape, dtype):
-        calls[0] += 1
-        return handed_out(self, shape, dtype)
+        array = original_empty(self, shape, dtype)
+        lent.append(array.base if array.base is not None else array)
+        return array
 
-    class CountingNumpy:  # reader's np, counting the arrays the pool allocates
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-        @staticmethod
-        def empty(*args, **kwargs):
-            allocations[0] += 1
-            return allocate(*args, **kwargs)
-
-    monkeypatch.setattr(reader.ReusedBlockArrays, "empty", counted_empty)
-    monkeypatch.setattr(reader, "np", CountingNumpy())
+    monkeypatch.setattr(reader.BlockArrays, "empty", counted_empty)
     kept = []
-    for k, (start, stop, data) in enumerate(store.iter_blocks(block_rows=1000, reuse_arrays=True)):
-        np.testing.assert_array_equal(data, values[start:stop])
-        if k in (24, 27, 30):  # late: until then the pool has all its arrays to hand out
-            kept.append((start, stop, [data, data[:, 2:], torch.from_numpy(data)][len(kept)]))
-        del data
+    for k, block in enumerate(store.iter_blocks(block_rows=1000, reuse_arrays=True)):
+        np.testing.assert_array_equal(block.data, values[block.start:block.stop])
+        if k in (2, 3, 24, 27):  # held without release: early ones while the pool is small, late ones too
+            kept.append((block.start, block.stop, block.data))
+            continue
+        with block:
+            pass
+        assert block.data is None  # released: no longer the consumer's
     for start, stop, data in kept:
-        np.testing.assert_array_equal(np.asarray(data), values[start:stop, -data.shape[1]:])  # none read into again
-    assert calls[0] == 31  # every block was allocated through the pool
-    # and far fewer arrays than blocks were allocated (a kept block's array is not handed out again: the reads
-    # after it may need arrays beyond the pool's)
-    assert 1 <= allocations[0] <= 31 // 2
+        np.testing.assert_array_equal(data, values[start:stop])  # none read into again
+    distinct = {id(array) for array in lent}
+    assert len(lent) == 31 and len(distinct) <= 4 + 4  # the pool's arrays and the ones the held blocks took
+
+    # a consumer that never releases gets every block intact (nothing is reused behind its back)
+    held = [block for block in store.iter_blocks(block_rows=1000, reuse_arrays=True)]
+    np.testing.assert_array_equal(np.concatenate([block.data for block in held]), values)
 
     for device in ("cpu", None):  # blocks as CPU tensors share the pool's arrays the same way
-        got = [block.data.clone() if device else block.data.copy()
-               for block in store.iter_blocks(block_rows=1000, device=device, reuse_arrays=True)]
+        got = []
+        for block in store.iter_blocks(block_rows=1000, device=device, reuse_arrays=True):
+            got.append(block.data.clone() if device else block.data.copy())
+            block.release()
         np.testing.assert_array_equal(np.concatenate([np.asarray(data) for data in got]), values)
