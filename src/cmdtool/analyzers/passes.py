@@ -106,13 +106,15 @@ class Block:
     :mod:`~cmdtool.analyzers.host_float64`), so that no whole float64 copy of the block is made.
     """
 
-    __slots__ = ("start", "stop", "values", "finite", "nonfinite", "nonfinite_values", "_buffers", "_float64")
+    __slots__ = ("start", "stop", "values", "finite", "nonfinite", "nonfinite_values", "_buffers", "_float64",
+                 "_release")
 
-    def __init__(self, start: int, stop: int, values, buffers: "BlockBuffers | None" = None):
+    def __init__(self, start: int, stop: int, values, buffers: "BlockBuffers | None" = None, release=None):
         import torch
 
         self.start, self.stop = int(start), int(stop)
         self._buffers = buffers
+        self._release = release
         self._float64 = None
         # a row with NaN/Inf has a non-finite sum: one reduction finds them, an elementwise isfinite of the block
         # costs as much as the rest of a Gram pass; rows whose finite values overflow the sum are checked exactly
@@ -129,6 +131,13 @@ class Block:
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+    def release(self) -> None:
+        """Every accumulator is done with the block: the reader may read a later block into its memory
+        (:meth:`~cmdtool.store.store.RowBlock.release`). ``values`` must not be used afterwards."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     def float64(self):
         """The block in float64 (shared, do not modify: accumulators that change values work on a copy)."""
@@ -237,13 +246,12 @@ class PassStats:
 
 def iter_pass_blocks(store, columns: slice, device, block_rows: int, rows: slice | None = None):
     """The pass's :class:`Block` objects over ``rows`` (default all), read ahead in a background thread, sharing
-    one set of reused buffers. A block's memory is given back to the reader when the consumer asks for the next
-    one: consumers keep no view of an earlier block's values."""
+    one set of reused buffers. Each block's memory is the reader's again once the consumer calls
+    :meth:`Block.release` (:func:`run_blocks` does, after every accumulator saw the block)."""
     buffers = BlockBuffers()
     for raw in store.iter_blocks(columns=columns, rows=rows, block_rows=block_rows, device=device,
                                  reuse_arrays=True):
-        yield Block(raw.start, raw.stop, raw.data, buffers)
-        raw.release()  # the consumer asks for the next block: done with this one
+        yield Block(raw.start, raw.stop, raw.data, buffers, release=raw.release)
 
 
 def pass_workers(device) -> int:
@@ -364,6 +372,7 @@ def run_blocks(accumulators: list[Accumulator], blocks, progress_task=None) -> i
     for block in blocks:
         for acc in accumulators:
             acc.update(block)
+        block.release()
         nonfinite += block.nonfinite
         if progress_task is not None:
             progress_task.advance(block.rows, nbytes=4 * block.values.shape[1] * block.rows)
