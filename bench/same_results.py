@@ -113,7 +113,7 @@ def differences(a: Path, b: Path) -> list[str]:
     for name, _ in STEPS:
         diff(strip(json.loads((a / f"{name}.json").read_text()), (a, b)),
              strip(json.loads((b / f"{name}.json").read_text()), (a, b)), name)
-    for checkpoint in sorted((a / "reconstructed").glob("*")):
+    for checkpoint in sorted((a / "reconstructed").glob("*.pt")):  # not the folder's .cmdtool-output.json marker
         other = b / "reconstructed" / checkpoint.name
         if not other.is_file():
             problems.append(f"reconstructed/{checkpoint.name}: missing in the second run")
