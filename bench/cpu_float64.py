@@ -1,5 +1,5 @@
 """CPU seconds of the pass accumulators' float64 work: numpy/OpenBLAS in cache-sized chunks (what the CPU passes
-run, cmdtool.analyzers.host_float64) against the torch path (what CUDA runs), on the same in-memory blocks, with
+run, cmdtool.passes.host_float64) against the torch path (what CUDA runs), on the same in-memory blocks, with
 one compute thread and one BLAS thread (as a pass sets them on 2 cores), and the largest relative difference of
 their results. No store is read: this isolates the arithmetic from the read.
 
@@ -24,9 +24,9 @@ def main() -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
-    import cmdtool.analyzers.host_float64 as host_float64
-    import cmdtool.analyzers.passes as passes
-    from cmdtool.analyzers.cmd_fit_pass import FitPass
+    import cmdtool.passes.host_float64 as host_float64
+    import cmdtool.passes.local as passes
+    from cmdtool.analyzers.cmd.fit_pass import FitPass
     from cmdtool.analyzers.kga import KWMMasks
     from cmdtool.analyzers.linear_models import RowProjection
     from types import SimpleNamespace

@@ -66,7 +66,7 @@ def make_trained_run(folder: Path, width: int, n_checkpoints: int, suffix: str) 
     import torch
     from torch import nn
 
-    from cmdtool.examples.digits import load_split
+    from cmdtool.datasets import load_split
 
     torch.manual_seed(0)
     data = load_split()
@@ -96,8 +96,8 @@ def measured(code: str) -> dict:
 
 PROFILE = """
 import collections, importlib, shutil, threading
-ingest_module = importlib.import_module("cmdtool.ingest.ingest")
-from cmdtool.ingest import formats
+ingest_module = importlib.import_module("cmdtool.ingestion.ingest")
+from cmdtool.ingestion import formats
 from cmdtool.store.store import TrajectoryStore
 totals = collections.defaultdict(float)
 

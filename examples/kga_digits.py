@@ -5,7 +5,7 @@ SGD and against doubling their learning rate, on the digits CNN.
     python examples/kga_digits.py --quick              # CI size
 
 Task: scikit-learn's 8x8 digits, the repo's CNN (3,866 trainable parameters, BatchNorm;
-cmdtool.examples.digits), batch 64, cross-entropy. Base optimizers: Adam lr 1e-3 and plain SGD lr 0.05. KGA:
+cmdtool.datasets), batch 64, cross-entropy. Base optimizers: Adam lr 1e-3 and plain SGD lr 0.05. KGA:
 alpha 1 (the default), eps 0.01, DMD rank by Gavish-Donoho, history 10, acceleration after the 5th epoch
 (Sec. 4.2), window s = 5 (App. A.5).
 

@@ -19,9 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from cmdtool.analyzers import available_methods, get_analyzer, reconstructions
-from cmdtool.analyzers.compare import compare
-from cmdtool.analyzers.online_cmd import OnlineCMD
-from cmdtool.analyzers.passes import gram_matrix
+from cmdtool.workflows.compare import compare
+from cmdtool.analyzers.cmd.online import OnlineCMD
+from cmdtool.passes.local import gram_matrix
 from cmdtool.errors import NotFittedError, ParameterError
 from cmdtool.store import from_array, open_store
 from cmdtool_cli.app import app
@@ -213,10 +213,10 @@ def test_reconstruct_every_registered_model_and_the_averages(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the rooms
 ROOMS = {  # room -> cmdtool packages/modules it must not import (docs/architecture.md)
-    "store": ("cmdtool.ingest", "cmdtool.analyzers", "cmdtool.report", "cmdtool.evaluate", "cmdtool_cli"),
-    "ingest": ("cmdtool.analyzers", "cmdtool.report", "cmdtool.evaluate", "cmdtool_cli"),
-    "analyzers": ("cmdtool.ingest", "cmdtool.report", "cmdtool.evaluate", "cmdtool.landscape", "cmdtool_cli"),
-    "report": ("cmdtool.ingest", "cmdtool.evaluate", "cmdtool_cli"),
+    "store": ("cmdtool.ingest", "cmdtool.analyzers", "cmdtool.report", "cmdtool.workflows.evaluate", "cmdtool_cli"),
+    "ingest": ("cmdtool.analyzers", "cmdtool.report", "cmdtool.workflows.evaluate", "cmdtool_cli"),
+    "analyzers": ("cmdtool.ingest", "cmdtool.report", "cmdtool.workflows.evaluate", "cmdtool.workflows.landscape", "cmdtool_cli"),
+    "report": ("cmdtool.ingest", "cmdtool.workflows.evaluate", "cmdtool_cli"),
 }
 
 

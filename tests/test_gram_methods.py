@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cmdtool.analyzers import get_analyzer
-from cmdtool.analyzers import passes
+from cmdtool.passes import local as passes
 from cmdtool.analyzers.dmd import DMD, dmd_from_gram
 from cmdtool.analyzers.kga import KGA, NEUTRAL, STABLE, UNSTABLE, classify_eigenvalues
 from cmdtool.analyzers.linear_models import parse_rank, truncation_rank

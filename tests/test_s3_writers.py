@@ -240,7 +240,7 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
 
     from cmdtool.store import remote_lock
 
-    ingest_module = importlib.import_module("cmdtool.ingest.ingest")  # (cmdtool.ingest is also the function)
+    ingest_module = importlib.import_module("cmdtool.ingestion.ingest")  # (cmdtool.ingest is also the function)
 
     write_checkpoints(tmp_path / "ck", n_epochs=6, fmt="safetensors")
     first = tmp_path / "first"
@@ -308,7 +308,7 @@ def test_stores_on_filesystems_without_conditional_writes_are_not_written(tmp_pa
 KILLED = """
 import sys, time
 import cmdtool
-from cmdtool.ingest.remote import CheckpointStaging
+from cmdtool.ingestion.remote import CheckpointStaging
 
 download = CheckpointStaging._download
 
@@ -336,7 +336,7 @@ def test_the_next_ingest_removes_the_staging_folder_of_a_killed_one(s3, tmp_path
         proc.wait(timeout=30)
     assert staged.name.startswith(".cmdtool-staging-") and staged.parent == tmp_path, proc.stderr.read()
     assert any(p.stat().st_blocks for p in staged.rglob("epoch_*.pt"))  # a checkpoint was staged
-    from cmdtool.ingest.remote import _host, _process_started
+    from cmdtool.ingestion.remote import _host, _process_started
 
     me, started = os.getpid(), _process_started(os.getpid()) or 0
     kept = [tmp_path / ".cmdtool-staging-otherhost-12345-0-abcdefgh",  # another host's: not judged here

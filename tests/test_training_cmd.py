@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from cmdtool.analyzers.cmd_drift import CMDDriftWarning, assess_drift
-from cmdtool.analyzers.online_cmd import OnlineCMD
+from cmdtool.analyzers.cmd.drift import CMDDriftWarning, assess_drift
+from cmdtool.analyzers.cmd.online import OnlineCMD
 from cmdtool.training import EmbeddedCMD, GradualEmbedding, exponential_decay, halve_above, linear_decay
 
 F, L = 6, 3

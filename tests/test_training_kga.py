@@ -10,7 +10,7 @@ import torch
 
 from cmdtool.errors import UsageError
 from cmdtool.training import KGA
-from cmdtool.training.kga import acceleration_operator, accelerate_update
+from cmdtool.training.kga_optimizer import acceleration_operator, accelerate_update
 
 
 # ---------------------------------------------------------------------------------------------- dense references

@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 
 def ingest(*args, **kwargs):
-    """Stream checkpoints into a trajectory store: :func:`cmdtool.ingest.ingest.ingest` (imports torch)."""
-    from .ingest.ingest import ingest as run_ingest
+    """Stream checkpoints into a trajectory store: :func:`cmdtool.ingestion.ingest.ingest` (imports torch)."""
+    from .ingestion.ingest import ingest as run_ingest
 
     return run_ingest(*args, **kwargs)
 

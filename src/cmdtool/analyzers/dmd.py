@@ -33,7 +33,7 @@ from .base import FigureSpec, Reconstruction, SummaryTable
 from .linear_models import (RANK, GramModel, RowProjection, descending_eigh, error_line, factor_model,
                             gram_square_root, numerical_rank, truncation_rank)
 from .params import DEVICE, EPOCHS, Param
-from .passes import stream
+from ..passes.local import stream
 
 
 @dataclass

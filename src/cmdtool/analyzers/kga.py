@@ -28,7 +28,7 @@ from .base import FigureSpec, Reconstruction, SummaryTable
 from .dmd import DEFAULT_CLASS_EPS, DMD, EIGENVALUE_FIGURE, EXACT, SAVE_MODES
 from .linear_models import RANK, RowProjection
 from .params import DEVICE, EPOCHS, Param
-from .passes import Accumulator
+from ..passes.local import Accumulator
 
 STABLE, NEUTRAL, UNSTABLE = 0, 1, 2
 CLASS_NAMES = {STABLE: "stable", NEUTRAL: "neutral", UNSTABLE: "unstable"}

@@ -3,7 +3,7 @@
 Every function takes a committed :class:`~cmdtool.store.results.Result`, a fitted analyzer (saved or not) or a
 :class:`~cmdtool.analyzers.base.ResultView` of either, and returns a :class:`matplotlib.figure.Figure`; the caller
 saves it (``fig.savefig("x.png")``) or shows it. Figures are built without ``pyplot`` (see
-:mod:`cmdtool.plotting`): nothing leaks when many reports are made in one process and no display is needed. The
+:mod:`cmdtool.utils.plotting`): nothing leaks when many reports are made in one process and no display is needed. The
 analyzers declare which of these figures their results get (``figures`` of each analyzer class); the report
 draws those, plus the figures that span methods (:func:`epoch_error_figure`, :func:`evaluation_figure`).
 
@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from ..analyzers.base import ResultView
 from ..analyzers.dmd import DEFAULT_CLASS_EPS
 from ..errors import UsageError
-from ..plotting import STYLE, grid as _grid, mode_colors, new_figure as _figure
+from ..utils.plotting import STYLE, grid as _grid, mode_colors, new_figure as _figure
 
 CLASS_STYLE = {  # KGA class code -> (name, colour, marker); codes as in cmdtool.analyzers.kga
     0: ("stable (|λ| < 1−ε)", "tab:blue", "o"),

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import os_calls
+from ..utils import os_calls
 from ..errors import UsageError
-from ..progress import NullProgress
-from ..units import parse_size
+from ..utils.progress import NullProgress
+from ..utils.units import parse_size
 from . import format as fmt
 from .lock import signals_deferred
 from .location import RemotePath

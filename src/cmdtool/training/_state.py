@@ -5,7 +5,7 @@ checkpoints are read with ``torch.load(weights_only=True)`` (by torch's default,
 ``cmdtool ingest``), which refuses numpy arrays, dataclasses and other Python objects. So numpy arrays become
 tensors with a marker, dataclasses become dicts naming their class, and dtypes/devices become strings.
 
-:class:`~cmdtool.analyzers.online_cmd.OnlineCMD` is captured attribute by attribute (``vars``), so its resume
+:class:`~cmdtool.analyzers.cmd.online.OnlineCMD` is captured attribute by attribute (``vars``), so its resume
 support follows its internals without listing them here.
 """
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..device import available_cores, compute_threads, resolve_device
+from ..utils.device import available_cores, compute_threads, resolve_device
 from ..errors import UsageError
-from ..progress import NullProgress
+from ..utils.progress import NullProgress
 from .host_float64 import chunk_rows, on_cpu, to_float64_
 
 # float32 bytes of W per block: 4 blocks in flight (read-ahead of 2) plus a float64 copy stay well under 1 GB,
@@ -52,7 +52,7 @@ class MemoryOutputs:
     """Per-row outputs of accumulators that return them rather than save them (modelled checkpoints, averages):
     numpy arrays, where every block runs in this process (the threads of :func:`run_blocks_side_by_side` share
     them). The Dask engine gives zarr arrays that its workers can write instead
-    (:class:`cmdtool.analyzers.dask_pass.ScratchOutputs`)."""
+    (:class:`cmdtool.passes.dask_engine.ScratchOutputs`)."""
 
     def __init__(self):
         self.arrays: list[np.ndarray] = []
@@ -103,7 +103,7 @@ class Block:
     values needs). :meth:`float64` is one float64 copy shared by the accumulators of the pass (read only), written into
     a buffer that the pass reuses from block to block instead of allocating (and page-faulting) a new one; on the
     CPU, accumulators read :meth:`float64_chunks` instead (numpy, cache-sized chunks: see
-    :mod:`~cmdtool.analyzers.host_float64`), so that no whole float64 copy of the block is made.
+    :mod:`~cmdtool.passes.host_float64`), so that no whole float64 copy of the block is made.
     """
 
     __slots__ = ("start", "stop", "values", "finite", "nonfinite", "nonfinite_values", "_buffers", "_float64",
@@ -398,17 +398,17 @@ def stream(store, accumulators: list[Accumulator], columns: slice | None = None,
            progress=None, description: str = "pass", block_bytes: int = DEFAULT_BLOCK_BYTES) -> PassStats:
     """Run one pass over ``store`` feeding every accumulator (start, update per block, finish).
 
-    The one engine switch: inside :func:`cmdtool.cluster.on_cluster` the blocks run as Dask tasks on the cluster
-    and their partials are tree-merged (:mod:`.dask_pass`); otherwise in this process. ``start`` and ``finish``
+    The one engine switch: inside :func:`cmdtool.utils.cluster.on_cluster` the blocks run as Dask tasks on the cluster
+    and their partials are tree-merged (:mod:`.dask_engine`); otherwise in this process. ``start`` and ``finish``
     run here either way, so the staged result is created and committed by this process only.
     """
-    from ..cluster import active_client
+    from ..utils.cluster import active_client
 
     progress = progress or NullProgress()
     client = active_client()
     ctx = pass_context(store, columns, device, block_bytes)
     if client is not None:
-        from .dask_pass import ScratchOutputs
+        from .dask_engine import ScratchOutputs
 
         ctx.outputs = ScratchOutputs(store)
     try:
@@ -430,7 +430,7 @@ def stream(store, accumulators: list[Accumulator], columns: slice | None = None,
                     nonfinite = run_blocks(accumulators,
                                            iter_pass_blocks(store, ctx.columns, ctx.device, ctx.block_rows), task)
             else:
-                from .dask_pass import run_pass
+                from .dask_engine import run_pass
 
                 nonfinite = run_pass(client, store, accumulators, ctx, task, description)
         for acc in accumulators:
@@ -446,7 +446,7 @@ class GramAccumulator(Accumulator):
     The block product is float64: a float32 product with float64 accumulation changes the DMD/PCA errors that
     follow from G by up to 1.8e-4 relative on the benchmark data (bench/gram_precision.py, docs/performance.md),
     because those errors are small differences of G's entries. On the CPU it is numpy's syrk on cache-sized
-    float64 chunks (:mod:`~cmdtool.analyzers.host_float64`), accumulated into the float64 tensors' memory.
+    float64 chunks (:mod:`~cmdtool.passes.host_float64`), accumulated into the float64 tensors' memory.
     """
 
     def start(self, ctx):

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..device import resolve_device
-from ..errors import NotFittedError, UsageError
-from ..store.layout import tensor_kind
-from .base import Estimator
-from .cmd_drift import DEFAULT_DRIFT_FACTOR, DriftMonitor, relative_epoch_error
-from .cmd import BN_STATS, MODES, SAMPLES, SAMPLING, SEED, THRESHOLD
-from .cmd_math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, check_modes_fit_sample, fit_block,
+from ...utils.device import resolve_device
+from ...errors import NotFittedError, UsageError
+from ...store.layout import tensor_kind
+from ..base import Estimator
+from .drift import DEFAULT_DRIFT_FACTOR, DriftMonitor, relative_epoch_error
+from .posthoc import BN_STATS, MODES, SAMPLES, SAMPLING, SEED, THRESHOLD
+from .math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, check_modes_fit_sample, fit_block,
                        pin_reference_rows, sample_rows, select_references)
-from .params import Param, check_device
+from ..params import Param, check_device
 
 WARMUP = Param("warmup", 20, "F: epochs of plain training whose checkpoints the full CMD is fitted on (Alg. 3).",
                kind=int, minimum=2)
@@ -34,13 +34,13 @@ DEVICE = Param("device", "cpu", "Where the O(N) sums live: cpu, cuda or cuda:N (
                types=(object,), check=check_device)
 BLOCK_ROWS = Param("block_rows", 1 << 18, "Rows per block of the warm-up fit (memory bound).", kind=int, minimum=1)
 DRIFT_FACTOR = Param("drift_factor", DEFAULT_DRIFT_FACTOR, "Warn (CMDDriftWarning) once the online model's error "
-                     "e(t) exceeds this many times its warm-up error e(F) (see cmd_drift).", kind=float, above=1)
+                     "e(t) exceeds this many times its warm-up error e(F) (see .drift).", kind=float, above=1)
 
 
 class OnlineCMD(Estimator):
     """Online CMD fed state dicts one at a time.
 
-    Shares its parameters with :class:`~cmdtool.analyzers.cmd.PosthocCMD` (``warmup`` is F). With the same
+    Shares its parameters with :class:`~cmdtool.analyzers.cmd.posthoc.PosthocCMD` (``warmup`` is F). With the same
     ``samples``, ``sampling``, ``seed`` and tensors it samples the same weights as ``cmdtool decompose --warmup F``
     on a store of the same checkpoints, so both give the same online model; its learned state has the same names
     and shapes.
@@ -67,7 +67,7 @@ class OnlineCMD(Estimator):
         Mode of every weight (-1: kept as trained, BatchNorm stats under bn_stats='source'; -2: NaN/Inf).
     drift_ : DriftMonitor
         e(t) = ‖w(t) − ŵ(t)‖/‖w(t)‖ of the online model from epoch F on; warns
-        (:class:`~cmdtool.analyzers.cmd_drift.CMDDriftWarning`) once it exceeds ``drift_factor`` x e(F).
+        (:class:`~cmdtool.analyzers.cmd.drift.CMDDriftWarning`) once it exceeds ``drift_factor`` x e(F).
     """
 
     params = (WARMUP, MODES, THRESHOLD, SAMPLES, SAMPLING, SEED, BN_STATS, DEVICE, BLOCK_ROWS, DRIFT_FACTOR)
@@ -76,7 +76,7 @@ class OnlineCMD(Estimator):
         super().__init__(**params)
         self.epoch_ = 0
         self._latest_state: dict | None = None
-        # e(t) of the online model from the warm-up on; warns past drift_factor x e(F) (see cmd_drift)
+        # e(t) of the online model from the warm-up on; warns past drift_factor x e(F) (see .drift)
         self.drift_ = DriftMonitor(self.drift_factor)
 
     @property

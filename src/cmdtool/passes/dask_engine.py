@@ -1,5 +1,5 @@
 """A pass as Dask work (design sec. 5.1; docs/scale.md): the engine :func:`passes.stream` switches to inside
-:func:`cmdtool.cluster.on_cluster`.
+:func:`cmdtool.utils.cluster.on_cluster`.
 
 W's window is a dask array whose blocks are the pass's row blocks (``ctx.block_rows`` rows, a whole number of
 chunk rows, all the window's columns). Each block becomes one task that unpickles empty partials of the pass's
@@ -21,8 +21,8 @@ import uuid
 
 import numpy as np
 
-from ..cluster import store_address
-from .passes import Block, merged
+from ..utils.cluster import store_address
+from .local import Block, merged
 
 SPLIT_EVERY = 8  # partials merged per reduction task: a tree of depth log8(blocks)
 
@@ -89,7 +89,7 @@ def run_pass(client, store, accumulators, ctx, progress_task=None, description: 
     from dask.delayed import Delayed
     from distributed import as_completed
 
-    from ..cluster import killed_worker_error
+    from ..utils.cluster import killed_worker_error
 
     window = window_array(store, ctx)
     template = pickle.dumps(accumulators)  # empty partials: client-only state and scratch stay here

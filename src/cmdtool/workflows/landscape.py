@@ -21,9 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ParameterError, UsageError
+from ..errors import ParameterError, UsageError
 from .evaluate import EvaluationError, checked_metrics, describe_failure, lower_is_better, metric_function
-from .progress import NullProgress
+from ..utils.progress import NullProgress
 
 
 @dataclass
@@ -60,9 +60,9 @@ class Landscape:
     def save(self, folder: str | Path, figure: bool = True, force: bool = False, store=None) -> dict[str, Path]:
         """``landscape_epoch<E>_modes<..>.npz`` (grid and every metric), ``.json`` (summary) and ``.png``.
 
-        ``folder`` follows the output-folder rule of :mod:`cmdtool.output_folder` (``store``: the store whose
+        ``folder`` follows the output-folder rule of :mod:`cmdtool.utils.output_folder` (``store``: the store whose
         folders are protected; ``force``: write into a non-empty folder cmdtool did not mark)."""
-        from .output_folder import OutputFolder
+        from ..utils.output_folder import OutputFolder
 
         stem = f"landscape_epoch{self.epoch}_mode{'-'.join(str(m) for m in self.modes)}"
         names = {"npz": f"{stem}.npz", "json": f"{stem}.json"} | ({"png": f"{stem}.png"} if figure else {})
@@ -121,9 +121,9 @@ def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: 
               sort_metric: str | None = None, sort_mode: str = "auto", progress=None,
               strip_prefix: tuple[str, ...] = ()) -> Landscape:
     """Evaluate ``fn`` over a 1-D (one mode) or 2-D (two modes) grid of reference values at ``epoch``.
-    ``strip_prefix``: prefixes removed from the tensor names first (as in :func:`cmdtool.evaluate.evaluate`)."""
-    from .analyzers import get_analyzer
-    from .ingest.checkpoints import build_state_dict
+    ``strip_prefix``: prefixes removed from the tensor names first (as in :func:`cmdtool.workflows.evaluate.evaluate`)."""
+    from ..analyzers import get_analyzer
+    from ..ingestion.checkpoints import build_state_dict
 
     progress = progress or NullProgress()
     modes = [int(m) for m in modes]

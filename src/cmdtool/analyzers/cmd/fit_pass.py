@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cmd_math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, centre_rows_, closed_form_fit,
+from .math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, centre_rows_, closed_form_fit,
                        correlate, fit_block, pin_reference_rows)
-from .host_float64 import matmul, to_float64_
-from .passes import Accumulator, add_reductions
+from ...passes.host_float64 import matmul, to_float64_
+from ...passes.local import Accumulator, add_reductions
 
 
 class LayerIndex:
@@ -96,7 +96,7 @@ class FitPass(Accumulator):
 
     def update(self, block):
         """Steps 2-3 on the block, one cache-sized float64 row chunk at a time on the CPU (numpy conversion and
-        products, :mod:`~cmdtool.analyzers.host_float64`), the whole block at once on CUDA.
+        products, :mod:`~cmdtool.passes.host_float64`), the whole block at once on CUDA.
 
         A chunk does what needs its values: centring, the correlations, the fit and the two products whose sums
         the per-epoch errors need. Everything else (the per-row outputs, the sums by layer and by mode, the row

@@ -25,8 +25,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import UsageError
-from .store.store import now_iso
+from ..errors import UsageError
+from ..store.store import now_iso
 
 MARKER = ".cmdtool-output.json"
 STAGING_PREFIX = ".cmdtool-partial-"

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, UsageError
-from ..ingest.formats import OpenCheckpoint, torch_dtype
-from ..ingest.ingest import open_recorded_source
+from .formats import OpenCheckpoint, torch_dtype
+from .ingest import open_recorded_source
 from ..store.layout import numel_of
-from ..output_folder import write_atomically
+from ..utils.output_folder import write_atomically
 
 FORMATS = ("pt", "safetensors")
 

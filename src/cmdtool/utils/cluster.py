@@ -2,7 +2,7 @@
 
 ``with on_cluster("tcp://host:8786"):`` (or ``"local:N"`` for a :class:`distributed.LocalCluster` of N worker
 processes on this machine) makes every pass started inside the block run as Dask work on that cluster
-(:func:`cmdtool.analyzers.dask_pass.run_pass`) and ingest write by groups of checkpoint columns on it;
+(:func:`cmdtool.passes.dask_engine.run_pass`) and ingest write by groups of checkpoint columns on it;
 :func:`active_client` is how the pass runner and ingest ask. Nothing here imports dask until a cluster is asked
 for, so the in-process path and `cmdtool --help` never pay for it.
 """
@@ -14,7 +14,7 @@ import contextvars
 import os
 import re
 
-from .errors import CmdtoolError, UsageError
+from ..errors import CmdtoolError, UsageError
 
 SCHEDULER_ENV_VAR = "CMDTOOL_SCHEDULER"
 SCHEDULER_TIMEOUT_ENV_VAR = "CMDTOOL_SCHEDULER_TIMEOUT"

@@ -3,7 +3,7 @@
 The readers memory-map local files, so a checkpoint's bytes must be on local disk while it is read. The remote
 tree is listed once and mirrored as a local *skeleton* in a staging folder: small metadata files (``*.json``,
 DCP's ``.metadata``) downloaded for real, checkpoint files as sparse placeholders of the remote size with the
-remote mtime (no disk blocks). :func:`~cmdtool.ingest.discover.discover` then runs on the skeleton unchanged
+remote mtime (no disk blocks). :func:`~cmdtool.ingestion.discover.discover` then runs on the skeleton unchanged
 (same layouts, labels, notes), and the classify step compares the recorded size and mtime without downloading.
 
 Each checkpoint's files are downloaded just before it is read (the next one downloads while the current one is

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..units import natural_key
+from ..utils.units import natural_key
 from .formats import (CHECKPOINT_SUFFIXES, DCP_METADATA, DEEPSPEED_MODEL_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES,
                       CheckpointSource, shard_files)
 

@@ -31,17 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cluster import active_client
+from ..utils.cluster import active_client
 from ..errors import CheckpointError, CmdtoolError, LeaseLostError, UsageError
-from ..progress import NullProgress
+from ..utils.progress import NullProgress
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
 from ..store.lock import signals_deferred
 from ..store.location import RemotePath, is_url, storage_error, store_location
 from ..store.store import (TrajectoryStore, codec_of, default_chunk_rows, default_store_path, is_creatable, now_iso,
                            store_lock)
-from ..threads import one_torch_thread
-from ..units import parse_size
+from ..utils.threads import one_torch_thread
+from ..utils.units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
 from .remote import CheckpointStaging, checkpoint_url
@@ -285,7 +285,7 @@ def ingest(paths, store: str | Path | None = None, *, label_pattern: str | None 
     ``codec``: the chunk codec of a new store (``lz4`` or ``none``; default :data:`fmt.DEFAULT_CODEC`).
     docs/formats.md describes the layouts and the label rule. A path may be an fsspec URL (``s3://bucket/ckpts/``):
     its checkpoints are downloaded one (or two) at a time into a staging folder beside the store (or in $TMPDIR)
-    and the time records name the URLs (:mod:`cmdtool.ingest.remote`)."""
+    and the time records name the URLs (:mod:`cmdtool.ingestion.remote`)."""
     if codec is not None and codec not in fmt.CODECS:
         raise UsageError(f"unknown codec {codec!r}: choose one of {', '.join(fmt.CODECS)}")
     store_path = store_location(store) if store is not None else default_store_path()

@@ -2,7 +2,7 @@
 
 The user names a callable that takes a state dict and returns ``{metric name: float}``. It is called on
 
-- the baselines of :mod:`cmdtool.averages`: ``original`` (the checkpoints as stored: the source files are not
+- the baselines of :mod:`cmdtool.workflows.averages`: ``original`` (the checkpoints as stored: the source files are not
   needed), ``ema`` and ``swa`` (weight averages),
 - the reconstructions of each decomposition in the store, as the analyzer registry lists them (``cmd``
   post-hoc, ``cmd-online``, ``dmd``, ``pca``, ``pod``, ...; a method that extends another, such as ``kga`` whose
@@ -35,15 +35,15 @@ from typing import Callable
 import numpy as np
 
 from .averages import BASELINES, DEFAULT_MEMORY_BUDGET, check_ema_beta, iter_averages, swa_length
-from .errors import CmdtoolError, ParameterError, UsageError, first_line
-from .progress import NullProgress
+from ..errors import CmdtoolError, ParameterError, UsageError, first_line
+from ..utils.progress import NullProgress
 
 KIND = "evaluation"
 
 
 def all_methods() -> tuple[str, ...]:
     """Every method ``evaluate`` knows: the baselines, then each registered reconstruction."""
-    from .analyzers import reconstructions
+    from ..analyzers import reconstructions
 
     return BASELINES + tuple(reconstructions())
 
@@ -118,7 +118,7 @@ def metric_function(fn: str | Callable, model_factory: str | Callable | None = N
 def _stripped(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
     if not prefixes:
         return state_dict
-    from .ingest.formats import strip_prefix
+    from ..ingestion.formats import strip_prefix
 
     return {strip_prefix(name, prefixes): value for name, value in state_dict.items()}
 
@@ -254,7 +254,7 @@ class Evaluation:
 def default_methods(store, decomposition: str = "default") -> list[str]:
     """The methods ``evaluate`` runs by default: the baselines and every reconstruction of the decompositions
     named ``decomposition`` in the store (a method that extends another, e.g. kga, only on request)."""
-    from .analyzers import reconstructions
+    from ..analyzers import reconstructions
 
     out = list(BASELINES)
     loaded: dict = {}
@@ -277,8 +277,8 @@ def evaluate(store, fn: str | Callable, *, model_factory: str | Callable | None 
 
     ``strip_prefix``: prefixes removed from the tensor names before the metric function (or the model) sees
     them (:func:`metric_function`)."""
-    from .analyzers import load_reconstruction
-    from .ingest.checkpoints import build_state_dict
+    from ..analyzers import load_reconstruction
+    from ..ingestion.checkpoints import build_state_dict
 
     progress = progress or NullProgress()
     ema_beta = check_ema_beta(ema_beta)
@@ -369,7 +369,7 @@ def describe_failure(exc: BaseException, state: dict) -> str:
     """One line on the metric function's exception; a ``load_state_dict`` error is cut to its first mismatch,
     with the option that strips a wrapper's prefix when every name carries one."""
     if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in str(exc):
-        from .ingest.ingest import carried_prefix
+        from ..ingestion.ingest import carried_prefix
 
         prefix = carried_prefix(state)
         hint = f"; every tensor name carries the prefix {prefix!r}: pass --strip-prefix {prefix}" if prefix else ""

@@ -23,8 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ParameterError
-from .progress import NullProgress
+from ..errors import ParameterError
+from ..utils.progress import NullProgress
 
 BASELINES = ("original", "ema", "swa")
 DEFAULT_MEMORY_BUDGET = 256 * 1024**2
@@ -69,8 +69,8 @@ def iter_averages(store, window: slice, columns, methods, beta: float = 0.9, swa
     The vectors come in groups of as many as ``memory_budget`` holds, each group from one pass over the window's
     columns up to the group's last one.
     """
-    from .analyzers.linear_models import ColumnsOfModel
-    from .analyzers.passes import stream
+    from ..analyzers.linear_models import ColumnsOfModel
+    from ..passes.local import stream
 
     progress = progress or NullProgress()
     wanted = [(method, column) for column in sorted(set(columns)) for method in BASELINES if method in methods

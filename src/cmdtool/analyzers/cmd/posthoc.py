@@ -16,9 +16,9 @@ Rows that CMD does not model keep their stored values at reconstruction: BatchNo
 ``bn_stats="source"`` (mode -1; see docs/cmd.md for why this is the default) and trajectories with NaN/Inf
 (mode -2, counted in the metrics).
 
-The estimator is here; the fit pass is :mod:`~cmdtool.analyzers.cmd_fit_pass`, the reconstruction at given
-epochs (post-hoc, and the online replay) :mod:`~cmdtool.analyzers.cmd_replay`, and Step 1 and the closed forms
-:mod:`~cmdtool.analyzers.cmd_math`, which :class:`~cmdtool.analyzers.online_cmd.OnlineCMD` shares.
+The estimator is here; the fit pass is :mod:`~cmdtool.analyzers.cmd.fit_pass`, the reconstruction at given
+epochs (post-hoc, and the online replay) :mod:`~cmdtool.analyzers.cmd.replay`, and Step 1 and the closed forms
+:mod:`~cmdtool.analyzers.cmd.math`, which :class:`~cmdtool.analyzers.cmd.online.OnlineCMD` shares.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import time
 
 import numpy as np
 
-from ..device import resolve_device
-from ..errors import ParameterError, UsageError
-from .base import Analyzer, FigureSpec, Reconstruction, SummaryTable
-from .cmd_drift import DriftReport, assess_drift
-from .cmd_math import BN_STATS_CHOICES, SAMPLING_CHOICES, check_modes_fit_sample, sample_rows, select_references
-from .params import DEVICE, EPOCHS, Param
-from .passes import RowGather, cached_gram, gram_matrix, stream
+from ...utils.device import resolve_device
+from ...errors import ParameterError, UsageError
+from ..base import Analyzer, FigureSpec, Reconstruction, SummaryTable
+from .drift import DriftReport, assess_drift
+from .math import BN_STATS_CHOICES, SAMPLING_CHOICES, check_modes_fit_sample, sample_rows, select_references
+from ..params import DEVICE, EPOCHS, Param
+from ...passes.local import RowGather, cached_gram, gram_matrix, stream
 
 DEFAULT_BLOCK_BYTES = 32 * 1024**2  # float32 bytes per block of the fit pass: peak ~3x (float64 copy), ~12x online
 
@@ -159,7 +159,7 @@ class PosthocCMD(Analyzer):
         check_modes_fit_sample(self.modes, self.threshold, self.samples, modelled)
 
     def _fit(self, store, writer, progress) -> None:
-        from .cmd_fit_pass import FitPass
+        from .fit_pass import FitPass
 
         device = resolve_device(self.device)
         window = self.window_
@@ -268,7 +268,7 @@ class PosthocCMD(Analyzer):
 
     def _online_drift(self, epoch_errors: list) -> dict | None:
         """Did the online model drift from its warm-up fit? e(t) from epoch F on against e(F) (see
-        :mod:`~cmdtool.analyzers.cmd_drift`); None when a column has no defined error (all-zero weights)."""
+        :mod:`~cmdtool.analyzers.cmd.drift`); None when a column has no defined error (all-zero weights)."""
         first = int(self.warmup) - 1
         errors = epoch_errors[first:]
         if any(e is None for e in errors):
@@ -293,7 +293,7 @@ class PosthocCMD(Analyzer):
         one replay pass with cumulative sums gives for all of them. Rows CMD does not model (mode < 0) keep their
         stored values. Memory: the output plus one block.
         """
-        from .cmd_replay import affine_model
+        from .replay import affine_model
 
         if variant == "posthoc":
             return affine_model(store, self.mode_, self.A_, self.B_, self.reference_trajectories_, columns, steps,
@@ -321,7 +321,7 @@ class PosthocCMD(Analyzer):
 
     def _online_replay(self, store, steps: list[int]) -> np.ndarray:
         """Online model at several window-relative epochs: one pass over epochs 1..max(steps)."""
-        from .cmd_replay import OnlineReplay
+        from .replay import OnlineReplay
 
         last = max(steps)
         columns = slice(self.window_.start, self.window_.start + last + 1)

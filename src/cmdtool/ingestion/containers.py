@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UsageError
-from ..output_folder import write_atomically
+from ..utils.output_folder import write_atomically
 from ..store.location import is_url
 from .checkpoints import state_dict_from_blocks, write_modelled_checkpoint, write_state_dict
 from .discover import checkpoint_stem, discover
@@ -166,7 +166,7 @@ def _safetensors_keys(path: Path) -> list[str]:
 
 def _wrapper_key(obj, path: Path):
     """The key under which ``obj`` holds the model's state dict (None: ``obj`` is the state dict), chosen as
-    ingest chose it (:func:`cmdtool.ingest.formats.unwrap_state_dict`)."""
+    ingest chose it (:func:`cmdtool.ingestion.formats.unwrap_state_dict`)."""
     def is_state_dict(value) -> bool:
         return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 

@@ -3,10 +3,10 @@
 Used by the end-to-end tests and the documentation's measurements (docs/cmd.md), and meant to be reused by
 demos::
 
-    from cmdtool.examples import digits
-    data = digits.load_split()
-    paths = digits.train("ckpts/", data, epochs=40)          # one checkpoint per epoch: epoch_001.pt ...
-    digits.evaluate(torch.load(paths[-1]), data)             # {"test_acc": ..., "test_loss": ...}
+    from cmdtool import datasets
+    data = datasets.load_split()
+    paths = datasets.train("ckpts/", data, epochs=40)          # one checkpoint per epoch: epoch_001.pt ...
+    datasets.evaluate(torch.load(paths[-1]), data)             # {"test_acc": ..., "test_loss": ...}
 
 The network has BatchNorm layers on purpose: their running statistics are trajectories that CMD may or may
 not model (``--bn-stats``), which is one of the things these runs measure.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..threads import one_torch_thread
+from .utils.threads import one_torch_thread
 
 
 @dataclass
@@ -40,7 +40,7 @@ def load_split(test_fraction: float = 0.3, seed: int = 0) -> DigitsSplit:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise ImportError("cmdtool.examples.digits needs scikit-learn: pip install 'cmdtool[examples]'") from None
+        raise ImportError("cmdtool.datasets needs scikit-learn: pip install 'cmdtool[examples]'") from None
 
     data = load_digits()
     images = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)

@@ -43,7 +43,7 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
     """One task: the checkpoints ``sources`` into columns ``first_column..`` of the store at ``address``; returns
     their :class:`TimeRecord` objects (not committed: the client does that)."""
     from ..store import open_store
-    from ..threads import one_torch_thread
+    from ..utils.threads import one_torch_thread
     from .formats import OpenCheckpoint
     from .ingest import _fill_integers, _fill_rows, _record, count_nonfinite, file_digest
 
@@ -79,7 +79,7 @@ def stream_on_cluster(client, st, new_sources, budget: int, report, progress, st
     """Ingest ``new_sources`` (checked already) into ``st`` on the cluster; commits in column order."""
     from distributed import as_completed
 
-    from ..cluster import killed_worker_error, store_address
+    from ..utils.cluster import killed_worker_error, store_address
     from .ingest import _account
 
     first = st.n_checkpoints

@@ -1,5 +1,5 @@
 """The pieces of CMD (paper 000, Sec. 3.2-3.3, Alg. 1-3, App. C.2-C.4) shared by the store analyzer
-(:mod:`cmdtool.analyzers.cmd`) and the in-training :class:`~cmdtool.analyzers.online_cmd.OnlineCMD`.
+(:mod:`cmdtool.analyzers.cmd.posthoc`) and the in-training :class:`~cmdtool.analyzers.cmd.online.OnlineCMD`.
 
 Everything here works on small things (K sampled rows, M reference trajectories) or on one row block at a
 time, so callers keep memory bounded by the block size whatever N is. Step 1 as a whole is
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ParameterError, UsageError
+from ...errors import ParameterError, UsageError
 
 # Mode codes of rows that CMD does not model; their reconstruction is the stored original value.
 MODE_KEPT = -1        # BatchNorm running statistics under bn_stats="source"
@@ -223,7 +223,7 @@ def correlate(centred, sq_norm, refs: ReferenceSet):
     """
     import torch
 
-    from .host_float64 import matmul
+    from ...passes.host_float64 import matmul
 
     cross = matmul(centred, refs.centred.T)
     denom = sq_norm.sqrt()[:, None] * refs.norm[None, :]

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from ..errors import CheckpointError, first_line
-from ..os_calls import release_mapped_pages
+from ..utils.os_calls import release_mapped_pages
 
 # ".pth.tar": torchvision-reference / timm / pytorch-examples checkpoints (plain torch.save zips despite the name)
 TORCH_SUFFIXES = (".pth.tar", ".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -72,7 +72,7 @@ class CheckpointSource:
     folder: Path | None = None  # the checkpoint folder, when the checkpoint is one (checkpoint-N/, global_stepN/)
     label_text: str = ""        # what labels are read from: the path relative to the folder the user named
     named: bool = False         # the user named this checkpoint itself (not a folder holding it)
-    origin: str = ""            # the URL a checkpoint staged from object storage was listed at (ingest/remote.py)
+    origin: str = ""            # the URL a checkpoint staged from object storage was listed at (ingestion/remote.py)
     folder_origin: str = ""     # the URL of its checkpoint folder, if any
 
     @property

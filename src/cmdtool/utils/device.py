@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def resolve_device(spec=None):
@@ -43,13 +43,13 @@ class compute_threads:
     Two threads on two cores that the reader also needs make every torch call wait for a descheduled worker:
     on the shared 2-core development machine main's passes spent 2-3x the CPU seconds of these
     (docs/performance.md, "Analyses side by side"). The CPU passes do their float64 products in numpy
-    (:mod:`cmdtool.analyzers.host_float64`), whose OpenBLAS would otherwise start one thread per core for every
+    (:mod:`cmdtool.passes.host_float64`), whose OpenBLAS would otherwise start one thread per core for every
     2048-row product: a chunked Gram of 262,144 x 150 took 9 s that way on the loaded machine instead of 0.25 s.
 
-    ``workers``: blocks computed side by side (:func:`cmdtool.analyzers.passes.run_blocks_side_by_side`); each
+    ``workers``: blocks computed side by side (:func:`cmdtool.passes.local.run_blocks_side_by_side`); each
     gets an equal share of the cores, one thread at least.
 
-    The counts are set for the block only and restored after it (:func:`cmdtool.threads.thread_limits`), so a
+    The counts are set for the block only and restored after it (:func:`cmdtool.utils.threads.thread_limits`), so a
     user's process is as it was after a cmdtool call.
     """
 

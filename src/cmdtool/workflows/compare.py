@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import UsageError
-from . import get_analyzer
+from ..analyzers import get_analyzer
 
 
 @dataclass
