@@ -41,7 +41,8 @@ def fit_update_seconds_per_million(store_path: str, blocks: int, repeat: int) ->
     import torch
 
     from cmdtool.analyzers.cmd.fit_pass import FitPass
-    from cmdtool.passes.local import DEFAULT_BLOCK_BYTES, Block, BlockBuffers, PassContext
+    from cmdtool.passes.contract import Block, BlockBuffers, PassContext
+    from cmdtool.passes.local import DEFAULT_BLOCK_BYTES
     from cmdtool.store import open_store
 
     store = open_store(store_path)

@@ -37,7 +37,8 @@ def peak_rss_mib() -> float:
 
 def build_store(path: Path, rows: int, cols: int, modes: int, noise: float, seed: int = 0) -> None:
     from cmdtool.store.layout import Layout, TensorEntry, TimeRecord
-    from cmdtool.store.store import TrajectoryStore, now_iso
+    from cmdtool.store.store import TrajectoryStore
+    from cmdtool.utils.units import now_iso
 
     rng = np.random.default_rng(seed)
     n_layers = 8

@@ -113,7 +113,7 @@ def timed(owner, name, label):
             totals[f"{label} ({thread})"] += time.perf_counter() - started
     setattr(owner, name, wrapper)
 
-timed(ingest_module, "_fill_rows", "fill buffers")
+timed(ingest_module, "fill_rows", "fill buffers")
 timed(ingest_module, "count_nonfinite", "NaN/Inf count")
 timed(ingest_module, "file_digest", "content digest")
 timed(formats.OpenCheckpoint, "__init__", "open checkpoints")

@@ -29,7 +29,8 @@ import argparse
 import numpy as np
 
 from cmdtool.analyzers.dmd import dmd_from_gram
-from cmdtool.analyzers.kga import classify_eigenvalues, kwm_score_matrix
+from cmdtool.analyzers.eigenvalues import classify_eigenvalues
+from cmdtool.analyzers.kga import kwm_score_matrix
 from kga_common import Method, add_common_arguments, digits_task, fmt, markdown_table, mean_sd, min_cpu_seconds, \
     run_all, save_figure, save_json, train
 

@@ -17,8 +17,9 @@ from cmdtool.analyzers.cmd.fit_pass import FitPass
 from cmdtool.analyzers.cmd.replay import OnlineReplay
 from cmdtool.analyzers.kga import KWMMasks
 from cmdtool.analyzers.linear_models import ColumnsOfModel, RowProjection
-from cmdtool.passes.local import (Accumulator, GramAccumulator, RowGather, iter_pass_blocks, merged,
-                                      pass_context, run_blocks, run_blocks_side_by_side, stream)
+from cmdtool.passes.contract import Accumulator, merged
+from cmdtool.passes.local import (GramAccumulator, RowGather, iter_pass_blocks, pass_context, run_blocks,
+                                  run_blocks_side_by_side, stream)
 from cmdtool.workflows.averages import average_weights
 from cmdtool.store import from_array, open_store
 
@@ -191,12 +192,12 @@ def test_cpu_numpy_path_equals_the_torch_path(store, name, monkeypatch):
     path (the one CUDA runs) they give the same reductions to float64 summation order and the same outputs.
     Chunks of 100 rows split every 256-row block unevenly, so the chunk boundaries are exercised."""
     import cmdtool.passes.host_float64 as host_float64
-    import cmdtool.passes.local as passes
+    import cmdtool.passes.contract as contract
 
     monkeypatch.setattr(host_float64, "CHUNK_BYTES", 100 * 8 * N_COLS)
     host = _pass_state(store, name, f"{name}-numpy")
     monkeypatch.setattr(host_float64, "on_cpu", lambda tensor: False)
-    monkeypatch.setattr(passes, "on_cpu", lambda tensor: False)
+    monkeypatch.setattr(contract, "on_cpu", lambda tensor: False)
     torch_path = _pass_state(store, name, f"{name}-torch")
     assert host.keys() == torch_path.keys() and host
     for key in host:

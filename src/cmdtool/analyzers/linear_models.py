@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import ParameterError
 from .base import Analyzer
 from .params import Param
-from ..passes.local import Accumulator, gram_matrix, stream
+from ..passes.contract import Accumulator
+from ..passes.local import gram_matrix, stream
 
 # relative eigenvalue floor of a Gram matrix: eigenvalues below  max_eig * T * GRAM_EPS  are roundoff
 GRAM_EPS = 1e-13

@@ -45,7 +45,7 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
     from ..store import open_store
     from ..utils.threads import one_torch_thread
     from .formats import OpenCheckpoint
-    from .ingest import _fill_integers, _fill_rows, _record, count_nonfinite, file_digest
+    from .slabs import count_nonfinite, file_digest, fill_integers, fill_rows, slab_rows, time_record
 
     st = open_store(address, mode="r+")
     layout = st.layout
@@ -54,24 +54,24 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
     width = len(sources)
     stop_column = first_column + width
     # a slab of whole chunk rows, all the group's columns, within the budget (a transposed copy doubles it)
-    slab_rows = int(min(n_rows, max(chunk_rows, (budget // (8 * width)) // chunk_rows * chunk_rows)))
-    values = np.empty((width, slab_rows), dtype=np.float32)
+    slab = slab_rows(n_rows, chunk_rows, budget, 8 * width)
+    values = np.empty((width, slab), dtype=np.float32)
     nonfinite = [0] * width
     with one_torch_thread(), contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as hasher:
         digests = [hasher.submit(file_digest, source.files) for source in sources]  # overlaps the copies
         checkpoints = [stack.enter_context(OpenCheckpoint(source, strip_prefix)) for source in sources]
-        for start in range(0, n_rows, slab_rows):
-            stop = min(start + slab_rows, n_rows)
+        for start in range(0, n_rows, slab):
+            stop = min(start + slab, n_rows)
             for k, checkpoint in enumerate(checkpoints):
-                _fill_rows(checkpoint, entries, values[k, :stop - start], start)
+                fill_rows(checkpoint, entries, values[k, :stop - start], start)
                 nonfinite[k] += count_nonfinite(values[k, :stop - start])
             st.write_region(slice(start, stop), slice(first_column, stop_column), values[:, :stop - start].T)
         if layout.n_integer_rows:
             integers = np.empty((width, layout.n_integer_rows), dtype=np.int64)
             for k, checkpoint in enumerate(checkpoints):
-                _fill_integers(checkpoint, layout, integers[k])
+                fill_integers(checkpoint, layout, integers[k])
             st.integer_values[:, first_column:stop_column] = integers.T
-        return [_record(source, digest.result(), count)
+        return [time_record(source, digest.result(), count)
                 for source, digest, count in zip(sources, digests, nonfinite)]
 
 
@@ -80,7 +80,7 @@ def stream_on_cluster(client, st, new_sources, budget: int, report, progress, st
     from distributed import as_completed
 
     from ..utils.cluster import killed_worker_error, store_address
-    from .ingest import _account
+    from .slabs import account
 
     first = st.n_checkpoints
     groups = groups_of_chunk_columns(first, len(new_sources), st.chunk_shape[1])
@@ -103,7 +103,7 @@ def stream_on_cluster(client, st, new_sources, budget: int, report, progress, st
                         time_axis.extend(records)
                         st.commit(time_axis)
                     for record, source in zip(records, new_sources[g0 - first:]):
-                        _account(report, record, source)
+                        account(report, record, source)
                         report.added.append(source.label)
                         task.advance(1, nbytes=record.size)
                     committed += 1

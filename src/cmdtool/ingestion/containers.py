@@ -272,9 +272,9 @@ def _write_dcp(store, column: int, blocks, folder: Path, target: Path, names: _N
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from .formats import _DcpFolder
+    from .formats import DcpFolder
 
-    source = _DcpFolder(folder)
+    source = DcpFolder(folder)
     model = {fqn: name for name, fqn in source.model_tensors()}
     names.check(list(model.values()), folder)
     others = {}

@@ -169,7 +169,7 @@ class OpenCheckpoint:
         """A ``torch.distributed.checkpoint`` folder: tensors listed by its metadata, read on demand in one
         process (no process group); the model's tensors are taken from under a wrapper key when the saved dict
         held several things (``{"model": ..., "optim": ...}``)."""
-        reader = _DcpFolder(folder)
+        reader = DcpFolder(folder)
         for name, fqn in reader.model_tensors():
             self._parts.append((name, _DcpTensor(reader, fqn)))
 
@@ -507,7 +507,7 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
 
 
-class _DcpFolder:
+class DcpFolder:
     """One DCP checkpoint folder read in this process (no process group), through DCP's own file reader."""
 
     def __init__(self, folder: Path):
@@ -566,7 +566,7 @@ class _DcpFolder:
 class _DcpTensor:
     __slots__ = ("folder", "fqn", "shape", "dtype")
 
-    def __init__(self, folder: _DcpFolder, fqn: str):
+    def __init__(self, folder: DcpFolder, fqn: str):
         md = folder.tensors[fqn]
         self.folder, self.fqn = folder, fqn
         self.shape, self.dtype = tuple(int(s) for s in md.size), md.properties.dtype

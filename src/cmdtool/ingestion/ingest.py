@@ -16,10 +16,8 @@ A crash loses at most the uncommitted columns; the next run re-reads those check
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import fnmatch
-import hashlib
 import os
 import re
 import shutil
@@ -29,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..utils.cluster import active_client
 from ..errors import CheckpointError, CmdtoolError, LeaseLostError, UsageError
@@ -38,13 +35,15 @@ from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord, numel_of, tensor_kind
 from ..store.lock import signals_deferred
 from ..store.location import RemotePath, is_url, storage_error, store_location
-from ..store.store import (TrajectoryStore, codec_of, default_chunk_rows, default_store_path, is_creatable, now_iso,
-                           store_lock)
+from ..store.lock import store_lock
+from ..store.store import TrajectoryStore, default_store_path, is_creatable
+from ..store.zarr_access import codec_of, default_chunk_rows
 from ..utils.threads import one_torch_thread
 from ..utils.units import parse_size
 from .discover import discover
 from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
 from .remote import CheckpointStaging, checkpoint_url
+from .slabs import account, count_nonfinite, file_digest, fill_integers, fill_rows, slab_rows, time_record
 
 DEFAULT_MEMORY_BUDGET = fmt.INGEST_MEMORY_BUDGET
 
@@ -69,25 +68,6 @@ class IngestReport:
                 "unchanged": self.unchanged, "skipped": self.skipped, "notes": self.notes,
                 "nonfinite": {str(k): v for k, v in self.nonfinite.items()}, "bytes_read": self.bytes_read,
                 "seconds": round(self.seconds, 3), "n_rows": self.n_rows, "n_checkpoints": self.n_checkpoints}
-
-
-def file_digest(files: list[Path], algorithm: str = fmt.DIGEST) -> str:
-    """``"<algorithm>:<hex>"`` over the files' bytes (in order), in a thread beside the conversion (both
-    hashes release the GIL). xxh3_128 by default: 11 GB/s against sha256's 1.4 GB/s on the development machine
-    (docs/performance.md); ``sha256`` still checks format-1 records."""
-    if algorithm == "xxh3_128":
-        import xxhash
-
-        digest = xxhash.xxh3_128()
-    elif algorithm == "sha256":
-        digest = hashlib.sha256()
-    else:
-        raise ValueError(f"unknown digest {algorithm!r}")
-    for path in files:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1024**2):
-                digest.update(chunk)
-    return f"{algorithm}:{digest.hexdigest()}"
 
 
 def build_layout(infos, source: CheckpointSource, include=(), exclude=(), buffers: bool = True) -> Layout:
@@ -206,29 +186,6 @@ def prefix_note(layout: Layout, strip_prefix: tuple[str, ...]) -> str | None:
             f"reconstruct or evaluate")
 
 
-def _fill_rows(checkpoint: OpenCheckpoint, entries: list[TensorEntry], target: np.ndarray, start: int) -> None:
-    """Copy rows ``start .. start+len(target)`` of one checkpoint into ``target`` (float32), tensor by tensor
-    (``entries``: the trajectory entries in row order); a tensor that straddles the slab is copied in part, and
-    the pages it was read from are released at once, so memory never holds more than the slab and one tensor."""
-    stop = start + len(target)
-    first = bisect.bisect_right([e.stop for e in entries], start)
-    for entry in entries[first:]:
-        if entry.offset >= stop:
-            break
-        lo, hi = max(entry.offset, start) - entry.offset, min(entry.stop, stop) - entry.offset
-        checkpoint.read_into(entry.name, lo, hi, target[entry.offset + lo - start:entry.offset + hi - start])
-
-
-def _fill_integers(checkpoint: OpenCheckpoint, layout: Layout, int_row: np.ndarray) -> None:
-    target = torch.from_numpy(int_row)
-    for entry in layout.integer_entries:
-        target[entry.offset:entry.stop].copy_(checkpoint.tensor(entry.name).detach().reshape(-1))
-
-
-def count_nonfinite(values: np.ndarray) -> int:
-    return int(values.size - np.count_nonzero(np.isfinite(values)))
-
-
 @dataclass(frozen=True)
 class BufferPlan:
     """How ingest buffers: ``buffers`` buffers of ``columns`` checkpoints x ``slab_rows`` rows each.
@@ -252,8 +209,7 @@ class BufferPlan:
             return cls(2, int(max(1, min(chunk_columns, budget // (2 * per_column)))), n_rows, n_rows)
         if per_column <= budget:
             return cls(1, 1, n_rows, n_rows)
-        slab = max(chunk_rows, (budget // 4) // chunk_rows * chunk_rows)
-        return cls(1, 1, int(min(slab, n_rows)), n_rows)
+        return cls(1, 1, slab_rows(n_rows, chunk_rows, budget, 4), n_rows)
 
     @staticmethod
     def chunk_columns_for(n_rows: int, budget: int, n_checkpoints: int) -> int:
@@ -595,12 +551,12 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
                 check_layout(layout, checkpoint.infos(), source)
             for start, stop in plan.slabs:
                 values = buffers[k][slot, :stop - start]
-                _fill_rows(checkpoint, entries, values, start)
+                fill_rows(checkpoint, entries, values, start)
                 nonfinite += count_nonfinite(values)
                 if target_column is not None:
                     write_values(buffers[k], start, stop, target_column, 1)
             if int_buffers[k] is not None:
-                _fill_integers(checkpoint, layout, int_buffers[k][slot])
+                fill_integers(checkpoint, layout, int_buffers[k][slot])
         return nonfinite
 
     total = len(new_sources) + len(replace)
@@ -617,9 +573,9 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
                 in_flight[k].result()  # this buffer is free once its previous write is done
                 in_flight[k] = None
             nonfinite = read_checkpoint(source, k, len(pending), column + len(pending) if plan.streaming else None)
-            record = _record(source, digest.result(), nonfinite)
+            record = time_record(source, digest.result(), nonfinite)
             pending.append(record)
-            _account(report, record, source)
+            account(report, record, source)
             report.added.append(source.label)
             task.advance(1, nbytes=record.size)
             # hand the buffer over at chunk-column boundaries so that chunks are written whole
@@ -647,22 +603,9 @@ def _stream_columns(st: TrajectoryStore, new_sources, replace, budget: int, repo
                     write_values(buffers[0], 0, n_rows, col, 1)
                 if integers is not None:
                     integers[:, col] = int_buffers[0][0]
-                record = _record(source, digest.result(), nonfinite)
+                record = time_record(source, digest.result(), nonfinite)
                 time_axis[col] = record
                 st.commit(time_axis)
-            _account(report, record, source)
+            account(report, record, source)
             report.replaced.append(source.label)
             task.advance(1, nbytes=record.size)
-
-
-def _record(source: CheckpointSource, digest: str, nonfinite: int) -> TimeRecord:
-    extra = {"folder": source.folder_origin or str(source.folder.resolve())} if source.folder is not None else {}
-    return TimeRecord(label=int(source.label), source=source.origin or str(source.path.resolve()),
-                      size=source.size, mtime=source.mtime, digest=digest, ingested_at=now_iso(),
-                      nonfinite=nonfinite, extra=extra)
-
-
-def _account(report: IngestReport, record: TimeRecord, source: CheckpointSource) -> None:
-    report.bytes_read += record.size
-    if record.nonfinite:
-        report.nonfinite[record.label] = record.nonfinite

@@ -22,7 +22,7 @@ import uuid
 import numpy as np
 
 from ..utils.cluster import store_address
-from .local import Block, merged
+from .contract import Block, merged
 
 SPLIT_EVERY = 8  # partials merged per reduction task: a tree of depth log8(blocks)
 

@@ -24,7 +24,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ..analyzers.base import ResultView
-from ..analyzers.dmd import DEFAULT_CLASS_EPS
+from ..analyzers.eigenvalues import DEFAULT_CLASS_EPS
 from ..errors import UsageError
 from ..utils.plotting import STYLE, grid as _grid, mode_colors, new_figure as _figure
 
@@ -358,7 +358,7 @@ def epoch_error_figure(results) -> Figure:
 # ---------------------------------------------------------------------------------------------- DMD / KGA
 def eigenvalue_classes(view: ResultView) -> tuple[np.ndarray, float, bool]:
     """(class per eigenvalue, ε, from_kga): a KGA result's classes, or DMD's classified at KGA's default ε."""
-    from ..analyzers.kga import classify_eigenvalues
+    from ..analyzers.eigenvalues import classify_eigenvalues
 
     if view.method == "kga":
         return np.asarray(view.small("classes"), dtype=np.int64), float(view.config.get("eps", DEFAULT_CLASS_EPS)), True

@@ -26,7 +26,7 @@ from ..errors import CmdtoolError, UsageError
 from ..utils.output_folder import OutputFolder
 from ..utils.progress import NullProgress
 from ..store.results import jsonable
-from ..store.store import now_iso
+from ..utils.units import now_iso
 from . import figures as F
 
 EVALUATION = "evaluation"

@@ -177,9 +177,9 @@ def verify_store(store, progress=None) -> VerifyReport:
     with progress.task("verifying", total=store.n_rows, unit="rows") as task:
         _check_array(store, fmt.TRAJECTORIES, n_cols, report, task)
     if store.layout.n_integer_rows and (array_folder(store.path, fmt.INTEGER_VALUES) / "zarr.json").is_file():
-        from ..utils.progress import _NullTask
+        from ..utils.progress import NullTask
 
-        _check_array(store, fmt.INTEGER_VALUES, n_cols, report, _NullTask())
+        _check_array(store, fmt.INTEGER_VALUES, n_cols, report, NullTask())
     _check_coordinates(store, report)
     _check_results(store, report)
     return report

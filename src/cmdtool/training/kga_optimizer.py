@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from ..analyzers.dmd import DMDFit, dmd_from_gram
-from ..analyzers.kga import CLASS_NAMES, STABLE, classify_eigenvalues, kwm_score_matrix
+from ..analyzers.eigenvalues import CLASS_NAMES, STABLE, classify_eigenvalues
+from ..analyzers.kga import kwm_score_matrix
 from ..analyzers.linear_models import descending_eigh, numerical_rank, parse_rank
 from ..errors import UsageError
 

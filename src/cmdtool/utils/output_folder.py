@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UsageError
-from ..store.store import now_iso
+from .units import now_iso
 
 MARKER = ".cmdtool-output.json"
 STAGING_PREFIX = ".cmdtool-partial-"

@@ -11,13 +11,13 @@ class NullProgress:
 
     @contextlib.contextmanager
     def task(self, description: str, total: float | None, unit: str = "rows"):
-        yield _NullTask()
+        yield NullTask()
 
     def note(self, message: str) -> None:  # informational line (skipped files, choices made)
         pass
 
 
-class _NullTask:
+class NullTask:
     def advance(self, amount: float = 1, nbytes: int = 0) -> None:
         pass
 
@@ -38,7 +38,7 @@ class RichProgress(NullProgress):
     @contextlib.contextmanager
     def task(self, description: str, total: float | None, unit: str = "rows"):
         if not (self.enabled and self.bars):
-            yield _NullTask()
+            yield NullTask()
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn

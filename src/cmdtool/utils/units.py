@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
 
 from ..errors import UsageError
@@ -35,3 +36,7 @@ def format_bytes(n: float) -> str:
 def natural_key(text: str) -> list:
     """Sort key that orders ``epoch_2`` before ``epoch_10``."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -11,7 +11,7 @@ import numpy as np
 from .math import (MODE_KEPT, MODE_NONFINITE, ReferenceSet, affine_from_sums, centre_rows_, closed_form_fit,
                        correlate, fit_block, pin_reference_rows)
 from ...passes.host_float64 import matmul, to_float64_
-from ...passes.local import Accumulator, add_reductions
+from ...passes.contract import Accumulator, add_reductions
 
 
 class LayerIndex:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .math import affine_from_sums, pin_reference_rows
-from ...passes.local import Accumulator
+from ...passes.contract import Accumulator
 
 
 def affine_model(store, modes, A, B, reference_trajectories, columns, steps, block_rows: int = 1 << 20,
