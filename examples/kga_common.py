@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmdtool.training import KGA
+from cmdtool.training import KGAOptimizer
 
 
 @dataclass
@@ -96,7 +96,7 @@ def train(task: Task, method: Method, epochs: int, seed: int) -> Run:
     torch.set_num_threads(1)                # tiny models: one thread is fastest and deterministic
     model = task.make_model(seed)
     optimizer = OPTIMIZERS[method.optimizer](model.parameters(), method.lr)
-    kga = KGA(optimizer, model.named_parameters(), **method.kga) if method.kga is not None else None
+    kga = KGAOptimizer(optimizer, model.named_parameters(), **method.kga) if method.kga is not None else None
     step = kga.step if kga is not None else optimizer.step
     generator = torch.Generator().manual_seed(seed)
     run = Run(method.label, seed)

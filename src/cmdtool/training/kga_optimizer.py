@@ -1,6 +1,6 @@
 """Training-time Koopman-based gradient acceleration (KGA) with KWM / norm / delta masking (paper 003).
 
-:class:`KGA` wraps any ``torch.optim`` optimizer. Every epoch (KGA-Epoch) or every k optimizer steps (KGA-Iter,
+:class:`KGAOptimizer` wraps any ``torch.optim`` optimizer. Every epoch (KGA-Epoch) or every k optimizer steps (KGA-Iter,
 Sec. 4.1) it takes a snapshot of the weights and refits a DMD of the last ``history`` snapshots; on every step it
 reshapes the optimizer's update along the stable Koopman modes (Alg. 1):
 
@@ -198,13 +198,13 @@ class SnapshotWindow:
         return self.data.numel() * self.data.element_size() + self.gram.nbytes
 
 
-class KGA:
+class KGAOptimizer:
     """Koopman-based gradient acceleration around a torch optimizer (paper 003 Sec. 3.2-3.3, Alg. 1-2).
 
     Use ``kga.step()`` instead of ``optimizer.step()`` and call ``kga.epoch_end()`` after every epoch::
 
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        kga = KGA(opt, model.named_parameters(), alpha=2.0)
+        kga = KGAOptimizer(opt, model.named_parameters(), alpha=2.0)
         for epoch in range(epochs):
             for x, y in loader:
                 opt.zero_grad(); loss_fn(model(x), y).backward(); kga.step()
