@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from cmdtool.analyzers.cmd import PosthocCMD
-from cmdtool.examples import digits
-from cmdtool.ingest import ingest
-from cmdtool.ingest.checkpoints import build_state_dict
+from cmdtool.analyzers.cmd.posthoc import PosthocCMD
+from cmdtool import datasets
+from cmdtool.ingestion import ingest
+from cmdtool.ingestion.checkpoints import build_state_dict
 from cmdtool.store import open_store
 
 
@@ -31,13 +31,13 @@ def main() -> None:
     parser.add_argument("--modes", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=20)
     args = parser.parse_args()
-    data = digits.load_split()
+    data = datasets.load_split()
     drops = {("posthoc", "source"): [], ("posthoc", "model"): [], ("online", "source"): [], ("online", "model"): []}
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             folder = Path(tmp) / f"run{run}"
-            paths = digits.train(folder / "ckpts", data, epochs=args.epochs, seed=run)
-            original = digits.evaluate(torch.load(paths[-1], weights_only=True), data)["test_acc"]
+            paths = datasets.train(folder / "ckpts", data, epochs=args.epochs, seed=run)
+            original = datasets.evaluate(torch.load(paths[-1], weights_only=True), data)["test_acc"]
             ingest([folder / "ckpts"], folder / "run.zarr")
             store = open_store(folder / "run.zarr", mode="r+")
             last = store.n_checkpoints - 1
@@ -48,7 +48,7 @@ def main() -> None:
                                      warmup=args.warmup).fit(store)
                     for variant in ("posthoc", "online"):
                         state = build_state_dict(store, cmd.reconstruct_epoch(store, last, variant=variant), last)
-                        acc = digits.evaluate(state, data)["test_acc"]
+                        acc = datasets.evaluate(state, data)["test_acc"]
                         drops[(variant, policy)].append(100 * (original - acc))
                         line.append(f"{variant}/{policy} {100 * acc:.2f}")
                 print(", ".join(line), flush=True)

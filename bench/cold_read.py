@@ -21,7 +21,7 @@ store_path = Path(sys.argv[1])
 os.sync()
 files = evict(store_path / "trajectories")
 import cmdtool
-from cmdtool.analyzers.passes import DEFAULT_BLOCK_BYTES
+from cmdtool.passes.local import DEFAULT_BLOCK_BYTES
 store = cmdtool.open_store(store_path)
 started = time.perf_counter(); cpu = time.process_time()
 for block in store.iter_blocks(block_bytes=DEFAULT_BLOCK_BYTES):

@@ -40,8 +40,9 @@ def gram_seconds_per_million(n_cols: int, chunk_rows: int, repeat: int) -> float
 def fit_update_seconds_per_million(store_path: str, blocks: int, repeat: int) -> float:
     import torch
 
-    from cmdtool.analyzers.cmd_fit_pass import FitPass
-    from cmdtool.analyzers.passes import DEFAULT_BLOCK_BYTES, Block, BlockBuffers, PassContext
+    from cmdtool.analyzers.cmd.fit_pass import FitPass
+    from cmdtool.passes.contract import Block, BlockBuffers, PassContext
+    from cmdtool.passes.local import DEFAULT_BLOCK_BYTES
     from cmdtool.store import open_store
 
     store = open_store(store_path)

@@ -1,5 +1,5 @@
 """CPU seconds of the pass accumulators' float64 work: numpy/OpenBLAS in cache-sized chunks (what the CPU passes
-run, cmdtool.analyzers.host_float64) against the torch path (what CUDA runs), on the same in-memory blocks, with
+run, cmdtool.passes.host_float64) against the torch path (what CUDA runs), on the same in-memory blocks, with
 one compute thread and one BLAS thread (as a pass sets them on 2 cores), and the largest relative difference of
 their results. No store is read: this isolates the arithmetic from the read.
 
@@ -24,9 +24,10 @@ def main() -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
-    import cmdtool.analyzers.host_float64 as host_float64
-    import cmdtool.analyzers.passes as passes
-    from cmdtool.analyzers.cmd_fit_pass import FitPass
+    import cmdtool.passes.host_float64 as host_float64
+    import cmdtool.passes.contract as contract
+    import cmdtool.passes.local as passes
+    from cmdtool.analyzers.cmd.fit_pass import FitPass
     from cmdtool.analyzers.kga import KWMMasks
     from cmdtool.analyzers.linear_models import RowProjection
     from types import SimpleNamespace
@@ -40,7 +41,7 @@ def main() -> None:
     entry = SimpleNamespace(name="w", offset=0)  # one tensor: what FitPass's layer index reads of a layout
     layout = SimpleNamespace(trajectory_entries=[entry])
     block_rows = passes.DEFAULT_BLOCK_BYTES // (4 * args.cols)
-    ctx = passes.PassContext(type("Store", (), {"n_rows": args.rows})(), slice(0, args.cols), torch.device("cpu"),
+    ctx = contract.PassContext(type("Store", (), {"n_rows": args.rows})(), slice(0, args.cols), torch.device("cpu"),
                              block_rows)
     refs = np.linspace(0, args.rows - 1, 10).astype(np.int64)
     matrix = rng.normal(size=(args.cols, 10)) + 1j * rng.normal(size=(args.cols, 10))
@@ -63,8 +64,8 @@ def main() -> None:
         for _ in range(args.repeat):
             acc = make()
             acc.start(ctx)
-            buffers = passes.BlockBuffers()
-            blocks = [passes.Block(r, min(r + block_rows, args.rows), torch.from_numpy(W[r:r + block_rows]), buffers)
+            buffers = contract.BlockBuffers()
+            blocks = [contract.Block(r, min(r + block_rows, args.rows), torch.from_numpy(W[r:r + block_rows]), buffers)
                       for r in range(0, args.rows, block_rows)]
             started = time.process_time()
             for block in blocks:
@@ -86,12 +87,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, make in makers.items():
         numpy_s, numpy_acc = run(make)
-        original = host_float64.on_cpu, passes.on_cpu
-        host_float64.on_cpu = passes.on_cpu = lambda tensor: False
+        original = host_float64.on_cpu, contract.on_cpu
+        host_float64.on_cpu = contract.on_cpu = lambda tensor: False
         try:
             torch_s, torch_acc = run(make)
         finally:
-            host_float64.on_cpu, passes.on_cpu = original
+            host_float64.on_cpu, contract.on_cpu = original
         a, b = result(numpy_acc).astype(np.float64), result(torch_acc).astype(np.float64)
         diff = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
         print(f"| {name} | {numpy_s:.3f} | {torch_s:.3f} | {torch_s / numpy_s:.2f} | {diff:.1e} |")

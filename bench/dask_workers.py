@@ -36,16 +36,16 @@ def write_checkpoints(folder: Path, n_rows: int, n_checkpoints: int, seed: int =
 
 
 def _warm_up() -> None:
-    import cmdtool.analyzers.dask_pass  # noqa: F401
-    import cmdtool.ingest.cluster_ingest  # noqa: F401
+    import cmdtool.passes.dask_engine  # noqa: F401
+    import cmdtool.ingestion.cluster_ingest  # noqa: F401
     import torch  # noqa: F401
 
 
 def run(engine: str, ckpts: Path, store: Path) -> dict:
     from cmdtool.analyzers import get_analyzer
-    from cmdtool.analyzers.passes import GramAccumulator, stream
-    from cmdtool.cluster import on_cluster
-    from cmdtool.ingest import ingest
+    from cmdtool.passes.local import GramAccumulator, stream
+    from cmdtool.utils.cluster import on_cluster
+    from cmdtool.ingestion import ingest
     from cmdtool.store import open_store
 
     spec = None if engine == "in-process" else engine

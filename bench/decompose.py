@@ -37,7 +37,8 @@ def peak_rss_mib() -> float:
 
 def build_store(path: Path, rows: int, cols: int, modes: int, noise: float, seed: int = 0) -> None:
     from cmdtool.store.layout import Layout, TensorEntry, TimeRecord
-    from cmdtool.store.store import TrajectoryStore, now_iso
+    from cmdtool.store.store import TrajectoryStore
+    from cmdtool.utils.units import now_iso
 
     rng = np.random.default_rng(seed)
     n_layers = 8
@@ -78,7 +79,7 @@ def phase_read(store_path: str, device: str) -> dict:
 
 
 def phase_cmd(store_path: str, device: str, modes: int, samples: int) -> dict:
-    from cmdtool.analyzers.cmd import PosthocCMD
+    from cmdtool.analyzers.cmd.posthoc import PosthocCMD
     from cmdtool.store import open_store
 
     store = open_store(store_path, mode="r+")
@@ -94,7 +95,7 @@ def phase_cmd(store_path: str, device: str, modes: int, samples: int) -> dict:
 
 
 def phase_dense(store_path: str, device: str, modes: int, samples: int) -> dict:
-    from cmdtool.analyzers.cmd_math import cluster_sample, sample_rows
+    from cmdtool.analyzers.cmd.math import cluster_sample, sample_rows
     from cmdtool.store import open_store
 
     store = open_store(store_path)
@@ -166,7 +167,7 @@ def main() -> None:
     try:
         import torch
 
-        from cmdtool.device import resolve_device
+        from cmdtool.utils.device import resolve_device
 
         started = time.perf_counter()
         build_store(args.store, args.rows, args.cols, args.modes, args.noise)

@@ -75,7 +75,7 @@ def timed(full_read, result):
 READERS = {
     "hand (baseline)": ("baseline", """
         from cmdtool.store import open_store
-        from cmdtool.analyzers.passes import DEFAULT_BLOCK_BYTES
+        from cmdtool.passes.local import DEFAULT_BLOCK_BYTES
         st = open_store(STORE)
         def full_read():
             total = 0.0
@@ -86,7 +86,7 @@ READERS = {
     """),
     "cmdtool": ("tree", """
         from cmdtool.store import open_store
-        from cmdtool.analyzers.passes import DEFAULT_BLOCK_BYTES
+        from cmdtool.passes.local import DEFAULT_BLOCK_BYTES
         st = open_store(STORE)
         def full_read():
             total = 0.0

@@ -67,7 +67,7 @@ def steps(store: Path, device: str, references: bool) -> dict[str, str]:
     drop_gram = "st.results.delete('gram', 'full')"
     out = {
         "read pass (floor)": f"""
-            from cmdtool.analyzers.passes import stream
+            from cmdtool.passes.local import stream
             {open_rw}
             stream(st, [], device={device!r})
         """,

@@ -66,7 +66,7 @@ def make_trained_run(folder: Path, width: int, n_checkpoints: int, suffix: str) 
     import torch
     from torch import nn
 
-    from cmdtool.examples.digits import load_split
+    from cmdtool.datasets import load_split
 
     torch.manual_seed(0)
     data = load_split()
@@ -96,8 +96,8 @@ def measured(code: str) -> dict:
 
 PROFILE = """
 import collections, importlib, shutil, threading
-ingest_module = importlib.import_module("cmdtool.ingest.ingest")
-from cmdtool.ingest import formats
+ingest_module = importlib.import_module("cmdtool.ingestion.ingest")
+from cmdtool.ingestion import formats
 from cmdtool.store.store import TrajectoryStore
 totals = collections.defaultdict(float)
 
@@ -113,7 +113,7 @@ def timed(owner, name, label):
             totals[f"{label} ({thread})"] += time.perf_counter() - started
     setattr(owner, name, wrapper)
 
-timed(ingest_module, "_fill_rows", "fill buffers")
+timed(ingest_module, "fill_rows", "fill buffers")
 timed(ingest_module, "count_nonfinite", "NaN/Inf count")
 timed(ingest_module, "file_digest", "content digest")
 timed(formats.OpenCheckpoint, "__init__", "open checkpoints")

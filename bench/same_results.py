@@ -31,10 +31,10 @@ STEPS = [
     ("reconstruct", ["reconstruct", "--epoch", "40", "--epoch", "25", "--out", "{out}/reconstructed", "--json"]),
     ("reconstruct_online", ["reconstruct", "--epoch", "30", "--variant", "online", "--out", "{out}/reconstructed",
                             "--json"]),
-    ("evaluate", ["evaluate", "--fn", "cmdtool.examples.digits:evaluate", "--json"]),
+    ("evaluate", ["evaluate", "--fn", "cmdtool.datasets:evaluate", "--json"]),
     ("compare", ["compare", "cmd", "dmd", "pca", "--equal-budget", "--json"]),
     ("compare_sized", ["compare", "dmd", "pca", "--rank", "4", "--dims", "3", "--json"]),
-    ("landscape", ["landscape", "--fn", "cmdtool.examples.digits:evaluate", "--epoch", "40", "--mode", "0",
+    ("landscape", ["landscape", "--fn", "cmdtool.datasets:evaluate", "--epoch", "40", "--mode", "0",
                    "--points", "7", "--out", "{out}/landscape", "--json"]),
     ("report", ["report", "--out", "{out}/report", "--json"]),
 ]

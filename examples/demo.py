@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent
-METRIC_FN = "cmdtool.examples.digits:evaluate"
+METRIC_FN = "cmdtool.datasets:evaluate"
 # DMD and PCA are sized to about CMD's storage (2 numbers per weight), as `cmdtool compare --equal-budget`
 # does: rank-2 DMD keeps 2 mode vectors, 1-direction PCA a mean and one direction.
 DMD_RANK, PCA_DIMS, CMD_MODES = 2, 1, 10
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def summarise(out: Path, report: Path | None, seconds: float) -> None:
-    from cmdtool.evaluate import Evaluation
+    from cmdtool.workflows.evaluate import Evaluation
     from cmdtool.store import open_store
 
     evaluation = Evaluation.load(open_store(out / "cmdtool.zarr"), "default")

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmdtool.analyzers.online_cmd import OnlineCMD
-from cmdtool.examples.digits import evaluate, load_split, make_model, shift_augment
+from cmdtool.analyzers.cmd.online import OnlineCMD
+from cmdtool.datasets import evaluate, load_split, make_model, shift_augment
 from cmdtool.training import EmbeddedCMD
 
 FULL = dict(epochs=150, warmup=20, every=10, fraction=0.10, relative_fraction=0.20, modes=10, samples=1000,

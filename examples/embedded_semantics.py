@@ -12,7 +12,7 @@ For each seed, three networks from the same initialisation and batch order, trai
 CMD: basic P = 10% (Table 9's setting), M = 10 modes, K = 1000, warm-up F = 20, a decision every L = 10 epochs,
 so everything but the 10 references is embedded from epoch 120 on.
 
-``--model cnn`` is the digits CNN of docs/training.md (:func:`cmdtool.examples.digits.make_model`); ``--model mlp``
+``--model cnn`` is the digits CNN of docs/training.md (:func:`cmdtool.datasets.make_model`); ``--model mlp``
 is a held-out network, an MLP 64-32-32-10 (3,466 parameters, no BatchNorm), trained the same way.
 
     python examples/embedded_semantics.py --model cnn --seeds 0 1 2 3 4 5 6 7 8 9 --out runs/semantics
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmdtool.examples.digits import load_split, make_model, shift_augment
+from cmdtool.datasets import load_split, make_model, shift_augment
 from cmdtool.training import EmbeddedCMD
 
 LR, MOMENTUM, BATCH = 0.05, 0.9, 64

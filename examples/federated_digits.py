@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embedded_digits import LR, MOMENTUM, train_one_epoch  # noqa: E402  (the same local training recipe)
 
-from cmdtool.examples.digits import evaluate, load_split, make_model  # noqa: E402
+from cmdtool.datasets import evaluate, load_split, make_model  # noqa: E402
 from cmdtool.training import FederatedCMD, GradualEmbedding, dirichlet_split, halve_above  # noqa: E402
 
 FULL = dict(clients=10, per_round=3, rounds=150, local_epochs=2, alpha=1.0, modes=2, samples=1000, warmup=20,

@@ -11,7 +11,7 @@ same initial weights and data order, for both), median and mean ± sd over seeds
 KGA: eps 0.01, Gavish-Donoho rank, the paper's growing history (history=None), first fit after 5 epochs. α = 0 is the base optimizer exactly.
 
 Fig. 3 here: a stable mode λ = 0.9e^{0.15i} with ŵ = 1, stepped 6 times by its own dynamics (unaccelerated change
-(λ − 1)ŵ) through :func:`cmdtool.training.kga.accelerate_update`, for α = 0, 1, 2, 5, 10.
+(λ − 1)ŵ) through :func:`cmdtool.training.kga_optimizer.accelerate_update`, for α = 0, 1, 2, 5, 10.
 
 Writes <out>/kga_alpha_sweep.json and kga_alpha_sweep.png, kga_fig3_modes.png.
 """
@@ -23,7 +23,7 @@ import argparse
 import numpy as np
 import torch
 
-from cmdtool.training.kga import acceleration_operator, accelerate_update
+from cmdtool.training.kga_optimizer import acceleration_operator, accelerate_update
 from kga_common import Method, add_common_arguments, digits_task, fmt, markdown_table, mean_sd, mlp_task, run_all, \
     save_figure, save_json
 

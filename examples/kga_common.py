@@ -4,7 +4,7 @@ Tasks
 - ``mlp``: paper 003 Fig. 4's function approximation z = x² + y², x, y uniform in [-6, 6] (4,096 training points),
   an MLP 2-32-32-1 (1,185 parameters, App. A.2: "3 layers with 32 neurons in the hidden layer"), MSE, batch 64.
 - ``digits``: scikit-learn's 8x8 digits (1,257 train / 540 test images), the repo's small CNN with BatchNorm
-  (3,866 trainable parameters; :mod:`cmdtool.examples.digits`), cross-entropy, batch 64; test accuracy in eval mode.
+  (3,866 trainable parameters; :mod:`cmdtool.datasets`), cross-entropy, batch 64; test accuracy in eval mode.
 
 Every run is deterministic for a seed: the initial weights come from ``torch.manual_seed(seed)`` and the data
 order from a generator seeded with the seed; one CPU thread.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmdtool.training import KGA
+from cmdtool.training import KGAOptimizer
 
 
 @dataclass
@@ -50,7 +50,7 @@ def mlp_task(n_points: int = 4096, seed: int = 0) -> Task:
 
 def digits_task(n_train: int | None = None) -> Task:
     """``n_train`` keeps the first n training images (the CI-size runs)."""
-    from cmdtool.examples.digits import load_split, make_model
+    from cmdtool.datasets import load_split, make_model
 
     data = load_split()
     return Task("digits", data.train_x[:n_train], data.train_y[:n_train], make_model, nn.functional.cross_entropy,
@@ -96,7 +96,7 @@ def train(task: Task, method: Method, epochs: int, seed: int) -> Run:
     torch.set_num_threads(1)                # tiny models: one thread is fastest and deterministic
     model = task.make_model(seed)
     optimizer = OPTIMIZERS[method.optimizer](model.parameters(), method.lr)
-    kga = KGA(optimizer, model.named_parameters(), **method.kga) if method.kga is not None else None
+    kga = KGAOptimizer(optimizer, model.named_parameters(), **method.kga) if method.kga is not None else None
     step = kga.step if kga is not None else optimizer.step
     generator = torch.Generator().manual_seed(seed)
     run = Run(method.label, seed)

@@ -5,7 +5,7 @@ SGD and against doubling their learning rate, on the digits CNN.
     python examples/kga_digits.py --quick              # CI size
 
 Task: scikit-learn's 8x8 digits, the repo's CNN (3,866 trainable parameters, BatchNorm;
-cmdtool.examples.digits), batch 64, cross-entropy. Base optimizers: Adam lr 1e-3 and plain SGD lr 0.05. KGA:
+cmdtool.datasets), batch 64, cross-entropy. Base optimizers: Adam lr 1e-3 and plain SGD lr 0.05. KGA:
 alpha 1 (the default), eps 0.01, DMD rank by Gavish-Donoho, the paper's growing history (every epoch's snapshot,
 history=None), acceleration after the 5th epoch (Sec. 4.2), window s = 5 (App. A.5). "KGA, window of 10" is the
 windowed option (the last 10 snapshots) beside it.
@@ -30,7 +30,8 @@ import argparse
 import numpy as np
 
 from cmdtool.analyzers.dmd import dmd_from_gram
-from cmdtool.analyzers.kga import classify_eigenvalues, kwm_score_matrix
+from cmdtool.analyzers.eigenvalues import classify_eigenvalues
+from cmdtool.analyzers.kga import kwm_score_matrix
 from kga_common import Method, add_common_arguments, digits_task, fmt, markdown_table, mean_sd, min_cpu_seconds, \
     run_all, save_figure, save_json, train
 

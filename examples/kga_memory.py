@@ -4,7 +4,7 @@
     python examples/kga_memory.py --quick              # CI size
 
 Each variant trains the same MLP (Adam lr 1e-3, 4 steps of 256 random samples per epoch; the data do not matter
-for memory) in a fresh process and reports: the bytes KGA holds after every epoch (``KGA.memory_bytes()``: the
+for memory) in a fresh process and reports: the bytes KGA holds after every epoch (``KGAOptimizer.memory_bytes()``: the
 snapshot buffer and its Gram matrix, the basis U, W̃, the step buffer), the process's peak resident memory
 (ru_maxrss), and the wall time of KGA's refits. Variants: the base optimizer alone, KGA with the paper's growing
 window (history=None: W holds every epoch), KGA with history 10, Efficient-KGA (history=None: W̃ grows, r×t).
@@ -38,13 +38,13 @@ def measure(width: int, epochs: int, options: dict | None) -> dict:
 
     import torch
 
-    from cmdtool.training import KGA
+    from cmdtool.training import KGAOptimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.ReLU(), torch.nn.Linear(2 * width, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    kga = KGA(opt, model.named_parameters(), alpha=1.0, warmup=5, **options) if options is not None else None
+    kga = KGAOptimizer(opt, model.named_parameters(), alpha=1.0, warmup=5, **options) if options is not None else None
     g = torch.Generator().manual_seed(0)
     held, fit_seconds = [], []
     started = time.perf_counter()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmdtool.examples.digits import evaluate, load_split, make_model, shift_augment
+from cmdtool.datasets import evaluate, load_split, make_model, shift_augment
 
 
 def train(out_dir: Path, epochs: int = 40, seed: int = 0, lr: float = 0.05, momentum: float = 0.9,

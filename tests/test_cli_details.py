@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import cmdtool
-from cmdtool.analyzers.cmd import PosthocCMD
+from cmdtool.analyzers.cmd.posthoc import PosthocCMD
 from cmdtool_cli.app import app
 
 from conftest import write_checkpoints

@@ -9,9 +9,9 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
 from cmdtool.analyzers import get_analyzer
-from cmdtool.analyzers.cmd import PosthocCMD
-from cmdtool.analyzers.cmd_math import MODE_KEPT, MODE_NONFINITE, sample_rows
-from cmdtool.analyzers.passes import cached_gram
+from cmdtool.analyzers.cmd.posthoc import PosthocCMD
+from cmdtool.analyzers.cmd.math import MODE_KEPT, MODE_NONFINITE, sample_rows
+from cmdtool.passes.local import cached_gram
 from cmdtool.errors import UsageError
 from cmdtool.store import from_array
 

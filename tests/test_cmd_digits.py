@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cmdtool.examples import digits
+from cmdtool import datasets
 from cmdtool_cli.app import app
 
 runner = CliRunner()
@@ -14,9 +14,9 @@ runner = CliRunner()
 
 @pytest.mark.slow
 def test_cmd_model_of_the_last_epoch_keeps_test_accuracy(tmp_path):
-    data = digits.load_split()
-    paths = digits.train(tmp_path / "ckpts", data, epochs=30, seed=0)
-    original = digits.evaluate(torch.load(paths[-1], weights_only=True), data)
+    data = datasets.load_split()
+    paths = datasets.train(tmp_path / "ckpts", data, epochs=30, seed=0)
+    original = datasets.evaluate(torch.load(paths[-1], weights_only=True), data)
     assert original["test_acc"] > 0.9  # the run really learned something
 
     store = str(tmp_path / "run.zarr")
@@ -28,7 +28,7 @@ def test_cmd_model_of_the_last_epoch_keeps_test_accuracy(tmp_path):
     assert result.exit_code == 0, result.output
 
     state = torch.load(out, weights_only=True)
-    modelled = digits.evaluate(state, data)
+    modelled = datasets.evaluate(state, data)
     # the paper reports CMD is usually a little better; it must not be more than 1 point worse
     assert modelled["test_acc"] >= original["test_acc"] - 0.01, (modelled, original)
     # and it is a different model, not the original weights copied

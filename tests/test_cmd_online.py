@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from cmdtool.analyzers.cmd import PosthocCMD
-from cmdtool.analyzers.cmd_math import abs_correlation
-from cmdtool.analyzers.online_cmd import OnlineCMD
+from cmdtool.analyzers.cmd.posthoc import PosthocCMD
+from cmdtool.analyzers.cmd.math import abs_correlation
+from cmdtool.analyzers.cmd.online import OnlineCMD
 from cmdtool.errors import UsageError
-from cmdtool.ingest import ingest
+from cmdtool.ingestion import ingest
 from cmdtool.store import open_store
 
 from conftest import write_checkpoints

@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from cmdtool.analyzers import get_analyzer
-from cmdtool.analyzers.cmd import PosthocCMD
-from cmdtool.ingest import ingest
-from cmdtool.ingest.checkpoints import build_state_dict
+from cmdtool.analyzers.cmd.posthoc import PosthocCMD
+from cmdtool.ingestion import ingest
+from cmdtool.ingestion.checkpoints import build_state_dict
 from cmdtool.store import open_store
 from cmdtool_cli.app import app
 

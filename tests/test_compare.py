@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 import cmdtool.analyzers as registry
 from cmdtool.analyzers.base import Analyzer
-from cmdtool.analyzers.compare import compare
+from cmdtool.workflows.compare import compare
 from cmdtool.analyzers.linear_models import linear_model_metrics
 from cmdtool.analyzers.params import DEVICE, EPOCHS, Param
-from cmdtool.analyzers.passes import gram_matrix
+from cmdtool.passes.local import gram_matrix
 from cmdtool.store import from_array
 from cmdtool_cli.app import app
 

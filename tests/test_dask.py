@@ -20,10 +20,11 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from cmdtool.analyzers import get_analyzer, passes  # noqa: E402
+from cmdtool.analyzers import get_analyzer  # noqa: E402
+from cmdtool.passes import local as passes  # noqa: E402
 from cmdtool.analyzers.linear_models import RowProjection  # noqa: E402
-from cmdtool.averages import iter_averages  # noqa: E402
-from cmdtool.cluster import ClusterError, parse_scheduler, using_client  # noqa: E402
+from cmdtool.workflows.averages import iter_averages  # noqa: E402
+from cmdtool.utils.cluster import ClusterError, parse_scheduler, using_client  # noqa: E402
 from cmdtool.errors import UsageError  # noqa: E402
 from cmdtool.store import from_array, open_store  # noqa: E402
 
@@ -217,7 +218,7 @@ def test_scheduler_specs():
 
 
 def test_scheduler_timeout_from_the_environment(monkeypatch):
-    from cmdtool.cluster import SCHEDULER_TIMEOUT_ENV_VAR, connect_timeout_from_env
+    from cmdtool.utils.cluster import SCHEDULER_TIMEOUT_ENV_VAR, connect_timeout_from_env
 
     monkeypatch.delenv(SCHEDULER_TIMEOUT_ENV_VAR, raising=False)
     assert connect_timeout_from_env() == 30.0
@@ -236,7 +237,7 @@ def test_an_unreachable_scheduler_fails_in_one_line_within_the_timeout(tmp_path,
 
     from typer.testing import CliRunner
 
-    from cmdtool.cluster import on_cluster
+    from cmdtool.utils.cluster import on_cluster
     from cmdtool_cli.app import app
 
     with socket.socket() as sock:
@@ -287,7 +288,7 @@ def _store_contents(path) -> dict:
 
 def test_ingest_on_the_cluster_equals_in_process(client, tmp_path):
     """A new store, then an append whose first group starts inside a committed chunk column."""
-    from cmdtool.ingest import ingest
+    from cmdtool.ingestion import ingest
 
     from conftest import write_checkpoints
 
@@ -313,7 +314,7 @@ def test_ingest_on_the_cluster_keeps_the_preflight(client, tmp_path):
     """A checkpoint that does not fit the store is refused before any worker writes: the store is unchanged."""
     import torch
 
-    from cmdtool.ingest import ingest
+    from cmdtool.ingestion import ingest
 
     from conftest import write_checkpoints
 

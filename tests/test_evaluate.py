@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cmdtool.analyzers import get_analyzer
-from cmdtool.evaluate import Evaluation, evaluate
-from cmdtool.landscape import grid_axis, landscape
+from cmdtool.workflows.evaluate import Evaluation, evaluate
+from cmdtool.workflows.landscape import grid_axis, landscape
 from cmdtool.store import from_array, open_store
 from cmdtool_cli.app import app
 

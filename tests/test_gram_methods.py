@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cmdtool.analyzers import get_analyzer
-from cmdtool.analyzers import passes
+from cmdtool.passes import local as passes
 from cmdtool.analyzers.dmd import DMD, dmd_from_gram
-from cmdtool.analyzers.kga import KGA, NEUTRAL, STABLE, UNSTABLE, classify_eigenvalues
+from cmdtool.analyzers.eigenvalues import NEUTRAL, STABLE, UNSTABLE, classify_eigenvalues
+from cmdtool.analyzers.kga import KGA
 from cmdtool.analyzers.linear_models import parse_rank, truncation_rank
 from cmdtool.analyzers.pca import PCA
 from cmdtool.errors import UsageError

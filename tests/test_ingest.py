@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 import cmdtool
 from cmdtool.errors import StoreLockedError, UsageError
-from cmdtool.ingest import discover, parse_label
+from cmdtool.ingestion import discover, parse_label
 from cmdtool.store import format as fmt
 from cmdtool.store.lock import file_lock
-from cmdtool.store.store import lock_path
-from cmdtool.store.store import lock_path
+from cmdtool.store.lock import lock_path
+from cmdtool.store.lock import lock_path
 
 from conftest import kill_after, release, spawn_waiting_child, write_checkpoints
 

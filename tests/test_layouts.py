@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import cmdtool
 from cmdtool.errors import CheckpointError, UsageError
-from cmdtool.ingest.checkpoints import build_state_dict
+from cmdtool.ingestion.checkpoints import build_state_dict
 from cmdtool_cli.app import app
 
 

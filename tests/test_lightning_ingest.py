@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from cmdtool.errors import UsageError
-from cmdtool.ingest.formats import allowed_globals, load_torch_file
+from cmdtool.ingestion.formats import allowed_globals, load_torch_file
 from cmdtool_cli.app import app
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -170,7 +170,7 @@ def test_allow_global_refuses_what_runs_code_and_never_suggests_it(tmp_path):
 def test_a_resave_under_another_name_is_the_same_content(tmp_path):
     """torchvision's references save checkpoint.pth and model_N.pth with two torch.save calls: the zips differ
     in their bytes (the inner folder is named after the file) but not in their entries."""
-    from cmdtool.ingest.discover import content_digest
+    from cmdtool.ingestion.discover import content_digest
 
     state = {"model": {"w": torch.arange(6.0)}, "epoch": 2, "args": argparse.Namespace(lr=0.1)}
     torch.save(state, tmp_path / "model_2.pth")

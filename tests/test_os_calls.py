@@ -1,4 +1,4 @@
-"""cmdtool's ctypes calls (cmdtool.os_calls): each works where the system has it, and its fallback works where
+"""cmdtool's ctypes calls (cmdtool.utils.os_calls): each works where the system has it, and its fallback works where
 it does not (simulated: ctypes cannot open the C library)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import cmdtool
-from cmdtool import os_calls
-from cmdtool.ingest import formats
+from cmdtool.utils import os_calls
+from cmdtool.ingestion import formats
 from cmdtool.store import format as fmt
 from cmdtool.store.rechunk import swap_in
 

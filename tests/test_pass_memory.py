@@ -22,11 +22,11 @@ sys.path.insert(0, sys.argv[2])
 from _measure import peak_rss_mb
 import numpy as np, torch, zarr
 import cmdtool
-from cmdtool.analyzers.cmd import modelled_entries
-from cmdtool.analyzers.cmd_fit_pass import FitPass
+from cmdtool.analyzers.cmd.posthoc import modelled_entries
+from cmdtool.analyzers.cmd.fit_pass import FitPass
 from cmdtool.analyzers.kga import KWMMasks
 from cmdtool.analyzers.linear_models import RowProjection
-from cmdtool.analyzers.passes import GramAccumulator, RowGather, stream
+from cmdtool.passes.local import GramAccumulator, RowGather, stream
 
 store = cmdtool.open_store(sys.argv[1], mode="r+")
 block = int(sys.argv[3])

@@ -13,13 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmdtool.analyzers.cmd_fit_pass import FitPass
-from cmdtool.analyzers.cmd_replay import OnlineReplay
+from cmdtool.analyzers.cmd.fit_pass import FitPass
+from cmdtool.analyzers.cmd.replay import OnlineReplay
 from cmdtool.analyzers.kga import KWMMasks
 from cmdtool.analyzers.linear_models import ColumnsOfModel, RowProjection
-from cmdtool.analyzers.passes import (Accumulator, GramAccumulator, RowGather, iter_pass_blocks, merged,
-                                      pass_context, run_blocks, run_blocks_side_by_side, stream)
-from cmdtool.averages import average_weights
+from cmdtool.passes.contract import Accumulator, merged
+from cmdtool.passes.local import (GramAccumulator, RowGather, iter_pass_blocks, pass_context, run_blocks,
+                                  run_blocks_side_by_side, stream)
+from cmdtool.workflows.averages import average_weights
 from cmdtool.store import from_array, open_store
 
 from conftest import planted_modes
@@ -46,7 +47,7 @@ def _references(store):
 
 def _factories(store, writer):
     """name -> a function making a fresh accumulator writing into ``writer`` (None: outputs in memory)."""
-    from cmdtool.analyzers.cmd import modelled_entries
+    from cmdtool.analyzers.cmd.posthoc import modelled_entries
 
     refs, trajectories = _references(store)
     modelled = modelled_entries(store.layout, "source")
@@ -174,7 +175,7 @@ def test_an_error_in_a_block_thread_ends_the_pass_with_it(store, monkeypatch):
 
 
 def test_pass_workers_from_the_environment(monkeypatch):
-    from cmdtool.analyzers.passes import pass_workers
+    from cmdtool.passes.local import pass_workers
     from cmdtool.errors import UsageError
 
     monkeypatch.setenv("CMDTOOL_PASS_WORKERS", "3")
@@ -190,13 +191,13 @@ def test_cpu_numpy_path_equals_the_torch_path(store, name, monkeypatch):
     """On the CPU the accumulators do their float64 work in numpy chunks (host_float64); forced onto the torch
     path (the one CUDA runs) they give the same reductions to float64 summation order and the same outputs.
     Chunks of 100 rows split every 256-row block unevenly, so the chunk boundaries are exercised."""
-    import cmdtool.analyzers.host_float64 as host_float64
-    import cmdtool.analyzers.passes as passes
+    import cmdtool.passes.host_float64 as host_float64
+    import cmdtool.passes.contract as contract
 
     monkeypatch.setattr(host_float64, "CHUNK_BYTES", 100 * 8 * N_COLS)
     host = _pass_state(store, name, f"{name}-numpy")
     monkeypatch.setattr(host_float64, "on_cpu", lambda tensor: False)
-    monkeypatch.setattr(passes, "on_cpu", lambda tensor: False)
+    monkeypatch.setattr(contract, "on_cpu", lambda tensor: False)
     torch_path = _pass_state(store, name, f"{name}-torch")
     assert host.keys() == torch_path.keys() and host
     for key in host:
@@ -283,7 +284,7 @@ def test_each_fit_reads_the_store_as_often_as_its_passes(counted):
 
 
 def test_cmd_with_a_cached_gram_reads_only_the_sampled_chunk_rows(counted):
-    from cmdtool.analyzers.cmd import PosthocCMD
+    from cmdtool.analyzers.cmd.posthoc import PosthocCMD
 
     st, passes_read = counted
     cmd = PosthocCMD(modes=3, samples=30, device="cpu").fit(st)  # caches G
@@ -297,9 +298,9 @@ def test_cmd_with_a_cached_gram_reads_only_the_sampled_chunk_rows(counted):
 
 
 def test_reconstructions_and_averages_take_one_pass(counted):
-    from cmdtool.analyzers.cmd import PosthocCMD
+    from cmdtool.analyzers.cmd.posthoc import PosthocCMD
     from cmdtool.analyzers.dmd import DMD
-    from cmdtool.averages import iter_averages
+    from cmdtool.workflows.averages import iter_averages
 
     st, passes_read = counted
     dmd = DMD(rank=3, device="cpu").fit(st)

@@ -71,7 +71,7 @@ def test_a_swap_cut_between_its_two_renames_is_finished(tmp_path, monkeypatch):
     import cmdtool.store.rechunk as rechunk_module
 
     store, W = narrow_store(tmp_path / "s.zarr")
-    monkeypatch.setattr("cmdtool.os_calls.exchange_paths", lambda a, b: False)  # a filesystem without renameat2
+    monkeypatch.setattr("cmdtool.utils.os_calls.exchange_paths", lambda a, b: False)  # a filesystem without renameat2
 
     def killed_swap(store_path, name):  # the first rename only, as a kill after it would leave
         (store_path / name).rename(store_path / fmt.STAGING / f"{name}.old")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import cmdtool
 from cmdtool.analyzers import get_analyzer
-from cmdtool.ingest.checkpoints import build_state_dict, write_modelled_checkpoint, write_state_dict
+from cmdtool.ingestion.checkpoints import build_state_dict, write_modelled_checkpoint, write_state_dict
 from cmdtool.store import from_array
 
 
@@ -106,7 +106,7 @@ from _measure import peak_rss_mb
 import numpy as np, torch, safetensors.torch
 import cmdtool
 from cmdtool.analyzers import get_analyzer
-from cmdtool.ingest.checkpoints import write_modelled_checkpoint
+from cmdtool.ingestion.checkpoints import write_modelled_checkpoint
 
 store = cmdtool.open_store(sys.argv[1])
 cmd = get_analyzer("cmd").load(store, "default")

@@ -219,7 +219,7 @@ def test_disk_full_mid_ingest_fails_cleanly_and_keeps_the_store_usable(tmp_path,
 # ------------------------------------------------------------------ a user's files are never touched (issue 10)
 def _decomposed(tmp_path):
     """A store ingested from tmp_path/ck with a small CMD result (enough for report, export and reconstruct)."""
-    from cmdtool.analyzers.cmd import PosthocCMD
+    from cmdtool.analyzers.cmd.posthoc import PosthocCMD
 
     write_checkpoints(tmp_path / "ck", n_epochs=6)
     cmdtool.ingest([tmp_path / "ck"], tmp_path / "s.zarr")
@@ -282,7 +282,7 @@ def test_report_out_at_the_store_or_a_source_folder_is_refused_even_with_force(t
 
 
 def test_export_landscape_reconstruct_follow_the_same_rule(tmp_path):
-    from cmdtool.output_folder import MARKER, OutputFolder
+    from cmdtool.utils.output_folder import MARKER, OutputFolder
 
     store = _decomposed(tmp_path)
     mine = tmp_path / "mine"

@@ -14,7 +14,7 @@ import pytest
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
-from cmdtool.analyzers.cmd import PosthocCMD
+from cmdtool.analyzers.cmd.posthoc import PosthocCMD
 from cmdtool.analyzers.dmd import DMD
 from cmdtool.analyzers.kga import KGA
 from cmdtool.analyzers.pca import PCA

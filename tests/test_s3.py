@@ -221,7 +221,7 @@ def _write_layout(folder, layout: str):
 def _staging_watch(monkeypatch):
     """Record, after each download of a checkpoint, the bytes the staging folder really holds on disk
     (placeholders are sparse: no blocks) and how many checkpoint files are downloaded at once."""
-    from cmdtool.ingest.remote import CheckpointStaging
+    from cmdtool.ingestion.remote import CheckpointStaging
 
     seen = {"disk": 0, "files": 0, "downloads": 0, "roots": set()}
     fetch = CheckpointStaging.fetch
@@ -317,7 +317,7 @@ def test_ingest_from_s3_through_the_cli_and_set_label_by_url(s3, tmp_path):
 
 
 def test_an_interrupted_remote_ingest_removes_its_staging_folder(s3, tmp_path, monkeypatch):
-    from cmdtool.ingest.remote import CheckpointStaging
+    from cmdtool.ingestion.remote import CheckpointStaging
 
     write_checkpoints(tmp_path / "ck", n_epochs=4, fmt="pt")
     s3.put(str(tmp_path / "ck") + "/", f"{BUCKET}/interrupted/", recursive=True)
@@ -340,8 +340,8 @@ def test_an_interrupted_remote_ingest_removes_its_staging_folder(s3, tmp_path, m
 
 
 def test_url_checkpoints_are_refused_on_a_cluster_and_when_copying_left_out_tensors(s3, tmp_path):
-    from cmdtool.cluster import using_client
-    from cmdtool.ingest.ingest import open_recorded_source
+    from cmdtool.utils.cluster import using_client
+    from cmdtool.ingestion.ingest import open_recorded_source
 
     write_checkpoints(tmp_path / "ck", n_epochs=2, fmt="pt")
     s3.put(str(tmp_path / "ck") + "/", f"{BUCKET}/refused/", recursive=True)

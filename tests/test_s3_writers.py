@@ -240,7 +240,7 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
 
     from cmdtool.store import remote_lock
 
-    ingest_module = importlib.import_module("cmdtool.ingest.ingest")  # (cmdtool.ingest is also the function)
+    ingest_module = importlib.import_module("cmdtool.ingestion.ingest")  # (cmdtool.ingest is also the function)
 
     write_checkpoints(tmp_path / "ck", n_epochs=6, fmt="safetensors")
     first = tmp_path / "first"
@@ -252,7 +252,7 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
     lease_key = f"{BUCKET}/ingest.zarr/locks/ingest/lease.json"
     root_key = f"{BUCKET}/ingest.zarr/zarr.json"
     taken = _foreign_lease(expires_at=time.time() + 60, pid=99)
-    record, calls, root_when_taken = ingest_module._record, [], []
+    record, calls, root_when_taken = ingest_module.time_record, [], []
 
     def stall_then_lose(*args, **kwargs):
         calls.append(1)
@@ -266,7 +266,7 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
             root_when_taken.append(s3.cat_file(root_key))
         return record(*args, **kwargs)
 
-    monkeypatch.setattr(ingest_module, "_record", stall_then_lose)
+    monkeypatch.setattr(ingest_module, "time_record", stall_then_lose)
     result = runner.invoke(app, ["ingest", str(tmp_path / "ck"), "--store", store])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
@@ -276,7 +276,7 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
     assert s3.cat_file(root_key) == root_when_taken[0]  # not written after the takeover
     assert cmdtool.open_store(store).labels.tolist() in ([1, 2], [1, 2, 3])  # up to the last commit before it
     s3.rm_file(lease_key)
-    monkeypatch.setattr(ingest_module, "_record", record)
+    monkeypatch.setattr(ingest_module, "time_record", record)
     cmdtool.ingest([tmp_path / "ck"], store)  # the next run goes on from there
     assert cmdtool.open_store(store).labels.tolist() == [1, 2, 3, 4, 5, 6]
 
@@ -308,7 +308,7 @@ def test_stores_on_filesystems_without_conditional_writes_are_not_written(tmp_pa
 KILLED = """
 import sys, time
 import cmdtool
-from cmdtool.ingest.remote import CheckpointStaging
+from cmdtool.ingestion.remote import CheckpointStaging
 
 download = CheckpointStaging._download
 
@@ -336,7 +336,7 @@ def test_the_next_ingest_removes_the_staging_folder_of_a_killed_one(s3, tmp_path
         proc.wait(timeout=30)
     assert staged.name.startswith(".cmdtool-staging-") and staged.parent == tmp_path, proc.stderr.read()
     assert any(p.stat().st_blocks for p in staged.rglob("epoch_*.pt"))  # a checkpoint was staged
-    from cmdtool.ingest.remote import _host, _process_started
+    from cmdtool.ingestion.remote import _host, _process_started
 
     me, started = os.getpid(), _process_started(os.getpid()) or 0
     kept = [tmp_path / ".cmdtool-staging-otherhost-12345-0-abcdefgh",  # another host's: not judged here

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import cmdtool
-from cmdtool.analyzers.passes import RowGather, cached_gram, gram_matrix
+from cmdtool.passes.local import RowGather, cached_gram, gram_matrix
 from cmdtool.errors import UsageError
 from cmdtool_cli.app import app
 

@@ -1,4 +1,4 @@
-"""A cmdtool call leaves torch's and BLAS's thread counts as it found them (cmdtool.threads.thread_limits)."""
+"""A cmdtool call leaves torch's and BLAS's thread counts as it found them (cmdtool.utils.threads.thread_limits)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from cmdtool.store import from_array, open_store
-from cmdtool.threads import one_torch_thread, thread_limits
+from cmdtool.utils.threads import one_torch_thread, thread_limits
 
 from conftest import planted_modes
 
@@ -40,8 +40,8 @@ def test_a_dmd_fit_leaves_the_thread_counts_as_it_found_them(tmp_path, monkeypat
     W, *_ = planted_modes(3000, 16, n_modes=3, noise=0.02, seed=2)
     from_array(tmp_path / "s.zarr", W)
     st = open_store(tmp_path / "s.zarr", mode="r+")
-    monkeypatch.setattr("cmdtool.device.available_cores", lambda: 2)  # the pass takes 1 thread of 3
-    import cmdtool.analyzers.passes as passes
+    monkeypatch.setattr("cmdtool.utils.device.available_cores", lambda: 2)  # the pass takes 1 thread of 3
+    import cmdtool.passes.local as passes
 
     seen, run_blocks = [], passes.run_blocks
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from cmdtool.analyzers.cmd_drift import CMDDriftWarning, assess_drift
-from cmdtool.analyzers.online_cmd import OnlineCMD
+from cmdtool.analyzers.cmd.drift import CMDDriftWarning, assess_drift
+from cmdtool.analyzers.cmd.online import OnlineCMD
 from cmdtool.errors import UsageError
 from cmdtool.training import EmbeddedCMD, GradualEmbedding, exponential_decay, halve_above, linear_decay
 
@@ -420,3 +420,16 @@ def test_online_cmd_warns_when_its_error_doubles_and_not_otherwise(change):
     assert report.drifted == change and len(drift) == int(change)
     if change:
         assert "lengthen the warm-up" in str(drift[0].message) and drift[0].filename == __file__
+
+
+def test_state_saved_under_an_earlier_module_name_loads():
+    """Training checkpoints name their dataclasses by module: one written before CMD's modules moved into
+    cmdtool.analyzers.cmd loads as the class at its current place."""
+    from cmdtool.analyzers.cmd.drift import DriftMonitor
+    from cmdtool.training._state import decode, encode
+
+    monitor = DriftMonitor(factor=3.0, epochs=[4, 5], errors=[0.25, 0.5])
+    saved = encode(monitor)
+    assert saved["__dataclass__"] == "cmdtool.analyzers.cmd.drift:DriftMonitor"
+    saved["__dataclass__"] = "cmdtool.analyzers.cmd_drift:DriftMonitor"
+    assert decode(saved) == monitor

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmdtool.ingest import ingest
+from cmdtool.ingestion import ingest
 from cmdtool.store import open_store
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

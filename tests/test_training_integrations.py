@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from cmdtool.ingest import ingest
+from cmdtool.ingestion import ingest
 from cmdtool.store import open_store
 
 from test_training_cmd import tiny_task

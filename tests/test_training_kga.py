@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cmdtool.errors import UsageError
-from cmdtool.training import KGA
-from cmdtool.training.kga import acceleration_operator, accelerate_update
+from cmdtool.training import KGAOptimizer
+from cmdtool.training.kga_optimizer import acceleration_operator, accelerate_update
 
 
 # ---------------------------------------------------------------------------------------------- dense references
@@ -176,7 +176,7 @@ def test_step_equals_dense_eqs_7_to_13_on_planted_dynamics():
     n_cols = 7
     W = trajectory(lams, phis, n_cols)
     planted = Planted(W[:, 0])
-    kga = KGA(planted.optimizer, [planted.param], alpha=1.5, eps=0.02, rank=4, warmup=n_cols - 1, history=None)
+    kga = KGAOptimizer(planted.optimizer, [planted.param], alpha=1.5, eps=0.02, rank=4, warmup=n_cols - 1, history=None)
     for t in range(1, n_cols):
         planted.step(kga, W[:, t] - W[:, t - 1])            # no acceleration during the warm-up
         kga.epoch_end()
@@ -197,7 +197,7 @@ def test_step_equals_dense_eqs_7_to_13_on_planted_dynamics():
 def test_no_stable_mode_is_exactly_the_base_optimizer(name):
     """eps ≥ 1 leaves no stable mode (|λ| < 1 − eps is impossible): no acceleration, bit for bit (Sec. 3.2)."""
     base, _ = train_regression(lambda opt, model: opt, OPTIMIZERS[name])
-    wrapped, kga = train_regression(lambda opt, model: KGA(opt, model.named_parameters(), alpha=5.0, eps=1.0,
+    wrapped, kga = train_regression(lambda opt, model: KGAOptimizer(opt, model.named_parameters(), alpha=5.0, eps=1.0,
                                                            warmup=2), OPTIMIZERS[name])
     assert len(kga.fits_) == 5 and not any(f["accelerating"] for f in kga.fits_)
     assert torch.equal(base, wrapped)
@@ -206,7 +206,7 @@ def test_no_stable_mode_is_exactly_the_base_optimizer(name):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_kga_changes_the_trajectory_with_every_base_optimizer(name):
     base, _ = train_regression(lambda opt, model: opt, OPTIMIZERS[name])
-    wrapped, kga = train_regression(lambda opt, model: KGA(opt, model.named_parameters(), alpha=1.0, warmup=2),
+    wrapped, kga = train_regression(lambda opt, model: KGAOptimizer(opt, model.named_parameters(), alpha=1.0, warmup=2),
                                     OPTIMIZERS[name])
     assert any(f["accelerating"] for f in kga.fits_)
     assert torch.isfinite(wrapped).all() and not torch.equal(base, wrapped)
@@ -222,7 +222,7 @@ def _run_planted_subspace(efficient: bool, epochs=12):
     B = rng.normal(size=(n, 2))
     A = 0.85 * np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
     planted = Planted(w0)
-    kga = KGA(planted.optimizer, [planted.param], alpha=0.8, eps=0.02, rank=3, warmup=4, history=6,
+    kga = KGAOptimizer(planted.optimizer, [planted.param], alpha=0.8, eps=0.02, rank=3, warmup=4, history=6,
               efficient=efficient)
     c = np.array([1.0, 0.5])
     atildes, eigenvalues = [], []
@@ -258,7 +258,7 @@ def _masked_run(mask, threshold, epochs=9, window=3, rank=3, alpha=0.5):
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-    kga = KGA(optimizer, model.named_parameters(), alpha=alpha, eps=0.02, rank=rank, history=6, warmup=4,
+    kga = KGAOptimizer(optimizer, model.named_parameters(), alpha=alpha, eps=0.02, rank=rank, history=6, warmup=4,
               mask=mask, window=window, mask_threshold=threshold)
     x, y, g = regression_data(1)
 
@@ -353,7 +353,7 @@ def test_masked_weights_get_the_base_update_only():
 
 # ---------------------------------------------------------------------------------------------- KGA-Iter, state
 def test_kga_iter_refits_every_k_steps():
-    _, kga = train_regression(lambda opt, model: KGA(opt, model.named_parameters(), every=4, warmup=3),
+    _, kga = train_regression(lambda opt, model: KGAOptimizer(opt, model.named_parameters(), every=4, warmup=3),
                               OPTIMIZERS["sgd"], epochs=3, steps=8)
     assert [f["step"] for f in kga.fits_] == [12, 16, 20, 24]
     assert len(kga.epoch_log_) == 3 and kga.epoch_log_[-1]["step"] == 24
@@ -368,7 +368,7 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, config):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
-        return model, opt, KGA(opt, model.named_parameters(), alpha=1.0, warmup=2, **config)
+        return model, opt, KGAOptimizer(opt, model.named_parameters(), alpha=1.0, warmup=2, **config)
 
     x = torch.rand(128, 2, generator=torch.Generator().manual_seed(0))
     y = x.sum(1, keepdim=True) ** 2
@@ -400,9 +400,9 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, config):
 def test_load_state_dict_refuses_other_settings():
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = KGA(opt, model.named_parameters(), alpha=1.0).state_dict()
+    state = KGAOptimizer(opt, model.named_parameters(), alpha=1.0).state_dict()
     with pytest.raises(UsageError, match="alpha"):
-        KGA(opt, model.named_parameters(), alpha=2.0).load_state_dict(state)
+        KGAOptimizer(opt, model.named_parameters(), alpha=2.0).load_state_dict(state)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -414,14 +414,14 @@ def test_load_state_dict_refuses_other_settings():
 def test_bad_settings_are_one_line_usage_errors(kwargs, message):
     model = torch.nn.Linear(2, 1)
     with pytest.raises(UsageError, match=message):
-        KGA(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters(), **kwargs)
+        KGAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters(), **kwargs)
 
 
 def test_the_default_keeps_the_whole_history_as_the_paper_does():
     """Paper 003 keeps every snapshot (W_i grows with training); the window is an option."""
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kga = KGA(opt, model.parameters(), warmup=1)
+    kga = KGAOptimizer(opt, model.parameters(), warmup=1)
     for _ in range(12):
         opt.zero_grad()
         model(torch.ones(2, 3)).sum().backward()
@@ -433,7 +433,7 @@ def test_the_default_keeps_the_whole_history_as_the_paper_does():
 def test_memory_report_counts_what_is_held():
     model = torch.nn.Linear(100, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kga = KGA(opt, model.parameters(), history=5)
+    kga = KGAOptimizer(opt, model.parameters(), history=5)
     memory = kga.memory_bytes()
     assert memory["snapshots"] == 1010 * 5 * 4 + 5 * 5 * 8
     assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
@@ -442,14 +442,14 @@ def test_memory_report_counts_what_is_held():
 RESUMABLE_RUN = r"""
 import os, signal, sys
 import torch
-from cmdtool.training import KGA
+from cmdtool.training import KGAOptimizer
 
 folder, kill_at = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-kga = KGA(opt, model.named_parameters(), alpha=1.0, warmup=3, history=5, mask="kwm", mask_threshold=0.005)
+kga = KGAOptimizer(opt, model.named_parameters(), alpha=1.0, warmup=3, history=5, mask="kwm", mask_threshold=0.005)
 x = torch.rand(256, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
 y = (x ** 2).sum(1, keepdim=True)
 path, first = os.path.join(folder, "last.pt"), 0
@@ -524,7 +524,7 @@ def test_diverged_weights_stop_acceleration_instead_of_raising():
     """NaN weights (a diverged run) in the window: the refit fits nothing and the steps are the base optimizer's."""
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kga = KGA(opt, model.named_parameters(), warmup=1, history=3, rank=-1)
+    kga = KGAOptimizer(opt, model.named_parameters(), warmup=1, history=3, rank=-1)
     for epoch in range(6):
         if epoch == 2:
             with torch.no_grad():
@@ -541,7 +541,7 @@ def test_efficient_kga_waits_for_a_finite_window():
     """A window holding NaN cannot fix Efficient-KGA's basis: it keeps the snapshots and starts later."""
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kga = KGA(opt, model.named_parameters(), warmup=1, history=2, rank=-1, efficient=True)
+    kga = KGAOptimizer(opt, model.named_parameters(), warmup=1, history=2, rank=-1, efficient=True)
     for epoch in range(5):
         with torch.no_grad():
             model.bias[0] = float("nan") if epoch == 0 else 0.1 * epoch

@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from cmdtool.cluster import SCHEDULER_ENV_VAR
+from cmdtool.utils.cluster import SCHEDULER_ENV_VAR
 from cmdtool.errors import CmdtoolError, UsageError
 from cmdtool.store.location import storage_error
-from cmdtool.progress import RichProgress
+from cmdtool.utils.progress import RichProgress
 from cmdtool.store import format as fmt
 
 state = {"debug": False}
@@ -55,7 +55,7 @@ SchedulerOption = typer.Option(
 
 
 def with_scheduler(command):
-    """``command`` with the ``--scheduler`` option: its body runs inside :func:`cmdtool.cluster.on_cluster`, so
+    """``command`` with the ``--scheduler`` option: its body runs inside :func:`cmdtool.utils.cluster.on_cluster`, so
     every pass it starts runs on that cluster (the library chooses the engine; the command does not know)."""
     signature = inspect.signature(command)
     params = list(signature.parameters.values())
@@ -67,7 +67,7 @@ def with_scheduler(command):
 
     @functools.wraps(command)
     def wrapper(*args, scheduler: Optional[str] = None, **kwargs):
-        from cmdtool.cluster import on_cluster
+        from cmdtool.utils.cluster import on_cluster
 
         with on_cluster(scheduler):
             return command(*args, **kwargs)
@@ -85,8 +85,8 @@ ClickException, ClickUsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS
 def allowing_globals(names: list[str]):
     """The block in which the loader also builds the classes ``names`` (--allow-global); refused on a cluster,
     whose worker processes would not know them."""
-    from cmdtool.cluster import active_client
-    from cmdtool.ingest.formats import allowed_globals
+    from cmdtool.utils.cluster import active_client
+    from cmdtool.ingestion.formats import allowed_globals
 
     if names and active_client() is not None:
         raise UsageError("--allow-global applies in this process only; run this command without --scheduler")

@@ -12,17 +12,14 @@ What these names need (torch, zarr) is imported on first use, so that importing 
 (the errors, the analyzer registry for ``cmdtool --help``) stays fast.
 """
 
-import sys
-import types
-
 from .errors import CmdtoolError, UsageError
 
 __version__ = "0.1.0"
 
 
 def ingest(*args, **kwargs):
-    """Stream checkpoints into a trajectory store: :func:`cmdtool.ingest.ingest.ingest` (imports torch)."""
-    from .ingest.ingest import ingest as run_ingest
+    """Stream checkpoints into a trajectory store: :func:`cmdtool.ingestion.ingest.ingest` (imports torch)."""
+    from .ingestion.ingest import ingest as run_ingest
 
     return run_ingest(*args, **kwargs)
 
@@ -41,17 +38,5 @@ def __getattr__(name: str):
         return TrajectoryStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-class _Package(types.ModuleType):
-    """Importing the ``cmdtool.ingest`` subpackage sets ``cmdtool.ingest`` to it; the name stays the function
-    above, as it always was."""
-
-    def __setattr__(self, name, value):
-        if name == "ingest" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = ["CmdtoolError", "TrajectoryStore", "UsageError", "ingest", "open_store", "__version__"]

@@ -51,12 +51,12 @@ def register(app: typer.Typer) -> None:
         Examples: `cmdtool compare dmd cmd pca`, `cmdtool compare cmd dmd pca pod --plot err.png`,
         `cmdtool compare dmd pca --epochs 1:80 --rank 10 --dims 10 --json`.
         """
-        from cmdtool.analyzers.compare import compare as run_comparison
+        from cmdtool.workflows.compare import compare as run_comparison
         from cmdtool.store import open_store
 
         st = open_store(store, mode="r+")
         if plot:  # refused before the work: never a source checkpoint or a file cmdtool did not write
-            from cmdtool.output_folder import check_output_file
+            from cmdtool.utils.output_folder import check_output_file
 
             check_output_file(plot, st, force=force, option="--plot")
             _plot_format(plot)
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         if plot:
             from cmdtool.report.figures import comparison_figure
 
-            from cmdtool.output_folder import write_atomically
+            from cmdtool.utils.output_folder import write_atomically
 
             figure = comparison_figure(result)
             write_atomically(plot, lambda temporary: figure.savefig(temporary, dpi=120, format=_plot_format(plot)))

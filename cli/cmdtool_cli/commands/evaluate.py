@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cmdtool.evaluate import Evaluation, all_methods, evaluate as run_evaluation
+from cmdtool.workflows.evaluate import Evaluation, all_methods, evaluate as run_evaluation
 
 from ..common import EpochsOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json, \
     print_table, progress_for, with_scheduler
@@ -59,12 +59,12 @@ def register(app: typer.Typer) -> None:
         reconstructions of every decomposition in the store (CMD post-hoc and online, DMD, PCA, POD, ...);
         results are saved in the store.
 
-        Examples: `cmdtool evaluate --fn cmdtool.examples.digits:evaluate`,
+        Examples: `cmdtool evaluate --fn cmdtool.datasets:evaluate`,
         `cmdtool evaluate --fn eval.py:metrics -m original,cmd,ema --every 5 --ema-beta 0.95`.
         """
         from cmdtool.store import open_store
 
-        from cmdtool.imports import working_directory_importable
+        from cmdtool.utils.imports import working_directory_importable
 
         st = open_store(store, mode="r+")
         with working_directory_importable():  # for the run: the function may import its neighbours when called

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from cmdtool.store.format import FORMAT_VERSION
 from cmdtool.store.summary import summarize_store
-from cmdtool.units import format_bytes
+from cmdtool.utils.units import format_bytes
 
 from ..common import JsonOption, StoreOption, console, handle_errors, print_json, print_table
 

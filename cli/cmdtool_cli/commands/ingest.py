@@ -9,7 +9,7 @@ import typer
 from cmdtool.errors import UsageError
 from cmdtool.store import format as fmt
 from cmdtool.store.format import INGEST_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
-from cmdtool.units import format_bytes
+from cmdtool.utils.units import format_bytes
 
 from ..common import (AllowGlobalOption, JsonOption, QuietOption, StoreOption, allowing_globals, console,
                       handle_errors, print_json, progress_for, with_scheduler)
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
 
         Examples: cmdtool ingest ckpts/ --store run.zarr; cmdtool ingest hf_run/ (its checkpoint-N/ folders); cmdtool ingest lightning/checkpoints --skip 'best*'.
         """  # noqa: E501 (one line per paragraph: rich re-wraps help text to the terminal)
-        from cmdtool.ingest import ingest as run_ingest  # torch: imported only when a command needs it
+        from cmdtool.ingestion import ingest as run_ingest  # torch: imported only when a command needs it
 
         with allowing_globals(allow_global):
             report = run_ingest(paths, store, label_pattern=label_pattern, include=tuple(include),

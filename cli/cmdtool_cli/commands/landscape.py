@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cmdtool.landscape import landscape as compute_landscape
+from cmdtool.workflows.landscape import landscape as compute_landscape
 
 from ..common import (ForceOutputOption, JsonOption, QuietOption, StoreOption, console, handle_errors, print_json,
                       progress_for)
@@ -41,10 +41,10 @@ def register(app: typer.Typer) -> None:
         """Vary the reference weight of one or two CMD modes around its recorded value at an epoch, every
         weight of those modes following a_i * r + b_i, and evaluate your metric function on the grid.
 
-        Examples: `cmdtool landscape --fn cmdtool.examples.digits:evaluate --epoch 40 --mode 0`,
+        Examples: `cmdtool landscape --fn cmdtool.datasets:evaluate --epoch 40 --mode 0`,
         `cmdtool landscape --fn eval.py:metrics -e 40 --mode 0 --mode 1 --points 15`.
         """
-        from cmdtool.output_folder import OutputFolder
+        from cmdtool.utils.output_folder import OutputFolder
         from cmdtool.store import open_store
 
         st = open_store(store, mode="r")

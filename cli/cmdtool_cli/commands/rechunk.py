@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         Examples: cmdtool rechunk; cmdtool rechunk --chunk-columns 64 --codec none.
         """  # noqa: E501
         from cmdtool.store.rechunk import rechunk as run_rechunk
-        from cmdtool.units import format_bytes
+        from cmdtool.utils.units import format_bytes
 
         report = run_rechunk(store, chunk_rows=chunk_rows, chunk_columns=chunk_columns, codec=codec,
                              memory_budget=memory_budget, progress=progress_for(quiet or as_json))

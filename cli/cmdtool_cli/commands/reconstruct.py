@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from cmdtool.analyzers import reconstructions
-from cmdtool.averages import BASELINES
+from cmdtool.workflows.averages import BASELINES
 from cmdtool.errors import UsageError
 
 from ..common import (AllowGlobalOption, ForceOutputOption, JsonOption, QuietOption, StoreOption, allowing_globals,
@@ -66,9 +66,9 @@ def register(app: typer.Typer) -> None:
         --format safetensors --out ckpts_cmd/`, `cmdtool reconstruct -e 150 -m dmd`, `cmdtool reconstruct -e 150
         -m swa --swa-fraction 0.2`, `cmdtool reconstruct -e 150 --strip-prefix _orig_mod. --format pt`.
         """
-        from cmdtool.ingest.checkpoints import write_modelled_checkpoint
-        from cmdtool.ingest.containers import describe_bare, write_container
-        from cmdtool.output_folder import OutputFolder, check_output_file
+        from cmdtool.ingestion.checkpoints import write_modelled_checkpoint
+        from cmdtool.ingestion.containers import describe_bare, write_container
+        from cmdtool.utils.output_folder import OutputFolder, check_output_file
         from cmdtool.store import open_store
 
         model = _model_name(method.lower(), variant)
@@ -146,7 +146,7 @@ def _averages(st, model: str, columns: list[int], ema_beta: float, swa_fraction:
               progress):
     """(row blocks, description, None) of each column's EMA or SWA over the window, in the asked order (one stream
     computes them all, whole N-vectors)."""
-    from cmdtool.averages import check_ema_beta, iter_averages, swa_length
+    from cmdtool.workflows.averages import check_ema_beta, iter_averages, swa_length
 
     window = st.resolve_epochs(epochs)
     outside = [int(st.labels[c]) for c in columns if not window.start <= c < window.stop]
@@ -179,8 +179,8 @@ def _output_plans(out: Path | None, st, columns, prefix: str, fmt: str | None) -
     store built from memory, or an --out file that the container is not), a bare state dict. One epoch is
     written to --out itself when it names a checkpoint file; otherwise into the folder --out (default
     ./reconstructed/), named ``<prefix>_epoch<E>`` with the container's suffix."""
-    from cmdtool.ingest.containers import source_container
-    from cmdtool.ingest.formats import CHECKPOINT_SUFFIXES, SAFETENSORS_SUFFIX
+    from cmdtool.ingestion.containers import source_container
+    from cmdtool.ingestion.formats import CHECKPOINT_SUFFIXES, SAFETENSORS_SUFFIX
 
     names_file = out is not None and not out.is_dir() and out.name.endswith(CHECKPOINT_SUFFIXES)
     if names_file and len(columns) > 1:
@@ -208,7 +208,7 @@ def _output_plans(out: Path | None, st, columns, prefix: str, fmt: str | None) -
 
 
 def _stripped(name: str, prefixes: tuple[str, ...]) -> str:
-    from cmdtool.ingest.formats import strip_prefix
+    from cmdtool.ingestion.formats import strip_prefix
 
     return strip_prefix(name, prefixes)
 
@@ -216,7 +216,7 @@ def _stripped(name: str, prefixes: tuple[str, ...]) -> str:
 def _checked_prefixes(st, prefixes: list[str]) -> tuple[str, ...]:
     """--strip-prefix values, each carried by some tensor name (the store's, or the source's with the prefix
     ingest stripped put back): a prefix that matches nothing is a typo, refused."""
-    from cmdtool.ingest.ingest import store_strip_prefixes
+    from cmdtool.ingestion.ingest import store_strip_prefixes
 
     names = [e.name for e in st.layout.entries]
     candidates = names + [p + n for p in store_strip_prefixes(st) for n in names]
@@ -229,7 +229,7 @@ def _checked_prefixes(st, prefixes: list[str]) -> tuple[str, ...]:
 
 def _bare_metadata(st, column: int):
     """A bare safetensors file keeps a safetensors source's header metadata."""
-    from cmdtool.ingest.formats import safetensors_metadata
+    from cmdtool.ingestion.formats import safetensors_metadata
 
     source = Path(st.time_axis[column].source)
     return safetensors_metadata(source) if source.is_absolute() and source.exists() else None

@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @with_scheduler
     def verify(store: str = StoreOption, quiet: bool = QuietOption, as_json: bool = JsonOption):
         """Check a whole store: decode every chunk (crc32c checksums) and look for missing chunks and unreadable results. Exit code 1 if anything is damaged."""  # noqa: E501
-        from cmdtool.store.metadata import store_metadata
+        from cmdtool.store.summary import store_metadata
         from cmdtool.store.verify import verify_store
 
         st = store_metadata(store)  # metadata and chunk files are all verify reads: no zarr import

@@ -26,8 +26,9 @@ def register(method: str, target: str) -> None:
 
 
 def _discover() -> None:
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f".{info.name}", __name__)
+    # subpackages (cmd/) are walked too; names sort as cmd, cmd.drift, ..., dmd, kga, pca, pod
+    for info in sorted(pkgutil.walk_packages(__path__, f"{__name__}."), key=lambda m: m.name):
+        module = importlib.import_module(info.name)
         for value in vars(module).values():
             if (isinstance(value, type) and issubclass(value, Analyzer) and value.method
                     and value.__module__ == module.__name__):

@@ -33,7 +33,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from ..errors import NotFittedError, ParameterError, UsageError
-from ..progress import NullProgress
+from ..utils.progress import NullProgress
 from .params import Param, validate
 
 
@@ -305,7 +305,7 @@ class Analyzer(Estimator):
         """The checks that need the store or torch, before any work: the device exists (this imports torch, so
         that ``fit_seconds`` times the fit, not the import), the window is long enough, outputs can be written."""
         if hasattr(self, "device"):
-            from ..device import resolve_device
+            from ..utils.device import resolve_device
 
             resolve_device(self.device)
         window = store.resolve_epochs(getattr(self, "epochs", None))

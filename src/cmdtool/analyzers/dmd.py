@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
-from .base import FigureSpec, Reconstruction, SummaryTable
+from .base import Reconstruction, SummaryTable
+from .eigenvalues import EIGENVALUE_FIGURE
 from .linear_models import (RANK, GramModel, RowProjection, descending_eigh, error_line, factor_model,
                             gram_square_root, numerical_rank, truncation_rank)
 from .params import DEVICE, EPOCHS, Param
-from .passes import stream
+from ..passes.local import stream
 
 
 @dataclass
@@ -104,31 +105,6 @@ EXACT = Param("exact", False, "Exact DMD modes (from Y) instead of projected one
               flag="--exact/--projected")
 SAVE_MODES = Param("save_modes", False, "Materialise the DMD modes Φ (N x r; one more pass), stored as modes_real / "
                    "modes_imag float32.", kind=bool, runtime=True)
-DEFAULT_CLASS_EPS = 0.01  # KGA's default ε: the neutral band a DMD spectrum is drawn with when no KGA result exists
-
-
-def _eigenvalue_numbers(view) -> dict:
-    from .kga import CLASS_NAMES, classify_eigenvalues
-
-    if view.method == "kga":
-        classes, eps = np.asarray(view.small("classes")), float(view.config.get("eps", DEFAULT_CLASS_EPS))
-    else:
-        classes, eps = classify_eigenvalues(view.small("eigenvalues"), DEFAULT_CLASS_EPS), DEFAULT_CLASS_EPS
-    return {"rank": view.attrs.get("rank", view.value("rank")), "eps": eps,
-            **{name: int(np.sum(classes == code)) for code, name in CLASS_NAMES.items()}}
-
-
-EIGENVALUE_FIGURE = FigureSpec(
-    "eigenvalues", "DMD eigenvalues by Koopman class",
-    "DMD eigenvalues λ_k on the complex plane with the unit circle, coloured by KGA class (paper 003 Sec. 3.1, "
-    "Fig. 2): neutral within 1 ± ε, stable inside, unstable outside. Marker area grows with |b_k|. Right: zoom "
-    "near λ = 1.",
-    "cmdtool.report.figures:eigenvalues_figure", numbers=_eigenvalue_numbers,
-    missing_note="eigenvalue figure skipped",
-    note=lambda view: f"eigenvalue classes drawn at ε = {DEFAULT_CLASS_EPS:g} from DMD: no kga result; run "
-                      f"`cmdtool decompose -m kga`")
-
-
 class DMD(GramModel):
     """Exact or projected DMD of an epoch window (PyDMD conventions), fitted from the cached Gram matrix.
 

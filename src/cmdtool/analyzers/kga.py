@@ -25,23 +25,12 @@ from dataclasses import replace
 import numpy as np
 
 from .base import FigureSpec, Reconstruction, SummaryTable
-from .dmd import DEFAULT_CLASS_EPS, DMD, EIGENVALUE_FIGURE, EXACT, SAVE_MODES
+from .dmd import DMD, EXACT, SAVE_MODES
+from .eigenvalues import (CLASS_NAMES, DEFAULT_CLASS_EPS, EIGENVALUE_FIGURE, NEUTRAL, STABLE,
+                          classify_eigenvalues)
 from .linear_models import RANK, RowProjection
 from .params import DEVICE, EPOCHS, Param
-from .passes import Accumulator
-
-STABLE, NEUTRAL, UNSTABLE = 0, 1, 2
-CLASS_NAMES = {STABLE: "stable", NEUTRAL: "neutral", UNSTABLE: "unstable"}
-
-
-def classify_eigenvalues(eigenvalues: np.ndarray, eps: float) -> np.ndarray:
-    """Class code per eigenvalue (paper 003 Sec. 3.1): 0 stable, 1 neutral, 2 unstable."""
-    modulus = np.abs(np.asarray(eigenvalues))
-    classes = np.full(modulus.shape, NEUTRAL, dtype=np.int8)
-    classes[modulus < 1.0 - eps] = STABLE
-    classes[modulus > 1.0 + eps] = UNSTABLE
-    return classes
-
+from ..passes.contract import Accumulator
 
 def kwm_score_matrix(mode_coefficients: np.ndarray, amplitudes: np.ndarray, eigenvalues: np.ndarray,
                      classes: np.ndarray, n_cols: int, window: int) -> np.ndarray:

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import ParameterError
 from .base import Analyzer
 from .params import Param
-from .passes import Accumulator, gram_matrix, stream
+from ..passes.contract import Accumulator
+from ..passes.local import gram_matrix, stream
 
 # relative eigenvalue floor of a Gram matrix: eigenvalues below  max_eig * T * GRAM_EPS  are roundoff
 GRAM_EPS = 1e-13
@@ -209,7 +210,7 @@ class RowProjection(Accumulator):
 
 class ColumnsOfModel(Accumulator):
     """``W_window @ weights`` block by block into ``out`` (N×k float32): modelled checkpoints of a linear model
-    (weights T×k), or weight averages (:mod:`cmdtool.averages`).
+    (weights T×k), or weight averages (:mod:`cmdtool.workflows.averages`).
 
     ``out`` is any array written by row ranges (default: a new numpy array; give a zarr array when blocks run in
     other processes). Rows with NaN/Inf give 0, or with ``keep_nonfinite`` their stored values combined by the

@@ -30,7 +30,7 @@ from .base import FigureSpec, Reconstruction, SummaryTable
 from .linear_models import (GramModel, RowProjection, descending_eigh, error_line, factor_model, numerical_rank,
                             optimal_hard_threshold_rank)
 from .params import DEVICE, EPOCHS, Param
-from .passes import stream
+from ..passes.local import stream
 
 
 def pca_stored_floats(dims: int, n_rows: int, n_cols: int) -> int:

@@ -27,7 +27,7 @@ from .base import FigureSpec, Reconstruction, SummaryTable
 from .linear_models import (RANK, GramModel, RowProjection, descending_eigh, error_line, factor_model, numerical_rank,
                             truncation_rank)
 from .params import DEVICE, EPOCHS
-from .passes import stream
+from ..passes.local import stream
 
 
 def pod_stored_floats(rank: int, n_rows: int, n_cols: int) -> int:
@@ -38,7 +38,7 @@ def pod_stored_floats(rank: int, n_rows: int, n_cols: int) -> int:
 def spectrum_figure(pod, max_values: int = 60):
     """Singular values σ_k / σ_1 of the window and the share of Σσ² that k modes leave out (log scale), with the
     kept rank."""
-    from ..plotting import new_figure, styled
+    from ..utils.plotting import new_figure, styled
     from .base import ResultView
 
     view = ResultView(pod)
@@ -66,7 +66,7 @@ def spectrum_figure(pod, max_values: int = 60):
 
 def coefficients_figure(pod, max_modes: int = 6):
     """Time coefficients C[:, k] = σ_k V[:, k] of the first modes over the epochs (weight units)."""
-    from ..plotting import new_figure, styled
+    from ..utils.plotting import new_figure, styled
     from .base import ResultView
 
     view = ResultView(pod)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..progress import NullProgress
+from ..utils.progress import NullProgress
 
 FORMATS = ("npy", "csv", "hdf5")
 COPY_BLOCK_BYTES = 32 * 1024**2
@@ -121,7 +121,7 @@ def export(store, out_dir="export", methods=None, name: str | None = "default", 
            progress=None, force: bool = False) -> ExportSummary:
     """Write the selected results (see :func:`select_results`) in ``formats`` under ``out_dir``.
 
-    ``out_dir`` follows the output-folder rule of :mod:`cmdtool.output_folder` (``force``: write into a
+    ``out_dir`` follows the output-folder rule of :mod:`cmdtool.utils.output_folder` (``force``: write into a
     non-empty folder cmdtool did not mark); files of earlier exports there are kept."""
     formats = list(dict.fromkeys(f.lower().lstrip(".") for f in formats)) or list(FORMATS)
     formats = ["hdf5" if f in ("h5", "hdf") else f for f in formats]
@@ -130,7 +130,7 @@ def export(store, out_dir="export", methods=None, name: str | None = "default", 
         raise UsageError(f"unknown export format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
     results = select_results(store, methods, name)
     progress = progress or NullProgress()
-    from ..output_folder import OutputFolder  # imports zarr: not at the top (the CLI imports this module)
+    from ..utils.output_folder import OutputFolder  # imports zarr: not at the top (the CLI imports this module)
 
     folder = OutputFolder(out_dir, "export", force=force, store=store)
     with folder as out:

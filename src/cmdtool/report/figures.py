@@ -3,7 +3,7 @@
 Every function takes a committed :class:`~cmdtool.store.results.Result`, a fitted analyzer (saved or not) or a
 :class:`~cmdtool.analyzers.base.ResultView` of either, and returns a :class:`matplotlib.figure.Figure`; the caller
 saves it (``fig.savefig("x.png")``) or shows it. Figures are built without ``pyplot`` (see
-:mod:`cmdtool.plotting`): nothing leaks when many reports are made in one process and no display is needed. The
+:mod:`cmdtool.utils.plotting`): nothing leaks when many reports are made in one process and no display is needed. The
 analyzers declare which of these figures their results get (``figures`` of each analyzer class); the report
 draws those, plus the figures that span methods (:func:`epoch_error_figure`, :func:`evaluation_figure`).
 
@@ -24,9 +24,9 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ..analyzers.base import ResultView
-from ..analyzers.dmd import DEFAULT_CLASS_EPS
+from ..analyzers.eigenvalues import DEFAULT_CLASS_EPS
 from ..errors import UsageError
-from ..plotting import STYLE, grid as _grid, mode_colors, new_figure as _figure
+from ..utils.plotting import STYLE, grid as _grid, mode_colors, new_figure as _figure
 
 CLASS_STYLE = {  # KGA class code -> (name, colour, marker); codes as in cmdtool.analyzers.kga
     0: ("stable (|λ| < 1−ε)", "tab:blue", "o"),
@@ -358,7 +358,7 @@ def epoch_error_figure(results) -> Figure:
 # ---------------------------------------------------------------------------------------------- DMD / KGA
 def eigenvalue_classes(view: ResultView) -> tuple[np.ndarray, float, bool]:
     """(class per eigenvalue, ε, from_kga): a KGA result's classes, or DMD's classified at KGA's default ε."""
-    from ..analyzers.kga import classify_eigenvalues
+    from ..analyzers.eigenvalues import classify_eigenvalues
 
     if view.method == "kga":
         return np.asarray(view.small("classes"), dtype=np.int64), float(view.config.get("eps", DEFAULT_CLASS_EPS)), True

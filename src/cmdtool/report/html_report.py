@@ -23,10 +23,10 @@ import numpy as np
 from ..analyzers import analyzer_classes
 from ..analyzers.base import ResultView
 from ..errors import CmdtoolError, UsageError
-from ..output_folder import OutputFolder
-from ..progress import NullProgress
+from ..utils.output_folder import OutputFolder
+from ..utils.progress import NullProgress
 from ..store.results import jsonable
-from ..store.store import now_iso
+from ..utils.units import now_iso
 from . import figures as F
 
 EVALUATION = "evaluation"
@@ -178,7 +178,7 @@ def build_report(store, out_dir="report", name: str = "default", formats=("png",
     """Write the figures (``formats``: png, svg, pdf), ``index.html`` and ``summary.json`` into ``out_dir``.
 
     ``force``: also write into a non-empty folder that cmdtool did not mark as its own (see
-    :mod:`cmdtool.output_folder`)."""
+    :mod:`cmdtool.utils.output_folder`)."""
     formats = list(dict.fromkeys(f.lower().lstrip(".") for f in formats)) or ["png"]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -190,7 +190,7 @@ def build_report(store, out_dir="report", name: str = "default", formats=("png",
         present = ", ".join(f"{k}/{n}" for k, n in store.results.list() if k != "gram") or "none"
         raise UsageError(f"store {store.path} holds no analysis results to report (results present: {present}); "
                          f"run `cmdtool decompose` first, e.g. `cmdtool decompose -m cmd -m dmd -m kga -m pca`")
-    # The output-folder rule (cmdtool.output_folder): only files an earlier report wrote are replaced, never
+    # The output-folder rule (cmdtool.utils.output_folder): only files an earlier report wrote are replaced, never
     # inside the store or a source folder; staged and published whole, index.html last, so a killed run never
     # leaves an index.html that points at half-written or stale figures.
     folder = OutputFolder(out_dir, "report", force=force, store=store, replace=True,

@@ -7,7 +7,7 @@ plain Python, and importing them (e.g. for the CLI's defaults) does not import z
 _LAZY = {
     "Layout": ".layout", "TensorEntry": ".layout", "TimeRecord": ".layout",
     "Result": ".results", "ResultsCatalog": ".results", "ResultWriter": ".results",
-    "RowBlock": ".store", "TrajectoryStore": ".store", "default_store_path": ".store", "from_array": ".store",
+    "RowBlock": ".reader", "TrajectoryStore": ".store", "default_store_path": ".store", "from_array": ".store",
     "open_store": ".store",
 }
 

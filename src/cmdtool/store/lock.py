@@ -5,6 +5,7 @@ writer whose lease on object storage was lost)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import fcntl
 import os
 import signal
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 from ..errors import StoreLockedError
+from . import format as fmt
+from .location import RemotePath
 from .remote_lock import check_leases
 
 
@@ -71,3 +74,35 @@ def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
                 handler(signum, None)  # Python's SIGINT handler raises KeyboardInterrupt
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(signum)
+
+
+def lock_path(store_path: Path, name: str) -> Path:
+    """The file that is flock'ed for lock ``name``: the ``zarr.json`` of the empty group ``locks/<name>``, so
+    that a zarr or xarray reader sees only zarr nodes in the store. Created (with valid group metadata) on first
+    use; never rewritten afterwards, so its inode, which the lock is attached to, stays the same."""
+    folder = store_path / fmt.LOCKS / name
+    target = folder / "zarr.json"
+    if not target.is_file():
+        for group in (store_path / fmt.LOCKS, folder):
+            group.mkdir(parents=True, exist_ok=True)
+            meta = group / "zarr.json"
+            body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
+                "cmdtool": "advisory lock (flock on this file); see docs/store.md"}}).encode()
+            try:  # O_EXCL: never replace a file another process may hold a lock on
+                fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+    return target
+
+
+def store_lock(store_path: Path | RemotePath, name: str, wait: float = 0.0):
+    what = f"store {store_path}" if name == fmt.INGEST_LOCK else f"results of {store_path}"
+    if isinstance(store_path, RemotePath):
+        from .remote_lock import lease_lock
+
+        return lease_lock(store_path / fmt.LOCKS / name / "lease.json", what, wait=wait)
+    return file_lock(lock_path(store_path, name), what, wait=wait)

@@ -88,7 +88,7 @@ class StoreMetadata(StoreAttributes):
     a read-only :class:`~cmdtool.store.store.TrajectoryStore`, and ``analyses()``.
 
     Use :meth:`read` (a local folder or a RemotePath), which returns None where the documents alone cannot answer
-    (a rechunk interrupted between its renames): open the store then (:func:`store_metadata` does).
+    (a rechunk interrupted between its renames): open the store then (:func:`~cmdtool.store.summary.store_metadata` does).
     """
 
     def __init__(self, path: Path, root: dict, trajectories: dict):
@@ -120,18 +120,3 @@ class StoreMetadata(StoreAttributes):
                 attrs = {}
             out.append((kind, name, attrs))
         return out
-
-
-def store_metadata(path=None):
-    """The :class:`StoreMetadata` of the store at ``path`` (default: ``$CMDTOOL_STORE`` or ./cmdtool.zarr), or
-    the store opened read-only where its documents alone cannot answer (mid-rechunk): both have the attributes
-    ``info`` and ``verify`` read."""
-    from .location import default_store_path, store_location
-
-    location = store_location(path) if path is not None else default_store_path()
-    view = StoreMetadata.read(location)
-    if view is None:
-        from .store import open_store
-
-        view = open_store(location)
-    return view

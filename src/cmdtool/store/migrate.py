@@ -26,7 +26,8 @@ def migrate(store) -> bool:
     """Bring ``store`` (opened with ``mode="r+"``) to :data:`~cmdtool.store.format.FORMAT_VERSION`.
 
     Returns True when something was upgraded, False when the store was already current."""
-    from .store import open_zarr_group, store_lock, write_row_coordinates
+    from .lock import store_lock
+    from .zarr_access import open_zarr_group, write_row_coordinates
 
     path = store.path
     with contextlib.ExitStack() as held:
@@ -73,7 +74,7 @@ def _add_dimension_names(array_folder: Path, names: tuple[str, ...], attributes:
 
 
 def _create_epoch_coordinate(store) -> None:
-    from .store import create_epoch_coordinate
+    from .zarr_access import create_epoch_coordinate
 
     epoch = create_epoch_coordinate(store.path, store.trajectories.shape[1])
     if store.n_checkpoints:

@@ -9,6 +9,35 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+class RowBlock:
+    """Rows ``start:stop`` of W (over the requested columns) as ``data`` (numpy array or torch tensor).
+
+    A block read with ``iter_blocks(reuse_arrays=True)`` lends its memory: :meth:`release` (or the end of a
+    ``with block:``) gives it back to the reader, which may then read a later block into it; ``data`` is None
+    from then on. A block never released keeps its memory for itself."""
+
+    __slots__ = ("start", "stop", "data", "_give_back")
+
+    def __init__(self, start: int, stop: int, data, give_back=None):
+        self.start, self.stop, self.data = start, stop, data
+        self._give_back = give_back
+
+    def release(self) -> None:
+        """Done with ``data``: the reader may read into its memory again (with ``reuse_arrays``)."""
+        give_back, self._give_back, self.data = self._give_back, None, None
+        if give_back is not None:
+            give_back()
+
+    def __enter__(self) -> "RowBlock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __iter__(self):  # allows ``for start, stop, data in store.iter_blocks()``
+        return iter((self.start, self.stop, self.data))
+
+
 _DONE = object()
 
 
@@ -100,7 +129,6 @@ def iter_row_blocks(read: Callable[..., np.ndarray], rows: slice, columns: slice
     ``prefetch`` alone bounded only the finished blocks waiting in it: memray found 5 blocks alive in a CMD pass
     with ``prefetch=2``.)
     """
-    from .store import RowBlock
 
     block_bytes = 4 * block_rows * max(columns.stop - columns.start, 1)
     prefetch = prefetch if prefetch <= 0 else max(1, min(prefetch, READ_AHEAD_BYTES // block_bytes))

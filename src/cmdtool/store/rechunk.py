@@ -18,17 +18,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import os_calls
 from ..errors import UsageError
-from ..progress import NullProgress
-from ..units import parse_size
+from ..utils.progress import NullProgress
+from ..utils.units import parse_size
 from . import format as fmt
 from .lock import signals_deferred
 from .location import RemotePath
-from .store import TrajectoryStore, codec_of, create_column_arrays, default_chunk_rows, open_zarr_group
-
-STAGED_ARRAYS = (fmt.TRAJECTORIES, fmt.INTEGER_VALUES)
-
+from .store import TrajectoryStore
+from .swap import STAGED_ARRAYS, recover_swap, swap_in
+from .zarr_access import codec_of, create_column_arrays, default_chunk_rows, open_zarr_group
 
 def default_chunk_shape(n_rows: int, n_columns: int, chunk_columns: int | None = None,
                         target_chunk_bytes: int = fmt.TARGET_CHUNK_BYTES) -> tuple[int, int]:
@@ -126,32 +124,6 @@ def _copy_rows(store: TrajectoryStore, target, chunks: tuple[int, int], budget: 
             with signals_deferred():
                 destination[start:stop, :] = block
             task.advance(stop - start)
-
-
-def swap_in(store_path: Path, name: str) -> None:
-    """Put ``staging/<name>`` in place of ``<name>``; the old array ends up in the staging group."""
-    live, staged, old = store_path / name, store_path / fmt.STAGING / name, store_path / fmt.STAGING / f"{name}.old"
-    if os_calls.exchange_paths(live, staged):  # atomic where the system and filesystem have renameat2
-        return
-    os.rename(live, old)  # a kill between these two renames is finished by recover_swap()
-    os.rename(staged, live)
-
-
-def recover_swap(store_path: Path) -> None:
-    """Finish a two-rename swap that a kill cut in half (the array missing, its complete staged copy present)."""
-    staging = store_path / fmt.STAGING
-    for name in STAGED_ARRAYS:
-        if not (store_path / name).exists() and (staging / name / "zarr.json").is_file() and _staging_complete(staging):
-            os.rename(staging / name, store_path / name)
-
-
-def _staging_complete(staging: Path) -> bool:
-    import json
-
-    try:
-        return bool(json.loads((staging / "zarr.json").read_text())["attributes"].get("complete"))
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 def remove_staging(store: TrajectoryStore) -> None:

@@ -23,7 +23,9 @@ from . import format as fmt
 from .chunk_files import ArrayDocument, ChunkDamage
 from .location import RemotePath
 from .metadata import results_index
-from .store import compressors, now_iso, open_zarr_group, store_lock
+from ..utils.units import now_iso
+from .lock import store_lock
+from .zarr_access import compressors, open_zarr_group
 
 
 def jsonable(value):

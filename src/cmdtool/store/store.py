@@ -14,8 +14,6 @@ above (the root attribute, the results index) stay atomic there; what needs a re
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
 import os
 import re
 from pathlib import Path
@@ -23,93 +21,18 @@ from typing import Iterator
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.storage import LocalStore
 
 from ..errors import CorruptionError, StoreError, UsageError
+from ..utils.units import now_iso
 from . import format as fmt
 from .layout import Layout, TimeRecord
 from .location import RemotePath, default_store_path, store_location
-from .lock import file_lock
+from .lock import store_lock
 from .chunk_files import ArrayDocument, ChunkDamage
 from .metadata import StoreAttributes, check_store_folder, store_attributes
-
-
-def zarr_store(path: str | os.PathLike | RemotePath, read_only: bool = False):
-    """The zarr storage object for a folder or fsspec URL (the one place that maps a store path to zarr storage:
-    a Dask worker given the same string opens the same storage)."""
-    location = store_location(path)
-    if isinstance(location, RemotePath):
-        from zarr.storage import FsspecStore
-
-        location.fs  # a one-line error if the protocol's package is missing
-        return FsspecStore.from_url(location.url, read_only=read_only)
-    return LocalStore(location, read_only=read_only)
-
-
-def open_zarr_group(path: str | os.PathLike, mode: str = "r", attributes: dict | None = None) -> zarr.Group:
-    """Open (``"r"``, ``"r+"``) or create (``"a"``, with ``attributes`` written in the same file) a group."""
-    kwargs = {"attributes": attributes} if attributes is not None else {}
-    return zarr.open_group(store=zarr_store(path, read_only=(mode == "r")), mode=mode, **kwargs)
-
-
-def compressors(codec: str = fmt.DEFAULT_CODEC):
-    """Chunk codecs. ``"lz4"``: bit-shuffled LZ4 (3x faster to write than byte shuffle at the same ratio on weight
-    trajectories; slower codecs gain little on float32 weights); ``"none"``: no compression (docs/performance.md
-    measures both on trained weights). Either way a crc32c checksum follows, so that a damaged chunk is reported
-    instead of being read as garbage."""
-    if codec == "lz4":
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
-    if codec == "none":
-        return [Crc32cCodec()]
-    raise UsageError(f"unknown codec {codec!r}: choose one of {', '.join(fmt.CODECS)}")
-
-
-def codec_of(array: zarr.Array) -> str:
-    """The ``--codec`` name an existing array was written with."""
-    return "lz4" if any(isinstance(c, BloscCodec) for c in array.compressors) else "none"
-
-
-def lock_path(store_path: Path, name: str) -> Path:
-    """The file that is flock'ed for lock ``name``: the ``zarr.json`` of the empty group ``locks/<name>``, so
-    that a zarr or xarray reader sees only zarr nodes in the store. Created (with valid group metadata) on first
-    use; never rewritten afterwards, so its inode, which the lock is attached to, stays the same."""
-    folder = store_path / fmt.LOCKS / name
-    target = folder / "zarr.json"
-    if not target.is_file():
-        for group in (store_path / fmt.LOCKS, folder):
-            group.mkdir(parents=True, exist_ok=True)
-            meta = group / "zarr.json"
-            body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
-                "cmdtool": "advisory lock (flock on this file); see docs/store.md"}}).encode()
-            try:  # O_EXCL: never replace a file another process may hold a lock on
-                fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                continue
-            try:
-                os.write(fd, body)
-            finally:
-                os.close(fd)
-    return target
-
-
-def store_lock(store_path: Path | RemotePath, name: str, wait: float = 0.0):
-    what = f"store {store_path}" if name == fmt.INGEST_LOCK else f"results of {store_path}"
-    if isinstance(store_path, RemotePath):
-        from .remote_lock import lease_lock
-
-        return lease_lock(store_path / fmt.LOCKS / name / "lease.json", what, wait=wait)
-    return file_lock(lock_path(store_path, name), what, wait=wait)
-
-
-def _writable(array: zarr.Array) -> zarr.Array:
-    """Write every chunk, even one that is all zeros: zarr skips those by default, and then a chunk that is
-    missing on disk (deleted, lost) could not be told from one that was never written (`cmdtool verify`)."""
-    return array.with_config({"write_empty_chunks": True})
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+from .reader import RowBlock
+from .zarr_access import (codec_of, create_column_arrays, default_chunk_rows,
+                          open_zarr_group, writable, write_row_coordinates)
 
 
 def open_store(path: str | os.PathLike | None = None, mode: str = "r") -> "TrajectoryStore":
@@ -147,7 +70,7 @@ class TrajectoryStore(StoreAttributes):
         self._generation = None
         self._trajectory_files: ArrayDocument | None = None
         if self.mode != "r" and isinstance(self.path, Path):  # no rechunk swap on object storage (refused there)
-            from .rechunk import recover_swap
+            from .swap import recover_swap
 
             recover_swap(self.path)
         try:
@@ -182,16 +105,16 @@ class TrajectoryStore(StoreAttributes):
                 self._generation = self._array_generation()
             folder = self.path / name
             try:
-                self._arrays[name] = _writable(self.group[name])
+                self._arrays[name] = writable(self.group[name])
             except KeyError:
                 # a rechunk killed between its two renames: read the complete staged copy (a writer's open
                 # finishes the swap)
-                from .rechunk import STAGED_ARRAYS, _staging_complete
+                from .swap import STAGED_ARRAYS, staging_complete
 
                 staged = self.path / fmt.STAGING
-                if isinstance(self.path, RemotePath) or name not in STAGED_ARRAYS or not _staging_complete(staged):
+                if isinstance(self.path, RemotePath) or name not in STAGED_ARRAYS or not staging_complete(staged):
                     raise
-                self._arrays[name] = _writable(open_zarr_group(staged, "r")[name])
+                self._arrays[name] = writable(open_zarr_group(staged, "r")[name])
                 folder = staged / name
             if name == fmt.TRAJECTORIES:
                 self._trajectory_files = self._chunk_files(folder)
@@ -466,89 +389,6 @@ def is_creatable(path: Path | RemotePath) -> bool:
         return True
     return path.is_dir() and not (path / "zarr.json").exists() and \
         all(p.name in _CREATION_ENTRIES for p in path.iterdir())
-
-
-def default_chunk_rows(chunk_columns: int, n_columns: int, target_chunk_bytes: int = fmt.TARGET_CHUNK_BYTES) -> int:
-    """Rows per chunk for the analyses' read pattern (row blocks over every column): about
-    ``target_chunk_bytes`` per chunk, but never more rows than a read block over all ``n_columns`` holds
-    (``R x T x 4 <= READ_BLOCK_BYTES``), since a block is a whole number of chunk rows. Without that cap a
-    narrow chunk (``Tc = 1``: 2M rows) would make the smallest block over 90 columns 720 MB."""
-    rows = target_chunk_bytes // (4 * max(chunk_columns, 1))
-    rows = min(rows, fmt.READ_BLOCK_BYTES // (4 * max(n_columns, chunk_columns, 1)))
-    return int(max(64, rows))
-
-
-def create_column_arrays(path: Path, n_rows: int, n_integer_rows: int, chunks: tuple[int, int], codec: str,
-                         n_columns: int = 0, with_epoch: bool = True) -> None:
-    """``trajectories`` (and ``integer_values``) with their dimension names, and the ``epoch`` coordinate,
-    ``n_columns`` wide, in the folder ``path`` (a store, or a rechunk's staging group). Overwrites what a killed
-    creation left there."""
-    chunk_rows, chunk_columns = chunks
-    zarr.create_array(store=zarr_store(path / fmt.TRAJECTORIES), shape=(n_rows, n_columns),
-                      chunks=(chunk_rows, chunk_columns), dtype="float32", compressors=compressors(codec),
-                      fill_value=0.0, dimension_names=fmt.DIMS_TRAJECTORIES, overwrite=True,
-                      attributes={"coordinates": fmt.TENSOR_INDEX})
-    if n_integer_rows:
-        zarr.create_array(store=zarr_store(path / fmt.INTEGER_VALUES), shape=(n_integer_rows, n_columns),
-                          chunks=(n_integer_rows, chunk_columns), dtype="int64", compressors=compressors(codec),
-                          fill_value=0, dimension_names=fmt.DIMS_INTEGER_VALUES, overwrite=True)
-    if with_epoch:
-        create_epoch_coordinate(path, n_columns)
-
-
-def create_epoch_coordinate(path: Path, n_columns: int) -> zarr.Array:
-    return _writable(zarr.create_array(
-        store=zarr_store(path / fmt.EPOCH), shape=(n_columns,), chunks=(4096,), dtype="int64",
-        compressors=compressors(), fill_value=0, dimension_names=(fmt.EPOCH,), overwrite=True,
-        attributes={"long_name": "checkpoint label (epoch or step)"}))
-
-
-def write_row_coordinates(path: Path, layout: Layout, codec: str = fmt.DEFAULT_CODEC) -> None:
-    """The ``tensor`` names and the per-row ``tensor_index`` coordinate (written in slices: N can be 1e9)."""
-    entries = layout.trajectory_entries
-    names = zarr.create_array(store=zarr_store(path / fmt.TENSOR), shape=(len(entries),),
-                              chunks=(max(1, len(entries)),), dtype=str, dimension_names=(fmt.TENSOR,),
-                              overwrite=True, attributes={"long_name": "trajectory tensor name"})
-    names[:] = np.array([e.name for e in entries], dtype=object)
-    n_rows = layout.n_rows
-    chunk = int(min(max(n_rows, 1), 4 * 1024**2))
-    index = _writable(zarr.create_array(
-        store=zarr_store(path / fmt.TENSOR_INDEX), shape=(n_rows,), chunks=(chunk,), dtype="int32",
-        compressors=compressors(), fill_value=0, dimension_names=(fmt.DIMS_TRAJECTORIES[0],), overwrite=True,
-        attributes={"long_name": "index into `tensor` of the tensor holding this row"}))
-    stops = np.array([e.stop for e in entries], dtype=np.int64)
-    for start in range(0, n_rows, chunk):
-        rows = np.arange(start, min(start + chunk, n_rows), dtype=np.int64)
-        index[start:start + len(rows)] = np.searchsorted(stops, rows, side="right").astype(np.int32)
-
-
-class RowBlock:
-    """Rows ``start:stop`` of W (over the requested columns) as ``data`` (numpy array or torch tensor).
-
-    A block read with ``iter_blocks(reuse_arrays=True)`` lends its memory: :meth:`release` (or the end of a
-    ``with block:``) gives it back to the reader, which may then read a later block into it; ``data`` is None
-    from then on. A block never released keeps its memory for itself."""
-
-    __slots__ = ("start", "stop", "data", "_give_back")
-
-    def __init__(self, start: int, stop: int, data, give_back=None):
-        self.start, self.stop, self.data = start, stop, data
-        self._give_back = give_back
-
-    def release(self) -> None:
-        """Done with ``data``: the reader may read into its memory again (with ``reuse_arrays``)."""
-        give_back, self._give_back, self.data = self._give_back, None, None
-        if give_back is not None:
-            give_back()
-
-    def __enter__(self) -> "RowBlock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def __iter__(self):  # allows ``for start, stop, data in store.iter_blocks()``
-        return iter((self.start, self.stop, self.data))
 
 
 def from_array(path: str | os.PathLike, trajectories: np.ndarray, labels=None,

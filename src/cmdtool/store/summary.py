@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import format as fmt
-from .metadata import StoreMetadata, store_metadata
+from .metadata import StoreMetadata
 
 
 def folder_bytes(path) -> int:
@@ -19,6 +19,21 @@ def folder_bytes(path) -> int:
             except OSError:
                 pass
     return total
+
+
+def store_metadata(path=None):
+    """The :class:`StoreMetadata` of the store at ``path`` (default: ``$CMDTOOL_STORE`` or ./cmdtool.zarr), or
+    the store opened read-only where its documents alone cannot answer (mid-rechunk): both have the attributes
+    ``info`` and ``verify`` read."""
+    from .location import default_store_path, store_location
+
+    location = store_location(path) if path is not None else default_store_path()
+    view = StoreMetadata.read(location)
+    if view is None:
+        from .store import open_store
+
+        view = open_store(location)
+    return view
 
 
 def summarize_store(path=None) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..progress import NullProgress
+from ..utils.progress import NullProgress
 from . import format as fmt
 from .chunk_files import ArrayDocument, ChunkDamage, is_array
 
@@ -82,7 +82,7 @@ VERIFY_TASK_BYTES = 256 * 1024**2
 
 
 def _check_array(store, name: str, n_cols: int, report: VerifyReport, task) -> None:
-    from ..cluster import active_client, store_address
+    from ..utils.cluster import active_client, store_address
 
     try:
         document = ArrayDocument.read(array_folder(store.path, name))
@@ -177,9 +177,9 @@ def verify_store(store, progress=None) -> VerifyReport:
     with progress.task("verifying", total=store.n_rows, unit="rows") as task:
         _check_array(store, fmt.TRAJECTORIES, n_cols, report, task)
     if store.layout.n_integer_rows and (array_folder(store.path, fmt.INTEGER_VALUES) / "zarr.json").is_file():
-        from ..progress import _NullTask
+        from ..utils.progress import NullTask
 
-        _check_array(store, fmt.INTEGER_VALUES, n_cols, report, _NullTask())
+        _check_array(store, fmt.INTEGER_VALUES, n_cols, report, NullTask())
     _check_coordinates(store, report)
     _check_results(store, report)
     return report

@@ -3,4 +3,4 @@
 
 from .embedded import EmbeddedCMD, GradualEmbedding, exponential_decay, halve_above, linear_decay  # noqa: F401
 from .federated import Channel, Client, FederatedCMD, RoundLog, dirichlet_split  # noqa: F401
-from .kga import KGA  # noqa: F401
+from .kga_optimizer import KGAOptimizer  # noqa: F401

@@ -5,7 +5,7 @@ checkpoints are read with ``torch.load(weights_only=True)`` (by torch's default,
 ``cmdtool ingest``), which refuses numpy arrays, dataclasses and other Python objects. So numpy arrays become
 tensors with a marker, dataclasses become dicts naming their class, and dtypes/devices become strings.
 
-:class:`~cmdtool.analyzers.online_cmd.OnlineCMD` is captured attribute by attribute (``vars``), so its resume
+:class:`~cmdtool.analyzers.cmd.online.OnlineCMD` is captured attribute by attribute (``vars``), so its resume
 support follows its internals without listing them here.
 """
 
@@ -20,6 +20,11 @@ import torch
 from ..errors import UsageError
 
 _NUMPY, _DTYPE, _DEVICE, _DATACLASS, _TUPLE = "__numpy__", "__dtype__", "__device__", "__dataclass__", "__tuple__"
+# modules that training checkpoints written by earlier versions name for their dataclasses -> where those
+# classes are now
+MOVED_MODULES = {"cmdtool.analyzers.cmd_math": "cmdtool.analyzers.cmd.math",
+                 "cmdtool.analyzers.cmd_drift": "cmdtool.analyzers.cmd.drift",
+                 "cmdtool.analyzers.online_cmd": "cmdtool.analyzers.cmd.online"}
 
 
 def encode(value):
@@ -67,7 +72,7 @@ def decode(value):
         module, _, name = value[_DATACLASS].partition(":")
         if not module.startswith("cmdtool."):
             raise UsageError(f"training state names a class outside cmdtool ({value[_DATACLASS]}): refused")
-        cls = getattr(importlib.import_module(module), name)
+        cls = getattr(importlib.import_module(MOVED_MODULES.get(module, module)), name)
         return cls(**{k: decode(v) for k, v in value["fields"].items()})
     return {k: decode(v) for k, v in value.items()}
 

@@ -38,7 +38,7 @@ P is a fraction of all trainable weights (``relative=False``, the paper's "basic
 time) or of the not yet embedded ones (``relative=True``); ``schedule`` lowers it over time (App. E.2:
 :func:`linear_decay`, :func:`exponential_decay`, :func:`halve_above` of App. F.1).
 
-Memory after the warm-up is O(N) (App. C.7): :class:`~cmdtool.analyzers.online_cmd.OnlineCMD`'s running sums
+Memory after the warm-up is O(N) (App. C.7): :class:`~cmdtool.analyzers.cmd.online.OnlineCMD`'s running sums
 plus, here, the coefficients at the last embedding epoch (float64) and an embedded flag per weight; on the
 model's device a mask per parameter and float32 coefficients of the embedded entries. During the warm-up the
 F checkpoints are buffered, as Alg. 4's first line needs them.
@@ -54,8 +54,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..analyzers.cmd_drift import DEFAULT_DRIFT_FACTOR, DriftMonitor, relative_epoch_error
-from ..analyzers.online_cmd import OnlineCMD
+from ..analyzers.cmd.drift import DEFAULT_DRIFT_FACTOR, DriftMonitor, relative_epoch_error
+from ..analyzers.cmd.online import OnlineCMD
 from ..errors import UsageError
 from ._state import export_attributes, restore_attributes
 from .freeze import REFERENCE_GRADIENTS, TIES, FrozenEmbedding
@@ -276,11 +276,11 @@ class EmbeddedCMD:
     evaluate : optional ``f(state_dict) -> dict of metrics``, run on the CMD model every epoch from F on and
         stored in :attr:`history_`.
     device : where the CMD sums live (default: the model's device).
-    drift_factor : warn (:class:`~cmdtool.analyzers.cmd_drift.CMDDriftWarning`) when the CMD model's error
+    drift_factor : warn (:class:`~cmdtool.analyzers.cmd.drift.CMDDriftWarning`) when the CMD model's error
         exceeds this multiple of its warm-up error.
 
     Only trainable parameters (``requires_grad``) are embedded and counted in :meth:`trained_fraction`; BatchNorm
-    statistics follow ``bn_stats`` as in :class:`~cmdtool.analyzers.online_cmd.OnlineCMD`.
+    statistics follow ``bn_stats`` as in :class:`~cmdtool.analyzers.cmd.online.OnlineCMD`.
     """
 
     def __init__(self, model: torch.nn.Module, modes: int = 10, warmup: int = 20, every: int = 10,

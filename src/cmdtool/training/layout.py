@@ -1,6 +1,6 @@
 """Flat float vectors of a model's state dict, in the order cmdtool uses everywhere.
 
-Row i of a trajectory store, of :class:`~cmdtool.analyzers.online_cmd.OnlineCMD` and of everything in
+Row i of a trajectory store, of :class:`~cmdtool.analyzers.cmd.online.OnlineCMD` and of everything in
 :mod:`cmdtool.training` is the same scalar: floating-point entries in state-dict order, row-major inside each
 tensor. Integer entries (``num_batches_tracked``) are not rows.
 """

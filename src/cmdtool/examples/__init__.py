@@ -1,1 +1,0 @@
-"""Small, real training runs used by tests, demos and the documentation's measured figures."""
