@@ -1,9 +1,10 @@
 """Command-line options generated from the analyzers' declared parameters (``decompose`` and ``compare``).
 
-Every parameter of every registered analyzer becomes one option: its flag, help text and default come from its
+Every parameter of every registered analyzer becomes one option: its help text, type and default come from its
 :class:`~cmdtool.analyzers.params.Param`; a parameter several analyzers share (``--epochs``, ``--rank``) is one
 option. Options that belong to some analyzers only are grouped in a help panel named after them ("DMD / KGA /
-POD options"). A new analyzer's parameters therefore appear here without any edit.
+POD options"). A new analyzer's parameters therefore appear here without any edit: the flag is
+``--<name-with-dashes>`` unless the table of :mod:`cmdtool_cli.param_flags` says otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import typer
 
 from cmdtool.analyzers import analyzer_classes
 from cmdtool.analyzers.params import merge_params
+
+from .param_flags import SPELLINGS, Spelling, flags
+
 
 
 def analyzer_parameters(own_defaults: bool = False) -> list[inspect.Parameter]:
@@ -30,7 +34,8 @@ def analyzer_parameters(own_defaults: bool = False) -> list[inspect.Parameter]:
     out = []
     for name, (owners, params) in merged.items():
         param = params[0]
-        if not param.cli:
+        spelling = SPELLINGS.get(name, Spelling())
+        if spelling.hidden:
             continue
         defaults = {repr(p.default) for p in params}
         shared_default = not own_defaults and len(defaults) == 1
@@ -42,8 +47,8 @@ def analyzer_parameters(own_defaults: bool = False) -> list[inspect.Parameter]:
         everyone = len(owners) == len(classes)
         panel = None if everyone else " / ".join(classes[m].title or m for m in owners) + " options"
         annotation = param.kind if default is not None else Optional[param.kind]
-        option = typer.Option(default, *param.flags, help=help_text, rich_help_panel=panel, metavar=param.metavar,
-                              show_default=default is not None)
+        option = typer.Option(default, *flags(name), help=help_text, rich_help_panel=panel,
+                              metavar=spelling.metavar, show_default=default is not None)
         out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return out
 
