@@ -16,10 +16,28 @@ from typing import Callable, Optional
 import typer
 
 from cmdtool.analyzers import analyzer_classes
-from cmdtool.analyzers.params import merge_params
 
 from .param_flags import SPELLINGS, Spelling, flags
 
+
+def merge_params(owners: dict[str, tuple]) -> dict[str, tuple[list[str], list]]:
+    """Parameters of several estimators by name, in first-seen order: ``name -> (owners, distinct Params)``.
+
+    A name that several analyzers declare with the same :class:`~cmdtool.analyzers.params.Param` becomes one flag
+    with one help text; one declared with different types is a programming error.
+    """
+    merged: dict[str, tuple[list[str], list]] = {}
+    for owner, params in owners.items():
+        for param in params:
+            names, distinct = merged.setdefault(param.name, ([], []))
+            names.append(owner)
+            if param not in distinct:
+                distinct.append(param)
+    for name, (_, distinct) in merged.items():
+        kinds = {p.kind for p in distinct}
+        if len(kinds) > 1:
+            raise TypeError(f"parameter {name!r} is declared with different types: {sorted(k.__name__ for k in kinds)}")
+    return merged
 
 
 def analyzer_parameters(own_defaults: bool = False) -> list[inspect.Parameter]:
@@ -72,4 +90,4 @@ def with_analyzer_options(command: Callable, own_defaults: bool = False) -> Call
     return wrapper
 
 
-__all__ = ["analyzer_parameters", "with_analyzer_options"]
+__all__ = ["analyzer_parameters", "merge_params", "with_analyzer_options"]

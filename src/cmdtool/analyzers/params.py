@@ -10,10 +10,10 @@ An analyzer lists its parameters once, as :class:`Param` objects in its ``params
   :class:`~cmdtool.errors.ParameterError` that names the library parameter;
 - the command line generates its options (``cmdtool decompose`` and ``cmdtool compare``): the help text, the
   default, the help panel. How a parameter is spelled there (a flag other than ``--name``, a short flag, a
-  metavar, or no option at all) is the CLI's business: ``cmdtool_cli.analyzer_options`` keeps that table.
+  metavar, or no option at all) is the CLI's business: ``cmdtool_cli.param_flags`` keeps that table.
 
 Parameters that several analyzers share (``epochs``, ``device``, DMD's and POD's ``rank``) are the same
-:class:`Param` object, so they become one flag with one help text.
+:class:`Param` object, so the CLI makes them one flag with one help text.
 """
 
 from __future__ import annotations
@@ -127,24 +127,4 @@ def validate(params: tuple[Param, ...], values: dict) -> None:
         param.validate(values[param.name])
 
 
-def merge_params(owners: dict[str, tuple[Param, ...]]) -> dict[str, tuple[list[str], list[Param]]]:
-    """Parameters of several estimators by name, in first-seen order: ``name -> (owners, distinct Params)``.
-
-    Used by the CLI to turn the parameters of every registered analyzer into one set of flags: a name that
-    several analyzers declare with the same :class:`Param` becomes one flag with one help text.
-    """
-    merged: dict[str, tuple[list[str], list[Param]]] = {}
-    for owner, params in owners.items():
-        for param in params:
-            names, distinct = merged.setdefault(param.name, ([], []))
-            names.append(owner)
-            if param not in distinct:
-                distinct.append(param)
-    for name, (_, distinct) in merged.items():
-        kinds = {p.kind for p in distinct}
-        if len(kinds) > 1:
-            raise TypeError(f"parameter {name!r} is declared with different types: {sorted(k.__name__ for k in kinds)}")
-    return merged
-
-
-__all__ = ["DEVICE", "EPOCHS", "Param", "check_device", "merge_params", "validate"]
+__all__ = ["DEVICE", "EPOCHS", "Param", "check_device", "validate"]
