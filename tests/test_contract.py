@@ -54,12 +54,16 @@ def make(method, **extra):
 def test_registry_lists_every_analyzer_module():
     assert available_methods() == ["cmd", "dmd", "kga", "pca", "pod"]
     assert list(reconstructions()) == ["cmd", "cmd-online", "dmd", "kga", "pca", "pod"]
-    methods = {name for name in (p.stem for p in (REPO / "src/cmdtool/analyzers").glob("*.py"))
-               if any(isinstance(node, ast.ClassDef) and any(isinstance(s, ast.Assign) and s.targets[0].id == "method"
-                                                             for s in node.body if isinstance(s, ast.Assign)
-                                                             and isinstance(s.targets[0], ast.Name))
-                      for node in ast.parse((REPO / f"src/cmdtool/analyzers/{name}.py").read_text()).body)}
-    assert {target.split(":")[0].rsplit(".", 1)[1] for target in registry.BUILTIN.values()} == methods, \
+    package = REPO / "src/cmdtool/analyzers"
+    defining = set()
+    for path in package.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(s, ast.Assign) and isinstance(s.targets[0], ast.Name) and s.targets[0].id == "method"
+                    for s in node.body):
+                module = ".".join(("cmdtool.analyzers",) + path.relative_to(package).with_suffix("").parts)
+                defining.add(f"{module.removesuffix('.__init__')}:{node.name}")
+    assert set(registry.BUILTIN.values()) == defining, \
         "every module of analyzers/ that defines a method is in BUILTIN"
 
 
