@@ -30,7 +30,7 @@ from cmdtool.errors import NotFittedError, ParameterError
 from cmdtool.store import from_array, open_store
 from cmdtool_cli.app import app
 from cmdtool_cli.param_flags import SPELLINGS
-from cmdtool_cli.summaries import BLOCKS
+from cmdtool_cli.summaries import BLOCKS, generic_blocks
 
 from conftest import planted_modes, small_cnn, write_checkpoints
 
@@ -73,6 +73,16 @@ def test_cli_tables_name_only_what_exists():
     declared = {p.name for cls in (get_analyzer(m) for m in available_methods()) for p in cls.params}
     assert set(SPELLINGS) <= declared
     assert set(BLOCKS) == set(registry.BUILTIN)
+
+
+def test_a_method_without_a_cli_layout_prints_its_summary_numbers(store):
+    pca = make("pca").fit(store)
+    [table] = generic_blocks(pca)
+    assert table.title == "pca / unsaved" and table.columns == [("figure", "left"), ("value", "right")]
+    assert [row[0] for row in table.rows] == ["relative_error", "relative_error_motion", "stored_floats",
+                                              "fit_seconds", "dims", "explained_variance_ratio_total",
+                                              "final_epoch_error", "worst_epoch_error"]
+    assert table.rows[0][1] == f"{pca.metrics_['relative_error']:.4g}" and table.rows[4][1] == str(pca.dims_)
 
 
 class _EntryPoint:
