@@ -27,6 +27,11 @@ class MeanModel(Analyzer):
     method = "cmd"
     params = (Param("modes", 1, "modes", kind=int, size=True), EPOCHS, DEVICE)
 
+    def __init__(self, *, modes=1, epochs=None, device="auto"):
+        self.modes = modes
+        self.epochs = epochs
+        self.device = device
+
     def _fit(self, store, writer, progress):
         gram, _ = gram_matrix(store, self.device, progress).window(self.window_)
         n_cols = gram.shape[0]
@@ -39,7 +44,7 @@ def fake_cmd(monkeypatch):
     module = types.ModuleType("cmdtool.analyzers._test_fake_cmd")
     module.MeanModel = MeanModel
     monkeypatch.setitem(sys.modules, "cmdtool.analyzers._test_fake_cmd", module)
-    monkeypatch.setitem(registry._MODULES, "cmd", "_test_fake_cmd:MeanModel")
+    monkeypatch.setitem(registry._registry(), "cmd", "cmdtool.analyzers._test_fake_cmd:MeanModel")
 
 
 @pytest.fixture

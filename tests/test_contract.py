@@ -1,8 +1,9 @@
-"""The analyzer contract, checked on every registered analyzer: parameters only in ``__init__``, one declarative
-validation naming library parameters (the CLI spells them as flags), the not-fitted guard, ``repr``, learned
-state documented in numpydoc "Attributes", staged results discarded on any error; OnlineCMD's shapes; reconstruct
-for every registered model and the EMA/SWA averages; the room rules of docs/architecture.md; and a start-up that
-imports neither torch nor matplotlib."""
+"""The analyzer contract, checked on every registered analyzer: a written-out ``__init__`` that matches the Param
+table and stores parameters only, scikit-learn's get_params / set_params / clone, the registry's explicit list
+and entry points, one declarative validation naming library parameters (the CLI spells them as flags), the
+not-fitted guard, ``repr``, learned state documented in numpydoc "Attributes", staged results discarded on any
+error; OnlineCMD's shapes; reconstruct for every registered model and the EMA/SWA averages; the room rules of
+docs/architecture.md; and a start-up that imports neither torch nor matplotlib."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import inspect
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +20,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cmdtool.analyzers import available_methods, get_analyzer, reconstructions
-from cmdtool.workflows.compare import compare
+import cmdtool.analyzers as registry
+from cmdtool.analyzers import available_methods, clone, get_analyzer, reconstructions
+from cmdtool.analyzers.base import Reconstruction
 from cmdtool.analyzers.cmd.online import OnlineCMD
 from cmdtool.passes.local import gram_matrix
+from cmdtool.workflows.compare import compare
 from cmdtool.errors import NotFittedError, ParameterError
 from cmdtool.store import from_array, open_store
 from cmdtool_cli.app import app
+from cmdtool_cli.param_flags import SPELLINGS
+from cmdtool_cli.summaries import BLOCKS, generic_blocks
 
 from conftest import planted_modes, small_cnn, write_checkpoints
 
@@ -45,26 +51,137 @@ def make(method, **extra):
     return get_analyzer(method)(device="cpu", **{**SMALL.get(method, {}), **extra})
 
 
-def test_registry_finds_every_analyzer_module():
+def test_registry_lists_every_analyzer_module():
     assert available_methods() == ["cmd", "dmd", "kga", "pca", "pod"]
     assert list(reconstructions()) == ["cmd", "cmd-online", "dmd", "kga", "pca", "pod"]
+    package = REPO / "src/cmdtool/analyzers"
+    defining = set()
+    for path in package.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(s, ast.Assign) and isinstance(s.targets[0], ast.Name) and s.targets[0].id == "method"
+                    for s in node.body):
+                module = ".".join(("cmdtool.analyzers",) + path.relative_to(package).with_suffix("").parts)
+                defining.add(f"{module.removesuffix('.__init__')}:{node.name}")
+    assert set(registry.BUILTIN.values()) == defining, \
+        "every module of analyzers/ that defines a method is in BUILTIN"
+
+
+def test_cli_tables_name_only_what_exists():
+    """The CLI's spelling table names parameters some analyzer declares, and every built-in method has its printed
+    layout (a stale entry after a rename would silently fall back to the default)."""
+    declared = {p.name for cls in (get_analyzer(m) for m in available_methods()) for p in cls.params}
+    assert set(SPELLINGS) <= declared
+    assert set(BLOCKS) == set(registry.BUILTIN)
+
+
+def test_a_method_without_a_cli_layout_prints_its_summary_numbers(store):
+    pca = make("pca").fit(store)
+    [table] = generic_blocks(pca)
+    assert table.title == "pca / unsaved" and table.columns == [("figure", "left"), ("value", "right")]
+    assert [row[0] for row in table.rows] == ["relative_error", "relative_error_motion", "stored_floats",
+                                              "fit_seconds", "dims", "explained_variance_ratio_total",
+                                              "final_epoch_error", "worst_epoch_error"]
+    assert table.rows[0][1] == f"{pca.metrics_['relative_error']:.4g}" and table.rows[4][1] == str(pca.dims_)
+
+
+class _EntryPoint:
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+
+def test_entry_points_register_a_third_party_method(monkeypatch):
+    """A package registers a method by an entry point of the group ``cmdtool.analyzers``: read once, on first
+    use, after the built-in ones; one that takes a built-in name is left out with a warning."""
+    module = types.ModuleType("third_party_ica")
+
+    class ICA(get_analyzer("pca")):
+        method, title = "ica", "ICA"
+        reconstructions = (Reconstruction("ica", "ICA"),)
+
+    ICA.__module__ = module.__name__
+    module.ICA = ICA
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    asked = []
+
+    def entry_points(group):
+        asked.append(group)
+        return [_EntryPoint("ica", "third_party_ica:ICA"), _EntryPoint("pca", "third_party_ica:ICA")]
+
+    monkeypatch.setattr(registry.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_MODULES", dict(registry.BUILTIN))
+    monkeypatch.setattr(registry, "_entry_points_read", False)
+    with pytest.warns(RuntimeWarning, match="entry point pca = 'third_party_ica:ICA' .* is ignored"):
+        assert available_methods() == ["cmd", "dmd", "kga", "pca", "pod", "ica"]
+    assert get_analyzer("ica") is ICA and get_analyzer("pca").__module__ == "cmdtool.analyzers.pca"
+    assert reconstructions()["ica"] == (ICA, ICA.reconstructions[0])
+    available_methods()
+    assert asked == ["cmdtool.analyzers"], "entry points are read once"
+    monkeypatch.setattr(registry, "_MODULES", {**registry._MODULES, "bad": "third_party_ica:entry_points"})
+    module.entry_points = entry_points
+    with pytest.raises(TypeError, match="not a cmdtool Analyzer"):
+        get_analyzer("bad")
+
+
+ESTIMATORS = [get_analyzer(method) for method in available_methods()] + [OnlineCMD]
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS, ids=lambda cls: cls.__name__)
+def test_init_is_written_out_as_the_param_table_says(cls):
+    """The explicit ``__init__`` (what type checkers and IDEs read) has the declared names, defaults and order,
+    keyword-only; the class's own ``__init__``, not one inherited from the base."""
+    assert "__init__" in vars(cls)
+    signature = inspect.signature(cls.__init__)
+    written = [(p.name, p.kind, p.default) for p in signature.parameters.values() if p.name != "self"]
+    assert written == [(p.name, inspect.Parameter.KEYWORD_ONLY, p.default) for p in cls.params]
+    assert inspect.signature(cls) == signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def test_an_init_that_differs_from_the_params_is_refused():
+    pca = get_analyzer("pca")
+    with pytest.raises(TypeError, match=r"does not match its declared params: write __init__\(self, \*, dims=0, "
+                                        r"epochs=None, device='auto'\)"):
+        type("Wrong", (pca,), {"__init__": lambda self, *, dims=1, epochs=None, device="auto": None})
+    with pytest.raises(TypeError, match="does not match"):
+        type("Reordered", (pca,), {"__init__": lambda self, *, epochs=None, dims=0, device="auto": None})
+    with pytest.raises(TypeError, match="does not match"):
+        type("Positional", (pca,), {"__init__": lambda self, dims=0, epochs=None, device="auto": None})
+    with pytest.raises(TypeError, match="does not match"):
+        type("Missing", (pca,), {"params": pca.params[:2]})  # inherits an __init__ with a third parameter
 
 
 @pytest.mark.parametrize("method", available_methods())
 def test_init_stores_parameters_only_and_repr(method):
     cls = get_analyzer(method)
     names = [p.name for p in cls.params]
-    signature = inspect.signature(cls)
-    assert list(signature.parameters) == names
-    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in signature.parameters.values())
     analyzer = cls()
     assert set(vars(analyzer)) == set(names), "__init__ stores its parameters and nothing else"
-    assert analyzer.get_config() == {p.name: p.default for p in cls.params}
+    assert analyzer.get_params() == {p.name: p.default for p in cls.params}
     assert repr(analyzer) == f"{cls.__name__}()"
     assert repr(cls(epochs="2:9")) == f"{cls.__name__}(epochs='2:9')"
     with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
         cls(nonsense=1)
     assert "Parameters\n----------" in cls.__doc__ and "Attributes\n----------" in cls.__doc__
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS, ids=lambda cls: cls.__name__)
+def test_get_params_set_params_and_clone(cls):
+    """scikit-learn's names and behaviour: ``get_params`` gives the parameters in declared order, ``set_params``
+    changes them and returns the estimator (an unknown name is a ValueError), ``clone`` makes an unfitted copy
+    with equal, unshared parameters."""
+    estimator = cls(epochs=[2, 9]) if "epochs" in cls.param_names() else cls(seed=3)
+    params = estimator.get_params()
+    assert list(params) == cls.param_names() and estimator.get_params(deep=False) == params
+    assert estimator.set_params(device="cpu") is estimator and estimator.device == "cpu"
+    with pytest.raises(ValueError, match=f"invalid parameter 'nonsense' for estimator {cls.__name__}"):
+        estimator.set_params(nonsense=1)
+    estimator.metrics_ = {"relative_error": 0.5}  # stands in for learned state
+    copy = clone(estimator)
+    assert type(copy) is cls and copy.get_params() == estimator.get_params() and not copy.is_fitted
+    if "epochs" in params:
+        assert copy.epochs == [2, 9] and copy.epochs is not estimator.epochs, "a mutable parameter is copied"
+    with pytest.raises(TypeError, match="not a cmdtool estimator"):
+        clone(object())
 
 
 @pytest.mark.parametrize("method", available_methods())

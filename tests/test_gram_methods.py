@@ -276,7 +276,7 @@ def test_registry_and_options():
     assert get_analyzer("dmd") is DMD and get_analyzer("kga") is KGA and get_analyzer("pca") is PCA
     options = dict(modes=10, rank="3", exact=True, save_modes=False, eps=0.05, window=4, dims=7, epochs=None,
                    device="cpu")
-    assert DMD.from_options(options).get_config() == dict(rank="3", exact=True, save_modes=False, epochs=None,
+    assert DMD.from_options(options).get_params() == dict(rank="3", exact=True, save_modes=False, epochs=None,
                                                           device="cpu")
     assert PCA.from_options(options).dims == 7
     assert KGA.from_options(options).window == 4

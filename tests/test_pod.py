@@ -88,7 +88,7 @@ def test_pod_contract(walk_store):
 
 
 def test_pod_appears_in_every_command(tmp_path):
-    """Nothing outside pod.py names POD: decompose, compare, evaluate, reconstruct, report and export find it."""
+    """decompose, compare, evaluate, reconstruct, report and export find POD through the registry."""
     write_checkpoints(tmp_path / "ckpts", n_epochs=8)
     store = str(tmp_path / "run.zarr")
     args = ["--store", store]

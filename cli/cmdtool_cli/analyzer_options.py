@@ -1,9 +1,10 @@
 """Command-line options generated from the analyzers' declared parameters (``decompose`` and ``compare``).
 
-Every parameter of every registered analyzer becomes one option: its flag, help text and default come from its
+Every parameter of every registered analyzer becomes one option: its help text, type and default come from its
 :class:`~cmdtool.analyzers.params.Param`; a parameter several analyzers share (``--epochs``, ``--rank``) is one
 option. Options that belong to some analyzers only are grouped in a help panel named after them ("DMD / KGA /
-POD options"). A new analyzer's parameters therefore appear here without any edit.
+POD options"). A new analyzer's parameters therefore appear here without any edit: the flag is
+``--<name-with-dashes>`` unless the table of :mod:`cmdtool_cli.param_flags` says otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,28 @@ from typing import Callable, Optional
 import typer
 
 from cmdtool.analyzers import analyzer_classes
-from cmdtool.analyzers.params import merge_params
+
+from .param_flags import SPELLINGS, Spelling, flags
+
+
+def merge_params(owners: dict[str, tuple]) -> dict[str, tuple[list[str], list]]:
+    """Parameters of several estimators by name, in first-seen order: ``name -> (owners, distinct Params)``.
+
+    A name that several analyzers declare with the same :class:`~cmdtool.analyzers.params.Param` becomes one flag
+    with one help text; one declared with different types is a programming error.
+    """
+    merged: dict[str, tuple[list[str], list]] = {}
+    for owner, params in owners.items():
+        for param in params:
+            names, distinct = merged.setdefault(param.name, ([], []))
+            names.append(owner)
+            if param not in distinct:
+                distinct.append(param)
+    for name, (_, distinct) in merged.items():
+        kinds = {p.kind for p in distinct}
+        if len(kinds) > 1:
+            raise TypeError(f"parameter {name!r} is declared with different types: {sorted(k.__name__ for k in kinds)}")
+    return merged
 
 
 def analyzer_parameters(own_defaults: bool = False) -> list[inspect.Parameter]:
@@ -30,7 +52,8 @@ def analyzer_parameters(own_defaults: bool = False) -> list[inspect.Parameter]:
     out = []
     for name, (owners, params) in merged.items():
         param = params[0]
-        if not param.cli:
+        spelling = SPELLINGS.get(name, Spelling())
+        if spelling.hidden:
             continue
         defaults = {repr(p.default) for p in params}
         shared_default = not own_defaults and len(defaults) == 1
@@ -42,8 +65,8 @@ def analyzer_parameters(own_defaults: bool = False) -> list[inspect.Parameter]:
         everyone = len(owners) == len(classes)
         panel = None if everyone else " / ".join(classes[m].title or m for m in owners) + " options"
         annotation = param.kind if default is not None else Optional[param.kind]
-        option = typer.Option(default, *param.flags, help=help_text, rich_help_panel=panel, metavar=param.metavar,
-                              show_default=default is not None)
+        option = typer.Option(default, *flags(name), help=help_text, rich_help_panel=panel,
+                              metavar=spelling.metavar, show_default=default is not None)
         out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return out
 
@@ -67,4 +90,4 @@ def with_analyzer_options(command: Callable, own_defaults: bool = False) -> Call
     return wrapper
 
 
-__all__ = ["analyzer_parameters", "with_analyzer_options"]
+__all__ = ["analyzer_parameters", "merge_params", "with_analyzer_options"]

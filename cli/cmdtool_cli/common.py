@@ -22,6 +22,8 @@ from cmdtool.store.location import storage_error
 from cmdtool.utils.progress import RichProgress
 from cmdtool.store import format as fmt
 
+from .param_flags import long_flag
+
 state = {"debug": False}
 # soft_wrap: long lines are not broken when output goes to a pipe or a file
 console = Console(soft_wrap=True)
@@ -120,7 +122,7 @@ def print_json(data) -> None:
 def error_text(exc: CmdtoolError) -> str:
     """The error's line; a library parameter it names is spelled as the command-line flag (modes -> --modes)."""
     render = getattr(exc, "render", None)
-    return render(lambda name: "--" + name.replace("_", "-")) if render is not None else str(exc)
+    return render(long_flag) if render is not None else str(exc)
 
 
 def say_error(message: str) -> None:

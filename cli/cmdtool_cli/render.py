@@ -8,7 +8,7 @@ from .common import console, print_table
 
 
 def print_blocks(blocks) -> None:
-    """Print an analyzer's :meth:`~cmdtool.analyzers.base.Analyzer.summary_blocks`: tables and lines, in order."""
+    """Print :func:`~cmdtool_cli.summaries.summary_blocks`: tables and lines, in order."""
     for block in blocks:
         if isinstance(block, str):
             console.print(block, highlight=False)

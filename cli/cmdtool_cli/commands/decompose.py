@@ -14,6 +14,7 @@ from ..analyzer_options import with_analyzer_options
 from ..common import (JsonOption, QuietOption, StoreOption, handle_errors, print_json, progress_for,
                       with_scheduler)
 from ..render import print_blocks
+from ..summaries import summary_blocks
 
 
 def register(app: typer.Typer) -> None:
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
             analyzer.save(name)
             summaries.append({"name": name, **analyzer.summary()})
             if not as_json and not quiet:
-                print_blocks(analyzer.summary_blocks())
+                print_blocks(summary_blocks(analyzer))
         if as_json:
             print_json(summaries if len(summaries) > 1 else summaries[0])
 

@@ -1,61 +1,92 @@
-"""Analyzers: one module per method; the registry finds them.
+"""Analyzers: one module per method, listed in :data:`BUILTIN`; other packages add theirs by entry point.
 
-Every module of this package is imported once, when the package is (they import numpy and the standard library
-only at the top: torch, scipy and matplotlib are imported where they are used, so that ``cmdtool --help`` stays
-fast). Each :class:`~cmdtool.analyzers.base.Analyzer` subclass with a ``method`` name that a module defines is
-registered under that name, in the order of the module names (cmd, dmd, kga, pca, pod, ...). A new analyzer is
-therefore one module: ``decompose``, ``compare``, ``evaluate``, ``reconstruct``, ``report`` and ``export`` read it
-from here. :func:`register` adds one defined elsewhere (e.g. in a plug-in or a test).
+The registry maps a method name to ``"module:Class"`` and imports a module only when its class is asked for
+(they import numpy and the standard library at the top: torch, scipy and matplotlib are imported where they are
+used, so that ``cmdtool --help`` stays fast). Its order is :data:`BUILTIN`'s, then the entry points, then
+:func:`register`'s. ``decompose``, ``compare``, ``evaluate``, ``reconstruct``, ``report`` and ``export`` read
+the analyzers from here, so a new analyzer is one module plus its line in :data:`BUILTIN`.
+
+A third-party package registers a method without touching this package, by an entry point of the group
+``cmdtool.analyzers`` (read with :mod:`importlib.metadata` the first time the registry is used), e.g. in its
+``pyproject.toml``::
+
+    [project.entry-points."cmdtool.analyzers"]
+    ica = "my_package.ica:ICA"
+
+:func:`register` adds one at run time (e.g. in a test).
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
+import warnings
+from importlib import metadata
 
 from ..errors import UsageError
-from .base import Analyzer, Reconstruction
+from .base import Analyzer, Reconstruction, clone
 
-_MODULES: dict[str, str] = {}  # method name -> "module:Class"
+ENTRY_POINT_GROUP = "cmdtool.analyzers"
+
+# the analyzers of this package, in registry order: method name -> "module:Class"
+BUILTIN: dict[str, str] = {
+    "cmd": f"{__name__}.cmd.posthoc:PosthocCMD",
+    "dmd": f"{__name__}.dmd:DMD",
+    "kga": f"{__name__}.kga:KGA",
+    "pca": f"{__name__}.pca:PCA",
+    "pod": f"{__name__}.pod:POD",
+}
+
+_MODULES: dict[str, str] = dict(BUILTIN)  # method name -> "module:Class"; entry points join on first use
+_entry_points_read = False
 
 
 def register(method: str, target: str) -> None:
     """Register ``"module:Class"`` under ``method`` (a bare module name is one of this package's modules, a
     dotted one is imported as written)."""
-    _MODULES[method] = target
+    module_name, _, class_name = target.partition(":")
+    if "." not in module_name:
+        module_name = f"{__name__}.{module_name}"
+    _registry()[method] = f"{module_name}:{class_name}"
 
 
-def _discover() -> None:
-    # subpackages (cmd/) are walked too; names sort as cmd, cmd.drift, ..., dmd, kga, pca, pod
-    for info in sorted(pkgutil.walk_packages(__path__, f"{__name__}."), key=lambda m: m.name):
-        module = importlib.import_module(info.name)
-        for value in vars(module).values():
-            if (isinstance(value, type) and issubclass(value, Analyzer) and value.method
-                    and value.__module__ == module.__name__):
-                if value.method in _MODULES:
-                    raise TypeError(f"two analyzers are named {value.method!r}: {_MODULES[value.method]} and "
-                                    f"{info.name}:{value.__name__}")
-                _MODULES[value.method] = f"{info.name}:{value.__name__}"
+def _registry() -> dict[str, str]:
+    """The method table, with the entry points of the ``cmdtool.analyzers`` group added the first time.
+
+    An entry point whose name is already taken is left out with a warning (a built-in method cannot be replaced
+    by installing a package; :func:`register` can, on purpose).
+    """
+    global _entry_points_read
+    if not _entry_points_read:
+        _entry_points_read = True
+        for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if entry_point.name in _MODULES:
+                warnings.warn(f"the entry point {entry_point.name} = {entry_point.value!r} of group "
+                              f"{ENTRY_POINT_GROUP!r} is ignored: the method {entry_point.name!r} is already "
+                              f"{_MODULES[entry_point.name]}", RuntimeWarning, stacklevel=2)
+                continue
+            _MODULES[entry_point.name] = entry_point.value
+    return _MODULES
 
 
 def available_methods() -> list[str]:
-    return list(_MODULES)
+    return list(_registry())
 
 
 def get_analyzer(method: str) -> type[Analyzer]:
-    target = _MODULES.get(method)
+    registry = _registry()
+    target = registry.get(method)
     if target is None:
-        raise UsageError(f"unknown method {method!r}: choose from {', '.join(_MODULES) or 'none'}")
-    module_name, class_name = target.split(":")
-    # a bare module name is one of this package's; a dotted one is imported as written (a plug-in)
-    module = importlib.import_module(module_name if "." in module_name else f".{module_name}",
-                                     None if "." in module_name else __name__)
-    return getattr(module, class_name)
+        raise UsageError(f"unknown method {method!r}: choose from {', '.join(registry) or 'none'}")
+    module_name, _, class_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Analyzer)):
+        raise TypeError(f"the method {method!r} names {target}, which is not a cmdtool Analyzer subclass")
+    return cls
 
 
 def analyzer_classes() -> dict[str, type[Analyzer]]:
     """Every registered analyzer class, by method name, in registry order."""
-    return {method: get_analyzer(method) for method in _MODULES}
+    return {method: get_analyzer(method) for method in _registry()}
 
 
 def reconstructions() -> dict[str, tuple[type[Analyzer], Reconstruction]]:
@@ -89,7 +120,5 @@ def load_reconstruction(store, name: str, result_name: str = "default", loaded: 
     return analyzer, reconstruction
 
 
-_discover()
-
-__all__ = ["Analyzer", "analyzer_classes", "available_methods", "get_analyzer", "load_reconstruction",
-           "reconstructions", "register"]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "Analyzer", "analyzer_classes", "available_methods", "clone",
+           "get_analyzer", "load_reconstruction", "reconstructions", "register"]

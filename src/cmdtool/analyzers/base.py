@@ -1,13 +1,15 @@
 """The analyzer contract: scikit-learn's estimator conventions over a trajectory store, PyDMD's one class per method.
 
-An analyzer is one class in one module of this package (the registry finds it, see ``__init__.py``). It declares
+An analyzer is one class in one module of this package (listed in the registry, see ``__init__.py``). It declares
 
-- ``params``: its parameters (:class:`~cmdtool.analyzers.params.Param`). ``__init__`` is generated from them: it
-  stores the keyword arguments and does nothing else. ``fit`` validates them first (one declarative check whose
-  errors name the library parameter; the CLI spells it as its flag).
+- ``params``: its parameters (:class:`~cmdtool.analyzers.params.Param`). Its ``__init__`` is written out with
+  exactly these keyword-only parameters and defaults (checked when the class is defined): it stores them and does
+  nothing else. ``get_params`` / ``set_params`` / :func:`clone` are scikit-learn's. ``fit`` validates them first
+  (one declarative check whose errors name the library parameter; the CLI spells it as its flag).
 - ``reconstructions``: the modelled checkpoints it can give (:class:`Reconstruction`), which ``cmdtool
   evaluate`` and ``cmdtool reconstruct --method`` offer.
-- ``figures``: its report figures (:class:`FigureSpec`), drawn by ``cmdtool report`` when a result exists.
+- ``figures``: its report figures (:class:`FigureSpec`), drawn by ``cmdtool report`` when a result exists (the
+  drawing functions live in :mod:`cmdtool.report.figures`; the analyzer only names them).
 - ``saved_arrays`` / ``streamed_arrays`` / ``saved_attrs``: its learned state, which :meth:`Analyzer.save` and
   :meth:`Analyzer.load` persist without code of their own.
 
@@ -25,6 +27,7 @@ See docs/architecture.md for the whole contract and a worked example (POD).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -76,21 +79,6 @@ class FigureSpec:
     missing_note: str | None = None
     note: Callable[["ResultView"], str | None] | None = None
 
-    def make(self, view: "ResultView"):
-        import importlib
-
-        module, _, function = self.draw.partition(":")
-        return getattr(importlib.import_module(module), function)(view)
-
-
-@dataclass
-class SummaryTable:
-    """A table of a fitted analyzer's summary as plain data; the CLI renders it (``columns``: (name, justify))."""
-
-    title: str
-    columns: list[tuple[str, str]]
-    rows: list[list[str]]
-
 
 # ---------------------------------------------------------------------------------------------- views of results
 class ResultView:
@@ -121,7 +109,7 @@ class ResultView:
             self.method, self.name = source.method, getattr(source, "name_", None) or "unsaved"
             self.attrs = dict(self.result.attrs) if self.result is not None else {}
             self.metrics = source.metrics_
-            self.config = source.get_config()
+            self.config = source.get_params(deep=False)
         else:
             raise TypeError(f"expected a cmdtool Result or a fitted analyzer, got {type(source).__name__}")
 
@@ -169,8 +157,22 @@ class ResultView:
 # ---------------------------------------------------------------------------------------------- estimators
 class Estimator:
     """Parameters declared once (``params``), stored by a keyword-only ``__init__`` that does no work (as in
-    scikit-learn), validated by :meth:`validate_params`, shown by ``repr``; :meth:`_check_fitted` guards every
-    use of learned state."""
+    scikit-learn), read and changed by :meth:`get_params` / :meth:`set_params`, validated by
+    :meth:`validate_params`, shown by ``repr``; :meth:`_check_fitted` guards every use of learned state.
+
+    A subclass that declares ``params`` writes its ``__init__`` out (so that type checkers and IDEs see the
+    parameters)::
+
+        params = (DIMS, EPOCHS, DEVICE)
+
+        def __init__(self, *, dims=40, epochs=None, device="auto"):
+            self.dims = dims
+            self.epochs = epochs
+            self.device = device
+
+    and the class statement fails (``TypeError``) unless that signature has exactly the declared names, defaults
+    and order, all keyword-only: the ``Param`` table stays the one source of truth.
+    """
 
     params: ClassVar[tuple[Param, ...]] = ()
 
@@ -179,27 +181,46 @@ class Estimator:
         names = [p.name for p in cls.params]
         if len(set(names)) != len(names):
             raise TypeError(f"{cls.__name__} declares a parameter twice: {names}")
-        cls.__signature__ = inspect.Signature(
-            [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default) for p in cls.params])
+        if cls.params:
+            _check_init_signature(cls)
         if cls.__doc__ and cls.params and "Parameters\n" not in cls.__doc__:
             cls.__doc__ = _with_parameters_section(cls.__doc__, cls.params)
-
-    def __init__(self, **params):
-        names = {p.name for p in self.params}
-        unknown = sorted(set(params) - names)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}; its "
-                            f"parameters are {', '.join(p.name for p in self.params)}")
-        for param in self.params:
-            setattr(self, param.name, params.get(param.name, param.default))
 
     @classmethod
     def param_names(cls) -> list[str]:
         return [p.name for p in cls.params]
 
-    def get_config(self) -> dict:
-        """The parameters as given (scikit-learn's ``get_params``)."""
-        return {name: getattr(self, name) for name in self.param_names()}
+    def get_params(self, deep: bool = True) -> dict:
+        """The parameters as given, by name (scikit-learn's ``get_params``).
+
+        ``deep=True`` also lists the parameters of parameters that are estimators, as ``name__sub`` (none of
+        this package's analyzers has one; the keyword is scikit-learn's).
+        """
+        out = {}
+        for name in self.param_names():
+            value = getattr(self, name)
+            if deep and hasattr(value, "get_params") and not isinstance(value, type):
+                out.update((f"{name}__{key}", sub) for key, sub in value.get_params(deep=True).items())
+            out[name] = value
+        return out
+
+    def set_params(self, **params) -> "Estimator":
+        """Set parameters by name (``name__sub`` for a parameter of a parameter that is an estimator) and return
+        ``self``, as scikit-learn's ``set_params``; nothing is validated or refitted until ``fit``."""
+        names = self.param_names()
+        nested: dict[str, dict] = {}
+        for key, value in params.items():
+            name, delimiter, sub = key.partition("__")
+            if name not in names:
+                raise ValueError(f"invalid parameter {name!r} for estimator {type(self).__name__}; its parameters "
+                                 f"are {', '.join(names)}")
+            if delimiter:
+                nested.setdefault(name, {})[sub] = value
+            else:
+                setattr(self, name, value)
+        for name, sub_params in nested.items():
+            getattr(self, name).set_params(**sub_params)
+        return self
 
     @classmethod
     def from_options(cls, options: dict):
@@ -209,7 +230,7 @@ class Estimator:
 
     def validate_params(self) -> None:
         """The declarative check of every parameter, then the rules that involve several (``_check_params``)."""
-        validate(self.params, self.get_config())
+        validate(self.params, self.get_params(deep=False))
         self._check_params()
 
     def _check_params(self) -> None:
@@ -230,6 +251,35 @@ class Estimator:
             name = type(self).__name__
             raise NotFittedError(f"this {name} is not fitted yet: call fit(store) first, or {name}.load(store, name) "
                                  "for a saved result")
+
+
+def clone(estimator: Estimator) -> Estimator:
+    """A new, unfitted estimator with the same parameters (scikit-learn's ``sklearn.base.clone``).
+
+    Parameters that are estimators are cloned in turn; other values are deep-copied, so that the clone shares
+    no mutable parameter with the original. Learned state (``*_``) is not copied.
+    """
+    if not isinstance(estimator, Estimator):
+        raise TypeError(f"cannot clone {estimator!r}: it is not a cmdtool estimator (no declared params)")
+    params = {name: clone(value) if isinstance(value, Estimator) else copy.deepcopy(value)
+              for name, value in estimator.get_params(deep=False).items()}
+    return type(estimator)(**params)
+
+
+def _check_init_signature(cls) -> None:
+    """Raise ``TypeError`` unless ``cls.__init__`` takes exactly the declared parameters, keyword-only, with the
+    declared defaults, in the declared order."""
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - a C-level __init__
+        raise TypeError(f"{cls.__name__}.__init__ has no signature to check against its params: {exc}") from None
+    written = [p for name, p in signature.parameters.items() if name != "self"]
+    got = [(p.name, p.kind, p.default) for p in written]
+    want = [(p.name, inspect.Parameter.KEYWORD_ONLY, p.default) for p in cls.params]
+    if len(got) != len(want) or any(g[:2] != w[:2] or not _same_value(g[2], w[2]) for g, w in zip(got, want)):
+        declared = ", ".join(f"{p.name}={p.default!r}" for p in cls.params)
+        raise TypeError(f"{cls.__name__}.__init__{signature} does not match its declared params: write "
+                        f"__init__(self, *, {declared}) and store each value as is")
 
 
 def _same_value(a, b) -> bool:
@@ -350,7 +400,7 @@ class Analyzer(Estimator):
             if value is not None:
                 writer.put(key, value)
         writer.put("epoch_relative_error", np.asarray(self.metrics_["epoch_relative_error"], dtype=np.float64))
-        writer.attrs.update(method=self.method, config=self.get_config(), metrics=self.metrics_,
+        writer.attrs.update(method=self.method, config=self.get_params(deep=False), metrics=self.metrics_,
                             timings=self.timings_, store_revision=self.store_.revision,
                             columns=[self.window_.start, self.window_.stop],
                             labels=[int(x) for x in self.labels_])
@@ -464,15 +514,6 @@ class Analyzer(Estimator):
                 "relative_error_motion": m.get("relative_error_motion"), "stored_floats": m.get("stored_floats"),
                 "fit_seconds": self.timings_.get("fit_seconds")}
 
-    def summary_blocks(self) -> list:
-        """What ``cmdtool decompose`` prints: :class:`SummaryTable` objects and lines of text, in order."""
-        summary = self.summary()
-        table = SummaryTable(f"{self.method} / {self.name_ or 'unsaved'}", [("figure", "left"), ("value", "right")], [])
-        for key, value in summary.items():
-            if key != "method" and not isinstance(value, (list, dict)):
-                table.rows.append([key, f"{value:.4g}" if isinstance(value, float) else str(value)])
-        return [table]
-
     # ------------------------------------------------------------------ report and export (saved or fitted)
     @classmethod
     def headline(cls, view: ResultView) -> dict:
@@ -500,4 +541,4 @@ class Analyzer(Estimator):
         return {"epoch_errors": (["epoch", "relative_error"], list(zip(labels, errors)))}
 
 
-__all__ = ["Analyzer", "Estimator", "FigureSpec", "Reconstruction", "ResultView", "SummaryTable"]
+__all__ = ["Analyzer", "Estimator", "FigureSpec", "Reconstruction", "ResultView", "clone"]

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
-from .base import Reconstruction, SummaryTable
+from .base import Reconstruction
 from .eigenvalues import EIGENVALUE_FIGURE
-from .linear_models import (RANK, GramModel, RowProjection, descending_eigh, error_line, factor_model,
+from .linear_models import (RANK, GramModel, RowProjection, descending_eigh, factor_model,
                             gram_square_root, numerical_rank, truncation_rank)
 from .params import DEVICE, EPOCHS, Param
 from ..passes.local import stream
@@ -101,8 +101,7 @@ def dmd_stored_floats(rank: int, n_rows: int) -> int:
     return int(rank * n_rows + 2 * rank)
 
 
-EXACT = Param("exact", False, "Exact DMD modes (from Y) instead of projected ones (from X).", kind=bool,
-              flag="--exact/--projected")
+EXACT = Param("exact", False, "Exact DMD modes (from Y) instead of projected ones (from X).", kind=bool)
 SAVE_MODES = Param("save_modes", False, "Materialise the DMD modes Φ (N x r; one more pass), stored as modes_real / "
                    "modes_imag float32.", kind=bool, runtime=True)
 class DMD(GramModel):
@@ -152,6 +151,13 @@ class DMD(GramModel):
                     "mode_coefficients", "amplitudes", "reconstruction_matrix")
     streamed_arrays = ("modes_real", "modes_imag")
     saved_attrs = ("rank", "rank_requested")
+
+    def __init__(self, *, rank=0, exact=False, save_modes=False, epochs=None, device="auto"):
+        self.rank = rank
+        self.exact = exact
+        self.save_modes = save_modes
+        self.epochs = epochs
+        self.device = device
 
     # ------------------------------------------------------------------ fitting
     def _needs_writer(self) -> bool:
@@ -241,17 +247,6 @@ class DMD(GramModel):
                    final_epoch_error=m["epoch_relative_error"][-1], worst_epoch_error=max(m["epoch_relative_error"]),
                    eigenvalues=self.eigenvalue_table())
         return out
-
-    def summary_blocks(self) -> list:
-        s = self.summary()
-        title = f"{self.method} / {self.name_ or ''}: rank {s['rank']}"
-        if s["rank"] != s["rank_requested"]:
-            title += f" (asked {s['rank_requested']}; the rest is below the Gram path's roundoff)"
-        table = SummaryTable(title, [("λ", "right"), ("|λ|", "right"), ("|b|", "right")], [])
-        for row in s["eigenvalues"][:20]:
-            re, im = row["eigenvalue"]
-            table.rows.append([f"{re:+.5f}{im:+.5f}j", f"{row['modulus']:.5f}", f"{row['amplitude']:.4g}"])
-        return [table, error_line(s)]
 
     # ------------------------------------------------------------------ report and export
     @classmethod

@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .base import FigureSpec, Reconstruction, SummaryTable
+from .base import FigureSpec, Reconstruction
 from .dmd import DMD, EXACT, SAVE_MODES
 from .eigenvalues import (CLASS_NAMES, DEFAULT_CLASS_EPS, EIGENVALUE_FIGURE, NEUTRAL, STABLE,
                           classify_eigenvalues)
@@ -137,6 +137,17 @@ class KGA(DMD):
     streamed_arrays = DMD.streamed_arrays + ("mask", "weight_basis")
     saved_attrs = DMD.saved_attrs + ("tensor_names", "masked_fraction")
 
+    def __init__(self, *, rank=0, exact=False, eps=DEFAULT_CLASS_EPS, window=5, mask_threshold=None, save_modes=False,
+                 epochs=None, device="auto"):
+        self.rank = rank
+        self.exact = exact
+        self.eps = eps
+        self.window = window
+        self.mask_threshold = mask_threshold
+        self.save_modes = save_modes
+        self.epochs = epochs
+        self.device = device
+
     def _needs_writer(self) -> bool:
         return True
 
@@ -202,23 +213,6 @@ class KGA(DMD):
                                       for name, m, n in zip(self.tensor_names_, self.masked_per_tensor_,
                                                             self.tensor_sizes_)})
         return out
-
-    def summary_blocks(self) -> list:
-        s = self.summary()
-        table = SummaryTable(f"kga / {self.name_ or ''}: rank {s['rank']}, eps {self.eps}",
-                             [("λ", "right"), ("|λ|", "right"), ("|b|", "right"), ("class", "right")], [])
-        for row in s["eigenvalues"][:20]:
-            re, im = row["eigenvalue"]
-            table.rows.append([f"{re:+.5f}{im:+.5f}j", f"{row['modulus']:.5f}", f"{row['amplitude']:.4g}",
-                               row["class"]])
-        counts = s["classes"]
-        line = (f"modes: {counts['stable']} stable, {counts['neutral']} neutral, {counts['unstable']} unstable; KWM "
-                f"(window {self.window}): {s['masked_fraction']:.1%} of weights masked out")
-        layers = SummaryTable("KWM masked fraction per tensor", [("tensor", "left"), ("masked", "right"),
-                                                                  ("size", "right"), ("fraction", "right")], [])
-        for name, row in list(s["masked_per_tensor"].items())[:40]:
-            layers.rows.append([name, f"{row['masked']:,}", f"{row['size']:,}", f"{row['fraction']:.1%}"])
-        return [table, line, layers]
 
     # ------------------------------------------------------------------ report and export
     @classmethod

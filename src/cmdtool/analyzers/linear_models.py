@@ -133,14 +133,7 @@ def truncation_rank(singular_values: np.ndarray, n_rows: int, n_cols: int, rank)
 
 RANK = Param("rank", 0, "Truncation rank: an integer r, 0 for the Gavish-Donoho optimal hard threshold, an energy "
              "fraction in (0,1), or -1 for no truncation (PyDMD's svd_rank).", kind=str, types=(int, float, str),
-             check=parse_rank, size=True, metavar="R")
-
-
-def error_line(summary: dict) -> str:
-    """The line of errors, size and time that ``cmdtool decompose`` prints under a Gram model's table."""
-    return (f"relative error {summary['relative_error']:.4g} (to motion {summary['relative_error_motion']:.4g}), "
-            f"final epoch {summary['final_epoch_error']:.4g}, worst epoch {summary['worst_epoch_error']:.4g}; "
-            f"stored floats {summary['stored_floats']:,}; {summary['fit_seconds']:.2f} s")
+             check=parse_rank, size=True)
 
 
 class RowProjection(Accumulator):

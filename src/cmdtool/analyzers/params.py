@@ -1,16 +1,19 @@
-"""Declared parameters of an estimator: one declaration gives ``__init__``, validation, ``repr`` and CLI flags.
+"""Declared parameters of an estimator: one declaration gives validation, ``repr``, the docstring's "Parameters"
+section, ``get_params`` and the CLI options.
 
 An analyzer lists its parameters once, as :class:`Param` objects in its ``params`` tuple. From that list
 
-- :class:`~cmdtool.analyzers.base.Estimator` builds the keyword-only ``__init__`` (it stores the values and does
-  nothing else, as scikit-learn's estimators do) and its signature, so ``help()`` and ``inspect`` show them;
+- :class:`~cmdtool.analyzers.base.Estimator` checks that the class's keyword-only ``__init__`` (written out, so
+  that type checkers and IDEs see it; it stores the values and does nothing else, as scikit-learn's estimators
+  do) has exactly these parameters, defaults and order, and gives ``get_params`` / ``set_params`` / ``repr``;
 - :func:`validate` checks the values (type, choices, bounds, a custom check) when ``fit`` starts, raising a
   :class:`~cmdtool.errors.ParameterError` that names the library parameter;
-- the command line generates its options (``cmdtool decompose`` and ``cmdtool compare``): the flag, the help
-  text, the default, the help panel; the CLI spells the parameter of an error as that flag.
+- the command line generates its options (``cmdtool decompose`` and ``cmdtool compare``): the help text, the
+  default, the help panel. How a parameter is spelled there (a flag other than ``--name``, a short flag, a
+  metavar, or no option at all) is the CLI's business: ``cmdtool_cli.param_flags`` keeps that table.
 
 Parameters that several analyzers share (``epochs``, ``device``, DMD's and POD's ``rank``) are the same
-:class:`Param` object, so they become one flag with one help text.
+:class:`Param` object, so the CLI makes them one flag with one help text.
 """
 
 from __future__ import annotations
@@ -33,11 +36,9 @@ class Param:
     allows None.
     ``choices`` lists the allowed values; ``minimum`` / ``above`` are inclusive / exclusive lower bounds.
     ``check(value)`` may raise a :class:`~cmdtool.errors.ParameterError` for rules the fields cannot say (e.g. a
-    rank that is an integer or an energy fraction). ``flag`` is the CLI spelling when it is not
-    ``--<name-with-dashes>`` (e.g. ``"--exact/--projected"``), ``short`` an extra short flag. ``runtime``
-    parameters change how a fit runs, not what it computes (``compare`` reuses results that differ only in
-    them). ``size`` marks the parameter that sets a model's size (``compare`` reports it and sizes it to an equal
-    budget). ``cli=False`` keeps a parameter off the command line.
+    rank that is an integer or an energy fraction). ``runtime`` parameters change how a fit runs, not what it
+    computes (``compare`` reuses results that differ only in them). ``size`` marks the parameter that sets a
+    model's size (``compare`` reports it and sizes it to an equal budget).
     """
 
     name: str
@@ -50,23 +51,8 @@ class Param:
     minimum: float | None = None
     above: float | None = None
     check: Callable[[Any], None] | None = None
-    flag: str | None = None
-    short: str | None = None
     runtime: bool = False
     size: bool = False
-    cli: bool = True
-    metavar: str | None = None
-
-    @property
-    def flags(self) -> list[str]:
-        """The CLI spellings: the long flag (or ``--on/--off`` pair) and the optional short one."""
-        out = [self.flag or "--" + self.name.replace("_", "-")]
-        return out + ([self.short] if self.short else [])
-
-    @property
-    def long_flag(self) -> str:
-        """The flag as one word for messages (``--exact`` of ``--exact/--projected``)."""
-        return self.flags[0].split("/")[0]
 
     def validate(self, value) -> None:
         """Raise :class:`~cmdtool.errors.ParameterError` when ``value`` is not allowed."""
@@ -130,7 +116,7 @@ def check_device(value) -> None:
 
 # shared by every analyzer: one flag each on the command line
 EPOCHS = Param("epochs", None, "Epoch window A:B of labels to fit on (inclusive; either end may be left out).",
-               optional=True, metavar="A:B")
+               optional=True)
 DEVICE = Param("device", "auto", "Where batches are computed: auto (CUDA when present), cpu, cuda or cuda:N.",
                kind=str, types=(object,), check=check_device, runtime=True)
 
@@ -141,24 +127,4 @@ def validate(params: tuple[Param, ...], values: dict) -> None:
         param.validate(values[param.name])
 
 
-def merge_params(owners: dict[str, tuple[Param, ...]]) -> dict[str, tuple[list[str], list[Param]]]:
-    """Parameters of several estimators by name, in first-seen order: ``name -> (owners, distinct Params)``.
-
-    Used by the CLI to turn the parameters of every registered analyzer into one set of flags: a name that
-    several analyzers declare with the same :class:`Param` becomes one flag with one help text.
-    """
-    merged: dict[str, tuple[list[str], list[Param]]] = {}
-    for owner, params in owners.items():
-        for param in params:
-            names, distinct = merged.setdefault(param.name, ([], []))
-            names.append(owner)
-            if param not in distinct:
-                distinct.append(param)
-    for name, (_, distinct) in merged.items():
-        kinds = {p.kind for p in distinct}
-        if len(kinds) > 1:
-            raise TypeError(f"parameter {name!r} is declared with different types: {sorted(k.__name__ for k in kinds)}")
-    return merged
-
-
-__all__ = ["DEVICE", "EPOCHS", "Param", "check_device", "merge_params", "validate"]
+__all__ = ["DEVICE", "EPOCHS", "Param", "check_device", "validate"]

@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from .base import FigureSpec, Reconstruction, SummaryTable
-from .linear_models import (GramModel, RowProjection, descending_eigh, error_line, factor_model, numerical_rank,
+from .base import FigureSpec, Reconstruction
+from .linear_models import (GramModel, RowProjection, descending_eigh, factor_model, numerical_rank,
                             optimal_hard_threshold_rank)
 from .params import DEVICE, EPOCHS, Param
 from ..passes.local import stream
@@ -95,6 +95,11 @@ class PCA(GramModel):
     streamed_arrays = ("directions", "means")
     saved_attrs = ("dims",)
 
+    def __init__(self, *, dims=0, epochs=None, device="auto"):
+        self.dims = dims
+        self.epochs = epochs
+        self.device = device
+
     def _fit(self, store, writer, progress) -> None:
         gram = self._window_gram(store, progress)
         n_cols = gram.shape[0]
@@ -161,23 +166,6 @@ class PCA(GramModel):
                    final_epoch_error=m["epoch_relative_error"][-1], worst_epoch_error=max(m["epoch_relative_error"]),
                    explained_variance_ratio=[float(x) for x in self.explained_variance_ratio_])
         return out
-
-    def summary_blocks(self) -> list:
-        s = self.summary()
-        table = SummaryTable(f"pca / {self.name_ or ''}: {s['dims']} directions "
-                             f"({s['explained_variance_ratio_total']:.2%} of the variance)",
-                             [("direction", "right"), ("explained variance", "right"), ("ratio", "right"),
-                              ("cumulative", "right")], [])
-        cumulative = np.cumsum(self.explained_variance_ratio_)
-        for k in range(min(self.dims_, 12)):
-            table.rows.append([str(k + 1), f"{self.explained_variance_[k]:.4g}",
-                               f"{self.explained_variance_ratio_[k]:.2%}", f"{cumulative[k]:.2%}"])
-        lines = [table, error_line(s)]
-        if self.reproduces_the_data():
-            lines.append(f"warning: {self.dims_} directions = T − 1 for T = {len(self.coordinates_)} checkpoints: "
-                         f"they span every centred checkpoint, so this model is the data itself (its error is "
-                         f"roundoff); choose fewer with --dims, or --dims 0 for the threshold rule")
-        return lines
 
     # ------------------------------------------------------------------ report and export
     @classmethod

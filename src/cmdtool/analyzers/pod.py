@@ -14,8 +14,9 @@ Unlike PCA (:mod:`~cmdtool.analyzers.pca`) the trajectories are not centred: the
 mean, as in POD of a flow without its mean subtracted. The rank follows DMD's ``rank`` rule (an integer, 0 for
 the Gavish-Donoho optimal hard threshold, an energy fraction, -1 for all), capped at the numerical rank of G.
 
-This module is the worked example of docs/architecture.md: one file, and ``decompose -m pod``, ``compare``,
-``evaluate``, ``reconstruct -m pod``, ``report`` and ``export`` read it from the registry.
+This module is the worked example of docs/architecture.md: one class with its declarations, registered in
+``BUILTIN``; ``decompose -m pod``, ``compare``, ``evaluate``, ``reconstruct -m pod``, ``report`` (figures drawn
+in :mod:`cmdtool.report.figures`) and ``export`` read it from the registry.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from .base import FigureSpec, Reconstruction, SummaryTable
-from .linear_models import (RANK, GramModel, RowProjection, descending_eigh, error_line, factor_model, numerical_rank,
+from .base import FigureSpec, Reconstruction
+from .linear_models import (RANK, GramModel, RowProjection, descending_eigh, factor_model, numerical_rank,
                             truncation_rank)
 from .params import DEVICE, EPOCHS
 from ..passes.local import stream
@@ -33,61 +34,6 @@ from ..passes.local import stream
 def pod_stored_floats(rank: int, n_rows: int, n_cols: int) -> int:
     """Modes (N·r) and coefficients (T·r)."""
     return int(rank * (n_rows + n_cols))
-
-
-def spectrum_figure(pod, max_values: int = 60):
-    """Singular values σ_k / σ_1 of the window and the share of Σσ² that k modes leave out (log scale), with the
-    kept rank."""
-    from ..utils.plotting import new_figure, styled
-    from .base import ResultView
-
-    view = ResultView(pod)
-    sigma = np.asarray(view.small("singular_values"), dtype=np.float64)
-    rank = int(view.value("rank"))
-    total = max(float(np.sum(sigma**2)), np.finfo(float).tiny)
-    left_out = 1.0 - np.cumsum(sigma**2) / total           # after keeping k modes
-    shown = min(len(sigma), max(max_values, rank))
-    k = np.arange(1, shown + 1)
-    with styled():
-        fig = new_figure(7.5, 4.0)
-        ax = fig.add_subplot()
-        ax.semilogy(k, np.maximum(sigma[:shown] / sigma[0], 1e-16), "o-", markersize=3, color="tab:blue",
-                    label="singular value σ_k / σ_1")
-        ax.semilogy(k[:-1], np.maximum(left_out[:shown - 1], 1e-16), "s-", markersize=3, color="tab:red",
-                    label="share of Σσ² left out by k modes")
-        ax.axvline(rank, color="grey", ls="--", lw=1, label=f"rank kept: {rank}")
-        ax.set_xlabel("mode k")
-        ax.set_ylabel("relative size (log scale)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="upper right")
-        ax.set_title(f"POD spectrum: {rank} modes keep {100 * (1 - left_out[rank - 1]):.4f}% of Σσ²")
-    return fig
-
-
-def coefficients_figure(pod, max_modes: int = 6):
-    """Time coefficients C[:, k] = σ_k V[:, k] of the first modes over the epochs (weight units)."""
-    from ..utils.plotting import new_figure, styled
-    from .base import ResultView
-
-    view = ResultView(pod)
-    coefficients = np.asarray(view.small("coefficients"), dtype=np.float64)
-    labels = view.labels
-    with styled():
-        fig = new_figure(7.5, 4.0)
-        axes = fig.subplots(1, 2)
-        axes[0].plot(labels, coefficients[:, 0], color="black", lw=1.4)
-        axes[0].set_title("mode 1 (carries the mean)")
-        for k in range(1, min(max_modes, coefficients.shape[1])):
-            axes[1].plot(labels, coefficients[:, k], lw=1.2, label=f"mode {k + 1}")
-        if coefficients.shape[1] > 1:
-            axes[1].legend(fontsize=8)
-        axes[1].set_title("modes 2.. (the motion)")
-        for ax in axes:
-            ax.set_xlabel("epoch")
-            ax.grid(True, alpha=0.3)
-        axes[0].set_ylabel("coefficient σ_k v_k(t)")
-        fig.suptitle("POD time coefficients of the checkpoints")
-    return fig
 
 
 class POD(GramModel):
@@ -123,16 +69,21 @@ class POD(GramModel):
         FigureSpec("pod_spectrum", "POD spectrum", "Singular values of the trajectories over the window, relative to "
                    "the largest, and the share of the energy Σσ² that the first k modes leave out (log scale), with "
                    "the rank kept (truncated SVD: the best rank-r model of W in the least-squares sense).",
-                   f"{__name__}:spectrum_figure",
+                   "cmdtool.report.figures:pod_spectrum_figure",
                    numbers=lambda view: {"rank": view.value("rank"), "energy": view.value("energy")}),
         FigureSpec("pod_coefficients", "POD time coefficients", "Coordinates σ_k v_k(t) of each checkpoint on the "
                    "first POD modes. The trajectories are not centred, so mode 1 carries their mean; the others "
-                   "carry the motion.", f"{__name__}:coefficients_figure"),
+                   "carry the motion.", "cmdtool.report.figures:pod_coefficients_figure"),
     )
     key_numbers = ("rank", "energy")
     saved_arrays = ("singular_values", "right_singular_vectors", "coefficients", "reconstruction_matrix")
     streamed_arrays = ("modes",)
     saved_attrs = ("rank", "rank_requested", "energy")
+
+    def __init__(self, *, rank=0, epochs=None, device="auto"):
+        self.rank = rank
+        self.epochs = epochs
+        self.device = device
 
     def _fit(self, store, writer, progress) -> None:
         gram = self._window_gram(store, progress)
@@ -178,17 +129,6 @@ class POD(GramModel):
                    final_epoch_error=errors[-1], worst_epoch_error=max(errors),
                    singular_values=[float(x) for x in self.singular_values_[:self.rank_]])
         return out
-
-    def summary_blocks(self) -> list:
-        s = self.summary()
-        total = float(np.sum(self.singular_values_**2))
-        table = SummaryTable(f"pod / {self.name_ or ''}: rank {s['rank']} ({s['energy']:.4%} of Σσ²)",
-                             [("mode", "right"), ("σ", "right"), ("σ²/Σσ²", "right"), ("cumulative", "right")], [])
-        cumulative = 0.0
-        for k, sigma in enumerate(self.singular_values_[:min(self.rank_, 12)]):
-            cumulative += sigma**2 / total
-            table.rows.append([str(k + 1), f"{sigma:.4g}", f"{sigma**2 / total:.4%}", f"{cumulative:.4%}"])
-        return [table, error_line(s)]
 
     # ------------------------------------------------------------------ report and export
     @classmethod

@@ -9,7 +9,6 @@ allow-list of plain-data classes, :data:`SAFE_GLOBALS`), safetensors holds no co
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import contextvars
 import datetime

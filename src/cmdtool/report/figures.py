@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from ..analyzers.base import ResultView
 from ..analyzers.eigenvalues import DEFAULT_CLASS_EPS
 from ..errors import UsageError
-from ..utils.plotting import STYLE, grid as _grid, mode_colors, new_figure as _figure
+from ..utils.plotting import STYLE, grid as _grid, mode_colors, new_figure as _figure, styled
 
 CLASS_STYLE = {  # KGA class code -> (name, colour, marker); codes as in cmdtool.analyzers.kga
     0: ("stable (|λ| < 1−ε)", "tab:blue", "o"),
@@ -34,6 +34,15 @@ CLASS_STYLE = {  # KGA class code -> (name, colour, marker); codes as in cmdtool
     2: ("unstable (|λ| > 1+ε)", "tab:red", "^"),
 }
 ZOOM_MAX_HALF_WIDTH = 0.25  # the eigenvalue zoom shows at most |λ − 1| <= this
+
+
+def declared_figure(spec, view: ResultView) -> Figure:
+    """Draw an analyzer's declared figure (:class:`~cmdtool.analyzers.base.FigureSpec`) of ``view``: its ``draw``,
+    ``"module:function"``, is imported here, only when the report draws it."""
+    import importlib
+
+    module, _, function = spec.draw.partition(":")
+    return getattr(importlib.import_module(module), function)(view)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -571,9 +580,58 @@ def comparison_figure(comparison) -> Figure:
     return fig
 
 
-__all__ = ["CMDSample", "ResultView", "clustered_order", "comparison_figure", "correlation_matrix_figure",
-           "epoch_error_figure", "epoch_error_series", "eigenvalues_figure", "evaluation_figure", "evaluation_records",
-           "kwm_mask_figure", "layer_modes_figure", "load_cmd_sample", "mode_colors", "mode_statistics",
-           "mode_trajectories_figure", "normalise_unit_range", "pca_path_figure", "pca_variance_figure",
-           "reconstruction_examples_figure"]
+# ---------------------------------------------------------------------------------------------- POD
+def pod_spectrum_figure(view: ResultView, max_values: int = 60) -> Figure:
+    """POD: singular values σ_k / σ_1 of the window and the share of Σσ² that k modes leave out (log scale), with the
+    kept rank."""
+    view = ResultView(view)
+    sigma = np.asarray(view.small("singular_values"), dtype=np.float64)
+    rank = int(view.value("rank"))
+    total = max(float(np.sum(sigma**2)), np.finfo(float).tiny)
+    left_out = 1.0 - np.cumsum(sigma**2) / total           # after keeping k modes
+    shown = min(len(sigma), max(max_values, rank))
+    k = np.arange(1, shown + 1)
+    with styled():
+        fig = _figure(7.5, 4.0)
+        ax = fig.add_subplot()
+        ax.semilogy(k, np.maximum(sigma[:shown] / sigma[0], 1e-16), "o-", markersize=3, color="tab:blue",
+                    label="singular value σ_k / σ_1")
+        ax.semilogy(k[:-1], np.maximum(left_out[:shown - 1], 1e-16), "s-", markersize=3, color="tab:red",
+                    label="share of Σσ² left out by k modes")
+        ax.axvline(rank, color="grey", ls="--", lw=1, label=f"rank kept: {rank}")
+        ax.set_xlabel("mode k")
+        ax.set_ylabel("relative size (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="upper right")
+        ax.set_title(f"POD spectrum: {rank} modes keep {100 * (1 - left_out[rank - 1]):.4f}% of Σσ²")
+    return fig
 
+
+def pod_coefficients_figure(view: ResultView, max_modes: int = 6) -> Figure:
+    """POD: time coefficients C[:, k] = σ_k V[:, k] of the first modes over the epochs (weight units)."""
+    view = ResultView(view)
+    coefficients = np.asarray(view.small("coefficients"), dtype=np.float64)
+    labels = view.labels
+    with styled():
+        fig = _figure(7.5, 4.0)
+        axes = fig.subplots(1, 2)
+        axes[0].plot(labels, coefficients[:, 0], color="black", lw=1.4)
+        axes[0].set_title("mode 1 (carries the mean)")
+        for k in range(1, min(max_modes, coefficients.shape[1])):
+            axes[1].plot(labels, coefficients[:, k], lw=1.2, label=f"mode {k + 1}")
+        if coefficients.shape[1] > 1:
+            axes[1].legend(fontsize=8)
+        axes[1].set_title("modes 2.. (the motion)")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel("coefficient σ_k v_k(t)")
+        fig.suptitle("POD time coefficients of the checkpoints")
+    return fig
+
+
+__all__ = ["CMDSample", "ResultView", "clustered_order", "comparison_figure", "correlation_matrix_figure",
+           "declared_figure", "epoch_error_figure", "epoch_error_series", "eigenvalues_figure", "evaluation_figure",
+           "evaluation_records", "kwm_mask_figure", "layer_modes_figure", "load_cmd_sample", "mode_colors",
+           "mode_statistics", "mode_trajectories_figure", "normalise_unit_range", "pca_path_figure",
+           "pca_variance_figure", "pod_coefficients_figure", "pod_spectrum_figure", "reconstruction_examples_figure"]

@@ -144,7 +144,7 @@ def _plan(chosen: dict, store, notes: list) -> list:
             caption = spec.caption(view) if callable(spec.caption) else spec.caption
             numbers = spec.numbers(view) if spec.numbers is not None else {}
             plan.append((spec.id, spec.title, caption, [f"{view.method}/{view.name}"], numbers,
-                         lambda spec=spec, view=view: spec.make(view)))
+                         lambda spec=spec, view=view: F.declared_figure(spec, view)))
         if position == 0:
             plan += _error_figure(views)
     evaluation = chosen.get(EVALUATION)

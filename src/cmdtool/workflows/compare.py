@@ -1,6 +1,6 @@
 """Several models of the same trajectories side by side (``cmdtool compare``): error, size, time.
 
-Written against the analyzer base contract only (``metrics_``, ``timings_``, ``get_config``, ``save``/``load``,
+Written against the analyzer base contract only (``metrics_``, ``timings_``, ``get_params``, ``save``/``load``,
 the declared parameters), so any registered method (cmd, dmd, kga, pca, pod, ...) takes part. For each method it
 reuses a saved result fitted on the same store revision and window: when the caller gave none of that method's
 options and its size is not set by the budget, the user's own fit (``decompose`` saves it as ``default``: a
@@ -82,7 +82,7 @@ def result_name_for(prefix: str, analyzer, columns: slice) -> str:
     """``<prefix>-<digest of window and configuration>``: comparisons of different configurations (e.g. with
     and without an equal budget) keep their own fits instead of overwriting one another."""
     ignored = runtime_keys(analyzer)
-    config = {k: str(v) for k, v in sorted(analyzer.get_config().items()) if k not in ignored}
+    config = {k: str(v) for k, v in sorted(analyzer.get_params().items()) if k not in ignored}
     text = json.dumps([columns.start, columns.stop, config], sort_keys=True)
     return f"{prefix}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
@@ -94,7 +94,7 @@ def find_reusable(store, analyzer, columns: slice, prefer: str | None = None) ->
     if prefer in names:
         names.remove(prefer)
         names.insert(0, prefer)
-    wanted = analyzer.get_config()
+    wanted = analyzer.get_params()
     for name in names:
         attrs = store.results.get(analyzer.method, name).attrs
         if attrs.get("store_revision") != store.revision:
@@ -189,7 +189,7 @@ def compare(store, methods, options: dict | None = None, *, name: str = "compare
         worst = int(np.argmax(epoch_errors))
         stored = int(metrics["stored_floats"])
         fitted[method] = MethodComparison(
-            method=method, name=result_name, reused=saved is not None, config=analyzer.get_config(),
+            method=method, name=result_name, reused=saved is not None, config=analyzer.get_params(),
             size=analyzer.model_size(),
             relative_error=float(metrics["relative_error"]),
             relative_error_motion=float(metrics.get("relative_error_motion") or float("nan")),

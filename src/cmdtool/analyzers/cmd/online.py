@@ -72,8 +72,18 @@ class OnlineCMD(Estimator):
 
     params = (WARMUP, MODES, THRESHOLD, SAMPLES, SAMPLING, SEED, BN_STATS, DEVICE, BLOCK_ROWS, DRIFT_FACTOR)
 
-    def __init__(self, **params):
-        super().__init__(**params)
+    def __init__(self, *, warmup=20, modes=10, threshold=None, samples=1000, sampling="balanced", seed=0,
+                 bn_stats="source", device="cpu", block_rows=1 << 18, drift_factor=DEFAULT_DRIFT_FACTOR):
+        self.warmup = warmup
+        self.modes = modes
+        self.threshold = threshold
+        self.samples = samples
+        self.sampling = sampling
+        self.seed = seed
+        self.bn_stats = bn_stats
+        self.device = device
+        self.block_rows = block_rows
+        self.drift_factor = drift_factor
         self.epoch_ = 0
         self._latest_state: dict | None = None
         # e(t) of the online model from the warm-up on; warns past drift_factor x e(F) (see .drift)

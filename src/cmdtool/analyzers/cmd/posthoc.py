@@ -30,8 +30,8 @@ import numpy as np
 
 from ...utils.device import resolve_device
 from ...errors import ParameterError, UsageError
-from ..base import Analyzer, FigureSpec, Reconstruction, SummaryTable
-from .drift import DriftReport, assess_drift
+from ..base import Analyzer, FigureSpec, Reconstruction
+from .drift import assess_drift
 from .math import BN_STATS_CHOICES, SAMPLING_CHOICES, check_modes_fit_sample, sample_rows, select_references
 from ..params import DEVICE, EPOCHS, Param
 from ...passes.local import RowGather, cached_gram, gram_matrix, stream
@@ -39,21 +39,19 @@ from ...passes.local import RowGather, cached_gram, gram_matrix, stream
 DEFAULT_BLOCK_BYTES = 32 * 1024**2  # float32 bytes per block of the fit pass: peak ~3x (float64 copy), ~12x online
 
 # parameters shared with OnlineCMD (one declaration, one flag)
-MODES = Param("modes", 10, "Number of CMD modes M (clusters; the maxclust cut).", kind=int, minimum=1, short="-M",
-              size=True)
+MODES = Param("modes", 10, "Number of CMD modes M (clusters; the maxclust cut).", kind=int, minimum=1, size=True)
 THRESHOLD = Param("threshold", None, "Cut the clustering at this distance (between rows of C1) instead of a number "
                   "of modes.", kind=float, optional=True, above=0)
-SAMPLES = Param("samples", 1000, "Sampled weights K used for clustering (paper 000 App. C.2).", kind=int, minimum=2,
-                short="-K")
+SAMPLES = Param("samples", 1000, "Sampled weights K used for clustering (paper 000 App. C.2).", kind=int, minimum=2)
 SAMPLING = Param("sampling", "balanced", "balanced (half per layer, half uniform; paper 000 App. C.2) or uniform.",
                  choices=SAMPLING_CHOICES)
 SEED = Param("seed", 0, "Random seed of the sample.", kind=int)
 BN_STATS = Param("bn_stats", "source", "BatchNorm running statistics: 'source' keeps them from the checkpoint at "
                  "reconstruction, 'model' models them like weights.", choices=BN_STATS_CHOICES)
 WARMUP = Param("warmup", None, "Also fit online CMD with this many warm-up checkpoints F (paper 000 Sec. 3.3).",
-               kind=int, optional=True, minimum=2, short="-F")
+               kind=int, optional=True, minimum=2)
 BLOCK_BYTES = Param("block_bytes", DEFAULT_BLOCK_BYTES, "float32 bytes of W per block of the fit pass (memory bound: "
-                    "peak about 3x this, 12x with warmup).", kind=int, minimum=1, cli=False)
+                    "peak about 3x this, 12x with warmup).", kind=int, minimum=1)
 
 CMD_MISSING = "CMD figures skipped (correlation matrix, modes, reconstructions, modes per layer)"
 
@@ -146,6 +144,19 @@ class PosthocCMD(Analyzer):
                     "reference_trajectories", "online_sample_modes", "online_reference_indices",
                     "online_reference_trajectories", "layer_mode_counts")
     streamed_arrays = ("mode", "A", "B", "row_sq_error", "online_mode", "online_A", "online_B")
+
+    def __init__(self, *, modes=10, threshold=None, samples=1000, sampling="balanced", seed=0, warmup=None,
+                 bn_stats="source", epochs=None, device="auto", block_bytes=DEFAULT_BLOCK_BYTES):
+        self.modes = modes
+        self.threshold = threshold
+        self.samples = samples
+        self.sampling = sampling
+        self.seed = seed
+        self.warmup = warmup
+        self.bn_stats = bn_stats
+        self.epochs = epochs
+        self.device = device
+        self.block_bytes = block_bytes
 
     # ------------------------------------------------------------------ fitting
     def _check_window(self, store, window: slice) -> None:
@@ -344,37 +355,6 @@ class PosthocCMD(Analyzer):
         if "online" in m:
             out["online"] = {k: v for k, v in m["online"].items() if k != "epoch_relative_error"}
         return out
-
-    def summary_blocks(self) -> list:
-        self._check_fitted()
-        m = self.metrics_
-        names = self.store_.layout.row_names(self.reference_indices_)
-        total = max(sum(m["mode_sizes"]), 1)
-        table = SummaryTable(f"CMD, {m['modes']} modes, epochs {self.labels_[0]}..{self.labels_[-1]}",
-                             [("mode", "right"), ("weights", "right"), ("share", "right"),
-                              ("reference weight", "left")], [])
-        for k, (size, name) in enumerate(zip(m["mode_sizes"], names)):
-            table.rows.append([str(k), f"{size:,}", f"{100 * size / total:.1f}%", name])
-        lines = [f"relative error ‖W−Ŵ‖/‖W‖ {m['relative_error']:.4g}, relative to motion "
-                 f"‖W−Ŵ‖/‖W−mean_t W‖ {m['relative_error_motion']:.4g}, last epoch "
-                 f"{m['epoch_relative_error'][-1]:.4g}"]
-        if m["kept_rows"]:
-            lines.append(f"{m['kept_rows']:,} BatchNorm running-stat values kept from the source (--bn-stats source)")
-        if m["nonfinite_rows"]:
-            lines.append(f"{m['nonfinite_rows']:,} weights with NaN/Inf were not modelled (kept as stored)")
-        if "online" in m:
-            o = m["online"]
-            lines.append(f"online (warm-up {o['warmup']}): relative error {o['relative_error']:.4g}, "
-                         f"to motion {o['relative_error_motion']:.4g}, last epoch "
-                         f"{o['epoch_relative_error'][-1]:.4g}")
-            drift = o.get("drift")
-            if drift and drift["drifted"]:
-                lines.append("warning: " + DriftReport.from_dict(drift).message())
-        lines.append(f"time {self.timings_.get('fit_seconds', float('nan')):.2f} s "
-                     f"(sampling pass {self.timings_.get('sampling_pass_seconds', 0):.2f} s, clustering "
-                     f"{self.timings_.get('clustering_seconds', 0):.2f} s, fit pass "
-                     f"{self.timings_.get('fit_pass_seconds', 0):.2f} s)")
-        return [table, *lines]
 
     # ------------------------------------------------------------------ report and export
     @classmethod
