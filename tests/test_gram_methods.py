@@ -13,6 +13,7 @@ from cmdtool.analyzers.eigenvalues import NEUTRAL, STABLE, UNSTABLE, classify_ei
 from cmdtool.analyzers.kga import KGA
 from cmdtool.analyzers.linear_models import parse_rank, truncation_rank
 from cmdtool.analyzers.pca import PCA
+from cmdtool_cli.summaries import summary_blocks
 from cmdtool.errors import UsageError
 from cmdtool.store import from_array
 
@@ -192,7 +193,7 @@ def test_pca_dims_capped_at_t_minus_one(random_store):
     assert pca.dims_ == 16
     assert pca.metrics_["relative_error"] < 1e-6  # T−1 directions plus the mean span every checkpoint
     assert pca.reproduces_the_data()
-    assert pca.summary_blocks()[-1] == ("warning: 16 directions = T − 1 for T = 17 checkpoints: they span every "
+    assert summary_blocks(pca)[-1] == ("warning: 16 directions = T − 1 for T = 17 checkpoints: they span every "
                                         "centred checkpoint, so this model is the data itself (its error is "
                                         "roundoff); choose fewer with --dims, or --dims 0 for the threshold rule")
 
@@ -208,7 +209,7 @@ def test_pca_default_keeps_the_gavish_donoho_rank_of_the_centred_data(random_sto
         expected = int(np.count_nonzero(sigma > omega * np.median(sigma)))
         pca = PCA().fit(store)
         assert pca.dims_ == expected and 1 <= expected < W.shape[1] - 1
-        assert not pca.reproduces_the_data() and not pca.summary_blocks()[-1].startswith("warning")
+        assert not pca.reproduces_the_data() and not summary_blocks(pca)[-1].startswith("warning")
     assert expected == 4
     # three planted curves, noise-free: the centred data has rank 3 (the rest is roundoff, below the numerical rank)
     assert PCA().fit(planted_store[0]).dims_ == 3
