@@ -165,7 +165,7 @@ class RowProjection(Accumulator):
         self.arrays = {}
         for part in parts:
             key = f"{self.key}_{part}" if part else self.key
-            # dense float projections barely compress (~10%) and LZ4 doubles the cost of writing them
+            # dense float projections barely compress, and LZ4 doubles the cost of writing them
             self.arrays[part] = self.writer.create(key, (ctx.n_rows, width), "float32",
                                                    chunks=ctx.output_chunks(width), compress=False)
         self.means = (self.writer.create("means", (ctx.n_rows,), "float32", chunks=ctx.output_chunks())

@@ -444,8 +444,8 @@ class GramAccumulator(Accumulator):
     """G = Wᵀ W over the window (T x T, float64), plus the column sums 1ᵀ W for centring (design sec. 3.1).
 
     The block product is float64: a float32 product with float64 accumulation changes the DMD/PCA errors that
-    follow from G by up to 1.8e-4 relative on the benchmark data (bench/gram_precision.py, docs/performance.md),
-    because those errors are small differences of G's entries. On the CPU it is numpy's syrk on cache-sized
+    follow from G measurably (bench/gram_precision.py; docs/performance.md, "What bounds it"), because those
+    errors are small differences of G's entries. On the CPU it is numpy's syrk on cache-sized
     float64 chunks (:mod:`~cmdtool.analyzers.host_float64`), accumulated into the float64 tensors' memory.
     """
 

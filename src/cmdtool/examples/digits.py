@@ -53,7 +53,7 @@ def load_split(test_fraction: float = 0.3, seed: int = 0) -> DigitsSplit:
 @functools.lru_cache(maxsize=1)
 def _default_split() -> DigitsSplit:
     """The default split, built once per process: ``evaluate`` is called hundreds of times by
-    ``cmdtool evaluate`` and loading the images costs ~0.8 s."""
+    ``cmdtool evaluate``, and loading the images each time would cost more than evaluating."""
     return load_split()
 
 
@@ -68,7 +68,7 @@ def shift_augment(images: torch.Tensor, generator: torch.Generator, max_shift: i
     return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-# Tiny convolutions are dominated by thread start-up: one thread trains ~20x faster than two here.
+# Tiny convolutions are dominated by thread start-up: one thread trains them faster than several.
 _one_thread = one_torch_thread
 
 

@@ -1,8 +1,8 @@
 """A store's metadata read from its ``zarr.json`` documents with the json module alone.
 
 Everything ``cmdtool info`` prints (layout, time axis, chunk shape, codec, results index and each result's
-attributes) lives in a few small JSON documents; reading them directly saves the import of zarr and numpy
-(about 0.5 s of a 1.2 s ``info``; issue #11, ``bench/startup.py``). The rules that say whether a folder is a
+attributes) lives in a few small JSON documents; reading them directly keeps the import of zarr and numpy out
+of ``info``'s start-up (``bench/startup.py`` measures it). The rules that say whether a folder is a
 cmdtool store are here once and :class:`~cmdtool.store.store.TrajectoryStore` applies the same ones.
 """
 
