@@ -16,7 +16,6 @@ from cmdtool.ingest import discover, parse_label
 from cmdtool.store import format as fmt
 from cmdtool.store.lock import file_lock
 from cmdtool.store.store import lock_path
-from cmdtool.store.store import lock_path
 
 from conftest import kill_after, release, spawn_waiting_child, write_checkpoints
 

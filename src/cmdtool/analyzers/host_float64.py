@@ -2,9 +2,10 @@
 
 torch's CPU float64 kernels are several times slower than numpy's OpenBLAS for the passes' work (the float32 to
 float64 conversion and the Gram product Xᵀ X; ``bench/cpu_float64.py`` compares the two paths per accumulator).
-So on the CPU an accumulator converts its block chunk by chunk (:meth:`~cmdtool.analyzers.passes.Block.float64_chunks`) and does its products in numpy;
-on CUDA it keeps torch. Both are exact float32 values in float64 arithmetic: results differ by float64 summation
-order only (1e-12 relative in tests/test_passes.py). numpy's BLAS threads follow the pass's compute threads
+So on the CPU an accumulator converts its block chunk by chunk
+(:meth:`~cmdtool.analyzers.passes.Block.float64_chunks`) and does its products in numpy; on CUDA it keeps torch.
+Both are exact float32 values in float64 arithmetic: results differ by float64 summation order only (1e-12
+relative in tests/test_passes.py). numpy's BLAS threads follow the pass's compute threads
 (:class:`~cmdtool.device.compute_threads`).
 """
 

@@ -1,7 +1,8 @@
 """What DMD, KGA, PCA and POD share: they are *linear in W* and are fitted from the cached Gram matrix.
 
 Each of these models reconstructs the window's trajectories as ``W_rec = W K`` for a small T×T matrix ``K``
-(docs/references.md, "The Gram path"). Hence everything about its quality follows from ``G = Wᵀ W`` without reading W again:
+(docs/references.md, "The Gram path"). Hence everything about its quality follows from ``G = Wᵀ W`` without reading W
+again:
 
     ‖w_t − W K e_t‖² = (e_t − K e_t)ᵀ G (e_t − K e_t)                      (per-epoch squared error)
 

@@ -63,11 +63,6 @@ class Param:
         out = [self.flag or "--" + self.name.replace("_", "-")]
         return out + ([self.short] if self.short else [])
 
-    @property
-    def long_flag(self) -> str:
-        """The flag as one word for messages (``--exact`` of ``--exact/--projected``)."""
-        return self.flags[0].split("/")[0]
-
     def validate(self, value) -> None:
         """Raise :class:`~cmdtool.errors.ParameterError` when ``value`` is not allowed."""
         if value is None:

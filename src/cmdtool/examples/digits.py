@@ -73,7 +73,8 @@ _one_thread = one_torch_thread
 
 
 def make_model(seed: int = 0) -> nn.Module:
-    """Two 3x3 conv layers with BatchNorm, max-pooling and a linear classifier (3,866 trainable parameters, plus 48 BatchNorm running statistics)."""
+    """Two 3x3 conv layers with BatchNorm, max-pooling and a linear classifier (3,866 trainable parameters, plus 48
+    BatchNorm running statistics)."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
