@@ -223,6 +223,7 @@ def kill_when(proc, store_path, committed: int, extra_delay: float) -> None:
     kill_after(proc, extra_delay)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
     write_checkpoints(tmp_path / "ck", n_epochs=40, model=model)

@@ -45,6 +45,7 @@ def big_checkpoint(folder, fmt: str):
     return state, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_checkpoint_larger_than_the_budget_ingests_under_an_rss_ceiling(tmp_path, fmt):
     state, path = big_checkpoint(tmp_path / "ck", fmt)
