@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
-# The suite without the tests marked slow (end-to-end training runs, kill-and-resume loops)
+# The suite without the tests marked slow (end-to-end runs, fresh-process memory checks, kill-and-resume loops)
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
