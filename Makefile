@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK = requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install test lint lock test-latest smoke-install demo bench clean train-cmd-embedded \
+.PHONY: install test test-fast lint lock test-latest smoke-install demo bench clean train-cmd-embedded \
 	train-cmd-federated kga-examples kga-fig4 kga-alpha kga-digits kga-memory
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -24,9 +24,16 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
-# Every package the code imports is declared, in the extra its import path needs, and none is unused
+# The suite without the tests marked slow (end-to-end runs, fresh-process memory checks, kill-and-resume loops)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every package the code imports is declared, in the extra its import path needs, and none is unused; ruff's
+# pyflakes/pycodestyle rules pass; vulture finds no dead code (configuration in pyproject.toml)
 lint: install
 	$(BIN)/deptry src cli
+	$(BIN)/ruff check src cli tests bench examples
+	$(BIN)/vulture
 
 # Resolve the newest versions the ranges in pyproject.toml allow (all extras) into the lock. Run it after
 # changing a dependency, or to move the tested set forward once `make test-latest` passes.

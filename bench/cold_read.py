@@ -2,7 +2,9 @@
 then time one pass of store.iter_blocks at the passes' block size, then a second (warm) one.
 
 Usage: PYTHONPATH=src python bench/cold_read.py STORE"""
-import os, sys, time
+import os
+import sys
+import time
 from pathlib import Path
 
 def evict(folder: Path) -> int:
@@ -20,10 +22,11 @@ def evict(folder: Path) -> int:
 store_path = Path(sys.argv[1])
 os.sync()
 files = evict(store_path / "trajectories")
-import cmdtool
-from cmdtool.passes.local import DEFAULT_BLOCK_BYTES
+import cmdtool  # noqa: E402  (imported after the eviction, so that its own reads are not evicted)
+from cmdtool.passes.local import DEFAULT_BLOCK_BYTES  # noqa: E402
 store = cmdtool.open_store(store_path)
-started = time.perf_counter(); cpu = time.process_time()
+started = time.perf_counter()
+cpu = time.process_time()
 for block in store.iter_blocks(block_bytes=DEFAULT_BLOCK_BYTES):
     pass
 print(f"{files} files, chunks {store.chunk_shape}: cold read {time.perf_counter() - started:.2f} s "

@@ -12,7 +12,7 @@ Prints, on one thread (numpy's BLAS and torch limited to one):
   figure is comparable between two versions of the code on the same store, not a CMD result.
 
 A pass cannot be shorter than its read (on one core) or than this work (on the other): docs/performance.md,
-"Round 5".
+"What bounds it".
 """
 
 from __future__ import annotations

@@ -184,10 +184,12 @@ def main() -> None:
         cmd = run_phase(args, "cmd")
         cold, warm = cmd["runs"]
         print(f"bare read pass:                 {floor:7.2f} s   peak RSS {read['peak_rss_mib']:7.0f} MiB")
-        print(f"decompose (Gram not cached):    {cold['seconds']:7.2f} s   ratio to one read {cold['seconds'] / floor:5.2f}"
+        print(f"decompose (Gram not cached):    {cold['seconds']:7.2f} s   "
+              f"ratio to one read {cold['seconds'] / floor:5.2f}"
               f"   (pass 1 + Gram {cold['sampling_pass_seconds']:.2f} s, clustering {cold['clustering_seconds']:.2f} s,"
               f" fit pass {cold['fit_pass_seconds']:.2f} s)")
-        print(f"decompose (Gram cached):        {warm['seconds']:7.2f} s   ratio to one read {warm['seconds'] / floor:5.2f}"
+        print(f"decompose (Gram cached):        {warm['seconds']:7.2f} s   "
+              f"ratio to one read {warm['seconds'] / floor:5.2f}"
               f"   (pass 1 {warm['sampling_pass_seconds']:.2f} s, clustering {warm['clustering_seconds']:.2f} s,"
               f" fit pass {warm['fit_pass_seconds']:.2f} s)   peak RSS {cmd['peak_rss_mib']:7.0f} MiB")
         print(f"  relative error {cold['relative_error']:.4f}, to motion {cold['relative_error_motion']:.4f}")

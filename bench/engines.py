@@ -16,8 +16,9 @@ Readers (``--readers`` picks some):
 - ``hand (baseline)``: ``--baseline-src``'s ``open_store(p).iter_blocks(..., reuse_arrays=True)``, the chunk
   reader cmdtool had before issue #27 (store/chunk_files.py);
 - ``cmdtool``: this tree's ``open_store(p).iter_blocks(..., reuse_arrays=True)``;
-- ``zarr cN bM``: zarr-python's own codec pipeline, ``async.concurrency`` N, ``codec_pipeline.batch_size`` M, each block read into an array handed
-  back by the consumer (``get_basic_selection(out=)``), one block ahead in a thread;
+- ``zarr cN bM``: zarr-python's own codec pipeline, ``async.concurrency`` N, ``codec_pipeline.batch_size`` M,
+  each block read into an array handed back by the consumer (``get_basic_selection(out=)``), one block ahead in a
+  thread;
 - ``zarrs tN``: the same through the zarrs Rust codec pipeline (``codec_pipeline.path``), ``threading.max_workers``
   N;
 - ``tensorstore``: the zarr3 driver, ``data_copy_concurrency`` and ``file_io_concurrency`` at the core count, no

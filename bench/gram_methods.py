@@ -12,7 +12,7 @@ subprocess so that peak RSS is the step's own:
 
 Usage: python bench/gram_methods.py [--rows 1000000] [--cols 150] [--dir bench-out/gram] [--device auto]
                                     [--skip-references] [--keep]
-Prints a markdown table (paste into docs/performance.md) and writes results.json next to the store.
+Prints a markdown table (record it in bench/results/, with the command) and writes results.json next to the store.
 """
 
 from __future__ import annotations

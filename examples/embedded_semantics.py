@@ -21,7 +21,8 @@ is a held-out network, an MLP 64-32-32-10 (3,466 parameters, no BatchNorm), trai
 Each finished seed is appended to ``OUT/<model>.jsonl`` at once (final test accuracy, final mean training loss,
 trained share, 1 + Σ a_i² per mode), so a long run can be read while it goes on. ``--variants epoch-own
 step-own step-chain`` runs ``reference_gradient="own"`` in each mode (``epoch-own`` is Alg. 4 literally) and
-``freeze="step"`` with the chain rule unscaled. ``--check POINTS`` exits 1 if any seed of an embedded variant ends more than POINTS below SGD's
+``freeze="step"`` with the chain rule unscaled. ``--check POINTS`` exits 1 if any seed of an embedded variant
+ends more than POINTS below SGD's
 (``make train-cmd-semantics`` uses 1.5 on seeds 0-4).
 """
 

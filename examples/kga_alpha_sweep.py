@@ -8,7 +8,8 @@ same initial weights and data order, for both), median and mean ± sd over seeds
 - digits CNN (3,866 trainable parameters) with Adam lr 1e-3, 20 epochs (the paper's Fig. 9 uses Adam, on CIFAR-10);
 - the Fig. 4 MLP (1,185 parameters) with SGD lr 5e-4, 25 epochs (at lr 1e-3, where doubling the learning rate is
   already unstable, see kga_fig4_mlp.py, most α > 3 diverge).
-KGA: eps 0.01, Gavish-Donoho rank, the paper's growing history (history=None), first fit after 5 epochs. α = 0 is the base optimizer exactly.
+KGA: eps 0.01, Gavish-Donoho rank, the paper's growing history (history=None), first fit after 5 epochs.
+α = 0 is the base optimizer exactly.
 
 Fig. 3 here: a stable mode λ = 0.9e^{0.15i} with ŵ = 1, stepped 6 times by its own dynamics (unaccelerated change
 (λ − 1)ŵ) through :func:`cmdtool.training.kga_optimizer.accelerate_update`, for α = 0, 1, 2, 5, 10.

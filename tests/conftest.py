@@ -109,6 +109,9 @@ def release(proc) -> None:
 
 
 def kill_after(proc, seconds: float) -> None:
+    """SIGKILL ``proc`` ``seconds`` into its work and reap it. Call it after :func:`release`: the child's "ready"
+    line is the readiness signal, so the delay places the kill inside the work (a fraction of the work's
+    measured duration), never inside the child's imports."""
     import signal
     import time
 

@@ -53,6 +53,7 @@ def crash_store(tmp_path):
     return tmp_path, W
 
 
+@pytest.mark.slow
 def test_sigkill_during_decompose_never_exposes_a_partial_result(crash_store):
     tmp_path, W = crash_store
     reference_store = cmdtool.open_store(tmp_path / "ref.zarr", mode="r+")
@@ -113,6 +114,7 @@ def report_files(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.slow
 def test_sigkill_during_report_never_leaves_a_partial_report(crash_store):
     from cmdtool.report.html_report import build_report
 

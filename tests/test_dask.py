@@ -259,6 +259,7 @@ def test_an_unreachable_scheduler_fails_in_one_line_within_the_timeout(tmp_path,
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
 
 
+@pytest.mark.slow
 def test_cli_decompose_and_reconstruct_on_a_scheduler_address(client, store, tmp_path):
     """`--scheduler ADDRESS` and $CMDTOOL_SCHEDULER reach the passes; results equal the in-process ones."""
     address = client.scheduler.address

@@ -145,7 +145,8 @@ def test_fn_as_file_path_and_bad_specs(tiny_run, metric_module):
                                  "-q"])
     assert result.exit_code == 0, result.output
     assert "original" in result.output and "best epoch" in result.output
-    for spec, words in ((f"{path}:nope", "has no function 'nope'"), ("no_such_module_xyz:f", "no module 'no_such_module_xyz' on the import path"),
+    for spec, words in ((f"{path}:nope", "has no function 'nope'"),
+                        ("no_such_module_xyz:f", "no module 'no_such_module_xyz' on the import path"),
                         ("justaname", "module:function")):
         bad = runner.invoke(app, ["evaluate", "--fn", spec, "--store", tiny_run])
         assert bad.exit_code == 2 and words in bad.output

@@ -16,7 +16,6 @@ from cmdtool.ingestion import discover, parse_label
 from cmdtool.store import format as fmt
 from cmdtool.store.lock import file_lock
 from cmdtool.store.lock import lock_path
-from cmdtool.store.lock import lock_path
 
 from conftest import kill_after, release, spawn_waiting_child, write_checkpoints
 
@@ -230,6 +229,7 @@ def kill_when(proc, store_path, committed: int, extra_delay: float) -> None:
     kill_after(proc, extra_delay)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
     write_checkpoints(tmp_path / "ck", n_epochs=40, model=model)

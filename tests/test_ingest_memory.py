@@ -45,6 +45,7 @@ def big_checkpoint(folder, fmt: str):
     return state, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_checkpoint_larger_than_the_budget_ingests_under_an_rss_ceiling(tmp_path, fmt):
     state, path = big_checkpoint(tmp_path / "ck", fmt)
@@ -57,7 +58,8 @@ def test_checkpoint_larger_than_the_budget_ingests_under_an_rss_ceiling(tmp_path
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     growth = (measured["peak_mb"] - measured["base_mb"]) * MiB
     ceiling = BUDGET + LARGEST + FIXED_OVERHEAD
-    print(f"peak growth {growth / MiB:.0f} MiB, ceiling {ceiling / MiB:.0f} MiB, checkpoint {checkpoint_bytes / MiB:.0f} MiB")
+    print(f"peak growth {growth / MiB:.0f} MiB, ceiling {ceiling / MiB:.0f} MiB, "
+          f"checkpoint {checkpoint_bytes / MiB:.0f} MiB")
     assert growth < ceiling < checkpoint_bytes / 2, (growth / MiB, ceiling / MiB)
 
     store = cmdtool.open_store(tmp_path / "s.zarr")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cmdtool.store import from_array
 
@@ -66,6 +67,7 @@ def _growth(tmp_path, rows: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_pass_peak_memory_is_flat_in_n(tmp_path):
     """250,000 and 3,000,000 rows x 6 (6 MB and 72 MB of float32; 3 and 35 blocks of 2 MiB): the Gram+sampling,
     CMD fit (online CMD included) and projection+mask passes grow the peak by the same amount at both sizes.

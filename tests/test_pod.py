@@ -87,6 +87,7 @@ def test_pod_contract(walk_store):
     assert POD.options_for_budget(5 * (300 + 12), 300, 12) == {"rank": 5}
 
 
+@pytest.mark.slow
 def test_pod_appears_in_every_command(tmp_path):
     """decompose, compare, evaluate, reconstruct, report and export find POD through the registry."""
     write_checkpoints(tmp_path / "ckpts", n_epochs=8)

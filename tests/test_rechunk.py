@@ -99,6 +99,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_rechunk_leaves_the_store_as_before_or_rechunked(tmp_path):
     import shutil
 
@@ -155,6 +156,7 @@ print(json.dumps({"growth_mb": peak_rss_mb() - base, "peak_mb": peak_rss_mb()}))
 """
 
 
+@pytest.mark.slow
 def test_rechunk_peak_memory_is_flat_in_the_store_size(tmp_path):
     """Peak growth of a rechunk follows its budget, not the store: the same for a 24 MB and a 96 MB store."""
     import json

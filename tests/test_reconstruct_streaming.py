@@ -132,6 +132,7 @@ def _reconstruct_growth(tmp_path, rows: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 
 
+@pytest.mark.slow
 def test_reconstruct_to_safetensors_peak_is_flat_in_n(tmp_path):
     """250,000 and 8,000,000 rows (1 MB and 32 MB per checkpoint): writing CMD's model of one epoch grows the
     peak by the same amount. Holding the N-vector and a state dict built from it (as `reconstruct` did before)

@@ -99,6 +99,7 @@ def _fuzz_cases(rng, sources, n_cases):
         yield case, source.suffix, bytes(data)
 
 
+@pytest.mark.slow
 def test_fuzzed_checkpoints_give_clean_errors_and_never_hang(tmp_path):
     """Random truncations and byte flips of valid .pt and .safetensors files (seeded): every case either
     ingests or raises a one-line CmdtoolError; no other exception type, no hang (an alarm guards each case)."""
@@ -320,6 +321,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_interrupted_ingest_keeps_every_commit_and_resumes(tmp_path, signame):
     """Ctrl-C (or SIGTERM) during a first ingest used to delete the whole store, commits and all. Now it leaves

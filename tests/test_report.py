@@ -83,7 +83,8 @@ def test_plotting_functions_take_results_and_analyzers(analysed):
         F.mode_trajectories_figure(results["cmd"], store, sample), F.mode_trajectories_figure(cmd_loaded),
         F.reconstruction_examples_figure(cmd_loaded), F.layer_modes_figure(results["cmd"]),
         F.epoch_error_figure([results["cmd"], results["dmd"], results["pca"]]),
-        F.eigenvalues_figure(results["kga"]), F.eigenvalues_figure(KGA.load(store)), F.eigenvalues_figure(results["dmd"]),
+        F.eigenvalues_figure(results["kga"]), F.eigenvalues_figure(KGA.load(store)),
+        F.eigenvalues_figure(results["dmd"]),
         F.kwm_mask_figure(results["kga"]), F.pca_variance_figure(PCA.load(store)), F.pca_path_figure(results["pca"]),
         F.evaluation_figure(results["evaluation"]),
     ]

@@ -443,6 +443,7 @@ def test_the_cli_starts_without_fsspec_or_s3fs():
     assert out.split() == ["[]", "False"]
 
 
+@pytest.mark.slow
 def test_a_dask_cluster_runs_the_passes_on_an_s3_store(stores, s3):
     """Both halves of #16 together: workers open the S3 store by its URL (credentials and endpoint from the
     environment they inherit) and the result equals the in-process one on the local store."""

@@ -139,6 +139,7 @@ class _Writer:
         self.proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_two_writer_processes_racing_for_the_lease_win_it_exactly_once(s3):
     """50 trials, two processes released at the same instant on the same lease: a missing one (both create
     with If-None-Match) or an expired one (both replace it with If-Match on the ETag they read). Exactly one

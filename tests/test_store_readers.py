@@ -210,8 +210,6 @@ def test_block_arrays_are_reused_only_after_the_consumer_releases_them(tmp_path,
     """With ``reuse_arrays`` the reader reads into a block's array again only after ``block.release()`` (or the
     end of ``with block:``): blocks held without release keep their values however long the iteration goes on,
     and released ones are read into again (few arrays allocated for many blocks)."""
-    import torch
-
     from cmdtool.store import from_array, reader
 
     values = np.random.default_rng(3).normal(size=(30011, 12)).astype(np.float32)

@@ -53,7 +53,7 @@ def load_split(test_fraction: float = 0.3, seed: int = 0) -> DigitsSplit:
 @functools.lru_cache(maxsize=1)
 def _default_split() -> DigitsSplit:
     """The default split, built once per process: ``evaluate`` is called hundreds of times by
-    ``cmdtool evaluate`` and loading the images costs ~0.8 s."""
+    ``cmdtool evaluate``, and loading the images each time would cost more than evaluating."""
     return load_split()
 
 
@@ -68,12 +68,13 @@ def shift_augment(images: torch.Tensor, generator: torch.Generator, max_shift: i
     return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-# Tiny convolutions are dominated by thread start-up: one thread trains ~20x faster than two here.
+# Tiny convolutions are dominated by thread start-up: one thread trains them faster than several.
 _one_thread = one_torch_thread
 
 
 def make_model(seed: int = 0) -> nn.Module:
-    """Two 3x3 conv layers with BatchNorm, max-pooling and a linear classifier (3,866 trainable parameters, plus 48 BatchNorm running statistics)."""
+    """Two 3x3 conv layers with BatchNorm, max-pooling and a linear classifier (3,866 trainable parameters, plus 48
+    BatchNorm running statistics)."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
                                           "Peak memory is about this plus the largest tensor: a checkpoint "
                                           "larger than the budget is streamed through in row slabs."),
         codec: str = typer.Option(None, "--codec", help="Chunk codec of a new store: lz4 (bit-shuffled LZ4) or "
-                                  "none; both keep crc32c checksums. Default: " + fmt.DEFAULT_CODEC + " (measured "
+                                  "none; both keep crc32c checksums. Default: " + fmt.DEFAULT_CODEC + " (compared "
                                   "in docs/performance.md). Change it later with `cmdtool rechunk --codec`.",
                                   show_default=False),
         force: bool = typer.Option(False, "--force", help="Replace epochs whose file content changed since "

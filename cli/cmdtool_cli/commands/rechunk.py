@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
                                           show_default=False),
         codec: str = typer.Option(None, "--codec", help="lz4 (bit-shuffled LZ4) or none; crc32c checksums either "
                                   "way. Default: keep the store's.", show_default=False),
-        memory_budget: str = typer.Option(fmt.INGEST_MEMORY_BUDGET, "--memory-budget", help="Memory for the row blocks copied at "
-                                          "once, e.g. 512MiB, 4G."),
+        memory_budget: str = typer.Option(fmt.INGEST_MEMORY_BUDGET, "--memory-budget",
+                                          help="Memory for the row blocks copied at once, e.g. 512MiB, 4G."),
         quiet: bool = QuietOption,
         as_json: bool = JsonOption,
     ):

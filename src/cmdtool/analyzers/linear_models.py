@@ -1,7 +1,8 @@
 """What DMD, KGA, PCA and POD share: they are *linear in W* and are fitted from the cached Gram matrix.
 
 Each of these models reconstructs the window's trajectories as ``W_rec = W K`` for a small T×T matrix ``K``
-(docs/references.md, "The Gram path"). Hence everything about its quality follows from ``G = Wᵀ W`` without reading W again:
+(docs/references.md, "The Gram path"). Hence everything about its quality follows from ``G = Wᵀ W`` without reading W
+again:
 
     ‖w_t − W K e_t‖² = (e_t − K e_t)ᵀ G (e_t − K e_t)                      (per-epoch squared error)
 
@@ -159,7 +160,7 @@ class RowProjection(Accumulator):
         self.arrays = {}
         for part in parts:
             key = f"{self.key}_{part}" if part else self.key
-            # dense float projections barely compress (~10%) and LZ4 doubles the cost of writing them
+            # dense float projections barely compress, and LZ4 doubles the cost of writing them
             self.arrays[part] = self.writer.create(key, (ctx.n_rows, width), "float32",
                                                    chunks=ctx.output_chunks(width), compress=False)
         self.means = (self.writer.create("means", (ctx.n_rows,), "float32", chunks=ctx.output_chunks())

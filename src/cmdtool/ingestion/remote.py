@@ -329,10 +329,6 @@ class CheckpointStaging:
                     with contextlib.suppress(BaseException):
                         ahead.result()  # the download in flight ends before the folder is removed
 
-    def staged_bytes(self) -> int:
-        """Bytes of checkpoint files downloaded now (for tests and progress)."""
-        return sum(self.files[p].size for p in self._downloaded)
-
     def translate(self, exc: CmdtoolError) -> CmdtoolError:
         """The error's message with skeleton paths written as the URLs they stand for."""
         if self._roots and exc.args and isinstance(exc.args[0], str):

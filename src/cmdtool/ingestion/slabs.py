@@ -49,8 +49,8 @@ def count_nonfinite(values: np.ndarray) -> int:
 
 def file_digest(files: list[Path], algorithm: str = fmt.DIGEST) -> str:
     """``"<algorithm>:<hex>"`` over the files' bytes (in order), in a thread beside the conversion (both
-    hashes release the GIL). xxh3_128 by default: 11 GB/s against sha256's 1.4 GB/s on the development machine
-    (docs/performance.md); ``sha256`` still checks format-1 records."""
+    hashes release the GIL). xxh3_128 by default, faster than sha256 (docs/performance.md,
+    "Ingest"); ``sha256`` still checks format-1 records."""
     if algorithm == "xxh3_128":
         import xxhash
 

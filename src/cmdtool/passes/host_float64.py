@@ -1,12 +1,11 @@
 """float64 block arithmetic on the CPU through numpy/OpenBLAS, in cache-sized row chunks (docs/design sec. 5.1).
 
-On the 2-core development machine torch's CPU float64 kernels are 3-4x slower than numpy's OpenBLAS for the
-passes' work (one thread, one 262,144 x 150 float32 block: float32 -> float64 0.21 s in torch, 0.06 s in numpy;
-the Gram product Xᵀ X 0.51 s with ``addmm_``, 0.18 s with numpy's syrk; converting 2048-row chunks into one reused
-float64 buffer and summing their Gram products 0.17-0.19 s in all). So on the CPU an accumulator converts its
-block chunk by chunk (:meth:`~cmdtool.passes.local.Block.float64_chunks`) and does its products in numpy;
-on CUDA it keeps torch. Both are exact float32 values in float64 arithmetic: results differ by float64 summation
-order only (1e-12 relative in tests/test_passes.py). numpy's BLAS threads follow the pass's compute threads
+torch's CPU float64 kernels are several times slower than numpy's OpenBLAS for the passes' work (the float32 to
+float64 conversion and the Gram product Xᵀ X; ``bench/cpu_float64.py`` compares the two paths per accumulator).
+So on the CPU an accumulator converts its block chunk by chunk
+(:meth:`~cmdtool.passes.contract.Block.float64_chunks`) and does its products in numpy; on CUDA it keeps torch.
+Both are exact float32 values in float64 arithmetic: results differ by float64 summation order only (1e-12
+relative in tests/test_passes.py). numpy's BLAS threads follow the pass's compute threads
 (:class:`~cmdtool.utils.device.compute_threads`).
 """
 

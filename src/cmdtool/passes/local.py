@@ -16,9 +16,9 @@ same :class:`Block` to every accumulator.
   rounding), so blocks may be split among workers in any way.
 - ``finish()`` turns the merged reductions into results (device tensors to numpy).
 
-Reductions accumulate in float64; :func:`run_blocks` and :func:`~.contract.merged` are the in-process engine's pieces that
-a test (or another engine) reuses. torch is imported where a pass runs, not with the module (the registry imports
-every analyzer module).
+Reductions accumulate in float64; :func:`run_blocks` and :func:`~.contract.merged` are the in-process engine's
+pieces that a test (or another engine) reuses. torch is imported where a pass runs, not with the module, so that
+importing an analyzer stays cheap.
 """
 
 from __future__ import annotations
@@ -240,8 +240,8 @@ class GramAccumulator(Accumulator):
     """G = Wᵀ W over the window (T x T, float64), plus the column sums 1ᵀ W for centring (design sec. 3.1).
 
     The block product is float64: a float32 product with float64 accumulation changes the DMD/PCA errors that
-    follow from G by up to 1.8e-4 relative on the benchmark data (bench/gram_precision.py, docs/performance.md),
-    because those errors are small differences of G's entries. On the CPU it is numpy's syrk on cache-sized
+    follow from G measurably (bench/gram_precision.py; docs/performance.md, "What bounds it"), because those
+    errors are small differences of G's entries. On the CPU it is numpy's syrk on cache-sized
     float64 chunks (:mod:`~cmdtool.passes.host_float64`), accumulated into the float64 tensors' memory.
     """
 

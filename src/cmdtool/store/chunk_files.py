@@ -3,9 +3,9 @@
 cmdtool writes its arrays with three codec chains: ``bytes`` + ``blosc`` + ``crc32c`` (compressed numbers),
 ``bytes`` + ``crc32c`` (``--codec none`` and uncompressed results) and ``vlen-utf8`` + ``zstd`` (the ``tensor``
 names). Decoding them here with numcodecs (the codec library zarr itself uses) and google-crc32c (zarr's checksum)
-costs about half the CPU time of reading the same region through zarr (a bare read of 1M x 150: 0.47 s
-against 1.04 s; docs/performance.md, "Round 3"), keeps zarr's 0.5 s import out of ``verify`` (issue #11) and reads a chunk file as it is on disk: a
-missing file is missing, not the fill value. A codec outside these is reported, never guessed at.
+costs less CPU than reading the same region through zarr, keeps zarr's import out of ``verify``'s start-up and
+reads a chunk file as it is on disk: a missing file is missing, not the fill value. A codec outside these is
+reported, never guessed at.
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ class ArrayDocument:
 
         No allocation per chunk: files are read into a buffer reused by this thread, and a chunk whose rows and
         columns all fall in the region (every chunk of a row block over all checkpoints, but a last partial one)
-        is decompressed straight into the result, with no per-chunk buffer to allocate and page-fault in. ``empty(shape, dtype)`` allocates the result (the reader passes its reused block
-        arrays)."""
+        is decompressed straight into the result, with no per-chunk buffer to allocate and page-fault in.
+        ``empty(shape, dtype)`` allocates the result (the reader passes its reused block arrays)."""
         one_dimensional = len(self.chunk_shape) == 1
         chunk_rows, chunk_cols = (self.chunk_shape[0], 1) if one_dimensional else self.chunk_shape
         itemsize = np.dtype(self.data_type).itemsize

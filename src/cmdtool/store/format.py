@@ -31,16 +31,16 @@ TARGET_CHUNK_BYTES = 8 * 1024**2
 MAX_CHUNK_COLUMNS = 256
 INGEST_MEMORY_BUDGET = "1GiB"    # default buffer of checkpoints written together (`ingest --memory-budget`; rechunk's)
 # The row blocks the analyses read (passes.DEFAULT_BLOCK_BYTES): chunk rows are capped so that a block of whole
-# chunk rows over every column stays about this size. At 128 MiB, stores of large models (narrow chunks, tall
-# rows) had 114-134 MB blocks where a 1M-parameter store had 17 MB ones, and the analyses' peaks followed
-# (docs/performance.md, "Scale"); the cost is smaller chunk files for narrow chunks (224 KB at Tc = 1).
+# chunk rows over every column stays about this size, whatever the model: without the cap, stores of large
+# models (narrow chunks, tall rows) get blocks several times larger than small models' and the analyses' peaks
+# follow. The cost is smaller chunk files for narrow chunks (224 KB at Tc = 1).
 READ_BLOCK_BYTES = 32 * 1024**2
 # Checkpoints a new store's chunk rows are sized for when its first ingest brings fewer: a block spans every
-# column and is whole chunk rows, so a ViT-B store's rows sized for its first 30 of 90 checkpoints made the
-# smallest block 3x the read block (403 MB), and for 1 of 150 (ingesting during training) 9x (docs/performance.md,
-# "Round 3"). Stores with wide chunks (smaller models) are not affected: their rows are capped lower anyway.
+# column and is whole chunk rows, so rows sized for a first ingest of 30 of 90 checkpoints would make the smallest
+# block 3x the read block once all 90 are in, and for 1 of 150 (ingesting during training) 9x. Stores with wide
+# chunks (smaller models) are not affected: their rows are capped lower anyway.
 PLANNED_CHECKPOINTS = 150
-DIGEST = "xxh3_128"  # content hash of every ingested file (docs/performance.md, "Ingest": measured against sha256)
+DIGEST = "xxh3_128"  # content hash of every ingested file: non-cryptographic and faster than sha256
 # Codecs a store can be written with (`--codec`): both keep the crc32c checksum of every chunk.
 CODECS = ("lz4", "none")
 DEFAULT_CODEC = "lz4"

@@ -119,13 +119,6 @@ class Layout:
             out.append(f"{entry.name}[{','.join(map(str, idx))}]")
         return out
 
-    def layer_of_rows(self):
-        """Integer layer id (index into ``trajectory_entries``) of every trajectory row, as an array."""
-        import numpy as np
-
-        entries = self.trajectory_entries
-        return np.repeat(np.arange(len(entries), dtype=np.int32), [e.numel for e in entries])
-
     def to_json(self) -> list[dict]:
         return [e.to_json() for e in self.entries]
 

@@ -137,10 +137,6 @@ class RemotePath:
     def parent(self) -> "RemotePath":
         return RemotePath(self.protocol, self.key.rsplit("/", 1)[0]) if "/" in self.key else self
 
-    def with_suffix(self, suffix: str) -> "RemotePath":
-        stem = self.name.rsplit(".", 1)[0] if "." in self.name else self.name
-        return self.parent / (stem + suffix)
-
     @property
     def suffix(self) -> str:
         return "." + self.name.rsplit(".", 1)[1] if "." in self.name else ""

@@ -1,8 +1,8 @@
 """A store's metadata read from its ``zarr.json`` documents with the json module alone.
 
 Everything ``cmdtool info`` prints (layout, time axis, chunk shape, codec, results index and each result's
-attributes) lives in a few small JSON documents; reading them directly saves the import of zarr and numpy
-(about 0.5 s of a 1.2 s ``info``; issue #11, ``bench/startup.py``). The rules that say whether a folder is a
+attributes) lives in a few small JSON documents; reading them directly keeps the import of zarr and numpy out
+of ``info``'s start-up (``bench/startup.py`` measures it). The rules that say whether a folder is a
 cmdtool store are here once and :class:`~cmdtool.store.store.TrajectoryStore` applies the same ones.
 """
 
@@ -88,7 +88,8 @@ class StoreMetadata(StoreAttributes):
     a read-only :class:`~cmdtool.store.store.TrajectoryStore`, and ``analyses()``.
 
     Use :meth:`read` (a local folder or a RemotePath), which returns None where the documents alone cannot answer
-    (a rechunk interrupted between its renames): open the store then (:func:`~cmdtool.store.summary.store_metadata` does).
+    (a rechunk interrupted between its renames): open the store then
+    (:func:`~cmdtool.store.summary.store_metadata` does).
     """
 
     def __init__(self, path: Path, root: dict, trajectories: dict):

@@ -63,8 +63,8 @@ class BlockArrays:
     """Block arrays for one iteration, each handed out again only after its consumer gave it back.
 
     A fresh block array is fresh memory, and the decompression that fills it first page-faults it in: the
-    kernel zeroing those pages was 12% of a DMD pass's CPU samples (perf), all on the reader's thread. Reading
-    into an array the consumer is done with skips that (docs/performance.md, "Round 6").
+    kernel zeroes every page first, on the reader's thread. Reading into an array the consumer is done with
+    skips that.
 
     Ownership is explicit: :meth:`empty` lends an array, and only :meth:`give_back` (called by
     :meth:`~cmdtool.store.store.RowBlock.release`) returns it to the pool; an array never given back is never
@@ -108,8 +108,8 @@ class BlockArrays:
                 self._free.append(array)
 
 
-# Bytes a reader may hold ahead of the consumer (at least one block): a store whose chunk rows are tall (a big
-# model: 114 MB blocks at ResNet-18 size) then reads one block ahead, not two (docs/performance.md, "Round 3").
+# Bytes a reader may hold ahead of the consumer (at least one block), counted from the moment a block's read
+# starts: a store whose chunk rows are tall (a big model, blocks of 100 MB or more) reads one block ahead, not two.
 READ_AHEAD_BYTES = 128 * 1024**2
 
 

@@ -58,8 +58,8 @@ class Result:
 
     def array(self, key: str):
         """The array ``key``, read lazily: a zarr array, whose row ranges a local result reads from the chunk
-        files directly (:class:`RowRanges`; through zarr, reconstructing a 20M-row CMD model in blocks grew the
-        peak by 90 MB of zarr's buffers, not the 30 MB the blocks need)."""
+        files directly (:class:`RowRanges`; through zarr, a reconstruction in blocks would hold zarr's buffers
+        beside the blocks)."""
         array = self.group[key]
         if self.folder is None or array.ndim not in (1, 2):
             return array
@@ -95,8 +95,8 @@ class ResultWriter:
 
     def create(self, key: str, shape, dtype, chunks=None, compress: bool = True):
         """An empty array to fill block by block (large per-row outputs). ``compress=False`` keeps only the
-        crc32c checksum: dense float projections (PCA directions, DMD modes) shrink by ~10% under LZ4 at twice
-        the cost of writing them. In a local store, writes of row ranges go to the chunk files directly
+        crc32c checksum: dense float projections (PCA directions, DMD modes) barely shrink under LZ4, which
+        doubles the cost of writing them. In a local store, writes of row ranges go to the chunk files directly
         (:class:`RowRanges`)."""
         if chunks is None:
             rows = max(1, min(int(shape[0]) if shape else 1, (4 * 1024**2) // max(np.dtype(dtype).itemsize, 1)))
@@ -139,8 +139,7 @@ class RowRanges:
     """A result array in a local folder whose row ranges (``out[start:stop]``, what passes and reconstructions
     do once per block) are read, and written (``out[start:stop] = values``), from and to its chunk files
     directly (:mod:`~cmdtool.store.chunk_files`); anything else is the zarr array's. Through zarr, writing
-    per-row outputs cost PCA's directions pass about as much as its reads, and the pass's peak RSS grew with N
-    (docs/performance.md, "Round 3")."""
+    per-row outputs costs a directions pass about as much as its reads, and zarr's buffers grow the peak with N."""
 
     def __init__(self, array: zarr.Array, document: ArrayDocument):
         self.array, self.document = array, document

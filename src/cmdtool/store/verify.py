@@ -24,8 +24,8 @@ class Damage:
     problem: str  # "checksum" | "missing" | "unreadable"
 
     def describe(self) -> str:
-        return (f"{self.array}: rows {self.rows[0]}..{self.rows[1] - 1}, columns {self.columns[0]}..{self.columns[1] - 1}:"
-                f" {self.problem}")
+        return (f"{self.array}: rows {self.rows[0]}..{self.rows[1] - 1}, "
+                f"columns {self.columns[0]}..{self.columns[1] - 1}: {self.problem}")
 
 
 @dataclass

@@ -39,8 +39,8 @@ def open_zarr_group(path: str | os.PathLike, mode: str = "r", attributes: dict |
 
 
 def compressors(codec: str = fmt.DEFAULT_CODEC):
-    """Chunk codecs. ``"lz4"``: bit-shuffled LZ4 (3x faster to write than byte shuffle at the same ratio on weight
-    trajectories; slower codecs gain little on float32 weights); ``"none"``: no compression (docs/performance.md
+    """Chunk codecs. ``"lz4"``: bit-shuffled LZ4 (a weight's high bits change little from one checkpoint to the
+    next, and bit shuffle puts them side by side); ``"none"``: no compression (docs/performance.md, "Ingest",
     measures both on trained weights). Either way a crc32c checksum follows, so that a damaged chunk is reported
     instead of being read as garbage."""
     if codec == "lz4":

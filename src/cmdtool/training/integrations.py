@@ -5,8 +5,10 @@ optimizer when training starts, call :meth:`~cmdtool.training.embedded.EmbeddedC
 training epoch, log the trained fraction and the CMD model's error, and save/restore its state with the
 trainer's checkpoints so a killed run resumes::
 
-    trainer = lightning.pytorch.Trainer(callbacks=[EmbeddedCMDLightning(modes=10, warmup=20)])   # pip install cmdtool[lightning]
-    trainer = transformers.Trainer(..., callbacks=[EmbeddedCMDHuggingFace(modes=10, warmup=20)])  # pip install cmdtool[huggingface]
+    # pip install cmdtool[lightning]
+    trainer = lightning.pytorch.Trainer(callbacks=[EmbeddedCMDLightning(modes=10, warmup=20)])
+    # pip install cmdtool[huggingface]
+    trainer = transformers.Trainer(..., callbacks=[EmbeddedCMDHuggingFace(modes=10, warmup=20)])
 
 Keyword arguments are those of :class:`~cmdtool.training.embedded.EmbeddedCMD`. The frameworks are optional:
 importing a class whose framework is missing raises an ImportError naming the extra to install.

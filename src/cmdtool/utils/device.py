@@ -40,11 +40,10 @@ class compute_threads:
     """Context manager: torch's intra-op threads *and* numpy's BLAS threads for a streaming pass, one core left to
     the read-ahead (the reader thread and zarr's decompression), and never more than torch was set to use.
 
-    Two threads on two cores that the reader also needs make every torch call wait for a descheduled worker:
-    on the shared 2-core development machine main's passes spent 2-3x the CPU seconds of these
-    (docs/performance.md, "Analyses side by side"). The CPU passes do their float64 products in numpy
+    As many compute threads as cores, when the reader needs one of those cores too, make every torch call wait
+    for a descheduled worker. The CPU passes do their float64 products in numpy
     (:mod:`cmdtool.passes.host_float64`), whose OpenBLAS would otherwise start one thread per core for every
-    2048-row product: a chunked Gram of 262,144 x 150 took 9 s that way on the loaded machine instead of 0.25 s.
+    2048-row product, each start costing more than the product.
 
     ``workers``: blocks computed side by side (:func:`cmdtool.passes.local.run_blocks_side_by_side`); each
     gets an equal share of the cores, one thread at least.

@@ -67,7 +67,6 @@ def _close_block(torch) -> None:
 def one_torch_thread():
     """Run the block with one torch intra-op thread, then restore the previous count. For work that several
     threads only slow down: tiny convolutions (thread start-up dominates) and memory-bound copies next to other
-    busy threads (ingest: 150 copies of 4 MB took 0.03 s with one thread and 1.4 s with two on the 2-core
-    development machine under load)."""
+    busy threads (ingest's copies, whose OpenMP workers would contend with the hash thread and the encoders)."""
     with thread_limits(1):
         yield

@@ -64,7 +64,8 @@ def iter_averages(store, window: slice, columns, methods, beta: float = 0.9, swa
                   memory_budget: int = DEFAULT_MEMORY_BUDGET, progress=None,
                   description: str = "original/EMA/SWA", device="auto") -> Iterator[tuple[str, int, np.ndarray]]:
     """Yield ``(method, column, N-vector float32)`` of ``methods`` (among :data:`BASELINES`) at each of
-    ``columns``, in column order (rows with NaN/Inf give NaN/Inf, as stored). SWA is given only where its window of the last ``swa_len`` checkpoints is full.
+    ``columns``, in column order (rows with NaN/Inf give NaN/Inf, as stored). SWA is given only where its window of
+    the last ``swa_len`` checkpoints is full.
 
     The vectors come in groups of as many as ``memory_budget`` holds, each group from one pass over the window's
     columns up to the group's last one.

@@ -121,7 +121,8 @@ def landscape(store, fn: str | Callable, epoch: int, modes: list[int], *, span: 
               sort_metric: str | None = None, sort_mode: str = "auto", progress=None,
               strip_prefix: tuple[str, ...] = ()) -> Landscape:
     """Evaluate ``fn`` over a 1-D (one mode) or 2-D (two modes) grid of reference values at ``epoch``.
-    ``strip_prefix``: prefixes removed from the tensor names first (as in :func:`cmdtool.workflows.evaluate.evaluate`)."""
+    ``strip_prefix``: prefixes removed from the tensor names first (as in
+    :func:`cmdtool.workflows.evaluate.evaluate`)."""
     from ..analyzers import get_analyzer
     from ..ingestion.checkpoints import build_state_dict
 

@@ -2,8 +2,8 @@
 
 Online CMD (Alg. 3) fixes the modes, references and the assignment of weights to modes at the end of the
 warm-up (epoch F) and only refits the affine coefficients afterwards (Eq. 9). When training later moves in
-ways the warm-up did not see, the fixed modes stop fitting and the online model degrades silently: on one
-digits run the online model fell from 98.9% to 88.7% test accuracy while its final-epoch error doubled.
+ways the warm-up did not see, the fixed modes stop fitting and the online model degrades silently (docs/training.md
+shows a digits run where it does).
 
 The signal used here is the error of the online model at each epoch t >= F,
 

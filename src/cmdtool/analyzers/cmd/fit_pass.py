@@ -35,8 +35,8 @@ class FitPass(Accumulator):
     (:meth:`merge`); mode/A/B/row error (and online CMD's mode/A/B) are written to the block's rows."""
 
     client_only = ("writer",)
-    # ~50 torch calls per 2048-row chunk hold the interpreter lock between them: two threads gave CMD's cold fit no
-    # gain on 2 cores (docs/performance.md, "Blocks side by side")
+    # the fit makes dozens of small torch calls per 2048-row chunk, which hold the interpreter lock between them:
+    # blocks in two threads would contend for the lock rather than compute side by side
     side_by_side = False
     REDUCTIONS = ("column_sq_error", "column_sq_norm", "sq_motion", "layer_sq_error", "layer_sq_norm",
                   "layer_sq_motion", "layer_mode_counts", "kept_rows", "constant_rows", "nonfinite_rows")
@@ -100,8 +100,8 @@ class FitPass(Accumulator):
 
         A chunk does what needs its values: centring, the correlations, the fit and the two products whose sums
         the per-epoch errors need. Everything else (the per-row outputs, the sums by layer and by mode, the row
-        counts) is done once per block on block-long vectors: per 2048-row chunk, those ~40 small calls cost
-        about as much as the chunk's products (docs/performance.md, "Round 5")."""
+        counts) is done once per block on block-long vectors: per 2048-row chunk, those dozens of small calls
+        would cost about as much as the chunk's products."""
         import torch
 
         device, n_cols = block.values.device, block.values.shape[1]
@@ -175,8 +175,7 @@ class FitPass(Accumulator):
         mode, a, b, delta, mean, motion = fitted.mode, fitted.a, fitted.b, fitted.delta, fitted.mean, fitted.motion
         projections, squares = fitted.products[:n_modes + 2], fitted.products[n_modes + 2:]
         centred_refs = refs.centred
-        # sums by mode and by layer as weighted bincounts: index_add_ took 15% of the CPU fit pass (0.56 of 3.8 s
-        # profiled), bincount a fraction of it
+        # sums by mode and by layer as weighted bincounts, which cost a fraction of index_add_ on the CPU
         sum_a_sq = torch.bincount(mode, weights=a * a, minlength=n_modes)
         sum_a_delta = torch.bincount(mode, weights=a * delta, minlength=n_modes)
         column_sq_error = (squares[0] - 2 * (centred_refs * projections[:n_modes]).sum(dim=0)

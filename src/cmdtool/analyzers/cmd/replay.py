@@ -28,7 +28,7 @@ def affine_model(store, modes, A, B, reference_trajectories, columns, steps, blo
         kept = np.flatnonzero(mode < 0)
         if kept.size:
             # only the rows between the first and last kept one, only the asked columns: BatchNorm statistics
-            # are a few rows here and there, and a whole block over the columns' span was 100s of MB
+            # are a few rows here and there, and a whole block over the columns' span can be hundreds of MB
             span = slice(r0 + int(kept[0]), r0 + int(kept[-1]) + 1)
             stored = np.concatenate([store.read_region(span, slice(c, c + 1)) for c in columns], axis=1)
             value[kept] = stored[kept - int(kept[0])]
