@@ -118,3 +118,32 @@ def kill_after(proc, seconds: float) -> None:
     time.sleep(seconds)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def s3_bucket_at(endpoint: str, bucket: str):
+    """Point boto and s3fs at an S3 server on ``endpoint`` (as a user's AWS_ENDPOINT_URL and credentials
+    would), make ``bucket`` there, and yield its filesystem; the environment is restored after."""
+    import fsspec
+
+    patch = pytest.MonkeyPatch()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        patch.setenv(key, value)
+    patch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+    fsspec.filesystem("s3").clear_instance_cache()
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(bucket)
+    try:
+        yield fs
+    finally:
+        patch.undo()
+        fsspec.filesystem("s3").clear_instance_cache()

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +25,10 @@ import cmdtool  # noqa: E402
 from cmdtool.errors import StoreLockedError, UsageError  # noqa: E402
 from cmdtool_cli.app import app  # noqa: E402
 
-from conftest import write_checkpoints  # noqa: E402
+from conftest import free_port, s3_bucket_at, write_checkpoints  # noqa: E402
 
 runner = CliRunner()
 BUCKET = "runs"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +37,15 @@ def s3():
     AWS_ENDPOINT_URL / credentials would)."""
     import logging
 
-    import fsspec
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    patch = pytest.MonkeyPatch()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-        patch.setenv(key, value)
-    patch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
-    fsspec.filesystem("s3").clear_instance_cache()
-    fs = fsspec.filesystem("s3")
-    fs.mkdir(BUCKET)
-    yield fs
-    patch.undo()
-    server.stop()
+    try:
+        yield from s3_bucket_at(f"http://127.0.0.1:{port}", BUCKET)
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ import cmdtool  # noqa: E402
 from cmdtool.errors import LeaseLostError, StoreLockedError, UsageError  # noqa: E402
 from cmdtool_cli.app import app  # noqa: E402
 
-from conftest import write_checkpoints  # noqa: E402
+from conftest import free_port, s3_bucket_at, write_checkpoints  # noqa: E402
 
 BUCKET = "writers"
 runner = CliRunner()
@@ -53,32 +52,20 @@ class _OneRequestAtATime:
 def s3():
     import logging
 
-    import fsspec
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = make_server("127.0.0.1", port, _OneRequestAtATime(DomainDispatcherApplication(create_backend_app)),
                          threaded=True, request_handler=MotoRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    patch = pytest.MonkeyPatch()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-        patch.setenv(key, value)
-    patch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
-    fsspec.filesystem("s3").clear_instance_cache()
-    fs = fsspec.filesystem("s3")
-    fs.mkdir(BUCKET)
-    yield fs
-    patch.undo()
-    fsspec.filesystem("s3").clear_instance_cache()
-    server.shutdown()
-    thread.join()
+    try:
+        yield from s3_bucket_at(f"http://127.0.0.1:{port}", BUCKET)
+    finally:
+        server.shutdown()
+        thread.join()
 
 
 def _remote(key: str):
