@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK = requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install test test-fast lint lock test-latest smoke-install demo bench clean train-cmd-embedded \
+.PHONY: install test test-fast lint lock test-latest smoke-install demo bench clean train-cmd-embedded deepspeed-roundtrip \
 	train-cmd-federated kga-examples kga-fig4 kga-alpha kga-digits kga-memory
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -98,3 +98,14 @@ kga-examples: kga-fig4 kga-alpha kga-digits kga-memory
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info src/*.egg-info cli/*.egg-info .pytest_cache
+
+# DeepSpeed's own load_checkpoint on reconstructions of real DeepSpeed runs (CPU, gloo), in a separate venv:
+# DeepSpeed is no dependency of cmdtool, and its sdist builds against the installed torch
+DS_VENV ?= .venv-deepspeed
+deepspeed-roundtrip:
+	test -x $(DS_VENV)/bin/python || $(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" setuptools wheel
+	$(DS_VENV)/bin/python -m pip install --quiet --constraint $(LOCK) -e .
+	DS_BUILD_OPS=0 $(DS_VENV)/bin/python -m pip install --quiet --no-build-isolation "deepspeed>=0.15"
+	for setting in "--zero 2 --ranks 2" "--zero 1 --bf16" "--zero 0 --bf16" "--zero 0"; do \
+		$(DS_VENV)/bin/python examples/deepspeed_roundtrip.py $$setting --out runs/deepspeed || exit 1; done

@@ -6,9 +6,10 @@ the store that loads with ``load_state_dict(strict=True)``."""
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import random
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 import pytest
@@ -199,8 +200,38 @@ def deepspeed_model_states(trainer: Trainer, state, module=None) -> dict:
             "ds_version": "0.15.1"}
 
 
-def write_deepspeed_run(run, zero3=False):
+class ZeroStage(enum.IntEnum):
+    """Stands for DeepSpeed's ZeroStageEnum, pickled by reference in its partitions (never imported on reading)."""
+
+    gradients = 2
+
+
+FragmentAddress = namedtuple("FragmentAddress", "numel start")  # DeepSpeed's fragment_address
+
+
+def zero_partitions(trainer: Trainer, ranks: int, paddings: list[int]) -> list[dict]:
+    """What ZeRO stage 2 writes per data-parallel rank (zero_pp_rank_R_mp_rank_00_optim_states.pt): the fp32
+    master weights flattened in named_parameters order, each followed by its alignment padding, cut into equal
+    pieces (the end padded), beside the optimizer's own state."""
+    pieces = []
+    for (_, value), pad in zip(trainer.model.named_parameters(), paddings):
+        pieces += [value.detach().float().reshape(-1), torch.full((pad,), 7.0)]
+    flat = torch.cat(pieces)
+    flat = torch.cat([flat, torch.full((-len(flat) % ranks,), 7.0)])
+    size = len(flat) // ranks
+    return [{"optimizer_state_dict": {
+        "single_partition_of_fp32_groups": [flat[r * size:(r + 1) * size].clone()],
+        "param_alignment_paddings": [paddings], "group_paddings": [0] * (ranks - 1) + [-len(flat) % ranks],
+        "partition_count": [ranks], "zero_stage": ZeroStage.gradients,
+        "param_slice_mappings": [OrderedDict((n, FragmentAddress(v.numel(), 0))
+                                             for n, v in trainer.model.named_parameters())],
+        "base_optimizer_state": trainer.optimizer.state_dict(), "loss_scaler": None}, "ds_version": "0.15.1"}
+        for r in range(ranks)]
+
+
+def write_deepspeed_run(run, zero3=False, ranks=2):
     trainer, states = Trainer(seed=3), {}
+    paddings = [(1 + i) % 3 for i, _ in enumerate(trainer.model.parameters())]
     for _ in range(3):
         state = trainer.train(5)
         states[trainer.step] = state
@@ -208,8 +239,8 @@ def write_deepspeed_run(run, zero3=False):
         folder.mkdir(parents=True)
         module = {k: (torch.empty(0) if zero3 and k.endswith("weight") else v) for k, v in state.items()}
         torch.save(deepspeed_model_states(trainer, state, module), folder / "mp_rank_00_model_states.pt")
-        torch.save({"optimizer_state_dict": trainer.optimizer.state_dict(), "ds_version": "0.15.1"},
-                   folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        for rank, partition in enumerate(zero_partitions(trainer, ranks, paddings)):
+            torch.save(partition, folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         (run / "latest").write_text(folder.name)
     (run / "zero_to_fp32.py").write_text("# DeepSpeed's conversion script\n")
     return states

@@ -224,8 +224,56 @@ def test_deepspeed_model_states_with_module_replaced(tmp_path):
         if key != "module":
             assert_same_tree(written[key], source[key])
     assert_modelled(written["module"], modelled, source["module"])
-    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    assert (folder / name).read_bytes() == (source_folder / name).read_bytes()
+    # ZeRO's fp32 master weights, from which DeepSpeed's load_checkpoint restores the module, are the modelled
+    # weights too; padding, moments and DeepSpeed's own objects are as saved
+    names = list(source["param_shapes"][0])
+    ranks = [torch.load(folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
+             for r in range(2)]
+    sources = [torch.load(source_folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
+               for r in range(2)]
+    merged = torch.cat([p["optimizer_state_dict"]["single_partition_of_fp32_groups"][0] for p in ranks])
+    merged_source = torch.cat([p["optimizer_state_dict"]["single_partition_of_fp32_groups"][0] for p in sources])
+    expected, offset = merged_source.clone(), 0
+    for name, pad in zip(names, sources[0]["optimizer_state_dict"]["param_alignment_paddings"][0]):
+        n = modelled[name].numel()
+        expected[offset:offset + n] = modelled[name].reshape(-1)
+        offset += n + pad
+    assert torch.equal(merged, expected) and not torch.equal(merged, merged_source)
+    for got, was in zip(ranks, sources):
+        got["optimizer_state_dict"].pop("single_partition_of_fp32_groups")
+        was["optimizer_state_dict"].pop("single_partition_of_fp32_groups")
+        assert_same_tree(got, was)
+
+
+def test_deepspeed_mixed_precision_master_weights_are_the_modelled_ones(tmp_path):
+    """bf16/fp16 without ZeRO: the model states' optimizer holds fp32 master copies (``fp32_groups``, no
+    param_shapes) that load_checkpoint copies into the module; they are matched to the module's weights by value
+    and replaced."""
+    from test_layouts import Trainer, deepspeed_model_states
+
+    trainer, run = Trainer(seed=4), tmp_path / "run"
+    for _ in range(4):
+        trainer.train(5)
+        masters = [p.detach().clone() for p in trainer.model.parameters()]
+        module = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                  for k, v in trainer.model.state_dict().items()}
+        states = deepspeed_model_states(trainer, module, module)
+        states.update(param_shapes=None, optimizer={"fp32_groups": [masters], "cur_scale": 1.0,
+                                                    "optimizer_state_dict": trainer.optimizer.state_dict()})
+        folder = run / f"global_step{trainer.step}"
+        folder.mkdir(parents=True)
+        torch.save(states, folder / "mp_rank_00_model_states.pt")
+    store, _ = ingest_decompose(tmp_path, run)
+    _, modelled = reconstruct(tmp_path, store, 10)
+    written = torch.load(tmp_path / "recon" / "cmd_default_epoch10" / "mp_rank_00_model_states.pt",
+                         weights_only=True)
+    source = torch.load(run / "global_step10" / "mp_rank_00_model_states.pt", weights_only=True)
+    names = [n for n, _ in trainer.model.named_parameters()]
+    for name, master, was in zip(names, written["optimizer"]["fp32_groups"][0], source["optimizer"]["fp32_groups"][0]):
+        assert master.dtype == torch.float32 and torch.equal(master, modelled[name].float()), name
+    assert any(not torch.equal(a, b) for a, b in zip(written["optimizer"]["fp32_groups"][0],
+                                                       source["optimizer"]["fp32_groups"][0]))
+    assert_same_tree(written["optimizer"]["optimizer_state_dict"], source["optimizer"]["optimizer_state_dict"])
 
 
 # ------------------------------------------------------------------------------ output rules

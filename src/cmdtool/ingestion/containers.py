@@ -8,8 +8,9 @@ loads: only the modelled weights differ. docs/formats.md ("What reconstruct writ
 - a checkpoint folder (Hugging Face ``config.json`` + ``model.safetensors``/``pytorch_model.bin``, or shards
   with their ``*.index.json``; accelerate's ``save_state`` folders): a folder with the weights replaced, sharded
   as the source, and every other file copied (config, tokenizer, the trainer's optimizer/scheduler/RNG states);
-- a DeepSpeed ``global_stepN/`` folder: ``mp_rank_00_model_states.pt`` with ``module`` replaced, the other files
-  (ZeRO optimizer partitions) copied;
+- a DeepSpeed ``global_stepN/`` folder: ``mp_rank_00_model_states.pt`` with ``module`` replaced, ZeRO stage 1/2
+  optimizer partitions with their fp32 master weights replaced too (DeepSpeed's ``load_checkpoint`` restores the
+  module from them), the other files copied;
 - a ``torch.distributed.checkpoint`` folder: written back with ``dcp.save``; the entries that are not the model's
   tensors (optimizer tensors, pickled values such as a step count) are copied without being unpickled.
 
@@ -27,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError, UsageError
@@ -113,9 +115,12 @@ def write_container(store, column: int, blocks, container: Container, target: Pa
         _write_sharded(store, column, blocks, container.source, target, names)
         return KINDS["sharded"]
     if container.kind == "deepspeed":
-        _copy_other_files(container.source, target, skip={DEEPSPEED_MODEL_FILE})
+        partitions = _zero_partitions(container.source)
+        _copy_other_files(container.source, target, skip={DEEPSPEED_MODEL_FILE, *(p.name for p in partitions)})
+        state = state_dict_from_blocks(store, column, blocks)
         _write_torch(store, column, blocks, container.source / DEEPSPEED_MODEL_FILE, target / DEEPSPEED_MODEL_FILE,
-                     names)
+                     names, state=state, master_weights=True)
+        _write_zero_partitions(container.source, partitions, target, state, names)
         return KINDS["deepspeed"]
     if container.kind == "dcp":
         _write_dcp(store, column, blocks, container.source, target, names)
@@ -194,12 +199,16 @@ def _replaced_state(inner: dict, state: dict, names: _Names) -> dict:
     return out
 
 
-def _write_torch(store, column: int, blocks, source: Path, target: Path, names: _Names) -> str:
+def _write_torch(store, column: int, blocks, source: Path, target: Path, names: _Names, state=None,
+                 master_weights: bool = False) -> str:
+    """The torch file ``source`` with its state dict replaced; ``master_weights``: also the fp32 master copies
+    that a DeepSpeed model-states file's ``optimizer`` entry holds (:func:`_with_master_weights`)."""
     obj = load_torch_file(source)
     key = _wrapper_key(obj, source)
     inner = obj if key is None else obj[key]
     names.check(list(inner), source)
-    state = state_dict_from_blocks(store, column, blocks)
+    if state is None:
+        state = state_dict_from_blocks(store, column, blocks)
     replaced = _replaced_state(inner, state, names)
     if key is None:
         written = replaced
@@ -207,12 +216,128 @@ def _write_torch(store, column: int, blocks, source: Path, target: Path, names: 
         written = type(obj)() if isinstance(obj, OrderedDict) else {}
         for name, value in obj.items():
             written[name] = replaced if name == key else value
+        if master_weights and isinstance(written.get("optimizer"), dict):
+            written["optimizer"] = _with_master_weights(written["optimizer"], written.get("param_shapes"),
+                                                        inner, state, names, source)
     write_atomically(target, lambda temporary: torch.save(written, temporary))
     if key is None:
         return "torch state dict"
     if isinstance(obj, dict) and "pytorch-lightning_version" in obj:
         return "Lightning checkpoint"
     return f"checkpoint dict, weights under {key!r}"
+
+
+def _with_master_weights(optimizer: dict, param_shapes, module: dict, state: dict, names: _Names,
+                         source: Path) -> dict:
+    """A DeepSpeed mixed-precision optimizer state (fp16/bf16 without ZeRO) with its fp32 master copies set to the
+    modelled weights: ``fp32_groups`` (per parameter group, one tensor per parameter) or ``fp32_groups_flat``
+    (per group, the parameters flattened). DeepSpeed's ``load_checkpoint`` copies them back into the module at
+    the first step, so copies of the source's would undo the reconstruction. Moments and the loss scale are kept.
+
+    Which weight each master copy is: ``param_shapes``' names in order where DeepSpeed saved them; otherwise the
+    source module's tensor (in order) of the same shape whose values the copy rounds to, as the module is the
+    master copy cast to its dtype when saved."""
+    def modelled(name: str) -> torch.Tensor:
+        return state[strip_prefix(name, names.ingest_prefixes)].detach().float().reshape(-1)
+
+    def names_of(masters: list[torch.Tensor], shapes) -> list[str]:
+        if isinstance(shapes, dict) and len(shapes) == len(masters):
+            return list(shapes)
+        found, taken = [], set()
+        for master in masters:
+            name = next((n for n, v in module.items() if n not in taken and _rounds_to(master, v)), None)
+            if name is None:
+                raise CheckpointError(f"{source}: an fp32 master weight of the optimizer matches no weight of the "
+                                      f"module; {BARE_HINT}")
+            taken.add(name)
+            found.append(name)
+        return found
+
+    groups = len(optimizer.get("fp32_groups") or optimizer.get("fp32_groups_flat") or [])
+    shapes_of = list(param_shapes) if isinstance(param_shapes, list) and len(param_shapes) == groups \
+        else [None] * groups
+    out = dict(optimizer)
+    if isinstance(optimizer.get("fp32_groups"), list):
+        out["fp32_groups"] = [
+            [modelled(name).reshape(master.shape).to(master.dtype) for name, master in zip(names_of(group, shapes),
+                                                                                         group)]
+            for shapes, group in zip(shapes_of, optimizer["fp32_groups"])]
+    if isinstance(optimizer.get("fp32_groups_flat"), list):
+        flats = []
+        for shapes, flat in zip(shapes_of, optimizer["fp32_groups_flat"]):
+            if shapes is None:
+                raise CheckpointError(f"{source}: flat fp32 master weights without param_shapes; {BARE_HINT}")
+            values = torch.cat([modelled(name) for name in shapes]) if shapes else flat.new_zeros(0)
+            if values.numel() > flat.numel():
+                raise CheckpointError(f"{source}: the optimizer's flat master weights do not match param_shapes; "
+                                      f"{BARE_HINT}")
+            flat = flat.clone()
+            flat[:values.numel()] = values.to(flat.dtype)
+            flats.append(flat)
+        out["fp32_groups_flat"] = flats
+    return out
+
+
+def _rounds_to(master: torch.Tensor, value) -> bool:
+    """Whether the fp32 ``master`` copy, cast to ``value``'s dtype and shape, is ``value``."""
+    return isinstance(value, torch.Tensor) and value.numel() == master.numel() \
+        and torch.equal(master.detach().reshape(value.shape).to(value.dtype), value)
+
+
+def _zero_partitions(folder: Path) -> list[Path]:
+    """A DeepSpeed checkpoint folder's ZeRO optimizer partitions (``zero_pp_rank_R_mp_rank_00_optim_states.pt``,
+    ``bf16_`` first with bf16 training), in data-parallel rank order."""
+    def rank(path: Path) -> int:
+        return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
+
+    return sorted((p for p in folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")
+                   if p.name.split("zero_pp_rank_")[1].split("_")[0].isdigit()), key=rank)
+
+
+def _write_zero_partitions(folder: Path, partitions: list[Path], target: Path, state: dict, names: _Names) -> None:
+    """Write ZeRO stage 1/2 partitions whose fp32 master weights are the modelled weights.
+
+    DeepSpeed keeps an fp32 copy of every trained weight in the optimizer partitions
+    (``single_partition_of_fp32_groups``: per parameter group, the group's parameters flattened in
+    ``param_shapes`` order, each followed by its alignment padding, and cut into one piece per rank), and its
+    ``load_checkpoint`` puts those copies back into the module at the first step. A copied partition would
+    bring back the source's weights; so the master copies are rewritten from the modelled state, and the
+    optimizer's moments and everything else are kept as saved. The partitions pickle DeepSpeed's classes, so
+    they are read and written with :mod:`.torch_archive`, which never unpickles them."""
+    if not partitions:
+        return
+    from . import torch_archive
+
+    param_shapes = load_torch_file(folder / DEEPSPEED_MODEL_FILE).get("param_shapes") or []
+    scanned = [torch_archive.scan(path) for path in partitions]
+    groups, paddings = [], []
+    for path, obj in zip(partitions, scanned):
+        inner = obj.get("optimizer_state_dict") if isinstance(obj, dict) else None
+        flat = inner.get("single_partition_of_fp32_groups") if isinstance(inner, dict) else None
+        if not isinstance(flat, list) or not all(isinstance(t, torch_archive.TensorRef) for t in flat) \
+                or len(flat) != len(param_shapes):
+            raise CheckpointError(f"{path}: not a ZeRO stage 1/2 optimizer partition that matches "
+                                  f"{DEEPSPEED_MODEL_FILE}'s param_shapes; {BARE_HINT}")
+        groups.append(flat)
+        paddings = inner.get("param_alignment_paddings") or paddings
+    replacements: list[list] = [[] for _ in partitions]
+    for g, shapes in enumerate(param_shapes):
+        pieces = [torch_archive.read_tensor(path, flat[g]) for path, flat in zip(partitions, groups)]
+        merged = np.concatenate(pieces)
+        offset = 0
+        for p, name in enumerate(shapes):
+            store_name = strip_prefix(name, names.ingest_prefixes)
+            values = state.get(store_name)
+            if values is None or offset + values.numel() > len(merged):
+                raise CheckpointError(f"{folder}: the ZeRO partitions do not hold {name!r} where "
+                                      f"{DEEPSPEED_MODEL_FILE} says; {BARE_HINT}")
+            merged[offset:offset + values.numel()] = values.detach().float().reshape(-1).numpy()
+            offset += values.numel() + (int(paddings[g][p]) if g < len(paddings) else 0)
+        bounds = np.cumsum([0] + [len(piece) for piece in pieces])
+        for rank, flat in enumerate(groups):
+            replacements[rank].append((flat[g], merged[bounds[rank]:bounds[rank + 1]]))
+    for path, rank_replacements in zip(partitions, replacements):
+        torch_archive.write_replacing(path, target / path.name, rank_replacements)
 
 
 def _copy_other_files(folder: Path, target: Path, skip: set[str]) -> None:
