@@ -138,6 +138,8 @@ class Block:
 
     @property
     def on_cpu(self) -> bool:
+        """The block is numpy (a CPU pass): accumulators take their numpy branch, else their torch one (a GPU, or
+        a ``torch.device("cpu")`` given by a caller)."""
         return is_numpy(self.values)
 
     def float64_chunks(self):
