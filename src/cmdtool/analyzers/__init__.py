@@ -2,9 +2,10 @@
 
 The registry maps a method name to ``"module:Class"`` and imports a module only when its class is asked for
 (they import numpy and the standard library at the top: torch, scipy and matplotlib are imported where they are
-used, so that ``cmdtool --help`` stays fast). Its order is :data:`BUILTIN`'s, then the entry points, then
-:func:`register`'s. ``decompose``, ``compare``, ``evaluate``, ``reconstruct``, ``report`` and ``export`` read
-the analyzers from here, so a new analyzer is one module plus its line in :data:`BUILTIN`.
+used, so that ``cmdtool --help`` stays fast; a fit on the CPU imports no torch at all). Its order is
+:data:`BUILTIN`'s, then the entry points, then :func:`register`'s. ``decompose``, ``compare``, ``evaluate``,
+``reconstruct``, ``report`` and ``export`` read the analyzers from here, so a new analyzer is one module plus its
+line in :data:`BUILTIN`.
 
 A third-party package registers a method without touching this package, by an entry point of the group
 ``cmdtool.analyzers`` (read with :mod:`importlib.metadata` the first time the registry is used), e.g. in its

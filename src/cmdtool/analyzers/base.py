@@ -352,8 +352,9 @@ class Analyzer(Estimator):
         return self
 
     def _check_store(self, store) -> None:
-        """The checks that need the store or torch, before any work: the device exists (this imports torch, so
-        that ``fit_seconds`` times the fit, not the import), the window is long enough, outputs can be written."""
+        """The checks that need the store or torch, before any work: the device exists (for a GPU this imports
+        torch, so that ``fit_seconds`` times the fit, not the import; the CPU needs no torch), the window is long
+        enough, outputs can be written."""
         if hasattr(self, "device"):
             from ..utils.device import resolve_device
 

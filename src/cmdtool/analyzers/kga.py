@@ -31,6 +31,7 @@ from .eigenvalues import (CLASS_NAMES, DEFAULT_CLASS_EPS, EIGENVALUE_FIGURE, NEU
 from .linear_models import RANK, RowProjection
 from .params import DEVICE, EPOCHS, Param
 from ..passes.contract import Accumulator
+from ..utils.device import computes_in_numpy
 
 def kwm_score_matrix(mode_coefficients: np.ndarray, amplitudes: np.ndarray, eigenvalues: np.ndarray,
                      classes: np.ndarray, n_cols: int, window: int) -> np.ndarray:
@@ -53,18 +54,22 @@ class KWMMasks(Accumulator):
         self.tensor_stops = np.asarray(tensor_stops, dtype=np.int64)  # cumulative row ends of the tensors
 
     def start(self, ctx):
+        self.mask = self.writer.create("mask", (ctx.n_rows,), "uint8", chunks=ctx.output_chunks())
+        self.masked_per_tensor = np.zeros(len(self.tensor_stops), dtype=np.int64)
+        if computes_in_numpy(ctx.device):
+            self.real = np.asarray(self.score_matrix.real, dtype=np.float64)
+            self.imag = np.asarray(self.score_matrix.imag, dtype=np.float64)
+            return
         import torch
 
-        self.mask = self.writer.create("mask", (ctx.n_rows,), "uint8", chunks=ctx.output_chunks())
         self.real = torch.as_tensor(self.score_matrix.real, dtype=torch.float64, device=ctx.device)
         self.imag = torch.as_tensor(self.score_matrix.imag, dtype=torch.float64, device=ctx.device)
-        self.masked_per_tensor = np.zeros(len(self.tensor_stops), dtype=np.int64)
 
     def update(self, block):
         start, stop = block.start, block.stop
         # rows with NaN/Inf were zeroed by the pass; they are not "quiet", so they stay in KGA
         if block.on_cpu:  # numpy on cache-sized float64 chunks (host_float64)
-            real, imag, finite = self.real.numpy(), self.imag.numpy(), block.finite.numpy()
+            real, imag, finite = self.real, self.imag, block.finite
             masked_np = np.empty(block.rows, dtype=bool)
             for r0, r1, x in block.float64_chunks():
                 score = np.hypot(x @ real, x @ imag)                       # S_{i',j}, (rows, s)

@@ -26,6 +26,7 @@ from .base import Analyzer
 from .params import Param
 from ..passes.contract import Accumulator
 from ..passes.local import gram_matrix, stream
+from ..utils.device import computes_in_numpy
 
 # relative eigenvalue floor of a Gram matrix: eigenvalues below  max_eig * T * GRAM_EPS  are roundoff
 GRAM_EPS = 1e-13
@@ -152,8 +153,6 @@ class RowProjection(Accumulator):
         self.writer, self.key, self.matrix, self.centre = writer, key, np.asarray(matrix), centre
 
     def start(self, ctx):
-        import torch
-
         width = self.matrix.shape[1]
         self.complex = np.iscomplexobj(self.matrix)
         parts = ("real", "imag") if self.complex else (None,)
@@ -165,15 +164,22 @@ class RowProjection(Accumulator):
                                                    chunks=ctx.output_chunks(width), compress=False)
         self.means = (self.writer.create("means", (ctx.n_rows,), "float32", chunks=ctx.output_chunks())
                       if self.centre else None)
-        self.device_matrices = {part: torch.as_tensor(self.matrix.real if part != "imag" else self.matrix.imag,
-                                                      dtype=torch.float64, device=ctx.device) for part in parts}
-
-    def update(self, block):
+        matrices = {part: np.asarray(self.matrix.real if part != "imag" else self.matrix.imag, dtype=np.float64)
+                    for part in parts}
+        if computes_in_numpy(ctx.device):
+            self.device_matrices = matrices
+            return
         import torch
 
+        self.device_matrices = {part: torch.as_tensor(matrix, dtype=torch.float64, device=ctx.device)
+                                for part, matrix in matrices.items()}
+
+    def update(self, block):
         if block.on_cpu:
             self._update_host(block)
             return
+        import torch
+
         block64 = block.float64()
         if self.centre:
             mean = block64.mean(dim=1, keepdim=True)
@@ -195,7 +201,7 @@ class RowProjection(Accumulator):
                 x -= mean
                 means[r0:r1] = mean[:, 0]
             for part, matrix in self.device_matrices.items():
-                outputs[part][r0:r1] = x @ matrix.numpy()
+                outputs[part][r0:r1] = x @ matrix
         if self.centre:
             self.means[rows] = means
         for part, values in outputs.items():
@@ -215,24 +221,30 @@ class ColumnsOfModel(Accumulator):
         self.weights, self.out, self.keep_nonfinite = np.asarray(weights), out, keep_nonfinite
 
     def start(self, ctx):
-        import torch
-
         self.returned = self.out is None  # the pass's own output, handed back by finish as numpy
         if self.returned:
             self.out = ctx.row_output(*self.weights.shape[1:], dtype=np.float32)
+        if computes_in_numpy(ctx.device):
+            self.weights_device = np.asarray(self.weights, dtype=np.float64)
+            return
+        import torch
+
         self.weights_device = torch.as_tensor(self.weights, dtype=torch.float64, device=ctx.device)
 
     def update(self, block):
         if block.on_cpu:  # numpy on cache-sized float64 chunks (host_float64)
-            weights = self.weights_device.numpy()
+            weights = self.weights_device
             value = np.empty((block.rows,) + weights.shape[1:], dtype=np.float32)
             for r0, r1, x in block.float64_chunks():
                 value[r0:r1] = x @ weights
+            if self.keep_nonfinite and block.nonfinite:
+                with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf in, NaN/Inf out: as stored
+                    value[~block.finite] = block.nonfinite_values.astype(np.float64) @ weights
         else:
             value = (block.float64() @ self.weights_device).float().cpu().numpy()
-        if self.keep_nonfinite and block.nonfinite:
-            value[~block.finite.cpu().numpy()] = (block.nonfinite_values.double() @ self.weights_device).float() \
-                .cpu().numpy()
+            if self.keep_nonfinite and block.nonfinite:
+                value[~block.finite.cpu().numpy()] = (block.nonfinite_values.double() @ self.weights_device) \
+                    .float().cpu().numpy()
         self.out[block.start:block.stop] = value
 
     def finish(self):

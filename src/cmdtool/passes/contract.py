@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .host_float64 import chunk_rows, on_cpu, to_float64_
+from ..utils.device import CPU, computes_in_numpy
+from .host_float64 import chunk_rows, is_numpy, to_float64_
 
 
 class MemoryOutputs:
@@ -65,8 +66,9 @@ class Block:
     """Rows ``start:stop`` of W over the pass's columns, as every accumulator of the pass sees them.
 
     ``values`` is float32 on the compute device (rows with NaN/Inf zeroed), ``finite`` flags the rows without
-    NaN/Inf and ``nonfinite_values`` keeps those rows as stored (what a reconstruction that gives back the stored
-    values needs). :meth:`float64` is one float64 copy shared by the accumulators of the pass (read only), written into
+    NaN/Inf, both numpy arrays on the CPU (a CPU pass imports no torch) and torch tensors on a torch device, and
+    ``nonfinite_values`` keeps those rows as stored (what a reconstruction that gives back the stored values
+    needs). :meth:`float64` is one float64 copy shared by the accumulators of the pass (read only), written into
     a buffer that the pass reuses from block to block instead of allocating (and page-faulting) a new one; on the
     CPU, accumulators read :meth:`float64_chunks` instead (numpy, cache-sized chunks: see
     :mod:`~cmdtool.passes.host_float64`), so that no whole float64 copy of the block is made.
@@ -76,14 +78,25 @@ class Block:
                  "_release")
 
     def __init__(self, start: int, stop: int, values, buffers: "BlockBuffers | None" = None, release=None):
-        import torch
-
         self.start, self.stop = int(start), int(stop)
         self._buffers = buffers
         self._release = release
         self._float64 = None
         # a row with NaN/Inf has a non-finite sum: one reduction finds them, an elementwise isfinite of the block
         # costs as much as the rest of a Gram pass; rows whose finite values overflow the sum are checked exactly
+        if is_numpy(values):
+            finite = np.isfinite(values.sum(axis=1))
+            if not finite.all():
+                suspect = np.flatnonzero(~finite)
+                finite[suspect] = np.isfinite(values[suspect]).all(axis=1)
+            self.nonfinite = int((~finite).sum())
+            self.nonfinite_values = values[~finite] if self.nonfinite else None
+            if self.nonfinite:
+                values = np.where(finite[:, None], values, values.dtype.type(0))
+            self.values, self.finite = values, finite
+            return
+        import torch
+
         finite = torch.isfinite(values.sum(dim=1))
         if not bool(finite.all()):
             suspect = (~finite).nonzero().squeeze(1)
@@ -107,9 +120,15 @@ class Block:
 
     def float64(self):
         """The block in float64 (shared, do not modify: accumulators that change values work on a copy)."""
-        import torch
-
+        if self._float64 is None and self.on_cpu:
+            if self._buffers is None:
+                self._float64 = self.values.astype(np.float64)
+            else:
+                self._float64 = self._buffers.get("float64", self.values.shape, np.float64, CPU)
+                np.copyto(self._float64, self.values)
         if self._float64 is None:
+            import torch
+
             if self._buffers is None:
                 self._float64 = self.values.to(torch.float64)
             else:
@@ -119,21 +138,20 @@ class Block:
 
     @property
     def on_cpu(self) -> bool:
-        return on_cpu(self.values)
+        """The block is numpy (a CPU pass): accumulators take their numpy branch, else their torch one (a GPU, or
+        a ``torch.device("cpu")`` given by a caller)."""
+        return is_numpy(self.values)
 
     def float64_chunks(self):
         """``(r0, r1, x)`` for consecutive row chunks of a CPU block: ``x`` is rows ``r0:r1`` (block-relative) as a
         float64 numpy array, converted into one buffer reused by every chunk and accumulator (overwritten by the
         next chunk: use it before asking for the next one; accumulators may change it in place)."""
-        import torch
-
-        values = self.values.numpy()
+        values = self.values
         rows = min(chunk_rows(values.shape[1]), max(self.rows, 1))
         if self._buffers is None:
             buffer = np.empty((rows, values.shape[1]))
         else:
-            buffer = self._buffers.get("float64_chunk", (rows, values.shape[1]), torch.float64, self.values.device)
-            buffer = buffer.numpy()
+            buffer = self._buffers.get("float64_chunk", (rows, values.shape[1]), np.float64, CPU)
         for r0 in range(0, self.rows, rows):
             r1 = min(r0 + rows, self.rows)
             chunk = buffer[:r1 - r0]
@@ -142,15 +160,21 @@ class Block:
 
 
 class BlockBuffers:
-    """Scratch tensors reused from block to block (named, grown when a larger shape is asked for)."""
+    """Scratch arrays reused from block to block (named, grown when a larger shape is asked for): numpy arrays
+    on the CPU (``dtype`` a numpy dtype), torch tensors on a GPU."""
 
     def __init__(self):
         self._tensors: dict = {}
 
     def get(self, name: str, shape, dtype, device):
+        rows, *tail = shape
+        if computes_in_numpy(device):
+            held = self._tensors.get(name)
+            if held is None or held.shape[0] < rows or list(held.shape[1:]) != tail or held.dtype != dtype:
+                held = self._tensors[name] = np.empty((rows, *tail), dtype=dtype)
+            return held[:rows]
         import torch
 
-        rows, *tail = shape
         held = self._tensors.get(name)
         if held is None or held.shape[0] < rows or list(held.shape[1:]) != tail or held.dtype != dtype \
                 or held.device != device:
@@ -191,7 +215,7 @@ class Accumulator:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_scratch") and k not in self.client_only}
 
     def _scratch(self, name: str, shape, dtype, device):
-        """A reusable working tensor of this accumulator (not part of its state)."""
+        """A reusable working array of this accumulator (not part of its state; see :class:`BlockBuffers`)."""
         buffers = self.__dict__.setdefault("_scratch_buffers", BlockBuffers())
         return buffers.get(name, shape, dtype, device)
 

@@ -22,6 +22,7 @@ import uuid
 import numpy as np
 
 from ..utils.cluster import store_address
+from ..utils.device import computes_in_numpy
 from .contract import Block, merged
 
 SPLIT_EVERY = 8  # partials merged per reduction task: a tree of depth log8(blocks)
@@ -64,12 +65,16 @@ def window_array(store, ctx):
                          name=f"cmdtool-window-{uuid.uuid4().hex[:12]}")
 
 
-def _block_partials(template: bytes, values: np.ndarray, start: int, device: str):
-    """One task of the map: fresh empty partials (unpickled from the template) fed one block."""
-    import torch
-
+def _block_partials(template: bytes, values: np.ndarray, start: int, device: str | None):
+    """One task of the map: fresh empty partials (unpickled from the template) fed one block (numpy for
+    ``device=None``, else a torch tensor on that device)."""
     partials = pickle.loads(template)
-    block = Block(start, start + values.shape[0], torch.from_numpy(np.ascontiguousarray(values)).to(device))
+    values = np.ascontiguousarray(values)
+    if device is not None:
+        import torch
+
+        values = torch.from_numpy(values).to(device)
+    block = Block(start, start + values.shape[0], values)
     for acc in partials:
         acc.update(block)
     return partials, block.nonfinite
@@ -94,7 +99,7 @@ def run_pass(client, store, accumulators, ctx, progress_task=None, description: 
     window = window_array(store, ctx)
     template = pickle.dumps(accumulators)  # empty partials: client-only state and scratch stay here
     template_key = dask.delayed(template, pure=True, traverse=False)
-    device = str(ctx.device)
+    device = None if computes_in_numpy(ctx.device) else str(ctx.device)
     starts = np.cumsum((0,) + window.chunks[0][:-1])
     map_tasks = [dask.delayed(_block_partials, pure=True)(template_key, block, int(start), device)
                  for block, start in zip(window.to_delayed().ravel(), starts)]

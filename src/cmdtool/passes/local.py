@@ -17,8 +17,9 @@ same :class:`Block` to every accumulator.
 - ``finish()`` turns the merged reductions into results (device tensors to numpy).
 
 Reductions accumulate in float64; :func:`run_blocks` and :func:`~.contract.merged` are the in-process engine's
-pieces that a test (or another engine) reuses. torch is imported where a pass runs, not with the module, so that
-importing an analyzer stays cheap.
+pieces that a test (or another engine) reuses. On the CPU a pass is numpy throughout and imports no torch (blocks
+are read as numpy arrays, :class:`~.contract.Block`); torch is imported where a GPU pass runs, not with the module,
+so that importing an analyzer stays cheap.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..utils.device import available_cores, compute_threads, resolve_device
+from ..utils.device import (available_cores, compute_threads, computes_in_numpy, device_type,
+                            resolve_device)
 from ..errors import UsageError
 from ..utils.progress import NullProgress
 from .contract import Accumulator, Block, BlockBuffers, PassContext, PassStats, add_reductions
+from .host_float64 import to_numpy
 
 # float32 bytes of W per block: 4 blocks in flight (read-ahead of 2) plus a float64 copy stay well under 1 GB,
 # whatever N is, and a block still spans several chunks for zarr's parallel decoding
@@ -53,15 +56,21 @@ def iter_pass_blocks(store, columns: slice, device, block_rows: int, rows: slice
     one set of reused buffers. Each block's memory is the reader's again once the consumer calls
     :meth:`Block.release` (:func:`run_blocks` does, after every accumulator saw the block)."""
     buffers = BlockBuffers()
-    for raw in store.iter_blocks(columns=columns, rows=rows, block_rows=block_rows, device=device,
+    for raw in store.iter_blocks(columns=columns, rows=rows, block_rows=block_rows, device=reader_device(device),
                                  reuse_arrays=True):
         yield Block(raw.start, raw.stop, raw.data, buffers, release=raw.release)
+
+
+def reader_device(device):
+    """What the pass asks :meth:`~cmdtool.store.store.TrajectoryStore.iter_blocks` for: numpy blocks (None) on
+    the CPU, torch tensors on a torch device."""
+    return None if computes_in_numpy(device) else device
 
 
 def pass_workers(device) -> int:
     """Blocks a pass runs side by side in this process: one per core on the CPU (at most
     :data:`MAX_PASS_WORKERS`; ``$CMDTOOL_PASS_WORKERS`` sets it), one on a GPU (its kernels queue anyway)."""
-    if getattr(device, "type", str(device)) != "cpu":
+    if device_type(device) != "cpu":
         return 1
     configured = os.environ.get(PASS_WORKERS_ENV, "").strip()
     if configured:
@@ -219,7 +228,7 @@ def stream(store, accumulators: list[Accumulator], columns: slice | None = None,
                 with compute_threads(workers):
                     nonfinite = run_blocks_side_by_side(
                         accumulators, store.iter_blocks(columns=ctx.columns, block_rows=ctx.block_rows,
-                                                        device=ctx.device, reuse_arrays=True),
+                                                        device=reader_device(ctx.device), reuse_arrays=True),
                         min(workers, n_blocks), ctx.outputs.arrays, task)
             elif client is None:
                 with compute_threads():
@@ -246,16 +255,19 @@ class GramAccumulator(Accumulator):
     """
 
     def start(self, ctx):
+        n = ctx.n_cols
+        self.rows = 0
+        if computes_in_numpy(ctx.device):
+            self.gram, self.column_sums = np.zeros((n, n)), np.zeros(n)
+            return
         import torch
 
-        n = ctx.n_cols
         self.gram = torch.zeros((n, n), dtype=torch.float64, device=ctx.device)
         self.column_sums = torch.zeros(n, dtype=torch.float64, device=ctx.device)
-        self.rows = 0
 
     def update(self, block):
         if block.on_cpu:
-            gram, column_sums = self.gram.numpy(), self.column_sums.numpy()  # views: += updates the tensors
+            gram, column_sums = self.gram, self.column_sums
             for _, _, x in block.float64_chunks():
                 gram += x.T @ x  # numpy sees Xᵀ X of one buffer and calls syrk
                 column_sums += x.sum(axis=0)
@@ -269,8 +281,8 @@ class GramAccumulator(Accumulator):
         add_reductions(self, other, ("gram", "column_sums", "rows"))
 
     def finish(self):
-        self.gram = self.gram.cpu().numpy()
-        self.column_sums = self.column_sums.cpu().numpy()
+        self.gram = to_numpy(self.gram)
+        self.column_sums = to_numpy(self.column_sums)
 
 
 class RowGather(Accumulator):
@@ -290,12 +302,17 @@ class RowGather(Accumulator):
         lo, hi = np.searchsorted(self.sorted, [block.start, block.stop])
         if lo == hi:
             return
-        import torch
-
-        local = torch.as_tensor(self.sorted[lo:hi] - block.start, device=block.values.device)
+        local = self.sorted[lo:hi] - block.start
         positions = self.order[lo:hi]
-        self.values[positions] = block.values.index_select(0, local).cpu().numpy()
-        self.finite[positions] = block.finite.index_select(0, local).cpu().numpy()
+        if block.on_cpu:
+            self.values[positions] = block.values[local]
+            self.finite[positions] = block.finite[local]
+        else:
+            import torch
+
+            local = torch.as_tensor(local, device=block.values.device)
+            self.values[positions] = block.values.index_select(0, local).cpu().numpy()
+            self.finite[positions] = block.finite.index_select(0, local).cpu().numpy()
         self.seen[positions] = True
 
     def merge(self, other):

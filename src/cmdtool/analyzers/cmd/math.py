@@ -4,7 +4,9 @@
 Everything here works on small things (K sampled rows, M reference trajectories) or on one row block at a
 time, so callers keep memory bounded by the block size whatever N is. Step 1 as a whole is
 :func:`select_references`; the reference-row rule (a reference weight models itself: a = 1, b = 0) is
-:func:`pin_reference_rows`. torch and scipy are imported where they are used, not with the module.
+:func:`pin_reference_rows`. Steps 2-3 work on numpy arrays (a CPU pass, which imports no torch) or torch tensors (a
+GPU pass, and the training-time online CMD) alike, through :mod:`cmdtool.passes.host_float64`'s functions; torch
+and scipy are imported where they are used, not with the module.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import ParameterError, UsageError
+from ...passes.host_float64 import copy, is_numpy, like, matmul, where
 
 # Mode codes of rows that CMD does not model; their reconstruction is the stored original value.
 MODE_KEPT = -1        # BatchNorm running statistics under bn_stats="source"
@@ -185,29 +188,36 @@ def pin_reference_rows(reference_indices, start: int, stop: int, mode=None, a=No
     """The reference-row rule, in place on a row block ``start:stop``: a reference weight belongs to its own mode
     and models itself, a = 1 and b = 0 (b = −offset when the block's rows were shifted by ``offset``, an R-vector).
 
-    ``mode`` (R,), ``a`` and ``b`` ((R,) or (R, k): every column) are torch tensors on one device; any may be None.
+    ``mode`` (R,), ``a`` and ``b`` ((R,) or (R, k): every column) are numpy arrays, or torch tensors on one
+    device; any may be None.
     """
-    import torch
-
     indices = np.asarray(reference_indices, dtype=np.int64)
     inside = np.flatnonzero((indices >= start) & (indices < stop))
     if not inside.size:
         return
-    device = next(t.device for t in (mode, a, b) if t is not None)
-    rows = torch.as_tensor(indices[inside] - start, device=device)
+    some = next(t for t in (mode, a, b) if t is not None)
+    rows = like(indices[inside] - start, some)
     if mode is not None:
-        mode[rows] = torch.as_tensor(inside, dtype=mode.dtype, device=device)
+        mode[rows] = like(inside, mode).astype(mode.dtype) if is_numpy(mode) else like(inside, mode).to(mode.dtype)
     if a is not None:
         a[rows] = 1.0
     if b is not None:
-        b[rows] = 0.0 if offset is None else -offset[rows].reshape(-1, *([1] * (b.dim() - 1)))
+        b[rows] = 0.0 if offset is None else -offset[rows].reshape(-1, *([1] * (b.ndim - 1)))
 
 
 # ---------------------------------------------------------------------------------------------- Steps 2-3
 class ReferenceSet:
-    """The M reference trajectories on the compute device, with what Steps 2-3 need of them (float64)."""
+    """The M reference trajectories on the compute device, with what Steps 2-3 need of them (float64): numpy
+    arrays for ``device=None`` (a CPU pass), torch tensors on ``device`` otherwise."""
 
-    def __init__(self, trajectories, device):
+    def __init__(self, trajectories, device=None):
+        if device is None:
+            self.values = np.asarray(trajectories, dtype=np.float64)  # (M, T)
+            self.mean = self.values.mean(axis=1)
+            self.centred = self.values - self.mean[:, None]
+            self.sq_norm = (self.centred * self.centred).sum(axis=1)  # S_rr of Eq. 6 in closed form
+            self.norm = np.sqrt(self.sq_norm)
+            return
         import torch
 
         self.values = torch.as_tensor(np.asarray(trajectories), dtype=torch.float64, device=device)  # (M, T)
@@ -219,20 +229,27 @@ class ReferenceSet:
 
 def correlate(centred, sq_norm, refs: ReferenceSet):
     """C2 = |corr(w_i, r_m)| of a block of centred rows (Eq. 5), and the cross sums Σ(w−w̄)(r−r̄) (R x M)
-    (torch tensors). Constant rows (and constant references) get correlation 0, as in the authors' code.
+    (numpy or torch, as ``centred``). Constant rows (and constant references) get correlation 0, as in the
+    authors' code.
     """
+    cross = matmul(centred, refs.centred.T)
+    if is_numpy(centred):
+        denom = np.sqrt(sq_norm)[:, None] * refs.norm[None, :]
+        corr = np.where(denom > 0, np.abs(cross) / np.where(denom > 0, denom, 1.0), 0.0)
+        return corr, cross
     import torch
 
-    from ...passes.host_float64 import matmul
-
-    cross = matmul(centred, refs.centred.T)
     denom = sq_norm.sqrt()[:, None] * refs.norm[None, :]
     corr = torch.where(denom > 0, cross.abs() / torch.where(denom > 0, denom, 1.0), 0.0)
     return corr, cross
 
 
 def centre_rows_(block):
-    """Centre each row in place (float64 torch block); returns (row means w̄, Σ_t (w−w̄)² per row)."""
+    """Centre each row in place (float64 block, numpy or torch); returns (row means w̄, Σ_t (w−w̄)² per row)."""
+    if is_numpy(block):
+        mean = block.mean(axis=1)
+        block -= mean[:, None]
+        return mean, np.einsum("ij,ij->i", block, block)
     import torch
 
     mean = block.mean(dim=1)
@@ -246,11 +263,12 @@ def closed_form_fit(mode, cross, mean, sq_norm, refs: ReferenceSet):
     A constant row gets a = 0, b = its value; against a constant reference a = 0, b = w̄. Returns
     (a, b, Σ(w−w̄)(r−r̄) of the chosen mode).
     """
-    import torch
-
     s_rr = refs.sq_norm[mode]
-    s_wr = cross.gather(1, mode[:, None]).squeeze(1)
-    a = torch.where((s_rr > 0) & (sq_norm > 0), s_wr / torch.where(s_rr > 0, s_rr, 1.0), 0.0)
+    if is_numpy(cross):
+        s_wr = np.take_along_axis(cross, mode[:, None], axis=1)[:, 0]
+    else:
+        s_wr = cross.gather(1, mode[:, None]).squeeze(1)
+    a = where((s_rr > 0) & (sq_norm > 0), s_wr / where(s_rr > 0, s_rr, 1.0), 0.0)
     return a, mean - a * refs.mean[mode], s_wr
 
 
@@ -260,10 +278,10 @@ def fit_block(block, refs: ReferenceSet):
 
     Returns (mode int64, a, b, Σ(w−w̄)² per row).
     """
-    centred = block.clone()
+    centred = copy(block)
     mean, sq_norm = centre_rows_(centred)
     corr, cross = correlate(centred, sq_norm, refs)
-    mode = corr.argmax(dim=1)
+    mode = corr.argmax(1)
     a, b, _ = closed_form_fit(mode, cross, mean, sq_norm, refs)
     return mode, a, b, sq_norm
 
@@ -276,12 +294,10 @@ def affine_from_sums(count, sum_u, sum_uv, sum_v, sum_vv, shift_w, shift_r):
     Eq. 17), so keeping these sums and solving the 2x2 system of Eq. 10 at the end is the same recursion
     without re-multiplying by an inverse every epoch. The shift (each row's and each reference's first value)
     removes the large common offset before squaring, which avoids cancellation in Σr² − (Σr)²/t. Works on
-    any broadcastable torch tensors (one epoch or a whole cumulative block).
+    any broadcastable numpy arrays or torch tensors (one epoch or a whole cumulative block).
     """
-    import torch
-
     s_uv = sum_uv - sum_u * sum_v / count
     s_vv = sum_vv - sum_v * sum_v / count
-    a = torch.where(s_vv > 0, s_uv / torch.where(s_vv > 0, s_vv, 1.0), 0.0)
+    a = where(s_vv > 0, s_uv / where(s_vv > 0, s_vv, 1.0), 0.0)
     b = shift_w + sum_u / count - a * (shift_r + sum_v / count)
     return a, b

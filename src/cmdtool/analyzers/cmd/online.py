@@ -128,7 +128,9 @@ class OnlineCMD(Estimator):
         """Feed the state dict of the next epoch (copied; the caller may keep training the model)."""
         if self.epoch_ == 0:
             self.validate_params()
-            self._device = resolve_device(self.device)
+            import torch
+
+            self._device = torch.device(resolve_device(self.device))  # training-time code: its sums are torch
             self._learn_layout(state_dict)
             self._warm = np.empty((self.n_rows_, self.warmup), dtype=np.float32)
         import torch

@@ -1,7 +1,8 @@
 """CMD's models at given epochs (paper 000 Eq. 7): the post-hoc model from the stored coefficients, and online
 CMD at intermediate epochs by replaying the sums of Eqs. 8-10 in one pass.
 
-torch is imported where the replay runs, not with the module (the registry imports every analyzer module).
+On the CPU the replay is numpy (no torch); torch is imported where a GPU replay runs, not with the module (the
+registry imports every analyzer module).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import numpy as np
 
 from .math import affine_from_sums, pin_reference_rows
 from ...passes.contract import Accumulator
+from ...passes.host_float64 import clamp_min, float32_numpy, float64, like, where
+from ...utils.device import computes_in_numpy
 
 
 def affine_model(store, modes, A, B, reference_trajectories, columns, steps, block_rows: int = 1 << 20,
@@ -51,35 +54,36 @@ class OnlineReplay(Accumulator):
         self.out = out
 
     def start(self, ctx):
-        import torch
+        if computes_in_numpy(ctx.device):
+            self.refs = np.asarray(self.reference_trajectories, dtype=np.float64)
+        else:
+            import torch
 
-        self.refs = torch.as_tensor(self.reference_trajectories, dtype=torch.float64, device=ctx.device)
+            self.refs = torch.as_tensor(self.reference_trajectories, dtype=torch.float64, device=ctx.device)
         self.returned = self.out is None  # the pass's own output, handed back by finish as numpy
         if self.returned:
             self.out = ctx.row_output(len(self.steps), dtype=np.float32)
 
     def update(self, block):
-        import torch
-
         start, stop = block.start, block.stop
         x = block.float64()
-        mode = torch.as_tensor(np.asarray(self.modes[start:stop]).astype(np.int64), device=x.device)
-        safe = mode.clamp(min=0)
-        steps = torch.as_tensor(self.steps, device=x.device)
+        mode = like(np.asarray(self.modes[start:stop]).astype(np.int64), x)
+        safe = clamp_min(mode, 0)
+        steps = like(self.steps, x)
         refs = self.refs[safe]
         shift = x[:, :1]
         u = x - shift
         v = refs - refs[:, :1]
-        count = (steps + 1).to(torch.float64)[None, :]
-        a, b = affine_from_sums(count, u.cumsum(dim=1)[:, steps], (u * v).cumsum(dim=1)[:, steps],
-                                v.cumsum(dim=1)[:, steps], (v * v).cumsum(dim=1)[:, steps], shift, refs[:, :1])
+        count = float64(steps + 1)[None, :]
+        a, b = affine_from_sums(count, u.cumsum(1)[:, steps], (u * v).cumsum(1)[:, steps],
+                                v.cumsum(1)[:, steps], (v * v).cumsum(1)[:, steps], shift, refs[:, :1])
         pin_reference_rows(self.reference_indices, start, stop, a=a, b=b)
         value = a * refs[:, steps] + b
-        value = torch.where(mode[:, None] >= 0, value, x[:, steps])
+        value = where(mode[:, None] >= 0, value, x[:, steps])
         if block.nonfinite:
             # the pass zeroed rows holding NaN/Inf; give back their stored values at these epochs
-            value[~block.finite] = block.nonfinite_values[:, steps].double()
-        self.out[start:stop] = value.float().cpu().numpy()
+            value[~block.finite] = float64(block.nonfinite_values[:, steps])
+        self.out[start:stop] = float32_numpy(value)
 
     def finish(self):
         if self.returned:
