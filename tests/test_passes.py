@@ -195,10 +195,13 @@ def test_cpu_numpy_path_equals_the_torch_path(store, name, monkeypatch):
     import torch
 
     import cmdtool.passes.host_float64 as host_float64
+    import cmdtool.passes.local as local
 
     monkeypatch.setattr(host_float64, "CHUNK_BYTES", 100 * 8 * N_COLS)
     host = _pass_state(store, name, f"{name}-numpy")
     monkeypatch.setattr(host_float64, "on_cpu", lambda tensor: False)
+    # resolve_device makes torch.device("cpu") the numpy CPU; kept as a torch device, the pass runs GPU code
+    monkeypatch.setattr(local, "resolve_device", lambda device: device)
     torch_path = _pass_state(store, name, f"{name}-torch", device=torch.device("cpu"))
     # (the numpy side also holds its start-time constants as arrays, the torch side as tensors: not compared)
     assert torch_path.keys() <= host.keys() and torch_path

@@ -65,10 +65,9 @@ def resolve_device(spec=None):
 
     Returns :data:`CPU` (the string ``"cpu"``: numpy passes) or a ``torch.device`` of type cuda; torch is
     imported for CUDA only (and by ``auto`` where :func:`cuda_may_be_present` cannot rule CUDA out). A
-    ``torch.device`` given is returned as it is: its passes compute in torch, also on the CPU (the tests run the
-    GPU's code path on the CPU that way)."""
+    ``torch.device`` given is taken as its type says (``torch.device("cpu")`` is the CPU, computed in numpy)."""
     if spec is not None and not isinstance(spec, str):
-        return spec  # a torch.device
+        return CPU if getattr(spec, "type", None) == "cpu" else spec  # a torch.device
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if not cuda_may_be_present():
