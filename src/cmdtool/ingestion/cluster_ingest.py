@@ -44,7 +44,7 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
     their :class:`TimeRecord` objects (not committed: the client does that)."""
     from ..store import open_store
     from ..utils.threads import one_torch_thread
-    from .formats import OpenCheckpoint
+    from .formats import OpenCheckpoint, needs_torch
     from .slabs import count_nonfinite, file_digest, fill_integers, fill_rows, slab_rows, time_record
 
     st = open_store(address, mode="r+")
@@ -57,7 +57,8 @@ def write_group(address: str, sources, first_column: int, budget: int, strip_pre
     slab = slab_rows(n_rows, chunk_rows, budget, 8 * width)
     values = np.empty((width, slab), dtype=np.float32)
     nonfinite = [0] * width
-    with one_torch_thread(), contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as hasher:
+    with one_torch_thread() if any(map(needs_torch, sources)) else contextlib.nullcontext(), \
+            contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as hasher:
         digests = [hasher.submit(file_digest, source.files) for source in sources]  # overlaps the copies
         checkpoints = [stack.enter_context(OpenCheckpoint(source, strip_prefix)) for source in sources]
         for start in range(0, n_rows, slab):

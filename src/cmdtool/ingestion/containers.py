@@ -39,6 +39,7 @@ from .discover import checkpoint_stem, discover
 from .formats import (DEEPSPEED_MODEL_FILE, SAFETENSORS_SUFFIX, TORCH_SUFFIXES, WRAPPER_KEYS, find_index,
                       load_torch_file, safetensors_metadata, strip_prefix)
 from .ingest import store_strip_prefixes
+from .safetensors_reader import SafetensorsFile
 
 # what each container is called in messages and in `reconstruct --json` ("format")
 KINDS = {"safetensors": "safetensors file", "torch": "torch file", "hf-folder": "checkpoint folder",
@@ -160,13 +161,12 @@ class _Names:
 
 
 def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return list(handle.keys())
-    except Exception as exc:  # noqa: BLE001 - changed since ingest
-        raise CheckpointError(f"{path}: no longer a readable safetensors file ({exc}); {BARE_HINT}") from None
+        with SafetensorsFile(path) as handle:
+            return handle.keys()
+    except CheckpointError as exc:  # changed since ingest
+        why = getattr(exc, "reason", str(exc))
+        raise CheckpointError(f"{path}: no longer a readable safetensors file ({why}); {BARE_HINT}") from None
 
 
 def _wrapper_key(obj, path: Path):

@@ -16,21 +16,27 @@ import decimal
 import fractions
 import functools
 import json
+import math
 import os
 import pathlib
 import pickle
 import re
+import sys
 import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import torch
+import numpy as np
 
 from ..errors import CheckpointError, UsageError, first_line
 from ..utils.os_calls import release_mapped_pages
 from ..utils.units import natural_key
+from .safetensors_reader import SafetensorsFile, SafetensorsTensor
+
+if TYPE_CHECKING:
+    import torch
 
 # ".pth.tar": torchvision-reference / timm / pytorch-examples checkpoints (plain torch.save zips despite the name)
 TORCH_SUFFIXES = (".pth.tar", ".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -69,8 +75,9 @@ _USER_GLOBALS: contextvars.ContextVar[tuple] = contextvars.ContextVar("cmdtool_u
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 DCP_METADATA = ".metadata"
 
-FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-INTEGER_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+# dtypes by the names a store's layout records (torch's names without "torch.")
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+INTEGER_DTYPES = {"bool", "uint8", "int8", "int16", "int32", "int64"}
 
 SAFE_RESAVE = ("re-save it as a plain state dict (torch.save(model.state_dict(), path)) or as safetensors "
                "(safetensors.torch.save_file(model.state_dict(), path))")
@@ -81,15 +88,30 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     return getattr(torch, name)
 
 
-def role_of_dtype(dtype: torch.dtype) -> str | None:
-    if dtype in FLOAT_DTYPES:
+def role_of_dtype(name: str) -> str | None:
+    if name in FLOAT_DTYPES:
         return "trajectory"
-    if dtype in INTEGER_DTYPES:
+    if name in INTEGER_DTYPES:
         return "integer"
     return None
+
+
+def _is_torch_tensor(value) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch: one exists only once torch is imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def needs_torch(source: CheckpointSource) -> bool:
+    """Whether reading ``source`` imports torch: torch files, DeepSpeed and DCP folders, a sharded folder with
+    torch shards. safetensors files are read with numpy (:mod:`.safetensors_reader`)."""
+    return source.format not in ("safetensors", "sharded") or \
+        any(f.name.endswith(TORCH_SUFFIXES) for f in source.files)
 
 
 @dataclass
@@ -120,7 +142,7 @@ class CheckpointSource:
 class TensorInfo:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # the name a store's layout records: "float32", "bfloat16", "int64", ...
     tied_to: str | None = None  # an earlier tensor this one shares its storage with (tied weights)
 
 
@@ -129,8 +151,9 @@ class OpenCheckpoint:
 
     def __init__(self, source: CheckpointSource, strip_prefixes: tuple[str, ...] = ()):
         self.source = source
-        self._parts: list[tuple[str, object]] = []  # (name, tensor, (safe_open handle, key) or a _DcpTensor)
-        self._handles: list = []
+        # (name, part): a torch tensor (torch files), a SafetensorsTensor or a _DcpTensor
+        self._parts: list[tuple[str, object]] = []
+        self._handles: list[SafetensorsFile] = []
         try:
             if source.format == "torch":
                 self._open_torch(source.path)
@@ -163,16 +186,10 @@ class OpenCheckpoint:
             self._parts.append((name, value))
 
     def _open_safetensors(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            keys = list(handle.keys())
-        except Exception as exc:  # SafetensorError, OSError, ...
-            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+        handle = SafetensorsFile(path)  # a damaged header is refused here, naming the file
         self._handles.append(handle)
-        for key in keys:
-            self._parts.append((key, (handle, key)))
+        for key in handle.keys():
+            self._parts.append((key, handle.tensors[key]))
 
     def _open_deepspeed(self, source: CheckpointSource) -> None:
         """DeepSpeed ``global_stepN/mp_rank_00_model_states.pt``: the weights are under ``module``."""
@@ -188,7 +205,7 @@ class OpenCheckpoint:
         for group in (obj.get("param_shapes") or []) if isinstance(obj, dict) else []:
             if isinstance(group, dict):
                 shapes.update(group)
-        empty = [k for k, v in state.items() if v.numel() == 0 and int(torch.Size(shapes.get(k, (0,))).numel())]
+        empty = [k for k, v in state.items() if v.numel() == 0 and math.prod(shapes.get(k, (0,)))]
         if empty:
             raise CheckpointError(
                 f"{path}: the weights are partitioned by ZeRO stage 3 ({empty[0]} is empty here); convert each "
@@ -244,33 +261,50 @@ class OpenCheckpoint:
         out = []
         tied = self.tied()
         for name, part in self._parts:
-            if isinstance(part, tuple):
-                handle, key = part
-                sl = handle.get_slice(key)
-                dtype = _safetensors_dtype(sl.get_dtype(), self.source.path, key)
-                out.append(TensorInfo(name, tuple(int(s) for s in sl.get_shape()), dtype))
-            elif isinstance(part, torch.Tensor):
-                out.append(TensorInfo(name, tuple(part.shape), part.dtype, tied.get(name)))
+            if isinstance(part, SafetensorsTensor):
+                if part.dtype_name is None:
+                    raise CheckpointError(f"{part.file.path}: tensor {part.key!r} has unsupported dtype {part.code}")
+                out.append(TensorInfo(name, part.shape, part.dtype_name))
+            elif _is_torch_tensor(part):
+                out.append(TensorInfo(name, tuple(part.shape), dtype_name(part.dtype), tied.get(name)))
             elif isinstance(part, _DcpTensor):
-                out.append(TensorInfo(name, part.shape, part.dtype))
+                out.append(TensorInfo(name, part.shape, dtype_name(part.dtype)))
             else:
                 raise CheckpointError(f"{self.source.path}: entry {name!r} is a {type(part).__name__}, "
                                       f"not a tensor")
         return out
 
     def tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a torch tensor (imports torch): for callers that work in torch."""
         return self._materialise(name, self._by_name[name])
 
-    def read_into(self, name: str, start: int, stop: int, out) -> None:
-        """Elements ``start:stop`` of tensor ``name`` (flattened) into the float32 numpy array ``out``. A float32
-        tensor mapped from the checkpoint's file is read with ``pread`` (a kernel copy: no page faults, nothing
-        left resident); anything else is copied from memory, converting the dtype, and its pages released."""
-        part = self.tensor(name).detach().reshape(-1)[start:stop]
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Elements ``start:stop`` of tensor ``name`` (flattened) into the float32 numpy array ``out``. A
+        safetensors tensor is read and converted with numpy (:mod:`.safetensors_reader`). A float32 tensor
+        mapped from a torch file is read with ``pread`` (a kernel copy: no page faults, nothing left resident);
+        anything else is copied from memory, converting the dtype, and its pages released."""
+        found = self._by_name[name]
+        if isinstance(found, SafetensorsTensor):
+            found.read_float32(start, stop, out)
+            return
+        import torch
+
+        part = self._materialise(name, found).detach().reshape(-1)[start:stop]
         if part.dtype == torch.float32 and part.is_contiguous() and part.numel() and \
                 self._mapped.read_into(part.data_ptr(), out):
             return
         torch.from_numpy(out).copy_(part)  # casts bf16/fp16/fp64 -> float32
         self.release(part)
+
+    def read_integers_into(self, name: str, out: np.ndarray) -> None:
+        """The whole integer or bool tensor ``name`` (flattened) into the int64 numpy array ``out``."""
+        found = self._by_name[name]
+        if isinstance(found, SafetensorsTensor):
+            found.read_int64(out)
+            return
+        import torch
+
+        torch.from_numpy(out).copy_(self._materialise(name, found).detach().reshape(-1))
 
     def release(self, tensor: torch.Tensor) -> None:
         """Done reading ``tensor`` (a tensor of this checkpoint or a contiguous part of one): drop the pages it
@@ -286,7 +320,7 @@ class OpenCheckpoint:
         seen: dict[tuple, str] = {}
         tied = {}
         for name, part in self._parts:
-            if not isinstance(part, torch.Tensor) or part.numel() == 0:
+            if not _is_torch_tensor(part) or part.numel() == 0:
                 continue
             key = (part.untyped_storage().data_ptr(), part.storage_offset(), tuple(part.shape), part.stride(),
                    part.dtype)
@@ -299,13 +333,8 @@ class OpenCheckpoint:
     def _materialise(self, name: str, part) -> torch.Tensor:
         if isinstance(part, _DcpTensor):
             return part.load()
-        if isinstance(part, tuple):
-            handle, key = part
-            try:
-                return handle.get_tensor(key)
-            except Exception as exc:
-                raise CheckpointError(f"{self.source.path}: cannot read tensor {name!r} "
-                                      f"({first_line(exc)})") from None
+        if isinstance(part, SafetensorsTensor):
+            return part.torch()
         return part
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -315,6 +344,8 @@ class OpenCheckpoint:
     def close(self) -> None:
         if hasattr(self, "_mapped"):
             self._mapped.close()
+        for handle in self._handles:
+            handle.close()
         self._parts = []
         self._by_name = {}
         self._handles = []
@@ -399,17 +430,6 @@ def _page_size() -> int:
     return mmap.PAGESIZE
 
 
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                       "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
-                       "I32": torch.int32, "I64": torch.int64}
-
-
-def _safetensors_dtype(code: str, path: Path, key: str) -> torch.dtype:
-    if code not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {code}")
-    return _SAFETENSORS_DTYPES[code]
-
-
 @contextlib.contextmanager
 def allowed_globals(names: Iterable[str] = ()):
     """Let the weights-only loader also build the classes or functions ``names`` (``module.Name``) inside this
@@ -462,6 +482,8 @@ def load_torch_file(path: Path):
         mmap = zipfile.is_zipfile(path)  # the modern format can be memory-mapped; the legacy one cannot
     except Exception:  # noqa: BLE001 - a damaged header can make zipfile raise instead of answering False
         mmap = False
+    import torch
+
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -491,6 +513,8 @@ def _may_be_allowed(name: str) -> bool:
 
 def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
     """The globals a refused file would need (read from the pickle's opcodes, never by running them)."""
+    import torch
+
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to the loader's message
@@ -516,17 +540,17 @@ def safetensors_metadata(source: Path) -> dict[str, str] | None:
         source = shards[0]
     if not source.name.endswith(SAFETENSORS_SUFFIX) or not source.is_file():
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(source), framework="pt", device="cpu") as handle:
-            return handle.metadata()
-    except Exception:  # noqa: BLE001 - the source changed or vanished: write the default metadata instead
+        with SafetensorsFile(source) as handle:
+            return handle.metadata
+    except CheckpointError:  # the source changed or vanished: write the default metadata instead
         return None
 
 
 def unwrap_state_dict(obj, path: Path) -> dict:
     """The model state dict inside a loaded object: a plain one, or one wrapped by a framework (Lightning)."""
+    import torch
+
     if isinstance(obj, dict):
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
@@ -587,6 +611,8 @@ _DCP_METADATA_GLOBALS = {
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        import torch
+
         if (module, name) in _DCP_METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
                                                                                          torch.dtype)):
             return super().find_class(module, name)
@@ -644,6 +670,7 @@ class DcpFolder:
         if self._loaded is None:  # every model tensor in one read plan (DCP reassembles sharded chunks)
             import warnings
 
+            import torch
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.api import CheckpointException
 

@@ -1,9 +1,9 @@
 """Streaming ingest of checkpoints into the trajectory store, in bounded memory, resumable after any crash.
 
 Memory: one buffer sized by ``memory_budget`` plus the largest tensor, never a whole checkpoint. Checkpoints are
-read tensor by tensor from memory maps (safetensors through ``safe_open``, torch zip files through
-``torch.load(mmap=True, weights_only=True)``), and the mapped pages of a tensor are dropped from the process once
-copied (:meth:`OpenCheckpoint.release`).
+read tensor by tensor: safetensors files with ``pread`` into numpy (no torch: :mod:`.safetensors_reader`), torch
+zip files from memory maps (``torch.load(mmap=True, weights_only=True)``), whose mapped pages of a tensor are
+dropped from the process once copied (:meth:`OpenCheckpoint.release`).
 
 - A budget that holds ``Tb >= 1`` whole checkpoints buffers ``Tb x N`` float32 and writes it as whole chunks (one
   column of ``R x Tc`` chunks), then commits the time axis.
@@ -41,7 +41,7 @@ from ..store.zarr_access import codec_of, default_chunk_rows
 from ..utils.threads import one_torch_thread
 from ..utils.units import parse_size
 from .discover import discover
-from .formats import CheckpointSource, OpenCheckpoint, dtype_name, role_of_dtype
+from .formats import CheckpointSource, OpenCheckpoint, needs_torch, role_of_dtype
 from .remote import CheckpointStaging, checkpoint_url
 from .slabs import account, count_nonfinite, file_digest, fill_integers, fill_rows, slab_rows, time_record
 
@@ -77,7 +77,7 @@ def build_layout(infos, source: CheckpointSource, include=(), exclude=(), buffer
     roles: dict[str, str] = {}
     for info in infos:
         if info.tied_to and roles.get(info.tied_to) in ("trajectory", "integer"):
-            entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), tensor_kind(info.name), "tied",
+            entries.append(TensorEntry(info.name, info.shape, info.dtype, tensor_kind(info.name), "tied",
                                        0, numel_of(info.shape), tied_to=info.tied_to))
             roles[info.name] = "tied"
             continue
@@ -88,16 +88,16 @@ def build_layout(infos, source: CheckpointSource, include=(), exclude=(), buffer
         role = role_of_dtype(info.dtype)
         if role is None:
             raise CheckpointError(f"{source.path}: tensor {info.name!r} has unsupported dtype "
-                                  f"{dtype_name(info.dtype)} (supported: float16/32/64, bfloat16, integers, bool)")
+                                  f"{info.dtype} (supported: float16/32/64, bfloat16, integers, bool)")
         numel = numel_of(info.shape)
         if not selected:
             role = "excluded"
-            entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), kind, role, 0, numel))
+            entries.append(TensorEntry(info.name, info.shape, info.dtype, kind, role, 0, numel))
         elif role == "trajectory":
-            entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), kind, role, row, numel))
+            entries.append(TensorEntry(info.name, info.shape, info.dtype, kind, role, row, numel))
             row += numel
         else:
-            entries.append(TensorEntry(info.name, info.shape, dtype_name(info.dtype), kind, role, int_row, numel))
+            entries.append(TensorEntry(info.name, info.shape, info.dtype, kind, role, int_row, numel))
             int_row += numel
         roles[info.name] = role
     layout = Layout(entries)
@@ -128,8 +128,8 @@ def check_layout(layout: Layout, infos, source: CheckpointSource) -> None:
             continue
         if tuple(info.shape) != tuple(entry.shape):
             problems.append(f"{name} has shape {tuple(info.shape)}, the store {tuple(entry.shape)}")
-        elif dtype_name(info.dtype) != entry.dtype:
-            problems.append(f"{name} is {dtype_name(info.dtype)}, the store {entry.dtype}")
+        elif info.dtype != entry.dtype:
+            problems.append(f"{name} is {info.dtype}, the store {entry.dtype}")
         elif entry.role == "tied" and info.tied_to != entry.tied_to:
             problems.append(f"{name} is tied to {entry.tied_to} in the store but not in this checkpoint")
     if problems:
@@ -494,7 +494,10 @@ def _stream(st: TrajectoryStore, new_sources, replace, budget: int, report: Inge
         new_sources = []
         if not replace:
             return
-    with one_torch_thread():  # the copies are memory-bound; more threads contend with the writer and hasher
+    # torch's copies of torch files are memory-bound: more threads contend with the writer and the hasher (and
+    # safetensors files are read without torch, which is then not imported at all)
+    sources = new_sources + [source for _, source in replace]
+    with one_torch_thread() if any(map(needs_torch, sources)) else contextlib.nullcontext():
         _stream_columns(st, new_sources, replace, budget, report, progress, strip_prefix, staging)
 
 

@@ -10,7 +10,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..store import format as fmt
 from ..store.layout import Layout, TensorEntry, TimeRecord
@@ -38,9 +37,8 @@ def fill_rows(checkpoint: OpenCheckpoint, entries: list[TensorEntry], target: np
 
 
 def fill_integers(checkpoint: OpenCheckpoint, layout: Layout, int_row: np.ndarray) -> None:
-    target = torch.from_numpy(int_row)
     for entry in layout.integer_entries:
-        target[entry.offset:entry.stop].copy_(checkpoint.tensor(entry.name).detach().reshape(-1))
+        checkpoint.read_integers_into(entry.name, int_row[entry.offset:entry.stop])
 
 
 def count_nonfinite(values: np.ndarray) -> int:
