@@ -221,3 +221,35 @@ def test_float8_is_refused_as_an_unsupported_dtype(tmp_path):
     with pytest.raises(CheckpointError, match=r"epoch_1.safetensors: tensor 'q' has unsupported dtype F8_E4M3"):
         cmdtool.ingest([path], tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_ingest_of_safetensors_then_a_cpu_decompose_import_no_torch(tmp_path):
+    """The issue's case end to end in one process: `cmdtool ingest` of a safetensors run, then `cmdtool decompose`
+    (the default CMD fit, `--device auto`), and the saved fit models every epoch of the ingested values."""
+    run = tmp_path / "run"
+    run.mkdir()
+    g = torch.Generator().manual_seed(0)
+    start, drift = torch.randn(2000, generator=g), torch.randn(2000, generator=g)
+    for epoch in range(1, 13):
+        weight = start + drift * (1 - 0.8 ** epoch)
+        save_file({"layer.weight": weight.reshape(40, 50).contiguous(), "layer.bias": weight[:10].to(torch.bfloat16)},
+                  str(run / f"epoch_{epoch}.safetensors"))
+    script = ("import sys\nfrom cmdtool_cli.app import app\n"
+              "for args in (['ingest', sys.argv[2]], ['decompose', '--modes', '2']):\n"
+              "    try:\n        app([*args, '--store', sys.argv[1], '-q'])\n"
+              "    except SystemExit as exit:\n        assert not exit.code, exit.code\n"
+              "print('IMPORTED', sorted(m for m in ('torch', 'safetensors') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s.zarr"), str(run)], capture_output=True,
+                         text=True, check=True)
+    assert "IMPORTED []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    store = cmdtool.open_store(tmp_path / "s.zarr")
+    from cmdtool.analyzers import get_analyzer
+
+    fit = get_analyzer("cmd").load(store)
+    stored = store.read_columns(slice(0, 12))
+    # every float32 weight is an affine image of one curve (1 - 0.8^t): CMD models it to float32 rounding (1e-4
+    # against weights of up to 4); the bfloat16 bias is that curve rounded to 8 bits
+    weight = next(e for e in store.layout.entries if e.name == "layer.weight")
+    modelled = fit.reconstruct_epoch(store, 11)
+    assert np.abs(modelled - stored[:, 11])[weight.offset:weight.stop].max() < 1e-4
+    assert np.abs(modelled - stored[:, 11]).max() < 0.05
