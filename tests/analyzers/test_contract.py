@@ -1,16 +1,15 @@
 """The analyzer contract, checked on every registered analyzer: a written-out ``__init__`` that matches the Param
 table and stores parameters only, scikit-learn's get_params / set_params / clone, the registry's explicit list
-and entry points, one declarative validation naming library parameters (the CLI spells them as flags), the
-not-fitted guard, ``repr``, learned state documented in numpydoc "Attributes", staged results discarded on any
-error; OnlineCMD's shapes; reconstruct for every registered model and the EMA/SWA averages; the room rules of
-docs/architecture.md; and a start-up that imports neither torch nor matplotlib."""
+and entry points, one declarative validation naming library parameters (the CLI spells them as flags:
+tests/cli/test_commands.py), the not-fitted guard, ``repr``, learned state documented in numpydoc "Attributes",
+staged results discarded on any error; OnlineCMD's shapes; reconstruct for every registered model and the EMA/SWA
+averages. (The start-up that imports neither torch nor matplotlib: tests/cli/test_startup.py.)"""
 
 from __future__ import annotations
 
 import ast
 import inspect
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -23,14 +22,15 @@ from typer.testing import CliRunner
 import cmdtool.analyzers as registry
 from cmdtool.analyzers import available_methods, clone, get_analyzer, reconstructions
 from cmdtool.analyzers.base import Reconstruction
+from cmdtool.analyzers.dmd import DMD
+from cmdtool.analyzers.kga import KGA
 from cmdtool.analyzers.cmd.online import OnlineCMD
+from cmdtool.analyzers.pca import PCA
 from cmdtool.passes.local import gram_matrix
 from cmdtool.workflows.compare import compare
 from cmdtool.errors import NotFittedError, ParameterError
 from cmdtool.store import from_array, open_store
 from cmdtool_cli.app import app
-from cmdtool_cli.param_flags import SPELLINGS
-from cmdtool_cli.summaries import BLOCKS, generic_blocks
 
 from tests.conftest import planted_modes, small_cnn, write_checkpoints
 
@@ -67,22 +67,14 @@ def test_registry_lists_every_analyzer_module():
         "every module of analyzers/ that defines a method is in BUILTIN"
 
 
-def test_cli_tables_name_only_what_exists():
-    """The CLI's spelling table names parameters some analyzer declares, and every built-in method has its printed
-    layout (a stale entry after a rename would silently fall back to the default)."""
-    declared = {p.name for cls in (get_analyzer(m) for m in available_methods()) for p in cls.params}
-    assert set(SPELLINGS) <= declared
-    assert set(BLOCKS) == set(registry.BUILTIN)
-
-
-def test_a_method_without_a_cli_layout_prints_its_summary_numbers(store):
-    pca = make("pca").fit(store)
-    [table] = generic_blocks(pca)
-    assert table.title == "pca / unsaved" and table.columns == [("figure", "left"), ("value", "right")]
-    assert [row[0] for row in table.rows] == ["relative_error", "relative_error_motion", "stored_floats",
-                                              "fit_seconds", "dims", "explained_variance_ratio_total",
-                                              "final_epoch_error", "worst_epoch_error"]
-    assert table.rows[0][1] == f"{pca.metrics_['relative_error']:.4g}" and table.rows[4][1] == str(pca.dims_)
+def test_registry_and_options():
+    assert get_analyzer("dmd") is DMD and get_analyzer("kga") is KGA and get_analyzer("pca") is PCA
+    options = dict(modes=10, rank="3", exact=True, save_modes=False, eps=0.05, window=4, dims=7, epochs=None,
+                   device="cpu")
+    assert DMD.from_options(options).get_params() == dict(rank="3", exact=True, save_modes=False, epochs=None,
+                                                          device="cpu")
+    assert PCA.from_options(options).dims == 7
+    assert KGA.from_options(options).window == 4
 
 
 class _EntryPoint:
@@ -208,21 +200,6 @@ def test_validation_names_the_library_parameter(method, store):
     assert not list((store.path / "results").glob("*/staged@*")), "a refused fit stages nothing"
 
 
-def test_cli_spells_parameters_as_flags(store):
-    out = runner.invoke(app, ["decompose", "--modes", "500", "--samples", "50", "--store", str(store.path)])
-    assert out.exit_code == 2
-    assert ("--modes 500 is more than the 50 sampled weights: raise --samples to at least 500 (the store has "
-            "400 weights to sample), or lower --modes") in out.output
-    out = runner.invoke(app, ["decompose", "--modes", "5", "--samples", "5000", "--store", str(store.path)])
-    assert out.exit_code == 0  # every weight is sampled: 400 >= 5 modes
-    out = runner.invoke(app, ["decompose", "--modes", "500", "--samples", "5000", "--store", str(store.path)])
-    assert out.exit_code == 2 and "all the weights CMD models in this store: lower --modes to at most 400" in out.output
-    out = runner.invoke(app, ["decompose", "-m", "kga", "--window", "0", "--store", str(store.path)])
-    assert out.exit_code == 2 and "--window must be at least 1 (got 0)" in out.output
-    out = runner.invoke(app, ["decompose", "-m", "pod", "--epochs", "5:1", "--store", str(store.path)])
-    assert out.exit_code == 2 and "selects no checkpoint" in out.output
-
-
 @pytest.mark.parametrize("method", available_methods())
 def test_staged_result_is_discarded_on_any_error(method, store, monkeypatch):
     gram_matrix(store)  # cached: the failure below lands in the analyzer's own pass
@@ -327,51 +304,3 @@ def test_reconstruct_every_registered_model_and_the_averages(tmp_path):
     assert bad.exit_code == 2 and "run `cmdtool decompose -m pod` first" in bad.output
     bad = runner.invoke(app, ["reconstruct", "-e", "1", "-m", "swa", *args])
     assert bad.exit_code == 2 and "fewer than the 2 checkpoints SWA averages" in bad.output
-
-
-@pytest.mark.parametrize("args, allowed", [
-    (["--help"], set()),
-    (["info"], set()),             # from the store's metadata documents (store/metadata.py)
-    (["verify", "-q"], {"numpy"}),  # chunk files decoded with numcodecs (store/chunk_files.py)
-])
-def test_startup_imports_only_what_the_command_needs(store, args, allowed):
-    """`cmdtool --help`, `info` and `verify` start fast (issue #11): torch takes ~1 s to import, zarr ~0.5 s,
-    matplotlib ~0.5 s, numpy ~0.1 s; each command runs in a fresh process and is checked for what it imported."""
-    script = ("import sys\nfrom cmdtool_cli.app import app\n"
-              "try:\n    app(sys.argv[2:] + (['--store', sys.argv[1]] if sys.argv[2] != '--help' else []))\n"
-              "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
-              "print('IMPORTED', sorted(m for m in ('torch', 'matplotlib', 'scipy', 'zarr', 'numpy') "
-              "if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", script, str(store.path), *args], capture_output=True, text=True,
-                         check=True)
-    imported = next(line for line in out.stdout.splitlines() if line.startswith("IMPORTED "))
-    assert set(ast.literal_eval(imported[len("IMPORTED "):])) <= allowed, out.stdout[-2000:]
-
-
-def test_report_of_every_analysis_imports_no_torch(store, tmp_path):
-    """`cmdtool report` reads the saved results and draws them with numpy and matplotlib: no torch (~1 s)."""
-    for method in ("cmd", "dmd", "pca", "pod"):
-        make(method).fit(store).save("default")
-    script = ("import sys\nfrom cmdtool_cli.app import app\n"
-              "try:\n    app(['report', '--store', sys.argv[1], '--out', sys.argv[2], '-q'])\n"
-              "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
-              "print('IMPORTED', sorted(m for m in ('torch',) if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", script, str(store.path), str(tmp_path / "report")],
-                         capture_output=True, text=True, check=True)
-    assert "IMPORTED []" in out.stdout, out.stdout[-2000:]
-    assert (tmp_path / "report" / "index.html").is_file()
-
-
-def test_command_table_matches_the_commands():
-    """`cmdtool --help` lists commands from a table (their modules are imported when used): every entry is a
-    registered command whose own help starts with the summary shown, and no command module is left out."""
-    from cmdtool_cli.commands import COMMANDS, load_command
-
-    modules = {p.stem for p in (REPO / "cli" / "cmdtool_cli" / "commands").glob("*.py") if p.stem != "__init__"}
-    assert {module for module, _ in COMMANDS.values()} == modules
-    for name, (_, summary) in COMMANDS.items():
-        command = load_command(name)
-        assert command.name == name
-        assert " ".join(command.help.split()).startswith(summary), name
-    listing = CliRunner().invoke(app, ["--help"]).output
-    assert all(name in listing for name in COMMANDS)

@@ -1,19 +1,16 @@
-"""DMD, KGA and PCA from the cached Gram matrix against dense computations, PyDMD and scikit-learn."""
+"""DMD from the cached Gram matrix against a dense SVD and PyDMD; the time windows read from the cached Gram
+matrix. (KGA and PCA: test_kga.py and test_pca.py, which use the trajectories built here.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from cmdtool.analyzers import get_analyzer
 from cmdtool.passes import local as passes
 from cmdtool.analyzers.dmd import DMD, dmd_from_gram
-from cmdtool.analyzers.eigenvalues import NEUTRAL, STABLE, UNSTABLE, classify_eigenvalues
 from cmdtool.analyzers.kga import KGA
 from cmdtool.analyzers.linear_models import parse_rank, truncation_rank
 from cmdtool.analyzers.pca import PCA
-from cmdtool_cli.summaries import summary_blocks
 from cmdtool.errors import UsageError
 from cmdtool.store import from_array
 
@@ -161,140 +158,3 @@ def test_window_is_a_gram_submatrix_and_the_gram_is_computed_once(random_store, 
     sv = np.linalg.svd(centred, compute_uv=False)
     np.testing.assert_allclose(pca.explained_variance_, sv[:3] ** 2 / (Ww.shape[1] - 1), rtol=1e-9)
     assert list(dmd.labels_) == list(range(12, 23))
-
-
-# ---------------------------------------------------------------------------------------------------- PCA
-def test_pca_agrees_with_sklearn(random_store):
-    from sklearn.decomposition import PCA as SkPCA
-
-    store, W = random_store
-    checkpoints = W.T.astype(np.float64)  # rows = checkpoints, as P-BFGS sees them
-    ref = SkPCA(n_components=6).fit(checkpoints)
-    pca = PCA(dims=6).fit(store)
-    pca.save("t")
-    np.testing.assert_allclose(pca.explained_variance_, ref.explained_variance_, rtol=1e-9)
-    np.testing.assert_allclose(pca.explained_variance_ratio_, ref.explained_variance_ratio_, rtol=1e-9)
-    directions = pca.directions_[...].T  # (d, N) like components_
-    signs = np.sign(np.sum(directions * ref.components_, axis=1))
-    assert np.all(np.abs(signs) == 1)
-    np.testing.assert_allclose(directions * signs[:, None], ref.components_, atol=1e-6)
-    np.testing.assert_allclose(pca.coordinates_ * signs[None, :], ref.transform(checkpoints), atol=1e-6)
-    np.testing.assert_allclose(pca.means_[...], ref.mean_, atol=1e-6)
-    rebuilt = ref.inverse_transform(ref.transform(checkpoints))
-    np.testing.assert_allclose(pca.reconstruct_epoch(store, 4), rebuilt[4], atol=1e-5)
-    dense_err = np.linalg.norm(checkpoints - rebuilt, axis=1) / np.linalg.norm(checkpoints, axis=1)
-    np.testing.assert_allclose(pca.metrics_["epoch_relative_error"], dense_err, rtol=1e-6, atol=1e-9)
-    assert pca.metrics_["stored_floats"] == 6 * 500 + 500 + 6 * 17
-
-
-def test_pca_dims_capped_at_t_minus_one(random_store):
-    store, _ = random_store
-    pca = PCA(dims=40).fit(store)
-    assert pca.dims_ == 16
-    assert pca.metrics_["relative_error"] < 1e-6  # T−1 directions plus the mean span every checkpoint
-    assert pca.reproduces_the_data()
-    assert summary_blocks(pca)[-1] == ("warning: 16 directions = T − 1 for T = 17 checkpoints: they span every "
-                                        "centred checkpoint, so this model is the data itself (its error is "
-                                        "roundoff); choose fewer with --dims, or --dims 0 for the threshold rule")
-
-
-def test_pca_default_keeps_the_gavish_donoho_rank_of_the_centred_data(random_store, planted_store):
-    """dims=0: σ_k of the centred checkpoints above ω(β)·median(σ) over their T − 1 non-trivial values,
-    β = T/N, ω(β) = 0.56β³ − 0.95β² + 1.82β + 1.43 (Gavish & Donoho 2014), at most 40."""
-    for store, W in (random_store,):
-        sigma = np.linalg.svd(W.astype(np.float64) - W.mean(axis=1, keepdims=True), compute_uv=False)
-        sigma = sigma[:W.shape[1] - 1]
-        beta = W.shape[1] / W.shape[0]
-        omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
-        expected = int(np.count_nonzero(sigma > omega * np.median(sigma)))
-        pca = PCA().fit(store)
-        assert pca.dims_ == expected and 1 <= expected < W.shape[1] - 1
-        assert not pca.reproduces_the_data() and not summary_blocks(pca)[-1].startswith("warning")
-    assert expected == 4
-    # three planted curves, noise-free: the centred data has rank 3 (the rest is roundoff, below the numerical rank)
-    assert PCA().fit(planted_store[0]).dims_ == 3
-
-
-# ---------------------------------------------------------------------------------------------------- KGA
-def test_kga_classes_of_known_spectrum(tmp_path):
-    true = [1.0, 0.7, 1.08, 0.9 * np.exp(0.4j)]  # neutral, stable, unstable, stable pair
-    W = linear_dynamics(300, 20, true, seed=2)
-    store = from_array(tmp_path / "k.zarr", W, target_chunk_bytes=4 * 20 * 64)
-    kga = KGA(rank=5, eps=0.02, mask_threshold=1e-3).fit(store)
-    expected = np.array([1.0, 0.7, 1.08, 0.9 * np.exp(0.4j), 0.9 * np.exp(-0.4j)])
-    np.testing.assert_allclose(np.sort_complex(kga.eigenvalues_), np.sort_complex(expected), atol=1e-6)
-    assert kga.class_counts() == {"stable": 3, "neutral": 1, "unstable": 1}
-    for lam, code in zip(kga.eigenvalues_, kga.classes_):
-        want = NEUTRAL if abs(abs(lam) - 1) <= 0.02 else (STABLE if abs(lam) < 1 else UNSTABLE)
-        assert code == want
-    state = kga.training_kga_state()
-    assert len(state["stable"]["eigenvalues"]) == 3 and len(state["neutral"]["eigenvalues"]) == 1
-    # left and right eigenvectors are dual: L Q = I
-    np.testing.assert_allclose(kga.left_eigenvectors_ @ kga.eigenvectors_, np.eye(5), atol=1e-9)
-
-
-def test_classify_eigenvalues_boundaries():
-    lam = np.array([0.98, 0.99, 1.0, 1.01, 1.02, 0.5j])
-    assert list(classify_eigenvalues(lam, 0.01)) == [STABLE, NEUTRAL, NEUTRAL, NEUTRAL, UNSTABLE, STABLE]
-
-
-def test_kwm_masks_on_constructed_case(tmp_path):
-    """w_j(t) = n_j + c_j 0.5ᵗ: the neutral part n_j never counts; weight j is masked out (Eq. 15) iff
-    |c_j| 0.5ⁱ < ε over the last s epochs, i.e. |c_j| 0.5^(T−s) < ε."""
-    n_cols, window, eps = 12, 3, 0.01
-    rng = np.random.default_rng(4)
-    sizes = {"a.weight": (30, 4), "a.bias": (30,), "b.weight": (90,)}
-    n_rows = 120 + 30 + 90
-    neutral = rng.normal(size=n_rows)
-    # |c| either well below or well above the cut-off eps / 0.5^(T−s) = 5.12
-    magnitude = np.where(rng.random(n_rows) < 0.4, rng.uniform(0.5, 2.0, n_rows), rng.uniform(20, 60, n_rows))
-    stable = magnitude * rng.choice([-1, 1], n_rows)
-    t = np.arange(n_cols)
-    W = (neutral[:, None] + stable[:, None] * 0.5 ** t[None, :]).astype(np.float32)
-    store = from_array(tmp_path / "kwm.zarr", W, tensors=sizes, target_chunk_bytes=4 * n_cols * 64)
-    kga = KGA(rank=2, eps=eps, window=window).fit(store)
-    kga.save("m")
-    assert kga.class_counts() == {"stable": 1, "neutral": 1, "unstable": 0}
-    expected_masked = np.abs(stable) * 0.5 ** (n_cols - window) < eps
-    mask = kga.mask_[...]
-    np.testing.assert_array_equal(mask == 0, expected_masked)
-    assert 0.2 < expected_masked.mean() < 0.6
-    assert kga.masked_fraction_ == pytest.approx(expected_masked.mean())
-    bounds = np.cumsum([0, 120, 30, 90])
-    per_tensor = [int(expected_masked[lo:hi].sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    assert list(kga.masked_per_tensor_) == per_tensor
-    summary = kga.summary()
-    assert summary["masked_per_tensor"]["b.weight"]["size"] == 90
-    # the stored basis is U = X V Σ⁻¹: orthonormal columns spanning the snapshots
-    U = kga.weight_basis_[...].astype(np.float64)
-    np.testing.assert_allclose(U.T @ U, np.eye(2), atol=1e-5)
-    loaded = KGA.load(store, "m")
-    assert loaded.masked_fraction_ == kga.masked_fraction_
-    np.testing.assert_array_equal(loaded.classes_, kga.classes_)
-
-
-def test_registry_and_options():
-    assert get_analyzer("dmd") is DMD and get_analyzer("kga") is KGA and get_analyzer("pca") is PCA
-    options = dict(modes=10, rank="3", exact=True, save_modes=False, eps=0.05, window=4, dims=7, epochs=None,
-                   device="cpu")
-    assert DMD.from_options(options).get_params() == dict(rank="3", exact=True, save_modes=False, epochs=None,
-                                                          device="cpu")
-    assert PCA.from_options(options).dims == 7
-    assert KGA.from_options(options).window == 4
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_passes_match_cpu(dynamics_store):
-    store, W = dynamics_store
-    cpu = PCA(dims=3, device="cpu").fit(store)
-    cpu.save("cpu")
-    cpu_dirs = cpu.directions_[...]
-    store.results.delete("gram", "full")
-    gpu = PCA(dims=3, device="cuda").fit(store)
-    gpu.save("gpu")
-    np.testing.assert_allclose(gpu.explained_variance_, cpu.explained_variance_, rtol=1e-6)
-    np.testing.assert_allclose(np.abs(gpu.directions_[...]), np.abs(cpu_dirs), atol=1e-5)
-    cpu_kga = KGA(rank=4, device="cpu").fit(store)
-    gpu_kga = KGA(rank=4, device="cuda").fit(store)
-    np.testing.assert_allclose(gpu_kga.eigenvalues_, cpu_kga.eigenvalues_, atol=1e-9)
-    assert gpu_kga.masked_fraction_ == pytest.approx(cpu_kga.masked_fraction_, abs=1e-3)
