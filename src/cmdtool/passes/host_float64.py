@@ -5,7 +5,7 @@ float64 conversion and the Gram product Xᵀ X; ``bench/cpu_float64.py`` compare
 So on the CPU an accumulator converts its block chunk by chunk
 (:meth:`~cmdtool.passes.contract.Block.float64_chunks`) and does its products in numpy; on CUDA it keeps torch.
 Both are exact float32 values in float64 arithmetic: results differ by float64 summation order only (1e-12
-relative in tests/test_passes.py). numpy's BLAS threads follow the pass's compute threads
+relative in tests/passes/test_passes.py). numpy's BLAS threads follow the pass's compute threads
 (:class:`~cmdtool.utils.device.compute_threads`).
 """
 
