@@ -27,6 +27,26 @@ def tiny_model() -> torch.nn.Module:
                                torch.nn.Linear(12, 3))
 
 
+# The --fn/--model-factory module of the evaluate and landscape tests: the factory builds tiny_model()
+METRICS = (
+    "import torch\n"
+    "def factory():\n"
+    "    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.ReLU(),\n"
+    "                               torch.nn.Linear(12, 3))\n"
+    "def norm(model):\n"
+    "    return {'norm': float(sum(p.detach().norm() for p in model.parameters()))}\n"
+    "def loads(state):\n"
+    "    factory().load_state_dict(state)\n"
+    "    return {'ok': 1.0}\n")
+
+
+def write_metrics(folder):
+    """Write METRICS to ``folder``/metrics.py and return its path."""
+    path = folder / "metrics.py"
+    path.write_text(METRICS)
+    return path
+
+
 def train(model, optimizer, steps: int = 2, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.randn(32, 6, generator=generator), torch.randn(32, 3, generator=generator)
@@ -120,17 +140,7 @@ def test_plain_loop_dict_with_torch_compile_and_dataparallel_prefixes(tmp_path, 
     cli("reconstruct", "--epoch", 3, "--store", store, "--strip-prefix", "model.", code=2)
 
     # evaluate: a one-line error naming the option, then the option
-    (tmp_path / "metrics.py").write_text(
-        "import torch\n"
-        "def factory():\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.ReLU(),\n"
-        "                               torch.nn.Linear(12, 3))\n"
-        "def norm(model):\n"
-        "    return {'norm': float(sum(p.norm() for p in model.parameters()))}\n"
-        "def loads(state):\n"
-        "    factory().load_state_dict(state)\n"
-        "    return {'ok': 1.0}\n")
-    metrics = tmp_path / "metrics.py"
+    metrics = write_metrics(tmp_path)
     for fn, factory in ((f"{metrics}:norm", f"{metrics}:factory"), (f"{metrics}:loads", None)):
         options = ["--model-factory", factory] if factory else []
         failed = cli("evaluate", "--fn", fn, *options, "-m", "original", "--every", 10, "--store", store, code=2
@@ -441,13 +451,7 @@ def test_landscape_strip_prefix_and_one_line_load_error(tmp_path):
         train(model, optimizer, seed=epoch)
         torch.save(model.state_dict(), tmp_path / "run" / f"epoch_{epoch}.pt")
     store, _ = ingest_decompose(tmp_path, tmp_path / "run")
-    (tmp_path / "metrics.py").write_text(
-        "import torch\n"
-        "def factory():\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.ReLU(),\n"
-        "                               torch.nn.Linear(12, 3))\n"
-        "def norm(model):\n"
-        "    return {'norm': float(sum(p.detach().norm() for p in model.parameters()))}\n")
+    write_metrics(tmp_path)
     options = ["--fn", f"{tmp_path}/metrics.py:norm", "--model-factory", f"{tmp_path}/metrics.py:factory",
                "--epoch", 3, "--mode", 0, "--points", 3, "--store", store]
     failed = cli("landscape", *options, "--out", tmp_path / "l1", code=2)
