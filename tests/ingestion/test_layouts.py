@@ -297,7 +297,8 @@ def test_torchvision_and_timm_checkpoints_with_argparse_namespace(tmp_path):
 
 def test_refusal_names_the_offending_global(tmp_path):
     torch.save({"state_dict": tiny_model().state_dict(), "args": TrainingArguments()}, tmp_path / "epoch_1.pth.tar")
-    with pytest.raises(CheckpointError, match=r"refused: unpickling it needs test_layouts\.TrainingArguments, "
+    with pytest.raises(CheckpointError, match=r"refused: unpickling it needs "
+                                              r"tests\.ingestion\.test_layouts\.TrainingArguments, "
                                               r"which could run code \(nothing was executed\)"):
         cmdtool.ingest([tmp_path], tmp_path / "s.zarr")
 
