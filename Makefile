@@ -24,9 +24,10 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
-# The suite without the tests marked slow (end-to-end runs, fresh-process memory checks, kill-and-resume loops)
+# The suite without the tests marked slow (end-to-end runs, fresh-process memory checks, kill-and-resume loops);
+# -m replaces the addopts -m, so the paper tests are left out here again
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not paper"
 
 # Every package the code imports is declared, in the extra its import path needs, and none is unused; ruff's
 # pyflakes/pycodestyle rules pass; vulture finds no dead code (configuration in pyproject.toml)

@@ -17,7 +17,7 @@ measures, each in its own interpreter (time without start-up and imports; peak R
 
 Sizes (``--size``; several separated by commas):
 
-  smoke     50,000 x 12      (seconds: the whole pipeline end to end; tests/test_bench_scale.py runs it)
+  smoke     50,000 x 12      (seconds: the whole pipeline end to end; tests/end_to_end/test_bench_scale.py runs it)
   1m        1,000,000 x 150  generic 4-tensor model
   resnet18  11,699,112 x 150 ResNet-18's tensors (11.69M parameters + BatchNorm running statistics)
   40m       40,000,000 x 150 generic

@@ -215,3 +215,32 @@ def test_the_function_ingest_is_not_hidden_by_a_subpackage():
     import cmdtool.ingestion.ingest  # noqa: F401  (importing a subpackage sets an attribute of cmdtool)
 
     assert callable(cmdtool.ingest) and cmdtool.ingest.__module__ == "cmdtool"
+
+
+# tests/ mirrors the code (docs/architecture.md, "Where the tests are"): tests/<pkg>/... for src/cmdtool/<pkg>/...,
+# tests/cli/ for cli/cmdtool_cli/, and the folders of the suites that cut across the packages
+TESTS = REPO / "tests"
+CROSS_CUTTING = {"failures", "end_to_end"}
+
+
+def test_tests_mirror_the_packages():
+    """Every folder of tests/ is a package of src/cmdtool at the same path, tests/cli, a cross-cutting suite or
+    tests/data, and is a package itself (an ``__init__.py``: test modules are imported as ``tests.<path>``, so two
+    folders may hold files of the same name); test modules at the top of tests/ are the suites of the whole code or
+    of a top-level module of src/cmdtool (``tests/test_<module>.py``)."""
+    wrong = []
+    for folder in sorted(p for p in TESTS.rglob("*") if p.is_dir()):
+        parts = folder.relative_to(TESTS).parts
+        if parts[0] == "data" or "__pycache__" in parts or any(p.startswith(".") for p in parts):
+            continue
+        mirrored = (parts[0] in {"cli"} | CROSS_CUTTING and len(parts) == 1) or \
+            (ROOTS["cmdtool"].joinpath(*parts) / "__init__.py").is_file()
+        if not mirrored:
+            wrong.append(f"tests/{'/'.join(parts)} mirrors no package of src/cmdtool")
+        if not (folder / "__init__.py").is_file():
+            wrong.append(f"tests/{'/'.join(parts)} has no __init__.py")
+    top_modules = {p.stem for p in ROOTS["cmdtool"].glob("*.py")} - {"__init__"}
+    for module in sorted(TESTS.glob("test_*.py")):
+        if module.stem not in {"test_architecture"} | {f"test_{m}" for m in top_modules}:
+            wrong.append(f"tests/{module.name} belongs in the folder of the package it tests")
+    assert wrong == []

@@ -3,7 +3,7 @@
 Command modules are imported only when their command runs (or its ``--help`` is shown): ``cmdtool --help`` lists
 them from the summaries below, so that it, ``info`` and ``verify`` start without importing numpy, the analyzers
 or the other commands' libraries (``bench/startup.py`` measures it). Each summary is the first sentence of the
-command's own help, which ``tests/test_cli_details.py`` checks.
+command's own help, which ``tests/cli/test_details.py`` checks.
 """
 
 from __future__ import annotations

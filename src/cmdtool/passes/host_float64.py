@@ -8,7 +8,7 @@ does its products in numpy; on CUDA it keeps torch. The functions below take eit
 CPU, torch tensors on a GPU, or on the CPU for the training-time :class:`~cmdtool.analyzers.cmd.online.OnlineCMD`)
 and do the same thing to each, so that code written with them (CMD's fit) is one code for both devices.
 Both are exact float32 values in float64 arithmetic: results differ by float64 summation order only (1e-12
-relative in tests/test_passes.py). numpy's BLAS threads follow the pass's compute threads
+relative in tests/passes/test_passes.py). numpy's BLAS threads follow the pass's compute threads
 (:class:`~cmdtool.utils.device.compute_threads`).
 """
 

@@ -211,6 +211,22 @@ class Lease:
         self.etag = held.etag
         self.confirmed_at = float(held.lease.get("renewed_at", held.lease["expires_at"] - self.ttl))
 
+    def _replace(self, etag: str) -> tuple[bool, _Read | None]:
+        """Replace the lease object by a fresh one of ours, ``If-Match: etag``: (True, None) when the store took it
+        (or took an earlier try of it, whose answer was lost: re-read and adopted), else (False, what it holds now:
+        another writer's lease, a damaged object, or None when it was deleted). Take-over and renewal both write
+        this way."""
+        now = time.time()
+        try:
+            self.etag, self.confirmed_at = self.obj.replace(self._body(now), etag), now
+            return True, None
+        except _ConditionFailed:
+            held = self.obj.read()
+            if self._ours(held):
+                self._adopt(held)
+                return True, None
+            return False, held
+
     # ------------------------------------------------------------------------------------------- taking
     def acquire(self, wait: float = 0.0) -> None:
         deadline = time.monotonic() + wait
@@ -247,17 +263,12 @@ class Lease:
                 return None
             if not self._expired(held):
                 return held.lease or {}
-            now = time.time()
-            try:  # of the writers that read this same expired lease, one replacement succeeds
-                self.etag, self.confirmed_at = self.obj.replace(self._body(now), held.etag), now
+            # of the writers that read this same expired lease, one replacement succeeds
+            taken, again = self._replace(held.etag)
+            if taken:
                 return None
-            except _ConditionFailed:
-                again = self.obj.read()
-                if self._ours(again):
-                    self._adopt(again)
-                    return None
-                if again is not None:
-                    return again.lease or {}
+            if again is not None:
+                return again.lease or {}
         return {}
 
     # ------------------------------------------------------------------------------------------ holding
@@ -267,17 +278,10 @@ class Lease:
         with self._io:
             if self.lost:
                 return False
-            now = time.time()
-            try:
-                self.etag, self.confirmed_at = self.obj.replace(self._body(now), self.etag), now
-                return True
-            except _ConditionFailed:
-                held = self.obj.read()
-                if self._ours(held):
-                    self._adopt(held)
-                    return True
+            taken, held = self._replace(self.etag)
+            if not taken:
                 self._set_lost(held)
-                return False
+            return taken
 
     def _set_lost(self, held: _Read | None) -> None:
         silent = time.time() - self.confirmed_at

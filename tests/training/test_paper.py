@@ -1,0 +1,33 @@
+"""Paper-scale check of embedded CMD (paper 000, Alg. 4, Table 9's basic P = 10%): the digits CNN, 150 epochs,
+seeds 0-4, SGD against EmbeddedCMD with ``freeze="epoch"`` (default) and ``freeze="step"``.
+
+About 15 networks of 150 epochs (several minutes on one core), so it is marked ``paper`` and deselected by
+default (pyproject's addopts); run it with ``pytest -m paper tests/training/test_paper.py`` or
+``make train-cmd-semantics``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+pytestmark = pytest.mark.paper
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_embedded_cmd_basic_p10_ends_within_1_5_points_of_sgd_in_both_modes(seed):
+    import torch
+
+    import embedded_semantics
+
+    torch.set_num_threads(1)
+    data = embedded_semantics.load_split()
+    sgd = embedded_semantics.run("cnn", "sgd", seed, data)["final_test_accuracy"]
+    for freeze in ("epoch", "step"):
+        result = embedded_semantics.run("cnn", freeze, seed, data)
+        assert result["final_trained_fraction"] < 0.01  # everything but the references is embedded
+        assert result["final_test_accuracy"] >= sgd - 1.5, (freeze, result["final_test_accuracy"], sgd)
