@@ -5,7 +5,8 @@ For each seed, three networks from the same initialisation and batch order, trai
 
 - ``sgd``: plain SGD;
 - ``epoch``: :class:`cmdtool.training.EmbeddedCMD` as it is by default: ``freeze="epoch"`` (Alg. 4: every
-  weight trains during the epoch, the embedded ones are set to a_i r_m + b_i at its end) and
+  weight trains during the epoch, the embedded ones are set to a_i r_m + b_i at its end, those chosen at a
+  decision from the next epoch's end on) and
   ``reference_gradient="mode"`` (references step on their mode's chain-rule gradient scaled by 1 / (1 + Σ a_i²));
 - ``step``: ``freeze="step"``: embedded weights tied at every step and not trained, references as above.
 
@@ -15,13 +16,14 @@ so everything but the 10 references is embedded from epoch 120 on.
 ``--model cnn`` is the digits CNN of docs/training.md (:func:`cmdtool.datasets.make_model`); ``--model mlp``
 is a held-out network, an MLP 64-32-32-10 (3,466 parameters, no BatchNorm), trained the same way.
 
-    python examples/embedded_semantics.py --model cnn --seeds 0 1 2 3 4 5 6 7 8 9 --out runs/semantics
-    python examples/embedded_semantics.py --model mlp --seeds 0 1 2 3 4 5 6 7 8 9 --out runs/semantics
+    python examples/embedded_semantics.py --model cnn --seeds 0 1 2 3 4 5 6 7 8 9 --variants sgd epoch epoch-own step
+    python examples/embedded_semantics.py --model mlp --seeds 0 1 2 3 4 5 6 7 8 9 --variants sgd epoch epoch-own step
 
 Each finished seed is appended to ``OUT/<model>.jsonl`` at once (final test accuracy, final mean training loss,
 trained share, 1 + Σ a_i² per mode), so a long run can be read while it goes on. ``--variants epoch-own
 step-own step-chain`` runs ``reference_gradient="own"`` in each mode (``epoch-own`` is Alg. 4 literally) and
-``freeze="step"`` with the chain rule unscaled. ``--check POINTS`` exits 1 if any seed of an embedded variant
+``freeze="step"`` with the chain rule unscaled; ``epoch-own`` is also the semantics of the authors' ``train_cmd.py``
+(docs/training.md compares the two). ``--check POINTS`` exits 1 if any seed of an embedded variant
 ends more than POINTS below SGD's
 (``make train-cmd-semantics`` uses 1.5 on seeds 0-4).
 """

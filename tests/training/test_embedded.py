@@ -272,19 +272,40 @@ def test_resume_from_saved_state_equals_an_uninterrupted_run(stop_at, freeze, tm
 
 @pytest.mark.parametrize("freeze", ["epoch", "step"])
 def test_cmd_model_state_dict_loads_strictly_and_is_exact_on_embedded_weights(freeze):
-    model, cmd = embedded_sgd_run(7, every=2, seed=4, freeze=freeze)
+    """The CMD model's embedded entries are a_i r_m + b_i to the last bit. The run ends on an embedding decision
+    (F = 3, L = 2: decisions after epochs 5 and 7): with freeze="step" the model holds every embedded weight
+    there already; with freeze="epoch" (Alg. 4's order) those chosen at the last decision still hold their
+    trained values, the earlier ones are tied."""
+    masks = []
+    model, cmd = embedded_sgd_run(7, every=2, seed=4, freeze=freeze,
+                                  after_epoch=lambda m, o, c: masks.append(c.embedded_mask()))
     state = cmd.cmd_state_dict()
     fresh, _, _ = tiny_task(1)
     fresh.load_state_dict(state, strict=True)
-    for name, mask in cmd.embedded_mask().items():  # embedded weights are their own CMD model
-        assert torch.equal(state[name][mask], model.state_dict()[name][mask])
+    live = model.state_dict()
+    untied = 0
+    for name, (flat, want) in expected_embedded_values(cmd).items():
+        index = torch.as_tensor(flat)
+        want = torch.from_numpy(want.astype(np.float32))
+        assert torch.equal(state[name].reshape(-1)[index], want)
+        earlier = masks[-2][name].reshape(-1)[index] if name in masks[-2] else torch.zeros(len(flat), dtype=bool)
+        assert torch.equal(live[name].reshape(-1)[index][earlier], want[earlier])
+        untied += int((live[name].reshape(-1)[index] != want).sum())
+    newly = cmd.history_[-1]["embedded_now"]
+    assert newly > 0
+    if freeze == "step":
+        assert untied == 0
+    else:
+        assert 0 < untied <= newly
 
 
 @pytest.mark.parametrize("reference_gradient", ["own", "mode"])
 def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_its_end(reference_gradient):
     """freeze="epoch" (Alg. 4, the default): during an epoch every weight but the references takes exactly the
     optimizer's step on its own gradient (the references too with reference_gradient="own"); at the epoch's end
-    the embedded weights equal a_i r_m + b_i, with r_m the references' trained values."""
+    the weights embedded before it equal a_i r_m + b_i, with r_m the references' trained values, and those
+    chosen at this epoch's decision keep their trained values until the next epoch's end (Alg. 4: the Eq. 11
+    line precedes the decision in the loop)."""
     model, x, y = tiny_task()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     cmd = EmbeddedCMD(model, modes=3, warmup=3, every=1, fraction=0.3, samples=100,
@@ -294,7 +315,7 @@ def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_
     twin, _, _ = tiny_task()  # a plain copy, synced before each step and stepped with the same batch and rule
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(5)
-    moved = references_differed = 0
+    moved = references_differed = chosen_now = 0
     for epoch in range(6):
         order = torch.randperm(len(y), generator=generator)
         model.train(), twin.train()
@@ -311,6 +332,7 @@ def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_
                 assert torch.equal(p[keep], q[keep]), name  # embedded weights are trained like the others
                 references_differed += int(not torch.equal(p, q))
         before_tie = {n: p.detach().clone() for n, p in model.named_parameters()}
+        tied_before = cmd.embedded_mask()
         cmd.on_epoch_end(epoch)
         if cmd.frozen is not None and reference_gradient == "mode":  # references step on the mode's gradient
             references = {n: _reference_mask(cmd, n) for n, _ in model.named_parameters()}
@@ -318,11 +340,17 @@ def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_
         for name, (flat, want) in expected_embedded_values(cmd).items() if cmd.frozen else []:
             index = torch.as_tensor(flat)
             got = params[name].detach().reshape(-1)[index].numpy()
-            np.testing.assert_array_equal(got, want.astype(np.float32))  # tied at the epoch's end (Eq. 11)
-            moved += int((before_tie[name].reshape(-1)[index].numpy() != want.astype(np.float32)).sum())
+            trained = before_tie[name].reshape(-1)[index].numpy()
+            want = want.astype(np.float32)
+            was = tied_before[name].reshape(-1)[index].numpy() if name in tied_before else np.zeros(len(flat), bool)
+            np.testing.assert_array_equal(got[was], want[was])  # tied at the epoch's end (Eq. 11)
+            np.testing.assert_array_equal(got[~was], trained[~was])  # chosen now: tied from the next epoch's end
+            moved += int((trained[was] != want[was]).sum())
+            chosen_now += int((~was).sum())
         for name, mask in cmd.embedded_mask().items():  # the others keep the optimizer's values
             assert torch.equal(params[name].detach()[~mask], before_tie[name][~mask])
     assert cmd.plan.embedded.sum() > 0 and moved > 0  # the embedded weights had left a r + b within the epoch
+    assert chosen_now > 0
     assert (references_differed > 0) == (reference_gradient == "mode")
 
 

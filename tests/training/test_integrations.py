@@ -17,15 +17,19 @@ KWARGS = dict(modes=3, warmup=3, every=2, fraction=0.25, samples=100)
 
 
 def assert_embedded_on_cmd_model(cmd):
-    """Alg. 4 by default (nothing hooked into the trainer's optimizer) and, after the last epoch, embedded
-    weights equal a_i r_m + b_i (float32)."""
+    """Alg. 4 by default (freeze="epoch", the reference-gradient hook in the trainer's optimizer) and, after the
+    last epoch, embedded weights equal a_i r_m + b_i (float32) but those chosen at that epoch's decision, which
+    Alg. 4 ties from the next epoch's end on."""
     assert cmd.freeze == "epoch" and cmd.reference_gradient == "mode" and cmd.frozen.optimizer is not None
     references = cmd.frozen.reference_values().numpy()
     params = dict(cmd.model.named_parameters())
+    tied = untied = 0
     for name in cmd.frozen.parts:
         flat, a, b, ref = cmd.frozen.coefficients(name)
         got = params[name].detach().reshape(-1)[torch.as_tensor(flat)].cpu().numpy()
-        np.testing.assert_array_equal(got, (a * references[ref] + b).astype(np.float32))
+        equal = got == (a * references[ref] + b).astype(np.float32)
+        tied, untied = tied + int(equal.sum()), untied + int((~equal).sum())
+    assert tied > 0 and untied <= cmd.history_[-1].get("embedded_now", 0)
 
 
 def test_lightning_callback_embeds_logs_and_resumes_from_its_ckpt(tmp_path):

@@ -14,7 +14,9 @@ When Eq. 11 is enforced is ``freeze``:
 
 - ``"epoch"`` (default; Alg. 4 as written, and the authors' code): every weight trains with the user's optimizer
   during the epoch, and at the epoch's end the embedded weights are set to a_i w_m(t) + b_i. Embedded weights
-  still get gradients and optimizer updates inside the epoch: the saving is in what CMD models, not in compute.
+  still get gradients and optimizer updates inside the epoch (their optimizer state is left alone): the saving
+  is in what CMD models, not in compute. Alg. 4's loop ties before it decides, so the weights chosen at epoch
+  t are first set to a_i w_m + b_i at the end of epoch t + 1.
 - ``"step"`` (option): embedded weights are tied to their references at every optimizer step and are not
   trained. This is the variant that saves the embedded weights' updates, and in federated learning
   (:mod:`cmdtool.training.federated`) their communication.
@@ -267,7 +269,9 @@ class EmbeddedCMD:
     schedule : lowers P over the decisions (:func:`linear_decay`, :func:`exponential_decay`,
         :func:`halve_above`, or any ``f(step, embedded_fraction, previous_P, initial_P) -> P``).
     freeze : ``"epoch"`` (default, Alg. 4): all weights train during the epoch, embedded ones are set to
-        a_i r_m + b_i at its end. ``"step"``: embedded weights are tied at every optimizer step and not trained.
+        a_i r_m + b_i at its end (those chosen at this epoch's decision from the next epoch's end on, Alg. 4's
+        order). ``"step"``: embedded weights are tied at every optimizer step from their decision on and not
+        trained.
     reference_gradient : ``"mode"`` (default): each reference steps on its mode's chain-rule gradient scaled by
         1 / (1 + Σ a_i²); ``"own"``: on its own partial derivative (Alg. 4 literally).
     optimizer : the training optimizer; its steps are hooked (the references' gradient before each step; with
@@ -336,8 +340,8 @@ class EmbeddedCMD:
         if plan.epoch == plan.warmup:
             self.frozen = FrozenEmbedding(self.model, plan.layout, plan.reference_rows, self.optimizer,
                                           tie=self.freeze, reference_gradient=self.reference_gradient)
-        if step is not None:
-            self.frozen.embed(step.rows, step.a, step.b, step.reference)
+        if step is not None:  # freeze="epoch": tied from the next epoch's end on (Alg. 4's order)
+            self.frozen.embed(step.rows, step.a, step.b, step.reference, tie_now=self.freeze == "step")
         record = {"epoch": plan.epoch if epoch is None else epoch, "trained_fraction": trained_during,
                   "embedded_fraction": plan.embedded_fraction()}
         if step is not None:
@@ -375,9 +379,9 @@ class EmbeddedCMD:
         and dtypes as ``model.state_dict()``; before the warm-up ends, the model's own weights."""
         vector = torch.from_numpy(self.plan.model_vector())
         state = self.plan.layout.unflatten_into(vector, self.model.state_dict())
-        if self.frozen is not None:  # embedded weights are their own CMD model, to the last bit (Eq. 11)
-            for name, part in self.frozen.parts.items():
-                state[name][part.mask] = part.parameter.detach()[part.mask].to(state[name].device)
+        if self.frozen is not None:  # embedded weights: a_i r_m + b_i as Eq. 11 writes it, to the last bit
+            for name, (mask, value) in self.frozen.tied_values().items():
+                state[name][mask.to(state[name].device)] = value.to(state[name].device, state[name].dtype)
         return state
 
     @property
@@ -401,7 +405,8 @@ class EmbeddedCMD:
             self.frozen = FrozenEmbedding(self.model, plan.layout, plan.reference_rows, self.optimizer,
                                           tie=self.freeze, reference_gradient=self.reference_gradient)
             rows = np.flatnonzero(plan.embedded)
-            self.frozen.embed(rows, plan.a_old[rows], plan.b_old[rows], plan.mode[rows])
+            self.frozen.embed(rows, plan.a_old[rows], plan.b_old[rows], plan.mode[rows],
+                              tie_now=self.freeze == "step")  # the loaded model holds them as they were
 
     def close(self) -> None:
         """Remove the optimizer hooks (the model keeps its current weights)."""

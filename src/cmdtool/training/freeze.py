@@ -7,7 +7,9 @@ When the tie is enforced is ``tie``:
 
 - ``"epoch"`` (Alg. 4 as written, and the authors' ``train_cmd.py``): every weight trains with the user's
   optimizer during the epoch; :meth:`FrozenEmbedding.apply`, called at each epoch's end, sets the embedded weights
-  to a_i r_m + b_i with the references' values at that moment.
+  to a_i r_m + b_i with the references' values at that moment. Alg. 4's loop runs this tie before its embedding
+  decision, so :meth:`FrozenEmbedding.embed` with ``tie_now=False`` leaves newly chosen weights as trained until
+  the next :meth:`~FrozenEmbedding.apply`.
 - ``"step"``: tied at every optimizer step, so embedded weights are not trained (what saves their updates, and in
   federated learning their communication). Their gradient entries are zeroed before each step, their optimizer
   state (momentum buffers, Adam moments: every state tensor shaped like the parameter) when they are embedded, and
@@ -150,9 +152,13 @@ class FrozenEmbedding:
         self._hooks = []
 
     # ------------------------------------------------------------------ embedding
-    def embed(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray, reference: np.ndarray) -> None:
-        """Embed ``rows`` (all trainable parameter entries) with their coefficients and reference positions,
-        and set them to a_i r_m + b_i now."""
+    def embed(self, rows: np.ndarray, a: np.ndarray, b: np.ndarray, reference: np.ndarray,
+              tie_now: bool = True) -> None:
+        """Embed ``rows`` (all trainable parameter entries) with their coefficients and reference positions.
+
+        ``tie_now`` sets them to a_i r_m + b_i at once; without it they keep their values until the next
+        :meth:`apply` (Alg. 4's order: the loop's Eq. 11 line comes before its embedding decision, so weights
+        chosen at epoch t are first tied at the end of epoch t + 1)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
@@ -168,7 +174,8 @@ class FrozenEmbedding:
             part.add(flat[pick], a[pick], b[pick], reference[pick])
         self._update_mode_norm()
         self._zero_optimizer_state()
-        self.apply()
+        if tie_now:
+            self.apply()
 
     def _update_mode_norm(self) -> None:
         """1 + Σ a_i² per mode from the float32 coefficients as applied, summed in the layout's order (so a run
@@ -235,14 +242,24 @@ class FrozenEmbedding:
         """Set every embedded weight to a_i r_m + b_i with the references' current values."""
         if not self.parts:
             return
+        for part, value in self._tied_values():
+            part.parameter.data[part.mask] = value
+
+    def _tied_values(self):
+        """(part, a_i r_m + b_i of its embedded entries in mask order, in the parameter's dtype) per parameter."""
         references = self.reference_values()
         on_device = {}
         for part in self.parts.values():
             device = part.parameter.device
             if device not in on_device:
                 on_device[device] = references.to(device)
-            value = part.a * on_device[device][part.reference] + part.b
-            part.parameter.data[part.mask] = value.to(part.parameter.dtype)
+            yield part, (part.a * on_device[device][part.reference] + part.b).to(part.parameter.dtype)
+
+    def tied_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per parameter name, (mask, a_i r_m + b_i of the masked entries) with the references' current values:
+        bit for bit what :meth:`apply` writes."""
+        names = {id(part): name for name, part in self.parts.items()}
+        return {names[id(part)]: (part.mask, value) for part, value in self._tied_values()}
 
     def coefficients(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(flat indices, a, b, reference position) of the embedded entries of parameter ``name`` (float32)."""
