@@ -74,6 +74,15 @@ def reconstruct(tmp_path, store, epoch: int, *options) -> tuple[dict, dict]:
     return record, torch.load(bare, weights_only=True)
 
 
+def assert_only_weights_differ(written: dict, source: dict, key: str, modelled: dict) -> None:
+    """A container dict as its source, entry by entry, except ``written[key]``, which holds the modelled weights."""
+    assert list(written) == list(source)
+    for name in source:
+        if name != key:
+            assert_same_tree(written[name], source[name])
+    assert_modelled(written[key], modelled, source[key])
+
+
 def assert_modelled(loaded: dict, modelled: dict, source: dict, prefix: str = "") -> None:
     """``loaded`` holds the modelled tensors (under ``prefix`` + the store's names) and differs from the source."""
     assert sorted(loaded) == sorted(prefix + name for name in modelled)
@@ -229,11 +238,7 @@ def test_deepspeed_model_states_with_module_replaced(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in source_folder.iterdir())
     written = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=True)
     source = torch.load(source_folder / "mp_rank_00_model_states.pt", weights_only=True)
-    assert list(written) == list(source)
-    for key in source:
-        if key != "module":
-            assert_same_tree(written[key], source[key])
-    assert_modelled(written["module"], modelled, source["module"])
+    assert_only_weights_differ(written, source, "module", modelled)
     # ZeRO's fp32 master weights, from which DeepSpeed's load_checkpoint restores the module, are the modelled
     # weights too; padding, moments and DeepSpeed's own objects are as saved
     names = list(source["param_shapes"][0])
@@ -444,11 +449,7 @@ def test_lightning_checkpoints_load_with_load_from_checkpoint(tmp_path):
     with torch.serialization.safe_globals([type(Path())]):
         written = torch.load(record["path"], weights_only=True)
         source = torch.load(checkpoints / "epoch=3-step=8.ckpt", weights_only=True)
-    assert list(written) == list(source)
-    for key in source:
-        if key != "state_dict":
-            assert_same_tree(written[key], source[key])
-    assert_modelled(written["state_dict"], modelled, source["state_dict"])
+    assert_only_weights_differ(written, source, "state_dict", modelled)
     with torch.serialization.safe_globals([type(Path())]):  # Lightning's loader needs it for the source too
         Regressor.load_from_checkpoint(checkpoints / "epoch=3-step=8.ckpt")
         loaded = Regressor.load_from_checkpoint(record["path"])
