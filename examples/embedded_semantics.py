@@ -48,7 +48,9 @@ CMD = dict(modes=10, warmup=20, every=10, fraction=0.10, relative=False, samples
 VARIANTS = ("sgd", "epoch", "step")
 # reference_gradient="own" in either mode ("epoch-own" is Alg. 4 literally), and an ablation measured for
 # docs/training.md only: freeze="step" with the chain rule unscaled (no 1 / (1 + Σ a²))
-ABLATIONS = ("epoch-own", "step-own", "step-chain")
+ABLATIONS = ("epoch-own", "epoch-projection", "step-own", "step-chain")
+
+REFERENCE_GRADIENT = {"own": "own", "projection": "projection"}  # variant suffix -> reference_gradient
 
 
 def make_mlp(seed: int) -> nn.Module:
@@ -105,7 +107,7 @@ def run(model_name: str, variant: str, seed: int, data, epochs: int = 150) -> di
     cmd = None
     if variant != "sgd":
         cmd = EmbeddedCMD(model, seed=seed, optimizer=optimiser, freeze=variant.split("-")[0],
-                          reference_gradient="own" if variant.endswith("-own") else "mode", **CMD)
+                          reference_gradient=REFERENCE_GRADIENT.get(variant.partition("-")[2], "mode"), **CMD)
     accuracy, losses = [], []
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):

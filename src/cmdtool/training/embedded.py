@@ -23,10 +23,13 @@ When Eq. 11 is enforced is ``freeze``:
 
 What a reference steps on is ``reference_gradient``: ``"mode"`` (default), its mode's chain-rule gradient scaled
 by 1 / (1 + Σ a_i²) over the embedded weights of the mode; ``"own"``, its own partial derivative, as in Alg. 4's
-"regular SGD step" (:mod:`cmdtool.training.freeze`). With basic P everything but the M references is embedded
-after 1/P decisions, and from then on ``"own"`` moves each whole mode by a_i times its reference's own step,
-which in general is no descent direction of the tied network: on the digits CNN (docs/training.md) it collapsed
-seeds in both ``freeze`` modes, ``"mode"`` none.
+"regular SGD step" (:mod:`cmdtool.training.freeze`); ``"projection"`` (``freeze="epoch"`` only), its own
+partial derivative inside the epoch and, at the epoch's end, the least-squares point of its mode's line,
+r_m* = (w_m + Σ a_i (w_i − b_i)) / (1 + Σ a_i²) over the mode's embedded weights as trained, before Eq. 11 (with
+plain SGD that moves r_m by the epoch's scaled mode gradients, and hooks no optimizer). With basic P everything
+but the M references is embedded after 1/P decisions, and from then on ``"own"`` moves each whole mode by a_i
+times its reference's own step, which in general is no descent direction of the tied network: on the digits CNN
+(docs/training.md) it collapsed seeds in both ``freeze`` modes, ``"mode"`` none.
 
 Add it to a plain PyTorch loop::
 
@@ -273,10 +276,12 @@ class EmbeddedCMD:
         order). ``"step"``: embedded weights are tied at every optimizer step from their decision on and not
         trained.
     reference_gradient : ``"mode"`` (default): each reference steps on its mode's chain-rule gradient scaled by
-        1 / (1 + Σ a_i²); ``"own"``: on its own partial derivative (Alg. 4 literally).
+        1 / (1 + Σ a_i²); ``"own"``: on its own partial derivative (Alg. 4 literally); ``"projection"``
+        (``freeze="epoch"`` only): on its own partial derivative, and at the epoch's end it is set to the
+        least-squares point of its mode's line, (r_m + Σ a_i (w_i − b_i)) / (1 + Σ a_i²), before Eq. 11.
     optimizer : the training optimizer; its steps are hooked (the references' gradient before each step; with
         ``freeze="step"`` the reset after it, and its state zeroed for embedded weights). Required unless
-        ``freeze="epoch"`` with ``reference_gradient="own"``, which hooks nothing.
+        ``freeze="epoch"`` with ``reference_gradient="own"`` or ``"projection"``, which hook nothing.
     evaluate : optional ``f(state_dict) -> dict of metrics``, run on the CMD model every epoch from F on and
         stored in :attr:`history_`.
     device : where the CMD sums live (default: the model's device).
@@ -311,7 +316,9 @@ class EmbeddedCMD:
         if freeze not in TIES:
             raise UsageError(f"freeze must be 'epoch' or 'step' (got {freeze!r})")
         if reference_gradient not in REFERENCE_GRADIENTS:
-            raise UsageError(f"reference_gradient must be 'mode' or 'own' (got {reference_gradient!r})")
+            raise UsageError(f"reference_gradient must be 'mode', 'own' or 'projection' (got {reference_gradient!r})")
+        if reference_gradient == "projection" and freeze != "epoch":
+            raise UsageError("reference_gradient='projection' is the tie at the epoch's end: it needs freeze='epoch'")
         if optimizer is None and (freeze == "step" or reference_gradient == "mode"):
             raise UsageError(f"EmbeddedCMD(freeze={freeze!r}, reference_gradient={reference_gradient!r}) needs "
                              "optimizer=: it hooks into the optimizer's steps")
