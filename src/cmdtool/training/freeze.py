@@ -19,8 +19,8 @@ What a reference steps on is ``reference_gradient``. At each tie, every embedded
 of r_m, and so does the loss; by the chain rule its derivative with respect to r_m is
 ∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i (E_m: the embedded weights of mode m). Moving r_m moves all of E_m by a_i times
 as much, so the step in weight space grows with the mode's size 1 + Σ a_i² (53-972 on the digits CNN once
-everything but the references is embedded). ``"mode"`` (default) gives each reference, before every step (a step
-pre-hook),
+everything but the references is embedded). ``"mode"`` (this class's default, and EmbeddedCMD's with
+``tie="step"``) gives each reference, before every step (a step pre-hook),
 
     g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ_{i∈E_m} a_i²),
 
@@ -29,14 +29,16 @@ untied SGD step onto u: Δw = −η u (uᵀg) / (uᵀu). ``"own"`` leaves each r
 ∂L/∂r_m, as plain SGD (Alg. 4's "regular SGD step") has it. With ``tie="epoch"`` the embedded entries keep their
 own gradients inside the epoch either way. Weight decay acts on each reference's own value only.
 
-``"projection"`` (``tie="epoch"`` only; no hook) lets every weight, references included, step on its own
-gradient during the epoch, as Alg. 4's "regular SGD step", and makes the tie at the epoch's end the least-squares
-point of the mode's line, r_m* = (w_m + Σ_{i∈E_m} a_i (w_i − b_i)) / (1 + Σ_{i∈E_m} a_i²)
+``"projection"`` (``tie="epoch"`` only, EmbeddedCMD's default there; no hook) lets every weight, references
+included, step on its own gradient during the epoch, as Alg. 4's "regular SGD step", and makes the tie at the
+epoch's end the least-squares point of the mode's line, r_m* = (w_m + Σ_{i∈E_m} a_i (w_i − b_i)) / (1 + Σ_{i∈E_m} a_i²)
 (:meth:`FrozenEmbedding.project_references`), before Eq. 11 sets w_i = a_i r_m* + b_i. The projection is
 linear, so from a tied state the epoch moves r_m* by the projection of the weights' summed updates: with plain
 SGD, −η Σ_k g_m,k with g_m as above at the weights as trained; with momentum, momentum SGD on g_m (the projected
 part of the buffers carries the mode's velocity). The optimizer's state is left alone: the buffers' part off the
-mode's line moves the weights off it inside the next epoch and is projected away at its end. Weight decay acts
+mode's line moves the weights off it inside the next epoch and is projected away at its end. Weights chosen at
+the last decision enter their first tie as trained, so that tie also moves r_m by their a-weighted residuals
+from the line, Σ a_i (w_i − a_i r_m − b_i) / (1 + Σ a_i²). Weight decay acts
 like the chain rule of the penalty on all the mode's weights; an adaptive optimizer (Adam) scales each weight's
 step by its own moments, so its projected step is not Adam on g_m.
 
