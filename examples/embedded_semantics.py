@@ -1,14 +1,16 @@
-"""Embedded CMD's two ways of tying embedded weights, against plain SGD, per seed (paper 000, Alg. 4, Eq. 11).
+"""Embedded CMD's ways of tying embedded weights, against plain SGD, per seed (paper 000, Alg. 4, Eq. 11).
 
 For each seed, three networks from the same initialisation and batch order, trained for 150 epochs with SGD
 (lr 0.05, momentum 0.9, batch 64, one-pixel shifts) on scikit-learn's digits:
 
 - ``sgd``: plain SGD;
 - ``epoch``: :class:`cmdtool.training.EmbeddedCMD` as it is by default: ``freeze="epoch"`` (Alg. 4: every
-  weight trains during the epoch, the embedded ones are set to a_i r_m + b_i at its end, those chosen at a
-  decision from the next epoch's end on) and
-  ``reference_gradient="mode"`` (references step on their mode's chain-rule gradient scaled by 1 / (1 + Σ a_i²));
-- ``step``: ``freeze="step"``: embedded weights tied at every step and not trained, references as above.
+  weight trains on its own gradient during the epoch, the embedded ones are set to a_i r_m + b_i at its end,
+  those chosen at a decision from the next epoch's end on) with ``reference_gradient="projection"`` (at the
+  epoch's end each reference first becomes the least-squares point of its mode's line,
+  (r_m + Σ a_i (w_i − b_i)) / (1 + Σ a_i²));
+- ``step``: ``freeze="step"``: embedded weights tied at every step and not trained, references on their mode's
+  chain-rule gradient scaled by 1 / (1 + Σ a_i²) (``reference_gradient="mode"``, its default).
 
 CMD: basic P = 10% (Table 9's setting), M = 10 modes, K = 1000, warm-up F = 20, a decision every L = 10 epochs,
 so everything but the 10 references is embedded from epoch 120 on.
@@ -16,16 +18,18 @@ so everything but the 10 references is embedded from epoch 120 on.
 ``--model cnn`` is the digits CNN of docs/training.md (:func:`cmdtool.datasets.make_model`); ``--model mlp``
 is a held-out network, an MLP 64-32-32-10 (3,466 parameters, no BatchNorm), trained the same way.
 
-    python examples/embedded_semantics.py --model cnn --seeds 0 1 2 3 4 5 6 7 8 9 --variants sgd epoch epoch-own step
-    python examples/embedded_semantics.py --model mlp --seeds 0 1 2 3 4 5 6 7 8 9 --variants sgd epoch epoch-own step
+    python examples/embedded_semantics.py --model cnn --seeds 0 1 2 3 4 5 6 7 8 9 \\
+        --variants sgd epoch epoch-mode epoch-own step
+    python examples/embedded_semantics.py --model mlp --seeds 0 1 2 3 4 5 6 7 8 9 \\
+        --variants sgd epoch epoch-mode epoch-own step
 
 Each finished seed is appended to ``OUT/<model>.jsonl`` at once (final test accuracy, final mean training loss,
-trained share, 1 + Σ a_i² per mode), so a long run can be read while it goes on. ``--variants epoch-own
-step-own step-chain`` runs ``reference_gradient="own"`` in each mode (``epoch-own`` is Alg. 4 literally) and
-``freeze="step"`` with the chain rule unscaled; ``epoch-own`` is also the semantics of the authors' ``train_cmd.py``
-(docs/training.md compares the two). ``--check POINTS`` exits 1 if any seed of an embedded variant
-ends more than POINTS below SGD's
-(``make train-cmd-semantics`` uses 1.5 on seeds 0-4).
+trained share, 1 + Σ a_i² per mode), so a long run can be read while it goes on. ``--variants epoch-mode
+epoch-own step-own step-chain`` runs ``freeze="epoch"`` with references on the scaled chain rule
+(``reference_gradient="mode"``), ``reference_gradient="own"`` in each mode (``epoch-own`` is Alg. 4 literally,
+also the semantics of the authors' ``train_cmd.py``; docs/training.md compares the two) and ``freeze="step"``
+with the chain rule unscaled. ``--check POINTS`` exits 1 if any seed of an embedded variant ends more than POINTS
+below SGD's (``make train-cmd-semantics`` uses 1.5 on seeds 0-4).
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ from cmdtool.training import EmbeddedCMD
 LR, MOMENTUM, BATCH = 0.05, 0.9, 64
 CMD = dict(modes=10, warmup=20, every=10, fraction=0.10, relative=False, samples=1000)
 VARIANTS = ("sgd", "epoch", "step")
-# reference_gradient="own" in either mode ("epoch-own" is Alg. 4 literally), and an ablation measured for
-# docs/training.md only: freeze="step" with the chain rule unscaled (no 1 / (1 + Σ a²))
-ABLATIONS = ("epoch-own", "step-own", "step-chain")
+# freeze="epoch" with the scaled chain rule, reference_gradient="own" in either mode ("epoch-own" is Alg. 4
+# literally), and an ablation measured for docs/training.md only: freeze="step" with the chain rule unscaled
+ABLATIONS = ("epoch-mode", "epoch-own", "step-own", "step-chain")
+REFERENCE_GRADIENT = {"mode": "mode", "own": "own"}  # variant suffix -> reference_gradient (else the default)
 
 
 def make_mlp(seed: int) -> nn.Module:
@@ -105,7 +110,7 @@ def run(model_name: str, variant: str, seed: int, data, epochs: int = 150) -> di
     cmd = None
     if variant != "sgd":
         cmd = EmbeddedCMD(model, seed=seed, optimizer=optimiser, freeze=variant.split("-")[0],
-                          reference_gradient="own" if variant.endswith("-own") else "mode", **CMD)
+                          reference_gradient=REFERENCE_GRADIENT.get(variant.partition("-")[2]), **CMD)
     accuracy, losses = [], []
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):

@@ -299,17 +299,17 @@ def test_cmd_model_state_dict_loads_strictly_and_is_exact_on_embedded_weights(fr
         assert 0 < untied <= newly
 
 
-@pytest.mark.parametrize("reference_gradient", ["own", "mode"])
+@pytest.mark.parametrize("reference_gradient", ["own", "mode", "projection"])
 def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_its_end(reference_gradient):
     """freeze="epoch" (Alg. 4, the default): during an epoch every weight but the references takes exactly the
-    optimizer's step on its own gradient (the references too with reference_gradient="own"); at the epoch's end
+    optimizer's step on its own gradient (the references too unless reference_gradient="mode"); at the epoch's end
     the weights embedded before it equal a_i r_m + b_i, with r_m the references' trained values, and those
     chosen at this epoch's decision keep their trained values until the next epoch's end (Alg. 4: the Eq. 11
     line precedes the decision in the loop)."""
     model, x, y = tiny_task()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     cmd = EmbeddedCMD(model, modes=3, warmup=3, every=1, fraction=0.3, samples=100,
-                      optimizer=optimizer if reference_gradient == "mode" else None,  # "own" hooks nothing
+                      optimizer=optimizer if reference_gradient == "mode" else None,  # the others hook nothing
                       reference_gradient=reference_gradient)
     references = {}
     twin, _, _ = tiny_task()  # a plain copy, synced before each step and stepped with the same batch and rule
@@ -348,10 +348,94 @@ def test_epoch_freeze_trains_embedded_weights_inside_the_epoch_and_ties_them_at_
             moved += int((trained[was] != want[was]).sum())
             chosen_now += int((~was).sum())
         for name, mask in cmd.embedded_mask().items():  # the others keep the optimizer's values
-            assert torch.equal(params[name].detach()[~mask], before_tie[name][~mask])
+            keep = ~mask & ~_reference_mask(cmd, name) if reference_gradient == "projection" else ~mask
+            assert torch.equal(params[name].detach()[keep], before_tie[name][keep])  # (the projection moves r_m)
     assert cmd.plan.embedded.sum() > 0 and moved > 0  # the embedded weights had left a r + b within the epoch
     assert chosen_now > 0
     assert (references_differed > 0) == (reference_gradient == "mode")
+
+
+def _dense_projection(cmd, trained: np.ndarray, offsets: bool = True) -> np.ndarray:
+    """r_m* = (w_m + Σ_{i∈E_m} a_i (w_i − b_i)) / (1 + Σ_{i∈E_m} a_i²) from a flat float64 vector, with the
+    float32 coefficients as applied (E_m: the rows embedded so far); ``offsets=False`` leaves out b_i, which
+    maps gradients to the mode's scaled chain-rule gradient."""
+    plan = cmd.plan
+    rows = np.flatnonzero(plan.embedded)
+    a = plan.a_old[rows].astype(np.float32).astype(np.float64)
+    b = plan.b_old[rows].astype(np.float32).astype(np.float64) if offsets else np.zeros(len(rows))
+    mode = plan.mode[rows].astype(np.int64)
+    out = trained[plan.reference_rows].copy()
+    for m in range(len(out)):
+        m_rows = mode == m
+        out[m] = (out[m] + np.sum(a[m_rows] * (trained[rows[m_rows]] - b[m_rows]))) / (1 + np.sum(a[m_rows] ** 2))
+    return out
+
+
+def test_projection_ties_each_mode_at_the_least_squares_point_of_its_line():
+    """reference_gradient="projection" (freeze="epoch"): at an epoch's end each reference becomes the
+    least-squares point of its mode's line, r_m* = (w_m + Σ a_i (w_i − b_i)) / (1 + Σ a_i²) over the embedded
+    weights as trained, and those weights a_i r_m* + b_i (Eq. 11), exactly; rows chosen at this epoch's decision
+    keep their trained values, and the optimizer's momentum buffers are left as they are."""
+    model, x, y = tiny_task()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=1, fraction=0.3, samples=100,
+                      reference_gradient="projection")  # no optimizer: nothing is hooked
+    generator = torch.Generator().manual_seed(5)
+    moved = 0
+    for epoch in range(7):
+        train_epoch(model, optimizer, x, y, generator)
+        tied_before = cmd.embedded_mask()
+        if tied_before:
+            trained = cmd.plan.layout.flatten(model.state_dict()).double().numpy()
+            want = _dense_projection(cmd, trained)
+        buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+        cmd.on_epoch_end(epoch)
+        assert all(torch.equal(optimizer.state[p]["momentum_buffer"], buffer)
+                   for p, buffer in zip(model.parameters(), buffers))
+        if not tied_before:
+            continue
+        references = cmd.frozen.reference_values().numpy()
+        np.testing.assert_array_equal(references, want.astype(np.float32))
+        moved += int(np.sum(references != trained[cmd.plan.reference_rows].astype(np.float32)))
+        params = dict(model.named_parameters())
+        for name, (flat, tied) in expected_embedded_values(cmd).items():
+            index = torch.as_tensor(flat)
+            got = params[name].detach().reshape(-1)[index].numpy()
+            was = tied_before[name].reshape(-1)[index].numpy() if name in tied_before else np.zeros(len(flat), bool)
+            np.testing.assert_array_equal(got[was], tied[was].astype(np.float32))
+            np.testing.assert_array_equal(got[~was], trained[cmd.plan.layout.rows_of([name])][flat][~was]
+                                          .astype(np.float32))
+    assert moved > 0
+
+
+def test_projection_moves_references_by_the_epochs_scaled_mode_gradients_under_plain_sgd():
+    """With plain SGD from a tied state, the projection's change of r_m over an epoch is −η Σ_k g_m,k with
+    g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ a_i²) at the weights as trained (Alg. 4's per-epoch
+    semantics, every weight on its own gradient, with the tie consistent with the mode)."""
+    model, x, y = tiny_task()
+    lr = 0.1
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    cmd = EmbeddedCMD(model, modes=3, warmup=3, every=2, fraction=0.3, samples=100,
+                      reference_gradient="projection")
+    generator = torch.Generator().manual_seed(3)
+    for epoch in range(6):  # decisions at epochs 5 and 7 (1-based): the tie at 6 starts a tied epoch 7
+        train_epoch(model, optimizer, x, y, generator)
+        cmd.on_epoch_end(epoch)
+    start = cmd.frozen.reference_values().double().numpy()
+    state = model.state_dict()
+    summed = np.zeros(len(start))
+
+    def record(*_):
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        flat = cmd.plan.layout.flatten({n: grads.get(n, t) for n, t in state.items()}).double().numpy()
+        summed[:] += _dense_projection(cmd, flat, offsets=False)
+
+    hook = optimizer.register_step_pre_hook(record)
+    train_epoch(model, optimizer, x, y, generator)
+    hook.remove()
+    cmd.on_epoch_end(6)
+    np.testing.assert_allclose(cmd.frozen.reference_values().double().numpy(), start - lr * summed,
+                               rtol=0, atol=1e-7)
 
 
 def test_step_freeze_gives_references_the_scaled_chain_rule_gradient():
@@ -394,14 +478,18 @@ def _reference_mask(cmd, name):
     return mask
 
 
-def test_without_an_optimizer_only_alg4_with_own_reference_gradients_is_allowed():
+def test_without_an_optimizer_only_epoch_freeze_with_own_or_projection_is_allowed():
     model, _, _ = tiny_task()
     for freeze, reference_gradient in (("step", "mode"), ("step", "own"), ("epoch", "mode")):
         with pytest.raises(UsageError, match="optimizer"):
             EmbeddedCMD(model, modes=3, warmup=3, freeze=freeze, reference_gradient=reference_gradient)
     EmbeddedCMD(model, modes=3, warmup=3, reference_gradient="own")
+    EmbeddedCMD(model, modes=3, warmup=3, reference_gradient="projection")
     with pytest.raises(UsageError, match="reference_gradient"):
         EmbeddedCMD(model, modes=3, warmup=3, reference_gradient="partial")
+    with pytest.raises(UsageError, match="freeze='epoch'"):  # the projection is the tie at the epoch's end
+        EmbeddedCMD(model, modes=3, warmup=3, freeze="step", reference_gradient="projection",
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(UsageError, match="freeze"):
         EmbeddedCMD(model, modes=3, warmup=3, freeze="batch")
 

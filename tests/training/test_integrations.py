@@ -17,10 +17,10 @@ KWARGS = dict(modes=3, warmup=3, every=2, fraction=0.25, samples=100)
 
 
 def assert_embedded_on_cmd_model(cmd):
-    """Alg. 4 by default (freeze="epoch", the reference-gradient hook in the trainer's optimizer) and, after the
-    last epoch, embedded weights equal a_i r_m + b_i (float32) but those chosen at that epoch's decision, which
-    Alg. 4 ties from the next epoch's end on."""
-    assert cmd.freeze == "epoch" and cmd.reference_gradient == "mode" and cmd.frozen.optimizer is not None
+    """Alg. 4 by default (freeze="epoch" with the least-squares tie, no hook in the trainer's optimizer) and,
+    after the last epoch, embedded weights equal a_i r_m + b_i (float32) but those chosen at that epoch's
+    decision, which Alg. 4 ties from the next epoch's end on."""
+    assert cmd.freeze == "epoch" and cmd.reference_gradient == "projection" and cmd.frozen.optimizer is None
     references = cmd.frozen.reference_values().numpy()
     params = dict(cmd.model.named_parameters())
     tied = untied = 0

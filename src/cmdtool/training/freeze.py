@@ -19,8 +19,8 @@ What a reference steps on is ``reference_gradient``. At each tie, every embedded
 of r_m, and so does the loss; by the chain rule its derivative with respect to r_m is
 ∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i (E_m: the embedded weights of mode m). Moving r_m moves all of E_m by a_i times
 as much, so the step in weight space grows with the mode's size 1 + Σ a_i² (53-972 on the digits CNN once
-everything but the references is embedded). ``"mode"`` (default) gives each reference, before every step (a step
-pre-hook),
+everything but the references is embedded). ``"mode"`` (this class's default, and EmbeddedCMD's with
+``tie="step"``) gives each reference, before every step (a step pre-hook),
 
     g_m = (∂L/∂r_m + Σ_{i∈E_m} a_i ∂L/∂w_i) / (1 + Σ_{i∈E_m} a_i²),
 
@@ -28,6 +28,19 @@ which for plain SGD makes the tied weights' step (direction u = (1, a_i ...)) th
 untied SGD step onto u: Δw = −η u (uᵀg) / (uᵀu). ``"own"`` leaves each reference its own partial derivative
 ∂L/∂r_m, as plain SGD (Alg. 4's "regular SGD step") has it. With ``tie="epoch"`` the embedded entries keep their
 own gradients inside the epoch either way. Weight decay acts on each reference's own value only.
+
+``"projection"`` (``tie="epoch"`` only, EmbeddedCMD's default there; no hook) lets every weight, references
+included, step on its own gradient during the epoch, as Alg. 4's "regular SGD step", and makes the tie at the
+epoch's end the least-squares point of the mode's line, r_m* = (w_m + Σ_{i∈E_m} a_i (w_i − b_i)) / (1 + Σ_{i∈E_m} a_i²)
+(:meth:`FrozenEmbedding.project_references`), before Eq. 11 sets w_i = a_i r_m* + b_i. The projection is
+linear, so from a tied state the epoch moves r_m* by the projection of the weights' summed updates: with plain
+SGD, −η Σ_k g_m,k with g_m as above at the weights as trained; with momentum, momentum SGD on g_m (the projected
+part of the buffers carries the mode's velocity). The optimizer's state is left alone: the buffers' part off the
+mode's line moves the weights off it inside the next epoch and is projected away at its end. Weights chosen at
+the last decision enter their first tie as trained, so that tie also moves r_m by their a-weighted residuals
+from the line, Σ a_i (w_i − a_i r_m − b_i) / (1 + Σ a_i²). Weight decay acts
+like the chain rule of the penalty on all the mode's weights; an adaptive optimizer (Adam) scales each weight's
+step by its own moments, so its projected step is not Adam on g_m.
 
 The embedded value is computed in float32 as ``a * r + b`` (two roundings) with float32 coefficients and cast
 to the parameter's dtype; :meth:`FrozenEmbedding.coefficients` returns exactly those coefficients.
@@ -82,7 +95,7 @@ class _ParameterPart:
 
 
 TIES = ("epoch", "step")
-REFERENCE_GRADIENTS = ("mode", "own")
+REFERENCE_GRADIENTS = ("mode", "own", "projection")
 
 
 class FrozenEmbedding:
@@ -91,8 +104,10 @@ class FrozenEmbedding:
     ``layout`` maps rows to the model's state-dict tensors; ``reference_rows`` are the M reference weights
     (never embedded; row j is reference j). ``tie`` is ``"epoch"`` (the owner calls :meth:`apply` at epoch
     ends) or ``"step"`` (tied after every step of ``optimizer``). ``reference_gradient`` is ``"mode"`` (each
-    reference steps on its mode's scaled chain-rule gradient) or ``"own"`` (its own partial derivative, as in
-    plain SGD). Hooks go into ``optimizer`` unless ``tie="epoch"`` with ``"own"``, which needs none.
+    reference steps on its mode's scaled chain-rule gradient), ``"own"`` (its own partial derivative, as in
+    plain SGD) or ``"projection"`` (its own partial derivative, then the least-squares tie at the epoch's end;
+    ``tie="epoch"`` only). Hooks go into ``optimizer`` unless ``tie="epoch"`` with ``"own"`` or
+    ``"projection"``, which need none.
     """
 
     def __init__(self, model: torch.nn.Module, layout: StateLayout, reference_rows: np.ndarray, optimizer=None,
@@ -102,6 +117,8 @@ class FrozenEmbedding:
         if reference_gradient not in REFERENCE_GRADIENTS:
             raise UsageError(f"reference_gradient must be one of {', '.join(REFERENCE_GRADIENTS)} "
                              f"(got {reference_gradient!r})")
+        if reference_gradient == "projection" and tie != "epoch":
+            raise UsageError("reference_gradient='projection' ties at the epoch's end: it needs tie='epoch'")
         self.tie = tie
         self.reference_gradient = reference_gradient
         self.layout = layout
@@ -238,10 +255,37 @@ class FrozenEmbedding:
         return values
 
     @torch.no_grad()
-    def apply(self) -> None:
-        """Set every embedded weight to a_i r_m + b_i with the references' current values."""
+    def project_references(self) -> None:
+        """Set each reference to the least-squares point of its mode's line (Eq. 11's tie as a projection):
+
+            r_m* = argmin_r (w_m − r)² + Σ_{i∈E_m} (w_i − a_i r − b_i)²
+                 = (w_m + Σ_{i∈E_m} a_i (w_i − b_i)) / (1 + Σ_{i∈E_m} a_i²)
+
+        with the weights as trained and the float32 coefficients as applied, summed in float64 in the layout's
+        order (the same bits on every run and after a resume)."""
         if not self.parts:
             return
+        pulled = torch.zeros(len(self.reference_rows), dtype=torch.float64)
+        for entry in self.layout.entries:
+            part = self.parts.get(entry.name)
+            if part is None:
+                continue
+            trained = part.parameter.detach()[part.mask].double()
+            contribution = torch.zeros(len(pulled), dtype=torch.float64, device=trained.device)
+            contribution.index_add_(0, part.reference, part.a.double() * (trained - part.b.double()))
+            pulled += contribution.cpu()
+        projected = (self.reference_values().double() + pulled) / torch.from_numpy(self.mode_norm)
+        for tensor, flat, positions in self._reference_sources:
+            tensor.data.view(-1)[flat] = projected[positions].to(tensor.device, tensor.dtype)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Set every embedded weight to a_i r_m + b_i with the references' current values (with
+        ``reference_gradient="projection"`` the references are first moved to :meth:`project_references`)."""
+        if not self.parts:
+            return
+        if self.reference_gradient == "projection":
+            self.project_references()
         for part, value in self._tied_values():
             part.parameter.data[part.mask] = value
 
