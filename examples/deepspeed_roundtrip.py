@@ -104,8 +104,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.rank_task:
         return rank_main(args)
-    shutil.rmtree(args.out, ignore_errors=True)
+    marker = args.out / ".deepspeed-roundtrip"
+    if args.out.exists() and any(args.out.iterdir()) and not marker.exists():
+        sys.exit(f"{args.out} holds files this script did not write: name an empty or new folder")
+    shutil.rmtree(args.out, ignore_errors=True)  # only a folder this script made (its marker)
     args.out.mkdir(parents=True)
+    marker.touch()
     run_ranks(args, "train")
     cmdtool = [str(Path(sys.executable).with_name("cmdtool"))]
     store = ["--store", str(args.out / "run.zarr")]
