@@ -313,6 +313,7 @@ def test_export_landscape_reconstruct_follow_the_same_rule(tmp_path):
 
 INTERRUPT_SCRIPT = """
 import sys
+import torch  # reads the .pt checkpoints: imported before "ready", so that interrupts land in the ingest
 from cmdtool_cli.app import main
 print("ready", flush=True)
 sys.stdin.readline()

@@ -202,6 +202,7 @@ def test_memory_budget_sets_chunk_columns(tmp_path):
 
 KILL_SCRIPT = """
 import sys, cmdtool
+import torch  # reads the .pt checkpoints: imported before "ready", so that kill points land in the ingest
 print("ready", flush=True)
 sys.stdin.readline()
 cmdtool.ingest([sys.argv[1]], sys.argv[2], memory_budget=sys.argv[3])
