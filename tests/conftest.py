@@ -44,6 +44,16 @@ def write_checkpoints(folder, n_epochs: int = 8, seed: int = 0, dtype=torch.floa
     return states
 
 
+def move_first_epochs(folder, count: int, to):
+    """Move the checkpoints of epochs 1..``count`` (as :func:`write_checkpoints` names them) from ``folder`` into
+    the new folder ``to``: the first part of a run, for tests that ingest it and then append the rest."""
+    to.mkdir()
+    for epoch in range(1, count + 1):
+        for path in folder.glob(f"epoch_{epoch}.*"):
+            path.rename(to / path.name)
+    return to
+
+
 def planted_modes(n_rows: int = 600, n_cols: int = 30, n_modes: int = 3, noise: float = 0.0, seed: int = 0):
     """Trajectories that are exactly affine images of ``n_modes`` reference curves (plus optional noise).
 

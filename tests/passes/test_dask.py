@@ -291,13 +291,10 @@ def test_ingest_on_the_cluster_equals_in_process(client, tmp_path):
     """A new store, then an append whose first group starts inside a committed chunk column."""
     from cmdtool.ingestion import ingest
 
-    from tests.conftest import write_checkpoints
+    from tests.conftest import move_first_epochs, write_checkpoints
 
     write_checkpoints(tmp_path / "ckpts", n_epochs=14)
-    first = tmp_path / "first"
-    first.mkdir()
-    for epoch in range(1, 6):
-        (tmp_path / "ckpts" / f"epoch_{epoch}.pt").rename(first / f"epoch_{epoch}.pt")
+    first = move_first_epochs(tmp_path / "ckpts", 5, tmp_path / "first")
     ingest([first, tmp_path / "ckpts"], tmp_path / "local.zarr")
     with using_client(client):
         created = ingest([first], tmp_path / "cluster.zarr", memory_budget="64KiB")  # several row slabs

@@ -25,7 +25,7 @@ import cmdtool  # noqa: E402
 from cmdtool.errors import StoreLockedError, UsageError  # noqa: E402
 from cmdtool_cli.app import app  # noqa: E402
 
-from tests.conftest import free_port, s3_bucket_at, write_checkpoints  # noqa: E402
+from tests.conftest import free_port, move_first_epochs, s3_bucket_at, write_checkpoints  # noqa: E402
 
 runner = CliRunner()
 BUCKET = "runs"
@@ -128,10 +128,7 @@ def test_a_second_decompose_replaces_the_result_and_removes_the_old_one(stores, 
 
 def test_appending_to_an_s3_store_keeps_the_committed_columns(s3, tmp_path):
     write_checkpoints(tmp_path / "ck", n_epochs=6, fmt="pt")
-    first = tmp_path / "first"
-    first.mkdir()
-    for path in sorted((tmp_path / "ck").glob("*.pt"))[:3]:
-        path.rename(first / path.name)
+    first = move_first_epochs(tmp_path / "ck", 3, tmp_path / "first")
     remote = f"s3://{BUCKET}/append.zarr"
     cmdtool.ingest([first], remote)
     before = cmdtool.open_store(remote).read_columns(slice(0, 3))

@@ -31,7 +31,7 @@ import cmdtool  # noqa: E402
 from cmdtool.errors import LeaseLostError, StoreLockedError, UsageError  # noqa: E402
 from cmdtool_cli.app import app  # noqa: E402
 
-from tests.conftest import free_port, s3_bucket_at, write_checkpoints  # noqa: E402
+from tests.conftest import free_port, move_first_epochs, s3_bucket_at, write_checkpoints  # noqa: E402
 
 BUCKET = "writers"
 runner = CliRunner()
@@ -231,10 +231,7 @@ def test_an_ingest_whose_lease_is_taken_stops_with_one_line_and_keeps_its_commit
     ingest_module = importlib.import_module("cmdtool.ingestion.ingest")  # (cmdtool.ingest is also the function)
 
     write_checkpoints(tmp_path / "ck", n_epochs=6, fmt="safetensors")
-    first = tmp_path / "first"
-    first.mkdir()
-    for path in sorted((tmp_path / "ck").glob("*.safetensors"))[:2]:
-        path.rename(first / path.name)
+    first = move_first_epochs(tmp_path / "ck", 2, tmp_path / "first")
     store = f"s3://{BUCKET}/ingest.zarr"
     cmdtool.ingest([first], store)
     lease_key = f"{BUCKET}/ingest.zarr/locks/ingest/lease.json"
